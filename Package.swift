@@ -1,0 +1,50 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "Ballast",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "ballast", targets: ["ballast"])
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+    ],
+    targets: [
+        // GNU-only syscalls (epoll, eventfd, timerfd, splice, pipe2, accept4, F_SETPIPE_SZ) compiled with _GNU_SOURCE.
+        .target(name: "CLinux"),
+        // Pure model: configuration, validation, schedulers, the immutable service table. No syscalls.
+        .target(
+            name: "BallastCore",
+            dependencies: [.product(name: "Yams", package: "Yams")]
+        ),
+        // Typed syscall layer.
+        .target(name: "BallastIO", dependencies: ["BallastCore", "CLinux"]),
+        // Data plane: workers, listeners, the relay state machine, timer wheel.
+        .target(
+            name: "BallastProxy",
+            dependencies: ["BallastCore", "BallastIO", "CLinux", .product(name: "Logging", package: "swift-log")]
+        ),
+        // Wiring: applies config, reload, lifecycle, logging.
+        .target(
+            name: "BallastRuntime",
+            dependencies: [
+                "BallastCore", "BallastIO", "BallastProxy", "CLinux",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "ballast",
+            dependencies: [
+                "BallastCore", "BallastRuntime",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "BallastCoreTests", dependencies: ["BallastCore"]),
+        .testTarget(name: "BallastIOTests", dependencies: ["BallastIO", "BallastCore", "CLinux"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["BallastIO", "BallastCore", "CLinux"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,156 @@
+/// Where a value came from in the config file, for `file:line:column: message` errors.
+public struct SourceLocation: Sendable, Equatable, CustomStringConvertible {
+    public var file: String
+    public var line: Int
+    public var column: Int
+
+    public init(file: String, line: Int, column: Int) {
+        self.file = file
+        self.line = line
+        self.column = column
+    }
+
+    public var description: String { "\(file):\(line):\(column)" }
+}
+
+/// A configuration error as the user sees it: `file:line:column: message`.
+public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var location: SourceLocation
+    public var message: String
+
+    public init(_ location: SourceLocation, _ message: String) {
+        self.location = location
+        self.message = message
+    }
+
+    public var description: String { "\(location): \(message)" }
+}
+
+/// Every default value, written down once. The README's configuration reference lists the same
+/// values; `ConfigDefaultsTests` checks that the README and this table agree.
+public enum Defaults {
+    public static let maxconn = 50_000
+    public static let logLevel = LogLevel.info
+    public static let logFormat = LogFormat.text
+    public static let logConnections = false
+    /// 1 MiB: pipe size matters most for bulk throughput (see DESIGN.md, performance facts).
+    public static let pipeSize = 1 << 20
+    /// Reads that fill this buffer switch a direction from copying to splicing.
+    public static let copyBufferSize = 16 << 10
+    public static let grace = Millis(10_000)
+    public static let connectTimeout = Millis(2_000)
+    public static let clientTimeout = Millis(60_000)
+    public static let serverTimeout = Millis(60_000)
+    public static let queueTimeout = Millis(5_000)
+    public static let retries = 2
+    public static let weight = 1
+    public static let maxWeight = 256
+    public static let serverMaxconn = 0  // 0: no limit
+    public static let maxqueue = 1024
+    public static let backlog = 4096
+    public static let mode = ServiceMode.proxy
+    public static let balance = Balance.roundrobin
+}
+
+/// Milliseconds. Durations in the config take `ms`, `s`, `m`, `h` (`d` too); a bare number is
+/// milliseconds, as in HAProxy.
+public struct Millis: Sendable, Equatable, Comparable, CustomStringConvertible {
+    public var value: Int64
+    public init(_ value: Int64) { self.value = value }
+    public static func < (a: Millis, b: Millis) -> Bool { a.value < b.value }
+
+    public var description: String {
+        let v = value
+        if v % 3_600_000 == 0 && v > 0 { return "\(v / 3_600_000)h" }
+        if v % 60_000 == 0 && v > 0 { return "\(v / 60_000)m" }
+        if v % 1000 == 0 && v > 0 { return "\(v / 1000)s" }
+        return "\(v)ms"
+    }
+}
+
+public enum LogLevel: String, Sendable, CaseIterable {
+    case trace, debug, info, notice, warning, error, critical
+}
+
+public enum LogFormat: String, Sendable, CaseIterable {
+    case text, json
+}
+
+public enum ServiceMode: String, Sendable, CaseIterable {
+    case proxy, nat
+}
+
+public struct LogConfig: Sendable, Equatable {
+    public var level = Defaults.logLevel
+    public var format = Defaults.logFormat
+    /// One line per closed connection: service, server, client, bytes each way, duration, how it ended.
+    public var connections = Defaults.logConnections
+    public init() {}
+}
+
+public struct GlobalConfig: Sendable, Equatable {
+    /// nil: one worker per core.
+    public var workers: Int?
+    public var maxconn = Defaults.maxconn
+    public var log = LogConfig()
+    public var pipeSize = Defaults.pipeSize
+    public var grace = Defaults.grace
+    public init() {}
+}
+
+public struct Timeouts: Sendable, Equatable {
+    public var connect = Defaults.connectTimeout
+    public var client = Defaults.clientTimeout
+    public var server = Defaults.serverTimeout
+    public var queue = Defaults.queueTimeout
+    public init() {}
+}
+
+public struct BindConfig: Sendable, Equatable {
+    public var address: SocketAddress
+    public var location: SourceLocation
+}
+
+public struct ServerConfig: Sendable, Equatable {
+    public var name: String
+    public var address: SocketAddress
+    public var weight = Defaults.weight
+    public var maxconn = Defaults.serverMaxconn
+    public var backup = false
+    public var location: SourceLocation
+
+    public init(name: String, address: SocketAddress, location: SourceLocation) {
+        self.name = name
+        self.address = address
+        self.location = location
+    }
+}
+
+public struct ServiceConfig: Sendable, Equatable {
+    public var name: String
+    public var mode = Defaults.mode
+    public var binds: [BindConfig] = []
+    public var balance = Defaults.balance
+    public var timeouts: Timeouts
+    public var retries: Int
+    public var maxqueue = Defaults.maxqueue
+    public var servers: [ServerConfig] = []
+    public var location: SourceLocation
+
+    public init(name: String, timeouts: Timeouts, retries: Int, location: SourceLocation) {
+        self.name = name
+        self.timeouts = timeouts
+        self.retries = retries
+        self.location = location
+    }
+}
+
+public struct Config: Sendable, Equatable {
+    public var file: String
+    public var global = GlobalConfig()
+    public var timeouts = Timeouts()
+    public var retries = Defaults.retries
+    public var services: [ServiceConfig] = []
+
+    public init(file: String) { self.file = file }
+}

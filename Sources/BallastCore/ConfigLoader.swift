@@ -1,0 +1,381 @@
+import Yams
+
+/// Parses and validates a YAML configuration. Everything is checked before anything is returned:
+/// a bad file yields one `ConfigError` naming file, line and column, and nothing is applied.
+public enum ConfigLoader {
+    /// Keys accepted at each level; anything else is an error (a typo must not be silently ignored).
+    public static let topKeys = ["global", "defaults", "services"]
+    public static let globalKeys = ["workers", "maxconn", "log", "pipe_size", "grace"]
+    public static let logKeys = ["level", "format", "connections"]
+    public static let defaultsKeys = ["timeout", "retries"]
+    public static let timeoutKeys = ["connect", "client", "server", "queue"]
+    public static let serviceKeys = ["name", "mode", "bind", "balance", "timeout", "retries", "maxqueue", "servers"]
+    public static let serverKeys = ["name", "address", "weight", "maxconn", "backup"]
+    /// Keys from DESIGN.md that a later release implements: named so the error says so instead of "unknown".
+    static let plannedKeys: [String: String] = [
+        "stats": "the runtime API (stats socket) is not implemented in this version",
+        "metrics": "the Prometheus endpoint is not implemented in this version",
+        "state_file": "the state file is not implemented in this version",
+        "check": "health checks are not implemented in this version",
+        "on_marked_down": "health checks are not implemented in this version",
+        "on_marked_up": "health checks are not implemented in this version",
+        "nat": "nat mode is not implemented in this version",
+    ]
+
+    public static func load(path: String, contents: String) throws(ConfigError) -> Config {
+        var parser = Parser(file: path)
+        return try parser.parse(contents)
+    }
+
+    struct Parser {
+        let file: String
+
+        init(file: String) { self.file = file }
+
+        func loc(_ node: Node) -> SourceLocation {
+            SourceLocation(file: file, line: node.mark?.line ?? 1, column: node.mark?.column ?? 1)
+        }
+
+        func fail(_ node: Node, _ message: String) -> ConfigError { ConfigError(loc(node), message) }
+
+        mutating func parse(_ text: String) throws(ConfigError) -> Config {
+            let root: Node?
+            do {
+                root = try Yams.compose(yaml: text)
+            } catch let error as YamlError {
+                throw yamlError(error)
+            } catch {
+                throw ConfigError(SourceLocation(file: file, line: 1, column: 1), "cannot parse YAML: \(error)")
+            }
+            guard let root else {
+                throw ConfigError(SourceLocation(file: file, line: 1, column: 1), "the file is empty: at least one service is required")
+            }
+            let top = try mapping(root, "the top level", allowed: ConfigLoader.topKeys)
+            var config = Config(file: file)
+            if let g = top["global"] { config.global = try parseGlobal(g.value) }
+            if let d = top["defaults"] { try parseDefaults(d.value, into: &config) }
+            guard let servicesEntry = top["services"] else {
+                throw fail(root, "missing required key 'services'")
+            }
+            guard case .sequence(let seq) = servicesEntry.value, !seq.isEmpty else {
+                throw fail(servicesEntry.value, "'services' must be a non-empty list of services")
+            }
+            var names: [String: SourceLocation] = [:]
+            var binds: [SocketAddress: (String, SourceLocation)] = [:]
+            for (i, node) in seq.enumerated() {
+                let svc = try parseService(node, index: i, config: config)
+                if let prev = names[svc.name] {
+                    throw ConfigError(svc.location, "duplicate service name '\(svc.name)' (first defined at \(prev))")
+                }
+                names[svc.name] = svc.location
+                for b in svc.binds {
+                    if let (other, prevLoc) = binds[b.address] {
+                        throw ConfigError(
+                            b.location, "bind \(b.address) is already used by service '\(other)' at \(prevLoc)")
+                    }
+                    binds[b.address] = (svc.name, b.location)
+                }
+                config.services.append(svc)
+            }
+            return config
+        }
+
+        func yamlError(_ error: YamlError) -> ConfigError {
+            func at(_ mark: Mark, _ message: String) -> ConfigError {
+                ConfigError(SourceLocation(file: file, line: mark.line, column: mark.column), message)
+            }
+            switch error {
+            case .scanner(let context, let problem, let mark, _), .parser(let context, let problem, let mark, _),
+                .composer(let context, let problem, let mark, _):
+                let ctx = context.map { "\($0.text) " } ?? ""
+                return at(mark, "invalid YAML: \(ctx)\(problem)")
+            case .duplicatedKeysInMapping(let duplicates, let context):
+                return at(context.mark, "duplicate key '\(duplicates.joined(separator: "', '"))'")
+            case .reader(let problem, _, _, _):
+                return ConfigError(SourceLocation(file: file, line: 1, column: 1), "cannot read YAML: \(problem)")
+            default:
+                return ConfigError(SourceLocation(file: file, line: 1, column: 1), "invalid YAML: \(error)")
+            }
+        }
+
+        // MARK: Structure helpers
+
+        struct Entry {
+            var key: Node
+            var value: Node
+        }
+
+        /// Returns the entries of a mapping after rejecting unknown and duplicated keys.
+        func mapping(_ node: Node, _ what: String, allowed: [String]) throws(ConfigError) -> [String: Entry] {
+            guard case .mapping(let m) = node else {
+                throw fail(node, "\(what) must be a mapping of keys to values")
+            }
+            var out: [String: Entry] = [:]
+            for (k, v) in m {
+                guard case .scalar(let ks) = k else { throw fail(k, "keys must be plain words") }
+                let key = ks.string
+                if !allowed.contains(key) {
+                    if let why = ConfigLoader.plannedKeys[key] {
+                        throw fail(k, "key '\(key)' in \(what) is not supported: \(why)")
+                    }
+                    let hint = suggestion(key, allowed).map { " (did you mean '\($0)'?)" } ?? ""
+                    throw fail(
+                        k, "unknown key '\(key)' in \(what)\(hint); expected one of: \(allowed.joined(separator: ", "))")
+                }
+                if out[key] != nil { throw fail(k, "duplicate key '\(key)' in \(what)") }
+                out[key] = Entry(key: k, value: v)
+            }
+            return out
+        }
+
+        func suggestion(_ key: String, _ allowed: [String]) -> String? {
+            let best = allowed.map { ($0, editDistance(key, $0)) }.min { $0.1 < $1.1 }
+            guard let best, best.1 <= 2 else { return nil }
+            return best.0
+        }
+
+        func scalar(_ node: Node, _ what: String) throws(ConfigError) -> String {
+            guard case .scalar(let s) = node else { throw fail(node, "\(what) must be a single value") }
+            if s.tag == Tag(.null) && s.style == .plain && (s.string.isEmpty || s.string == "~" || s.string == "null") {
+                throw fail(node, "\(what) needs a value")
+            }
+            return s.string
+        }
+
+        func string(_ node: Node, _ what: String) throws(ConfigError) -> String {
+            let s = try scalar(node, what)
+            if s.isEmpty { throw fail(node, "\(what) must not be empty") }
+            return s
+        }
+
+        func integer(_ node: Node, _ what: String, min: Int, max: Int) throws(ConfigError) -> Int {
+            let s = try scalar(node, what)
+            guard let v = Int(s) else { throw fail(node, "\(what) must be an integer, not '\(s)'") }
+            guard v >= min && v <= max else {
+                throw fail(node, "\(what) must be between \(min) and \(max), not \(v)")
+            }
+            return v
+        }
+
+        func bool(_ node: Node, _ what: String) throws(ConfigError) -> Bool {
+            let s = try scalar(node, what)
+            switch s.lowercased() {
+            case "true", "yes", "on": return true
+            case "false", "no", "off": return false
+            default: throw fail(node, "\(what) must be true or false, not '\(s)'")
+            }
+        }
+
+        func duration(_ node: Node, _ what: String) throws(ConfigError) -> Millis {
+            let s = try scalar(node, what)
+            guard let v = ConfigLoader.parseDuration(s) else {
+                throw fail(node, "\(what): '\(s)' is not a duration (use a number with ms, s, m, h or d, such as 500ms or 2s)")
+            }
+            guard v.value > 0 else { throw fail(node, "\(what) must be greater than zero") }
+            return v
+        }
+
+        func size(_ node: Node, _ what: String) throws(ConfigError) -> Int {
+            let s = try scalar(node, what)
+            guard let v = ConfigLoader.parseSize(s) else {
+                throw fail(node, "\(what): '\(s)' is not a size (bytes, or a number with k or m, such as 64k or 1m)")
+            }
+            return v
+        }
+
+        func enumValue<E: RawRepresentable & CaseIterable>(_ node: Node, _ what: String, _: E.Type) throws(ConfigError)
+            -> E where E.RawValue == String
+        {
+            let s = try scalar(node, what)
+            guard let v = E(rawValue: s) else {
+                throw fail(node, "\(what): unknown value '\(s)'; expected one of: \(E.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            return v
+        }
+
+        // MARK: Sections
+
+        func parseGlobal(_ node: Node) throws(ConfigError) -> GlobalConfig {
+            var g = GlobalConfig()
+            let m = try mapping(node, "global", allowed: ConfigLoader.globalKeys)
+            if let e = m["workers"] {
+                if case .scalar(let s) = e.value, s.string == "auto" {
+                    g.workers = nil
+                } else {
+                    g.workers = try integer(e.value, "global.workers (a number or auto)", min: 1, max: 256)
+                }
+            }
+            if let e = m["maxconn"] { g.maxconn = try integer(e.value, "global.maxconn", min: 1, max: 10_000_000) }
+            if let e = m["grace"] { g.grace = try duration(e.value, "global.grace") }
+            if let e = m["pipe_size"] {
+                let v = try size(e.value, "global.pipe_size")
+                guard v >= 4096 && v <= 64 << 20 else {
+                    throw fail(e.value, "global.pipe_size must be between 4k and 64m, not \(v)")
+                }
+                g.pipeSize = v
+            }
+            if let e = m["log"] {
+                let lm = try mapping(e.value, "global.log", allowed: ConfigLoader.logKeys)
+                if let l = lm["level"] { g.log.level = try enumValue(l.value, "global.log.level", LogLevel.self) }
+                if let f = lm["format"] { g.log.format = try enumValue(f.value, "global.log.format", LogFormat.self) }
+                if let c = lm["connections"] { g.log.connections = try bool(c.value, "global.log.connections") }
+            }
+            return g
+        }
+
+        func parseTimeouts(_ node: Node, _ what: String, base: Timeouts) throws(ConfigError) -> Timeouts {
+            var t = base
+            let m = try mapping(node, what, allowed: ConfigLoader.timeoutKeys)
+            if let e = m["connect"] { t.connect = try duration(e.value, "\(what).connect") }
+            if let e = m["client"] { t.client = try duration(e.value, "\(what).client") }
+            if let e = m["server"] { t.server = try duration(e.value, "\(what).server") }
+            if let e = m["queue"] { t.queue = try duration(e.value, "\(what).queue") }
+            return t
+        }
+
+        func parseDefaults(_ node: Node, into config: inout Config) throws(ConfigError) {
+            let m = try mapping(node, "defaults", allowed: ConfigLoader.defaultsKeys)
+            if let e = m["timeout"] { config.timeouts = try parseTimeouts(e.value, "defaults.timeout", base: config.timeouts) }
+            if let e = m["retries"] { config.retries = try integer(e.value, "defaults.retries", min: 0, max: 100) }
+        }
+
+        func parseService(_ node: Node, index: Int, config: Config) throws(ConfigError) -> ServiceConfig {
+            let m = try mapping(node, "services[\(index)]", allowed: ConfigLoader.serviceKeys)
+            guard let nameEntry = m["name"] else { throw fail(node, "services[\(index)]: missing required key 'name'") }
+            let name = try string(nameEntry.value, "service name")
+            guard name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) }) else {
+                throw fail(nameEntry.value, "service name '\(name)' may contain only letters, digits, '-', '_', '.' and ':'")
+            }
+            let what = "service '\(name)'"
+            var svc = ServiceConfig(name: name, timeouts: config.timeouts, retries: config.retries, location: loc(node))
+            if let e = m["mode"] {
+                svc.mode = try enumValue(e.value, "\(what): mode", ServiceMode.self)
+                if svc.mode == .nat {
+                    throw fail(e.value, "\(what): mode 'nat' is not implemented in this version; use mode: proxy")
+                }
+            }
+            if let e = m["balance"] { svc.balance = try parseBalance(e.value, what) }
+            if let e = m["timeout"] { svc.timeouts = try parseTimeouts(e.value, "\(what) timeout", base: svc.timeouts) }
+            if let e = m["retries"] { svc.retries = try integer(e.value, "\(what): retries", min: 0, max: 100) }
+            if let e = m["maxqueue"] { svc.maxqueue = try integer(e.value, "\(what): maxqueue", min: 0, max: 10_000_000) }
+
+            guard let bindEntry = m["bind"] else { throw fail(node, "\(what): missing required key 'bind'") }
+            let bindNodes: [Node]
+            switch bindEntry.value {
+            case .sequence(let s): bindNodes = Array(s)
+            case .scalar: bindNodes = [bindEntry.value]
+            default: throw fail(bindEntry.value, "\(what): bind must be an address or a list of addresses")
+            }
+            if bindNodes.isEmpty { throw fail(bindEntry.value, "\(what): bind must list at least one address") }
+            for b in bindNodes {
+                let text = try string(b, "\(what): bind address")
+                let addr: SocketAddress
+                do { addr = try SocketAddress(parsing: text) } catch { throw fail(b, "\(what): bind '\(text)': \(error)") }
+                if svc.binds.contains(where: { $0.address == addr }) {
+                    throw fail(b, "\(what): bind \(addr) is listed twice")
+                }
+                svc.binds.append(BindConfig(address: addr, location: loc(b)))
+            }
+
+            guard let serversEntry = m["servers"] else { throw fail(node, "\(what): missing required key 'servers'") }
+            guard case .sequence(let seq) = serversEntry.value, !seq.isEmpty else {
+                throw fail(serversEntry.value, "\(what): 'servers' must be a non-empty list of servers")
+            }
+            for (i, sn) in seq.enumerated() {
+                let server = try parseServer(sn, index: i, service: what)
+                if let prev = svc.servers.first(where: { $0.name == server.name }) {
+                    throw ConfigError(
+                        server.location, "\(what): duplicate server name '\(server.name)' (first defined at \(prev.location))")
+                }
+                svc.servers.append(server)
+            }
+            return svc
+        }
+
+        func parseBalance(_ node: Node, _ what: String) throws(ConfigError) -> Balance {
+            let s = try scalar(node, "\(what): balance")
+            if let b = Balance(rawValue: s) { return b }
+            if Balance.planned.contains(s) {
+                throw fail(node, "\(what): balance '\(s)' is not implemented in this version; use roundrobin")
+            }
+            throw fail(node, "\(what): unknown balance '\(s)'; expected one of: \(Balance.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+
+        func parseServer(_ node: Node, index: Int, service: String) throws(ConfigError) -> ServerConfig {
+            let m = try mapping(node, "\(service) servers[\(index)]", allowed: ConfigLoader.serverKeys)
+            guard let n = m["name"] else { throw fail(node, "\(service) servers[\(index)]: missing required key 'name'") }
+            let name = try string(n.value, "server name")
+            guard name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) }) else {
+                throw fail(n.value, "server name '\(name)' may contain only letters, digits, '-', '_', '.' and ':'")
+            }
+            let what = "\(service) server '\(name)'"
+            guard let a = m["address"] else { throw fail(node, "\(what): missing required key 'address'") }
+            let text = try string(a.value, "\(what): address")
+            let addr: SocketAddress
+            do { addr = try SocketAddress(parsing: text) } catch { throw fail(a.value, "\(what): address '\(text)': \(error)") }
+            if addr.port == 0 { throw fail(a.value, "\(what): address '\(text)': port 0 cannot be connected to") }
+            var s = ServerConfig(name: name, address: addr, location: loc(node))
+            if let e = m["weight"] { s.weight = try integer(e.value, "\(what): weight", min: 0, max: Defaults.maxWeight) }
+            if let e = m["maxconn"] { s.maxconn = try integer(e.value, "\(what): maxconn", min: 0, max: 10_000_000) }
+            if let e = m["backup"] { s.backup = try bool(e.value, "\(what): backup") }
+            return s
+        }
+    }
+
+    /// `500ms`, `2s`, `1m`, `1h`, `1d`; a bare number is milliseconds.
+    public static func parseDuration(_ text: String) -> Millis? {
+        let t = text.trimmingSpaces
+        let digits = t.prefix { $0.isASCII && $0.isNumber }
+        guard !digits.isEmpty, let n = Int64(digits) else { return nil }
+        let unit = t.dropFirst(digits.count)
+        let factor: Int64
+        switch unit {
+        case "", "ms": factor = 1
+        case "s": factor = 1000
+        case "m": factor = 60_000
+        case "h": factor = 3_600_000
+        case "d": factor = 86_400_000
+        default: return nil
+        }
+        let (r, overflow) = n.multipliedReportingOverflow(by: factor)
+        return overflow ? nil : Millis(r)
+    }
+
+    /// `65536`, `64k`, `1m` (binary units).
+    public static func parseSize(_ text: String) -> Int? {
+        let t = text.trimmingSpaces.lowercased()
+        let digits = t.prefix { $0.isASCII && $0.isNumber }
+        guard !digits.isEmpty, let n = Int(digits), n < 1 << 40 else { return nil }
+        switch t.dropFirst(digits.count) {
+        case "", "b": return n
+        case "k", "kb", "kib": return n << 10
+        case "m", "mb", "mib": return n << 20
+        default: return nil
+        }
+    }
+}
+
+extension String {
+    var trimmingSpaces: String {
+        var s = Substring(self)
+        while s.first == " " { s = s.dropFirst() }
+        while s.last == " " { s = s.dropLast() }
+        return String(s)
+    }
+}
+
+func editDistance(_ a: String, _ b: String) -> Int {
+    let a = Array(a), b = Array(b)
+    if a.isEmpty { return b.count }
+    if b.isEmpty { return a.count }
+    var prev = Array(0...b.count)
+    var cur = [Int](repeating: 0, count: b.count + 1)
+    for i in 1...a.count {
+        cur[0] = i
+        for j in 1...b.count {
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+        }
+        swap(&prev, &cur)
+    }
+    return prev[b.count]
+}

@@ -1,0 +1,122 @@
+import Synchronization
+
+/// Administrative state of a server (set by an operator; health comes with checks).
+public enum AdminState: UInt8, Sendable {
+    case ready = 0
+    case drain = 1
+    case maint = 2
+}
+
+/// One server as the data plane sees it. Identity survives reloads as long as the service name,
+/// server name and address stay the same, so its connection count stays true across a reload.
+public final class Server: Sendable {
+    public let name: String
+    public let address: SocketAddress
+    /// Current weight (0...256) and connection limit (0: none); atomics so a reload or the runtime
+    /// API can change them while connections stay attached to the same object.
+    public let weightValue: Atomic<Int>
+    public let maxconnValue: Atomic<Int>
+    /// Connections established or being established to this server, on all workers.
+    public let active = Atomic<Int>(0)
+    /// AdminState raw value.
+    public let admin = Atomic<UInt8>(AdminState.ready.rawValue)
+    /// Health: true until a check says otherwise (no checks: always up).
+    public let up = Atomic<Bool>(true)
+
+    public init(config: ServerConfig) {
+        name = config.name
+        address = config.address
+        weightValue = Atomic(config.weight)
+        maxconnValue = Atomic(config.maxconn)
+    }
+
+    public var weight: Int { weightValue.load(ordering: .relaxed) }
+    public var maxconn: Int { maxconnValue.load(ordering: .relaxed) }
+
+    /// Takes new connections: up, ready, and a weight above zero.
+    @inline(__always)
+    public var usable: Bool {
+        up.load(ordering: .relaxed) && admin.load(ordering: .relaxed) == AdminState.ready.rawValue && weight > 0
+    }
+
+    /// Below maxconn (or no limit).
+    @inline(__always)
+    public var hasRoom: Bool { maxconn == 0 || active.load(ordering: .relaxed) < maxconn }
+
+    /// Reserves a connection slot if the server is below maxconn. Lock-free.
+    @inline(__always)
+    public func tryAcquire() -> Bool {
+        let maxconn = self.maxconn
+        if maxconn == 0 {
+            active.wrappingAdd(1, ordering: .relaxed)
+            return true
+        }
+        var cur = active.load(ordering: .relaxed)
+        while cur < maxconn {
+            let (exchanged, original) = active.compareExchange(
+                expected: cur, desired: cur + 1, ordering: .relaxed)
+            if exchanged { return true }
+            cur = original
+        }
+        return false
+    }
+
+    @inline(__always)
+    public func release() { active.wrappingSubtract(1, ordering: .relaxed) }
+}
+
+/// One service in a snapshot.
+public final class Service: Sendable {
+    public let config: ServiceConfig
+    public let servers: [Server]
+    /// Indices of servers with `backup: false` and `backup: true`, in config order.
+    public let activeIndices: [Int]
+    public let backupIndices: [Int]
+
+    public init(config: ServiceConfig, servers: [Server]) {
+        self.config = config
+        self.servers = servers
+        activeIndices = config.servers.indices.filter { !config.servers[$0].backup }
+        backupIndices = config.servers.indices.filter { config.servers[$0].backup }
+    }
+
+    public var name: String { config.name }
+}
+
+/// The immutable picture the workers read: services and servers. Published as a whole; a change
+/// makes a new table with a higher generation.
+public final class ServiceTable: Sendable {
+    public let generation: UInt64
+    public let config: Config
+    public let services: [Service]
+
+    public init(generation: UInt64, config: Config, services: [Service]) {
+        self.generation = generation
+        self.config = config
+        self.services = services
+    }
+
+    /// Builds a table from a config, reusing `Server` objects of `previous` whose service, name
+    /// and address are unchanged (so live connection counts carry over).
+    public static func build(config: Config, generation: UInt64, previous: ServiceTable?) -> ServiceTable {
+        var old: [String: Server] = [:]
+        if let previous {
+            for svc in previous.services {
+                for s in svc.servers { old["\(svc.name)/\(s.name)"] = s }
+            }
+        }
+        let services = config.services.map { sc in
+            Service(
+                config: sc,
+                servers: sc.servers.map { c in
+                    if let o = old["\(sc.name)/\(c.name)"], o.address == c.address {
+                        o.weightValue.store(c.weight, ordering: .relaxed)
+                        o.maxconnValue.store(c.maxconn, ordering: .relaxed)
+                        return o
+                    }
+                    return Server(config: c)
+                })
+        }
+        return ServiceTable(generation: generation, config: config, services: services)
+    }
+}

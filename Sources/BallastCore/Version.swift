@@ -1,0 +1,25 @@
+public enum BallastVersion {
+    public static let string = "0.1.0"
+}
+
+extension Config {
+    /// What `ballast check` prints: services, binds, servers, as they would run.
+    public var summary: String {
+        var out = ""
+        let workers = global.workers.map(String.init) ?? "auto"
+        out += "global: workers \(workers), maxconn \(global.maxconn), pipe_size \(global.pipeSize), grace \(global.grace)\n"
+        for s in services {
+            let t = s.timeouts
+            out += "service \(s.name): mode \(s.mode.rawValue), balance \(s.balance.rawValue), retries \(s.retries), "
+            out += "timeout connect \(t.connect) client \(t.client) server \(t.server) queue \(t.queue), maxqueue \(s.maxqueue)\n"
+            for b in s.binds { out += "  bind \(b.address)\n" }
+            for v in s.servers {
+                var flags = "weight \(v.weight)"
+                if v.maxconn > 0 { flags += ", maxconn \(v.maxconn)" }
+                if v.backup { flags += ", backup" }
+                out += "  server \(v.name) \(v.address) (\(flags))\n"
+            }
+        }
+        return out
+    }
+}

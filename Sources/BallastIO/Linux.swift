@@ -1,0 +1,107 @@
+import CLinux
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Linux-only readiness notification (after swift-nio's `Linux.swift`).
+public enum Epoll {
+    public static let `in` = BALLAST_EPOLLIN
+    public static let out = BALLAST_EPOLLOUT
+    public static let err = BALLAST_EPOLLERR
+    public static let hup = BALLAST_EPOLLHUP
+    public static let rdhup = BALLAST_EPOLLRDHUP
+    public static let edgeTriggered = BALLAST_EPOLLET
+
+    /// The corresponding C function is `epoll_create1(EPOLL_CLOEXEC)`.
+    public static func create() throws(SysError) -> Int32 {
+        Int32(try Sys.checkBlocking("epoll_create1") { Int(ballast_epoll_create()) })
+    }
+
+    /// The corresponding C function is `epoll_ctl(EPOLL_CTL_ADD)`.
+    @inline(never)
+    public static func add(_ epfd: Int32, _ fd: Int32, events: UInt32, data: UInt64) throws(SysError) {
+        _ = try Sys.checkBlocking("epoll_ctl") { Int(ballast_epoll_ctl(epfd, BALLAST_EPOLL_CTL_ADD, fd, events, data)) }
+    }
+
+    /// The corresponding C function is `epoll_ctl(EPOLL_CTL_MOD)`.
+    @inline(never)
+    public static func modify(_ epfd: Int32, _ fd: Int32, events: UInt32, data: UInt64) throws(SysError) {
+        _ = try Sys.checkBlocking("epoll_ctl") { Int(ballast_epoll_ctl(epfd, BALLAST_EPOLL_CTL_MOD, fd, events, data)) }
+    }
+
+    /// The corresponding C function is `epoll_ctl(EPOLL_CTL_DEL)`.
+    @inline(never)
+    public static func remove(_ epfd: Int32, _ fd: Int32) {
+        _ = ballast_epoll_ctl(epfd, BALLAST_EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
+    /// Waits for events into a preallocated array. The corresponding C function is `epoll_wait`.
+    @inline(never)
+    public static func wait(_ epfd: Int32, _ events: UnsafeMutablePointer<ballast_epoll_event>, max: Int32, timeoutMs: Int32) throws(SysError) -> Int {
+        let r = ballast_epoll_wait(epfd, events, max, timeoutMs)
+        if r >= 0 { return Int(r) }
+        if errno == EINTR { return 0 }
+        throw SysError("epoll_wait", errno)
+    }
+}
+
+/// A counter fd used to wake an event loop from another thread.
+public enum EventFd {
+    /// The corresponding C function is `eventfd(0, EFD_NONBLOCK|EFD_CLOEXEC)`.
+    public static func create() throws(SysError) -> Int32 {
+        Int32(try Sys.checkBlocking("eventfd") { Int(ballast_eventfd(0)) })
+    }
+
+    /// The corresponding C function is `write` on an eventfd.
+    public static func signal(_ fd: Int32) {
+        _ = ballast_eventfd_write(fd, 1)
+    }
+
+    /// Reads and resets the counter. The corresponding C function is `read` on an eventfd.
+    public static func drain(_ fd: Int32) {
+        var v: UInt64 = 0
+        _ = ballast_eventfd_read(fd, &v)
+    }
+}
+
+/// Kernel pipes for splice.
+public enum Pipe {
+    /// A nonblocking pipe; returns (read end, write end). The corresponding C function is `pipe2`.
+    public static func create() throws(SysError) -> (Int32, Int32) {
+        var fds: (Int32, Int32) = (-1, -1)
+        _ = try Sys.checkBlocking("pipe2") {
+            withUnsafeMutablePointer(to: &fds) { $0.withMemoryRebound(to: Int32.self, capacity: 2) { Int(ballast_pipe2($0)) } }
+        }
+        return fds
+    }
+
+    /// Sets the capacity and returns what the kernel granted. The corresponding C function is `fcntl(F_SETPIPE_SZ)`.
+    public static func setSize(_ fd: Int32, _ size: Int) throws(SysError) -> Int {
+        try Sys.checkBlocking("fcntl(F_SETPIPE_SZ)") { Int(ballast_set_pipe_size(fd, Int32(size))) }
+    }
+}
+
+/// Process signals delivered through a descriptor, so no thread runs a signal handler.
+public enum SignalFd {
+    /// Blocks `signals` in the calling thread (threads started afterwards inherit the mask).
+    /// The corresponding C function is `pthread_sigmask(SIG_BLOCK)`.
+    public static func block(_ signals: [Int32]) {
+        _ = signals.withUnsafeBufferPointer { ballast_block_signals($0.baseAddress, Int32($0.count)) }
+    }
+
+    /// The corresponding C function is `signalfd`.
+    public static func create(_ signals: [Int32]) throws(SysError) -> Int32 {
+        let r = signals.withUnsafeBufferPointer { ballast_signalfd($0.baseAddress, Int32($0.count)) }
+        if r < 0 { throw SysError("signalfd", errno) }
+        return r
+    }
+
+    /// The next pending signal number, or nil when none.
+    public static func next(_ fd: Int32) -> Int32? {
+        let r = ballast_signalfd_read(fd)
+        return r > 0 ? r : nil
+    }
+}

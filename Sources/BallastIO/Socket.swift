@@ -1,0 +1,99 @@
+import BallastCore
+import CLinux
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Socket calls used by the data plane and the tests.
+public enum Socket {
+    /// Creates a nonblocking listening socket. With `reusePort`, several workers can each bind
+    /// their own socket to the same address (`SO_REUSEPORT`) and the kernel spreads connections.
+    /// IPv6 sockets are IPv6-only so `0.0.0.0:P` and `[::]:P` can be bound side by side.
+    /// The corresponding C functions are `socket`, `setsockopt`, `bind` and `listen`.
+    public static func listen(_ address: SocketAddress, reusePort: Bool, backlog: Int32) throws(SysError) -> Int32 {
+        let fd = Int32(try Sys.checkBlocking("socket") { Int(ballast_socket_nonblock(address.family, Int32(SOCK_STREAM.rawValue), 0)) })
+        do throws(SysError) {
+            try setOption(fd, SOL_SOCKET, SO_REUSEADDR, 1)
+            if reusePort { try setOption(fd, SOL_SOCKET, SO_REUSEPORT, 1) }
+            if address.family == AF_INET6 { try setOption(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, 1) }
+            _ = try Sys.checkBlocking("bind") { address.withSockAddr { Int(Glibc.bind(fd, $0, $1)) } }
+            _ = try Sys.checkBlocking("listen") { Int(Glibc.listen(fd, backlog)) }
+        } catch {
+            Sys.close(fd)
+            throw error
+        }
+        return fd
+    }
+
+    /// Accepts one connection, nonblocking and close-on-exec. The corresponding C function is `accept4`.
+    @inline(never)
+    public static func accept(_ fd: Int32, _ peer: UnsafeMutablePointer<sockaddr_storage>) throws(SysError) -> IOResult<Int32> {
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let r = try Sys.check("accept4") {
+            peer.withMemoryRebound(to: sockaddr.self, capacity: 1) { Int(ballast_accept4(fd, $0, &len)) }
+        }
+        switch r {
+        case .done(let v): return .done(Int32(v))
+        case .wouldBlock: return .wouldBlock
+        }
+    }
+
+    public enum ConnectResult: Equatable {
+        case connected(Int32)
+        case inProgress(Int32)
+    }
+
+    /// Starts a nonblocking connect. `inProgress` means: wait for EPOLLOUT, then read `SO_ERROR`.
+    /// The corresponding C functions are `socket` and `connect`.
+    @inline(never)
+    public static func connect(_ address: SocketAddress) throws(SysError) -> ConnectResult {
+        let fd = Int32(try Sys.checkBlocking("socket") { Int(ballast_socket_nonblock(address.family, Int32(SOCK_STREAM.rawValue), 0)) })
+        let r = address.withSockAddr { Glibc.connect(fd, $0, $1) }
+        if r == 0 { return .connected(fd) }
+        let e = errno
+        if e == EINPROGRESS || e == EINTR { return .inProgress(fd) }
+        Sys.close(fd)
+        throw SysError("connect", e)
+    }
+
+    /// The pending error of a socket (0 when none). The corresponding C function is `getsockopt(SO_ERROR)`.
+    @inline(never)
+    public static func pendingError(_ fd: Int32) -> Int32 {
+        var v: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        if getsockopt(fd, SOL_SOCKET, SO_ERROR, &v, &len) != 0 { return errno }
+        return v
+    }
+
+    public static func setOption(_ fd: Int32, _ level: Int32, _ name: Int32, _ value: Int32) throws(SysError) {
+        var v = value
+        _ = try Sys.checkBlocking("setsockopt") {
+            Int(setsockopt(fd, level, name, &v, socklen_t(MemoryLayout<Int32>.size)))
+        }
+    }
+
+    /// Disables Nagle: a relay forwards what it has at once.
+    public static func setNoDelay(_ fd: Int32) {
+        var one: Int32 = 1
+        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    /// Makes the next close send a RST instead of a FIN: used to pass an abort on to the other peer.
+    public static func setLingerZero(_ fd: Int32) {
+        var l = linger(l_onoff: 1, l_linger: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
+    }
+
+    /// The local address a socket is bound to. The corresponding C function is `getsockname`.
+    public static func localAddress(_ fd: Int32) -> SocketAddress? {
+        var st = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let r = withUnsafeMutablePointer(to: &st) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
+        return r == 0 ? SocketAddress(storage: st) : nil
+    }
+}

@@ -1,0 +1,53 @@
+import BallastCore
+
+/// A worker's own view of one service: the snapshot's `Service`, this worker's scheduler state
+/// and its FIFO of connections waiting for a server below `maxconn`. Only its worker touches it.
+public final class WorkerService {
+    let service: Service
+    let scheduler: Scheduler
+    var queueHead: Int32 = -1
+    var queueTail: Int32 = -1
+    var queueCount = 0
+    /// Set on reload when the service left the config: its queued connections are closed.
+    var retired = false
+
+    init(service: Service) {
+        self.service = service
+        scheduler = makeScheduler(service.config.balance, weights: service.config.servers.map(\.weight))
+    }
+
+    var name: String { service.name }
+    var config: ServiceConfig { service.config }
+
+    /// Picks a usable server with room, skipping `exclude` when another one qualifies
+    /// (redispatch after a failed connect). Backups are used only when no active server is usable.
+    func pick(exclude: Int32) -> Int32? {
+        let servers = service.servers
+        let ex = Int(exclude)
+        if let i = scheduler.pick({ i in i != ex && !isBackup(i) && servers[i].usable && servers[i].hasRoom }) {
+            return Int32(i)
+        }
+        if let i = scheduler.pick({ i in !isBackup(i) && servers[i].usable && servers[i].hasRoom }) {
+            return Int32(i)
+        }
+        if hasUsableActive { return nil }
+        // No active server is usable: the first usable backup in config order (HAProxy's default).
+        for i in service.backupIndices where i != ex && servers[i].usable && servers[i].hasRoom { return Int32(i) }
+        for i in service.backupIndices where servers[i].usable && servers[i].hasRoom { return Int32(i) }
+        return nil
+    }
+
+    @inline(__always)
+    private func isBackup(_ i: Int) -> Bool { service.config.servers[i].backup }
+
+    private var hasUsableActive: Bool {
+        for i in service.activeIndices where service.servers[i].usable { return true }
+        return false
+    }
+
+    /// True when some server could take connections but all are at maxconn: worth queueing.
+    var anyUsable: Bool {
+        for s in service.servers where s.usable { return true }
+        return false
+    }
+}

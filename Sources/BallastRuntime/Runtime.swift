@@ -1,0 +1,321 @@
+import BallastCore
+import BallastIO
+import BallastProxy
+import CLinux
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Reads a config file and parses it; every failure is a `ConfigError` with file:line:column.
+public func loadConfig(path: String) throws(ConfigError) -> Config {
+    guard let text = readFile(path) else {
+        throw ConfigError(
+            SourceLocation(file: path, line: 0, column: 0), "cannot read the file: \(String(cString: strerror(errno)))")
+    }
+    return try ConfigLoader.load(path: path, contents: text)
+}
+
+func readFile(_ path: String) -> String? {
+    guard let f = fopen(path, "r") else { return nil }
+    defer { fclose(f) }
+    var data = [UInt8]()
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = fread(&chunk, 1, chunk.count, f)
+        if n > 0 { data.append(contentsOf: chunk[0..<n]) }
+        if n < chunk.count { break }
+    }
+    if ferror(f) != 0 { return nil }
+    return String(decoding: data, as: UTF8.self)
+}
+
+/// The listening sockets of one bind address: one per worker, all bound with `SO_REUSEPORT`.
+struct BoundListener {
+    var configured: SocketAddress
+    var actual: SocketAddress
+    var service: String
+    var fds: [Int32]
+}
+
+/// Opens one socket per worker for `bind`. Port 0 picks a free port once; the other workers bind
+/// the same one. On failure closes what it opened and reports the config location.
+func openListeners(_ bind: BindConfig, service: String, count: Int) throws(ConfigError) -> BoundListener {
+    var fds: [Int32] = []
+    var address = bind.address
+    for _ in 0..<count {
+        do {
+            let fd = try Socket.listen(address, reusePort: true, backlog: Int32(Defaults.backlog))
+            if address.port == 0, let actual = Socket.localAddress(fd) { address = actual }
+            fds.append(fd)
+        } catch {
+            for fd in fds { Sys.close(fd) }
+            throw ConfigError(bind.location, "service '\(service)': cannot bind \(bind.address): \(String(cString: strerror(error.errno)))")
+        }
+    }
+    return BoundListener(configured: bind.address, actual: address, service: service, fds: fds)
+}
+
+/// Owns the workers and the listeners, applies configs, reloads on SIGHUP and stops gracefully on
+/// SIGTERM/SIGINT. Signals are read from a signalfd on the main thread; the data-plane threads
+/// have them blocked and hear about them through their eventfds.
+public final class Runtime {
+    let configPath: String
+    private var config: Config
+    private var table: ServiceTable
+    private var listeners: [SocketAddress: BoundListener] = [:]
+    private var workers: [Worker] = []
+    private var threads: [pthread_t] = []
+    private let shared: ProxyShared
+    private let logger: Logger
+    private var generation: UInt64 = 1
+    /// Connection tables are sized for this at start.
+    private let startMaxconn: Int
+
+    public static func bootstrapLogging(_ config: LogConfig) {
+        LogState.set(config)
+        LoggingSystem.bootstrap { label in LineLogHandler(label: label) }
+    }
+
+    public init(configPath: String, config: Config) {
+        self.configPath = configPath
+        self.config = config
+        self.table = ServiceTable.build(config: config, generation: 1, previous: nil)
+        self.shared = ProxyShared(maxconn: config.global.maxconn)
+        self.startMaxconn = config.global.maxconn
+        self.logger = Logger(label: "ballast")
+    }
+
+    var workerCount: Int {
+        if let w = config.global.workers { return w }
+        return max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+    }
+
+    /// Runs until stopped by a signal. Returns the process exit code.
+    public func run() -> Int32 {
+        signal(SIGPIPE, SIG_IGN)
+        let signals = [SIGTERM, SIGINT, SIGHUP]
+        SignalFd.block(signals)
+        let sigfd: Int32
+        do {
+            sigfd = try SignalFd.create(signals)
+        } catch {
+            logger.critical("cannot receive signals: \(error)")
+            return 1
+        }
+        raiseFileLimit()
+
+        // Bind everything before any thread starts: a bind error stops start-up whole.
+        do {
+            for svc in config.services {
+                for b in svc.binds {
+                    listeners[b.address] = try openListeners(b, service: svc.name, count: workerCount)
+                }
+            }
+        } catch {
+            for l in listeners.values { for fd in l.fds { Sys.close(fd) } }
+            logger.critical("\(error)")
+            return 1
+        }
+
+        let settings = WorkerSettings(
+            pipeSize: config.global.pipeSize, copyBufferSize: Defaults.copyBufferSize,
+            tableCapacity: config.global.maxconn, logConnections: config.global.log.connections)
+        do {
+            for id in 0..<workerCount {
+                workers.append(try Worker(id: id, shared: shared, settings: settings, logger: logger))
+            }
+        } catch {
+            logger.critical("cannot create worker: \(error)")
+            return 1
+        }
+        publish()
+        for w in workers { threads.append(startThread(w)) }
+        for svc in config.services {
+            let binds = svc.binds.map { listeners[$0.address]!.actual.description }.joined(separator: ", ")
+            logger.info(
+                "service \(svc.name) listening on \(binds), \(svc.servers.count) servers, balance \(svc.balance.rawValue)")
+        }
+        logger.info(
+            "ballast \(BallastVersion.string) started",
+            metadata: ["pid": "\(getpid())", "workers": "\(workerCount)", "maxconn": "\(config.global.maxconn)", "config": "\(configPath)"])
+
+        var pfd = pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0)
+        while true {
+            let r = poll(&pfd, 1, 1000)
+            if r < 0 && errno != EINTR { break }
+            while let sig = SignalFd.next(sigfd) {
+                switch sig {
+                case SIGHUP:
+                    reload()
+                default:
+                    logger.info("received \(sig == SIGINT ? "SIGINT" : "SIGTERM"), stopping")
+                    let code = shutdown(sigfd: sigfd)
+                    Sys.close(sigfd)
+                    return code
+                }
+            }
+            if workers.contains(where: { $0.finished.load(ordering: .acquiring) }) {
+                logger.critical("a worker stopped unexpectedly; exiting")
+                return 1
+            }
+        }
+        return 1
+    }
+
+    /// Sends each worker the current table and its own listener sockets.
+    private func publish() {
+        for (k, w) in workers.enumerated() {
+            var specs: [ListenerSpec] = []
+            for svc in config.services {
+                for b in svc.binds {
+                    guard let l = listeners[b.address], k < l.fds.count else { continue }
+                    specs.append(ListenerSpec(fd: l.fds[k], serviceName: svc.name, address: l.actual))
+                }
+            }
+            w.send(.apply(table, specs, logConnections: config.global.log.connections, pipeSize: config.global.pipeSize))
+        }
+    }
+
+    /// SIGHUP: validate the new file; on any error keep serving the old config. Listeners whose
+    /// address stays are kept open (no refused connection); established connections are never cut.
+    func reload() {
+        logger.info("received SIGHUP, reloading \(configPath)")
+        let next: Config
+        do {
+            next = try loadConfig(path: configPath)
+        } catch {
+            logger.error("reload failed, keeping the current configuration: \(error)")
+            return
+        }
+        var opened: [SocketAddress: BoundListener] = [:]
+        var kept: [SocketAddress: BoundListener] = [:]
+        do {
+            for svc in next.services {
+                for b in svc.binds {
+                    if var l = listeners[b.address] {
+                        l.service = svc.name
+                        kept[b.address] = l
+                    } else {
+                        opened[b.address] = try openListeners(b, service: svc.name, count: workers.count)
+                    }
+                }
+            }
+        } catch {
+            for l in opened.values { for fd in l.fds { Sys.close(fd) } }
+            logger.error("reload failed, keeping the current configuration: \(error)")
+            return
+        }
+        if next.global.workers != config.global.workers {
+            logger.warning("global.workers changed: takes effect at the next restart")
+        }
+        if next.global.maxconn > startMaxconn {
+            // The connection tables were sized at start; a larger maxconn needs a restart to be reached.
+            logger.warning("global.maxconn raised: connection tables keep their start-up size until the next restart")
+        }
+        let removed = listeners.keys.filter { kept[$0] == nil }
+        config = next
+        generation += 1
+        table = ServiceTable.build(config: next, generation: generation, previous: table)
+        listeners = kept.merging(opened) { a, _ in a }
+        shared.maxconn.store(min(next.global.maxconn, startMaxconn), ordering: .relaxed)
+        LogState.set(next.global.log)
+        // Workers close the listeners they no longer get; the runtime never closes a worker's fd.
+        publish()
+        for svc in next.services {
+            for b in svc.binds where opened[b.address] != nil {
+                logger.info("service \(svc.name) listening on \(opened[b.address]!.actual)")
+            }
+        }
+        for r in removed { logger.info("stopped listening on \(r)") }
+        logger.info("reloaded: \(next.services.count) services, generation \(generation)")
+    }
+
+    /// Stops accepting, lets connections finish within the grace period, then closes the rest.
+    private func shutdown(sigfd: Int32) -> Int32 {
+        for w in workers { w.send(.stopAccepting) }
+        let deadline = monotonicMillis() + config.global.grace.value
+        var open = shared.connections.load(ordering: .relaxed)
+        if open > 0 {
+            logger.info("waiting up to \(config.global.grace) for \(open) connections to finish")
+        }
+        while open > 0 && monotonicMillis() < deadline {
+            var pfd = pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0)
+            _ = poll(&pfd, 1, 50)
+            if let sig = SignalFd.next(sigfd), sig != SIGHUP {
+                logger.info("second stop signal: closing connections now")
+                break
+            }
+            open = shared.connections.load(ordering: .relaxed)
+        }
+        if open > 0 { logger.warning("closing \(open) connections still open") }
+        for w in workers { w.send(.exit) }
+        for t in threads { pthread_join(t, nil) }
+        logger.info("stopped")
+        return 0
+    }
+
+    /// Raises the soft descriptor limit to the hard one: every connection needs two descriptors
+    /// and, while data moves, two more for its pipe.
+    private func raiseFileLimit() {
+        var rl = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) == 0 else { return }
+        let needed = rlim_t(config.global.maxconn * 4 + 1024)
+        if rl.rlim_cur < rl.rlim_max {
+            let old = rl.rlim_cur
+            rl.rlim_cur = rl.rlim_max
+            if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) == 0 {
+                logger.debug("raised the open file limit from \(old) to \(rl.rlim_cur)")
+            }
+        }
+        if rl.rlim_cur < needed {
+            logger.warning(
+                "open file limit is \(rl.rlim_cur) but maxconn \(config.global.maxconn) may need \(needed); accept pauses when descriptors run out")
+        }
+    }
+}
+
+private final class ThreadBox {
+    let worker: Worker
+    init(_ w: Worker) { worker = w }
+}
+
+private func startThread(_ worker: Worker) -> pthread_t {
+    var tid = pthread_t()
+    let box = Unmanaged.passRetained(ThreadBox(worker)).toOpaque()
+    let r = pthread_create(
+        &tid, nil,
+        { arg in
+            let box = Unmanaged<ThreadBox>.fromOpaque(arg!).takeRetainedValue()
+            box.worker.run()
+            return nil
+        }, box)
+    precondition(r == 0, "pthread_create failed: \(r)")
+    return tid
+}
+
+/// Tries to bind every listener once (and closes it), so `ballast check` reports an address that
+/// cannot be bound with its config location.
+public func checkBinds(_ config: Config) throws(ConfigError) {
+    for svc in config.services {
+        for b in svc.binds {
+            let l = try openListeners(b, service: svc.name, count: 1)
+            for fd in l.fds { Sys.close(fd) }
+        }
+    }
+}
+
+/// Writes a line to standard error with one write(2).
+public func writeStderr(_ line: String) {
+    var bytes = Array((line.hasSuffix("\n") ? line : line + "\n").utf8)
+    var off = 0
+    while off < bytes.count {
+        let n = bytes.withUnsafeMutableBytes { Glibc.write(2, $0.baseAddress! + off, $0.count - off) }
+        if n <= 0 { if errno == EINTR { continue } else { break } }
+        off += n
+    }
+}

@@ -1,0 +1,96 @@
+#define _GNU_SOURCE
+#include "CLinux.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <signal.h>
+#include <pthread.h>
+
+const uint32_t BALLAST_EPOLLIN = EPOLLIN;
+const uint32_t BALLAST_EPOLLOUT = EPOLLOUT;
+const uint32_t BALLAST_EPOLLERR = EPOLLERR;
+const uint32_t BALLAST_EPOLLHUP = EPOLLHUP;
+const uint32_t BALLAST_EPOLLRDHUP = EPOLLRDHUP;
+const uint32_t BALLAST_EPOLLET = EPOLLET;
+const int BALLAST_EPOLL_CTL_ADD = EPOLL_CTL_ADD;
+const int BALLAST_EPOLL_CTL_MOD = EPOLL_CTL_MOD;
+const int BALLAST_EPOLL_CTL_DEL = EPOLL_CTL_DEL;
+
+int ballast_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
+
+int ballast_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data) {
+    struct epoll_event ev;
+    ev.events = events;
+    ev.data.u64 = data;
+    return epoll_ctl(epfd, op, fd, &ev);
+}
+
+int ballast_epoll_wait(int epfd, ballast_epoll_event *events, int max, int timeout_ms) {
+    // struct epoll_event is packed on x86_64; copy into the unpacked Swift-visible layout.
+    struct epoll_event raw[256];
+    if (max > 256) max = 256;
+    int n = epoll_wait(epfd, raw, max, timeout_ms);
+    for (int i = 0; i < n; i++) {
+        events[i].events = raw[i].events;
+        events[i].data = raw[i].data.u64;
+    }
+    return n;
+}
+
+int ballast_eventfd(unsigned int initval) { return eventfd(initval, EFD_NONBLOCK | EFD_CLOEXEC); }
+
+int ballast_eventfd_write(int fd, uint64_t value) {
+    return (int)write(fd, &value, sizeof(value));
+}
+
+int ballast_eventfd_read(int fd, uint64_t *value) {
+    return (int)read(fd, value, sizeof(*value));
+}
+
+int ballast_block_signals(const int *signals, int count) {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int i = 0; i < count; i++) sigaddset(&set, signals[i]);
+    return pthread_sigmask(SIG_BLOCK, &set, NULL);
+}
+
+int ballast_signalfd(const int *signals, int count) {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int i = 0; i < count; i++) sigaddset(&set, signals[i]);
+    return signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+}
+
+int ballast_signalfd_read(int fd) {
+    struct signalfd_siginfo info;
+    ssize_t n = read(fd, &info, sizeof(info));
+    if (n != (ssize_t)sizeof(info)) return -1;
+    return (int)info.ssi_signo;
+}
+
+int ballast_pipe2(int fds[2]) { return pipe2(fds, O_NONBLOCK | O_CLOEXEC); }
+
+int ballast_set_pipe_size(int fd, int size) { return fcntl(fd, F_SETPIPE_SZ, size); }
+
+int ballast_get_pipe_size(int fd) { return fcntl(fd, F_GETPIPE_SZ); }
+
+ssize_t ballast_splice(int fd_in, int fd_out, size_t len) {
+    return splice(fd_in, NULL, fd_out, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+}
+
+int ballast_accept4(int fd, struct sockaddr *addr, socklen_t *len) {
+    return accept4(fd, addr, len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+}
+
+int ballast_socket_nonblock(int domain, int type, int protocol) {
+    return socket(domain, type | SOCK_NONBLOCK | SOCK_CLOEXEC, protocol);
+}
+
+uint16_t ballast_htons(uint16_t v) { return htons(v); }
+uint16_t ballast_ntohs(uint16_t v) { return ntohs(v); }
+int ballast_errno_eagain(void) { return EAGAIN; }
