@@ -265,13 +265,17 @@ public final class Runtime {
         var rl = rlimit()
         guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) == 0 else { return }
         let needed = rlim_t(config.global.maxconn * 4 + 1024)
-        if rl.rlim_cur < rl.rlim_max {
-            let old = rl.rlim_cur
-            rl.rlim_cur = rl.rlim_max
-            if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) == 0 {
-                logger.debug("raised the open file limit from \(old) to \(rl.rlim_cur)")
+        let old = rl.rlim_cur
+        if rl.rlim_cur < needed {
+            // Root may raise the hard limit too (up to fs.nr_open); others go as far as the hard limit.
+            var want = rlimit(rlim_cur: max(needed, rl.rlim_cur), rlim_max: max(needed, rl.rlim_max))
+            if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &want) != 0 {
+                want = rlimit(rlim_cur: rl.rlim_max, rlim_max: rl.rlim_max)
+                _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &want)
             }
+            _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl)
         }
+        if rl.rlim_cur != old { logger.info("raised the open file limit from \(old) to \(rl.rlim_cur)") }
         if rl.rlim_cur < needed {
             logger.warning(
                 "open file limit is \(rl.rlim_cur) but maxconn \(config.global.maxconn) may need \(needed); accept pauses when descriptors run out")
