@@ -68,7 +68,7 @@ public enum ConfigLoader {
                     throw ConfigError(svc.location, "duplicate service name '\(svc.name)' (first defined at \(prev))")
                 }
                 names[svc.name] = svc.location
-                for b in svc.binds {
+                for b in svc.binds where b.address.port != 0 {
                     if let (other, prevLoc) = binds[b.address] {
                         throw ConfigError(
                             b.location, "bind \(b.address) is already used by service '\(other)' at \(prevLoc)")
@@ -90,7 +90,7 @@ public enum ConfigLoader {
                 let ctx = context.map { "\($0.text) " } ?? ""
                 return at(mark, "invalid YAML: \(ctx)\(problem)")
             case .duplicatedKeysInMapping(let duplicates, let context):
-                return at(context.mark, "duplicate key '\(duplicates.joined(separator: "', '"))'")
+                return at(context.mark, "duplicate key '\(duplicates.joined(separator: "', '"))' in the mapping that starts here")
             case .reader(let problem, _, _, _):
                 return ConfigError(SourceLocation(file: file, line: 1, column: 1), "cannot read YAML: \(problem)")
             default:

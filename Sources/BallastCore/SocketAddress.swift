@@ -14,12 +14,15 @@ public enum SocketAddress: Hashable, Sendable, CustomStringConvertible {
         case missingPort
         case badPort(String)
         case badHost(String)
+        case ipv6WithoutBrackets(String)
 
         public var description: String {
             switch self {
             case .missingPort: return "expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)"
             case .badPort(let p): return "port '\(p)' is not a number between 0 and 65535"
             case .badHost(let h): return "'\(h)' is not a numeric IPv4 or IPv6 address"
+            case .ipv6WithoutBrackets(let h):
+                return "'\(h)' is not a numeric IPv4 or IPv6 address (write IPv6 addresses as [ADDRESS]:PORT)"
             }
         }
     }
@@ -46,7 +49,7 @@ public enum SocketAddress: Hashable, Sendable, CustomStringConvertible {
         guard let colon = text.lastIndex(of: ":") else { throw .missingPort }
         host = text[..<colon]
         portText = text[text.index(after: colon)...]
-        if host.contains(":") { throw .badHost(String(host) + " (write IPv6 addresses as [ADDRESS]:PORT)") }
+        if host.contains(":") { throw .ipv6WithoutBrackets(String(host)) }
         if host.isEmpty || host == "*" { host = "0.0.0.0" }
         guard let addr = SocketAddress.parse4(String(host)) else { throw .badHost(String(host)) }
         let port = try SocketAddress.parsePort(portText)

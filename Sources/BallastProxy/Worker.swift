@@ -312,14 +312,7 @@ public final class Worker: @unchecked Sendable {
                 shared.connections.wrappingSubtract(1, ordering: .relaxed)
                 switch error.errno {
                 case EMFILE, ENFILE, ENOBUFS, ENOMEM:
-                    // Out of descriptors or memory: stop accepting for a moment instead of spinning
-                    // on a listener that stays readable. The pending clients wait in the backlog.
-                    if !pausedForFds {
-                        logger.warning("worker \(id): accept on \(l.address) failed (\(error)); pausing listeners for 100ms")
-                    }
-                    pausedForFds = true
-                    pausedUntil = now + 100
-                    pauseListeners()
+                    pauseForResources("accept on \(l.address)", error)
                 case ECONNABORTED, EPERM, EPROTO:
                     continue
                 default:
@@ -351,6 +344,17 @@ public final class Worker: @unchecked Sendable {
             }
             assign(i, exclude: -1)
         }
+    }
+
+    /// Out of descriptors or memory: stop accepting for a moment instead of spinning on a listener
+    /// that stays readable. The pending clients wait in the backlog.
+    private func pauseForResources(_ what: String, _ error: SysError) {
+        if !pausedForFds {
+            logger.warning("worker \(id): \(what) failed (\(error)); pausing listeners for 100ms")
+        }
+        pausedForFds = true
+        pausedUntil = now + 100
+        pauseListeners()
     }
 
     private func pauseListeners() {
@@ -415,6 +419,9 @@ public final class Worker: @unchecked Sendable {
         do {
             result = try Socket.connect(server.address)
         } catch {
+            if error.errno == EMFILE || error.errno == ENFILE {
+                pauseForResources("connect to \(server.address)", error)
+            }
             return connectFailed(i, error.errno)
         }
         let fd: Int32

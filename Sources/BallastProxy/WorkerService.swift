@@ -24,26 +24,30 @@ public final class WorkerService {
     func pick(exclude: Int32) -> Int32? {
         let servers = service.servers
         let ex = Int(exclude)
+        // Redispatch order: another active server, then a backup, and only then the one that failed.
         if let i = scheduler.pick({ i in i != ex && !isBackup(i) && servers[i].usable && servers[i].hasRoom }) {
             return Int32(i)
         }
-        if let i = scheduler.pick({ i in !isBackup(i) && servers[i].usable && servers[i].hasRoom }) {
+        if !hasUsableActive(except: ex) {
+            // No other active server: the first usable backup in config order (HAProxy's default).
+            for i in service.backupIndices where i != ex && servers[i].usable && servers[i].hasRoom { return Int32(i) }
+        }
+        if ex >= 0, let i = scheduler.pick({ i in !isBackup(i) && servers[i].usable && servers[i].hasRoom }) {
             return Int32(i)
         }
-        if hasUsableActive { return nil }
-        // No active server is usable: the first usable backup in config order (HAProxy's default).
-        for i in service.backupIndices where i != ex && servers[i].usable && servers[i].hasRoom { return Int32(i) }
-        for i in service.backupIndices where servers[i].usable && servers[i].hasRoom { return Int32(i) }
+        if ex >= 0 && !hasUsableActive(except: -1) {
+            for i in service.backupIndices where servers[i].usable && servers[i].hasRoom { return Int32(i) }
+        }
         return nil
+    }
+
+    private func hasUsableActive(except ex: Int) -> Bool {
+        for i in service.activeIndices where i != ex && service.servers[i].usable { return true }
+        return false
     }
 
     @inline(__always)
     private func isBackup(_ i: Int) -> Bool { service.config.servers[i].backup }
-
-    private var hasUsableActive: Bool {
-        for i in service.activeIndices where service.servers[i].usable { return true }
-        return false
-    }
 
     /// True when some server could take connections but all are at maxconn: worth queueing.
     var anyUsable: Bool {

@@ -34,6 +34,12 @@ func readFile(_ path: String) -> String? {
     return String(decoding: data, as: UTF8.self)
 }
 
+/// Listeners are identified by address; a port-0 bind (the kernel picks the port) belongs to its
+/// service, since two services may both ask for port 0.
+func listenerKey(_ b: BindConfig, _ service: String) -> String {
+    b.address.port == 0 ? "\(service)#\(b.address)" : b.address.description
+}
+
 /// The listening sockets of one bind address: one per worker, all bound with `SO_REUSEPORT`.
 struct BoundListener {
     var configured: SocketAddress
@@ -67,7 +73,7 @@ public final class Runtime {
     let configPath: String
     private var config: Config
     private var table: ServiceTable
-    private var listeners: [SocketAddress: BoundListener] = [:]
+    private var listeners: [String: BoundListener] = [:]
     private var workers: [Worker] = []
     private var threads: [pthread_t] = []
     private let shared: ProxyShared
@@ -113,7 +119,7 @@ public final class Runtime {
         do {
             for svc in config.services {
                 for b in svc.binds {
-                    listeners[b.address] = try openListeners(b, service: svc.name, count: workerCount)
+                    listeners[listenerKey(b, svc.name)] = try openListeners(b, service: svc.name, count: workerCount)
                 }
             }
         } catch {
@@ -136,7 +142,7 @@ public final class Runtime {
         publish()
         for w in workers { threads.append(startThread(w)) }
         for svc in config.services {
-            let binds = svc.binds.map { listeners[$0.address]!.actual.description }.joined(separator: ", ")
+            let binds = svc.binds.map { listeners[listenerKey($0, svc.name)]!.actual.description }.joined(separator: ", ")
             logger.info(
                 "service \(svc.name) listening on \(binds), \(svc.servers.count) servers, balance \(svc.balance.rawValue)")
         }
@@ -173,7 +179,7 @@ public final class Runtime {
             var specs: [ListenerSpec] = []
             for svc in config.services {
                 for b in svc.binds {
-                    guard let l = listeners[b.address], k < l.fds.count else { continue }
+                    guard let l = listeners[listenerKey(b, svc.name)], k < l.fds.count else { continue }
                     specs.append(ListenerSpec(fd: l.fds[k], serviceName: svc.name, address: l.actual))
                 }
             }
@@ -192,16 +198,17 @@ public final class Runtime {
             logger.error("reload failed, keeping the current configuration: \(error)")
             return
         }
-        var opened: [SocketAddress: BoundListener] = [:]
-        var kept: [SocketAddress: BoundListener] = [:]
+        var opened: [String: BoundListener] = [:]
+        var kept: [String: BoundListener] = [:]
         do {
             for svc in next.services {
                 for b in svc.binds {
-                    if var l = listeners[b.address] {
+                    let key = listenerKey(b, svc.name)
+                    if var l = listeners[key] {
                         l.service = svc.name
-                        kept[b.address] = l
+                        kept[key] = l
                     } else {
-                        opened[b.address] = try openListeners(b, service: svc.name, count: workers.count)
+                        opened[key] = try openListeners(b, service: svc.name, count: workers.count)
                     }
                 }
             }
@@ -217,7 +224,7 @@ public final class Runtime {
             // The connection tables were sized at start; a larger maxconn needs a restart to be reached.
             logger.warning("global.maxconn raised: connection tables keep their start-up size until the next restart")
         }
-        let removed = listeners.keys.filter { kept[$0] == nil }
+        let removed = listeners.filter { kept[$0.key] == nil }.map(\.value)
         config = next
         generation += 1
         table = ServiceTable.build(config: next, generation: generation, previous: table)
@@ -227,11 +234,11 @@ public final class Runtime {
         // Workers close the listeners they no longer get; the runtime never closes a worker's fd.
         publish()
         for svc in next.services {
-            for b in svc.binds where opened[b.address] != nil {
-                logger.info("service \(svc.name) listening on \(opened[b.address]!.actual)")
+            for b in svc.binds {
+                if let l = opened[listenerKey(b, svc.name)] { logger.info("service \(svc.name) listening on \(l.actual)") }
             }
         }
-        for r in removed { logger.info("stopped listening on \(r)") }
+        for r in removed { logger.info("stopped listening on \(r.actual) (service \(r.service))") }
         logger.info("reloaded: \(next.services.count) services, generation \(generation)")
     }
 

@@ -1,0 +1,189 @@
+import Foundation
+import Testing
+
+@testable import BallastCore
+
+struct ConfigTests {
+    static let good = """
+        global:
+          workers: 2
+          maxconn: 1000
+          log: { level: debug, format: json, connections: true }
+          pipe_size: 256k
+          grace: 3s
+        defaults:
+          timeout: { connect: 500ms, client: 2m, server: 1h, queue: 5s }
+          retries: 3
+        services:
+          - name: redis
+            bind: ["127.0.0.1:6379", "[::1]:6379"]
+            balance: roundrobin
+            timeout: { connect: 1s }
+            maxqueue: 10
+            servers:
+              - { name: r1, address: 10.0.0.11:6379, weight: 3 }
+              - { name: r2, address: "[2001:db8::2]:6379", maxconn: 100 }
+              - { name: r3, address: 10.0.0.13:6379, backup: true }
+        """
+
+    @Test func parsesEveryKey() throws {
+        let c = try ConfigLoader.load(path: "good.yaml", contents: Self.good)
+        #expect(c.global.workers == 2)
+        #expect(c.global.maxconn == 1000)
+        #expect(c.global.log.level == .debug && c.global.log.format == .json && c.global.log.connections)
+        #expect(c.global.pipeSize == 256 << 10)
+        #expect(c.global.grace == Millis(3000))
+        let s = try #require(c.services.first)
+        #expect(s.binds.map(\.address.description) == ["127.0.0.1:6379", "[::1]:6379"])
+        #expect(s.timeouts.connect == Millis(1000))  // service overrides defaults
+        #expect(s.timeouts.client == Millis(120_000))  // inherited from defaults
+        #expect(s.timeouts.server == Millis(3_600_000))
+        #expect(s.retries == 3)
+        #expect(s.maxqueue == 10)
+        #expect(s.servers.map(\.name) == ["r1", "r2", "r3"])
+        #expect(s.servers[0].weight == 3 && s.servers[1].weight == 1)
+        #expect(s.servers[1].address.description == "[2001:db8::2]:6379")
+        #expect(s.servers[1].maxconn == 100)
+        #expect(s.servers[2].backup)
+        #expect(s.servers[2].location == SourceLocation(file: "good.yaml", line: 19, column: 9))
+    }
+
+    @Test func defaultsApplyWhenOmitted() throws {
+        let c = try ConfigLoader.load(
+            path: "min.yaml",
+            contents: "services:\n  - name: a\n    bind: 127.0.0.1:1\n    servers: [{ name: s, address: 127.0.0.1:2 }]\n")
+        #expect(c.global.workers == nil)
+        #expect(c.global.maxconn == Defaults.maxconn)
+        #expect(c.global.pipeSize == Defaults.pipeSize)
+        #expect(c.services[0].timeouts == Timeouts())
+        #expect(c.services[0].retries == Defaults.retries)
+        #expect(c.services[0].balance == .roundrobin)
+        #expect(c.services[0].servers[0].weight == Defaults.weight)
+    }
+
+    /// Each bad config and the exact line a user sees.
+    static let badConfigs: [(String, String)] = [
+        ("", "bad.yaml:1:1: the file is empty: at least one service is required"),
+        ("services: [", "bad.yaml:2:1: invalid YAML: while parsing a flow node did not find expected node content"),
+        (
+            "global: { workrs: 2 }\nservices: []\n",
+            "bad.yaml:1:11: unknown key 'workrs' in global (did you mean 'workers'?); expected one of: workers, maxconn, log, pipe_size, grace"
+        ),
+        ("global: { workers: 2 }\n", "bad.yaml:1:1: missing required key 'services'"),
+        ("services: []\n", "bad.yaml:1:11: 'services' must be a non-empty list of services"),
+        (
+            "defaults: { timeout: { connect: 2 parsecs } }\nservices: []\n",
+            "bad.yaml:1:33: defaults.timeout.connect: '2 parsecs' is not a duration (use a number with ms, s, m, h or d, such as 500ms or 2s)"
+        ),
+        ("defaults: { timeout: { client: 0s } }\nservices: []\n", "bad.yaml:1:32: defaults.timeout.client must be greater than zero"),
+        ("defaults: { retries: -1 }\nservices: []\n", "bad.yaml:1:22: defaults.retries must be between 0 and 100, not -1"),
+        ("global: { maxconn: lots }\nservices: []\n", "bad.yaml:1:20: global.maxconn must be an integer, not 'lots'"),
+        ("global: { log: { format: xml } }\nservices: []\n", "bad.yaml:1:26: global.log.format: unknown value 'xml'; expected one of: text, json"),
+        (
+            svc("a", "127.0.0.1:70000"),
+            "bad.yaml:3:12: service 'a': bind '127.0.0.1:70000': port '70000' is not a number between 0 and 65535"
+        ),
+        (svc("a", "localhost:80"), "bad.yaml:3:12: service 'a': bind 'localhost:80': 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (svc("a", "::1:80"), "bad.yaml:3:12: service 'a': bind '::1:80': '::1' is not a numeric IPv4 or IPv6 address (write IPv6 addresses as [ADDRESS]:PORT)"),
+        (svc("a", "127.0.0.1"), "bad.yaml:3:12: service 'a': bind '127.0.0.1': expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)"),
+        (
+            svc("a", "127.0.0.1:1") + svc("a", "127.0.0.1:2"),
+            "bad.yaml:5:5: duplicate service name 'a' (first defined at bad.yaml:2:5)"
+        ),
+        (
+            svc("a", "127.0.0.1:1") + svc("b", "127.0.0.1:1"),
+            "bad.yaml:6:12: bind 127.0.0.1:1 is already used by service 'a' at bad.yaml:3:12"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: []\n",
+            "bad.yaml:4:14: service 'a': 'servers' must be a non-empty list of servers"
+        ),
+        ("services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n", "bad.yaml:2:5: service 'a': missing required key 'servers'"),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers:\n      - { name: s, address: 10.0.0.1:1 }\n      - { name: s, address: 10.0.0.2:1 }\n",
+            "bad.yaml:6:9: service 'a': duplicate server name 's' (first defined at bad.yaml:5:9)"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers:\n      - { name: s, address: 10.0.0.1:1, weight: 300 }\n",
+            "bad.yaml:5:49: service 'a' server 's': weight must be between 0 and 256, not 300"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers:\n      - { name: s, address: 10.0.0.1:0 }\n",
+            "bad.yaml:5:29: service 'a' server 's': address '10.0.0.1:0': port 0 cannot be connected to"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers:\n      - { name: s, adress: 10.0.0.1:1 }\n",
+            "bad.yaml:5:20: unknown key 'adress' in service 'a' servers[0] (did you mean 'address'?); expected one of: name, address, weight, maxconn, backup"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    balance: fastest\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:14: service 'a': unknown balance 'fastest'; expected one of: roundrobin"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: tcp }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:5: key 'check' in services[0] is not supported: health checks are not implemented in this version"
+        ),
+        (
+            "services:\n  - name: a\n    name: b\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:2:5: duplicate key 'name' in the mapping that starts here"
+        ),
+    ]
+
+    static func svc(_ name: String, _ bind: String) -> String {
+        return "  - name: \(name)\n    bind: [\"\(bind)\"]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n"
+    }
+
+    @Test("bad configs are rejected with file:line:column", arguments: badConfigs.indices)
+    func badConfig(index: Int) {
+        var (yaml, expected) = Self.badConfigs[index]
+        if yaml.hasPrefix("  - name:") { yaml = "services:\n" + yaml }
+        #expect(throws: ConfigError.self) { try ConfigLoader.load(path: "bad.yaml", contents: yaml) }
+        do {
+            _ = try ConfigLoader.load(path: "bad.yaml", contents: yaml)
+        } catch {
+            #expect(error.description == expected)
+        }
+    }
+
+    @Test func durations() {
+        #expect(ConfigLoader.parseDuration("150ms") == Millis(150))
+        #expect(ConfigLoader.parseDuration("2s") == Millis(2000))
+        #expect(ConfigLoader.parseDuration("1m") == Millis(60_000))
+        #expect(ConfigLoader.parseDuration("1h") == Millis(3_600_000))
+        #expect(ConfigLoader.parseDuration("250") == Millis(250))
+        #expect(ConfigLoader.parseDuration("2 s") == nil)
+        #expect(ConfigLoader.parseDuration("s") == nil)
+        #expect(ConfigLoader.parseDuration("1.5s") == nil)
+    }
+
+    /// The README's configuration reference states each default; it must match `Defaults`.
+    @Test func readmeDefaultsMatchCode() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        let readme = try String(contentsOf: root.appendingPathComponent("README.md"), encoding: .utf8)
+        let expected: [(String, String)] = [
+            ("global.maxconn", "\(Defaults.maxconn)"),
+            ("global.pipe_size", "\(Defaults.pipeSize / 1024)k"),
+            ("global.grace", "\(Defaults.grace)"),
+            ("global.log.level", Defaults.logLevel.rawValue),
+            ("global.log.format", Defaults.logFormat.rawValue),
+            ("global.log.connections", "\(Defaults.logConnections)"),
+            ("timeout.connect", "\(Defaults.connectTimeout)"),
+            ("timeout.client", "\(Defaults.clientTimeout)"),
+            ("timeout.server", "\(Defaults.serverTimeout)"),
+            ("timeout.queue", "\(Defaults.queueTimeout)"),
+            ("retries", "\(Defaults.retries)"),
+            ("maxqueue", "\(Defaults.maxqueue)"),
+            ("weight", "\(Defaults.weight)"),
+            ("maxconn", "\(Defaults.serverMaxconn)"),
+        ]
+        for (key, value) in expected {
+            let row = readme.split(separator: "\n").first { $0.hasPrefix("| `\(key)` |") }
+            #expect(row != nil, "README has no row for \(key)")
+            if let row {
+                let cells = row.split(separator: "|").map { $0.trimmingCharacters(in: .whitespaces) }
+                #expect(cells.count > 1 && cells[1] == "`\(value)`", "README says \(cells) for \(key); code says \(value)")
+            }
+        }
+    }
+}

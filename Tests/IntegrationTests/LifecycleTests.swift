@@ -1,0 +1,281 @@
+import Foundation
+import Synchronization
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The command line, reload, graceful stop and scheduling as a user sees them.
+@Suite(.serialized) struct LifecycleTests {
+    /// Connects, reads the server's name, closes.
+    static func whoAnswers(_ port: UInt16) throws -> String {
+        let fd = try Net.connect(port, timeout: 5)
+        defer { close(fd) }
+        return String(decoding: Net.readAll(fd).0, as: UTF8.self).trimmingCharacters(in: .newlines)
+    }
+
+    @Test func checkPrintsWhatWouldRun() throws {
+        let dir = TempDir()
+        let path = dir.write(
+            "ok.yaml",
+            configYAML(services: [serviceYAML(servers: [("a", 7001), ("b", 7002)], serverExtra: ["b": "weight: 3, backup: true"])]))
+        let (status, out, err) = try runCommand(Repo.ballast, ["check", "-c", path])
+        #expect(status == 0, "\(err)")
+        #expect(out.contains("service svc: mode proxy, balance roundrobin"))
+        #expect(out.contains("  bind 127.0.0.1:0\n"))
+        #expect(out.contains("  server a 127.0.0.1:7001 (weight 1)\n"))
+        #expect(out.contains("  server b 127.0.0.1:7002 (weight 3, backup)\n"))
+        #expect(out.hasSuffix("Configuration file is valid\n"))
+    }
+
+    @Test func checkRejectsBadConfigWithLocation() throws {
+        let dir = TempDir()
+        let path = dir.write("bad.yaml", "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: []\n")
+        let (status, out, err) = try runCommand(Repo.ballast, ["check", "-c", path])
+        #expect(status == 1)
+        #expect(out.isEmpty)
+        #expect(err == "ballast: \(path):4:14: service 'a': 'servers' must be a non-empty list of servers\n")
+    }
+
+    @Test func checkAndRunRejectABindInUse() throws {
+        let (busy, port) = try Net.listen()
+        defer { close(busy) }
+        let dir = TempDir()
+        let path = dir.write("bind.yaml", configYAML(services: [serviceYAML(bind: "127.0.0.1:\(port)", servers: [("a", 7001)])]))
+        let (status, _, err) = try runCommand(Repo.ballast, ["check", "-c", path])
+        #expect(status == 1)
+        #expect(err == "ballast: \(path):5:12: service 'svc': cannot bind 127.0.0.1:\(port): Address already in use\n")
+        // `run` refuses to start at all: nothing is applied.
+        let (rs, _, rerr) = try runCommand(Repo.ballast, ["run", "-c", path], timeout: 10)
+        #expect(rs == 1)
+        #expect(rerr.contains("\(path):5:12: service 'svc': cannot bind 127.0.0.1:\(port): Address already in use"))
+        #expect(!rerr.contains("started"))
+    }
+
+    @Test func missingFile() throws {
+        let (status, _, err) = try runCommand(Repo.ballast, ["run", "-c", "/nonexistent/ballast.yaml"])
+        #expect(status == 1)
+        #expect(err == "ballast: /nonexistent/ballast.yaml:0:0: cannot read the file: No such file or directory\n")
+    }
+
+    @Test func versionAndHelp() throws {
+        let (vs, vout, _) = try runCommand(Repo.ballast, ["--version"])
+        #expect(vs == 0)
+        #expect(vout.hasPrefix("ballast 0."))
+        for sub in [["--help"], ["run", "--help"], ["check", "--help"]] {
+            let (s, out, _) = try runCommand(Repo.ballast, sub)
+            #expect(s == 0)
+            #expect(out.contains("USAGE: ballast"))
+        }
+    }
+
+    @Test("weights are honoured and backups stay idle while an active server is up")
+    func weightsAndBackup() throws {
+        let a = try TestServer.named("a")
+        let b = try TestServer.named("b")
+        let spare = try TestServer.named("spare")
+        defer { [a, b, spare].forEach { $0.stop() } }
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        servers: [("a", a.port), ("b", b.port), ("spare", spare.port)],
+                        serverExtra: ["a": "weight: 3", "spare": "backup: true"])
+                ]))
+        defer { p.stop() }
+        var counts: [String: Int] = [:]
+        for _ in 0..<40 { counts[try Self.whoAnswers(p.port("svc")), default: 0] += 1 }
+        #expect(counts == ["a": 30, "b": 10])
+    }
+
+    @Test("backup takes over when every active server is refusing")
+    func backupWhenActiveDown() throws {
+        let spare = try TestServer.named("spare")
+        defer { spare.stop() }
+        let dead = try Net.freePort()
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1", defaults: "retries: 1",
+                services: [serviceYAML(servers: [("dead", dead), ("spare", spare.port)], serverExtra: ["spare": "backup: true"])]))
+        defer { p.stop() }
+        // Without health checks a refusing server still counts as up; the retry goes to the
+        // backup because redispatch moves away from the server that failed.
+        #expect(try Self.whoAnswers(p.port("svc")) == "spare")
+    }
+
+    @Test("reload: new servers get new connections, open connections finish intact, listeners never close")
+    func reloadUnderTraffic() throws {
+        let echo = try TestServer.echo()
+        let a = try TestServer.named("a")
+        let b = try TestServer.named("b")
+        defer { [echo, a, b].forEach { $0.stop() } }
+        let listenPort = try Net.freePort()
+        func config(_ named: (String, UInt16)) -> String {
+            configYAML(
+                global: "workers: 2",
+                services: [
+                    serviceYAML(name: "echo", bind: "127.0.0.1:\(listenPort)", servers: [("e", echo.port)]),
+                    serviceYAML(name: "who", servers: [named]),
+                ])
+        }
+        let p = try BallastProcess(config: config(("a", a.port)))
+        defer { p.stop() }
+        let whoPort = p.port("who")
+        #expect(try Self.whoAnswers(whoPort) == "a")
+
+        // Long transfers in flight across the reload.
+        let sizes = [3 << 20, 5 << 20, 7 << 20]
+        let results = Mutex<[Int: (Int, Int?, Net.ReadEnd)]>([:])
+        let started = Atomic<Int>(0)
+        let transfers = sizes.enumerated().map { (k, size) in
+            TestThread {
+                started.wrappingAdd(1, ordering: .relaxed)
+                let r = try? RelayTests.echoExchange(port: listenPort, size: size, seed: UInt64(k))
+                results.withLock { $0[k] = r.map { ($0.received, $0.mismatch, $0.end) } ?? (-1, nil, .timeout) }
+            }
+        }
+        // Connection attempts all through the reload: none may be refused.
+        let refused = Atomic<Int>(0)
+        let attempts = Atomic<Int>(0)
+        let stopProbe = Atomic<Bool>(false)
+        let probe = TestThread {
+            while !stopProbe.load(ordering: .relaxed) {
+                attempts.wrappingAdd(1, ordering: .relaxed)
+                if let fd = try? Net.connect(listenPort, timeout: 2) { close(fd) } else { refused.wrappingAdd(1, ordering: .relaxed) }
+                usleep(2000)
+            }
+        }
+        // Connections certainly open across the reload: half their bytes before, half after.
+        let held = try (0..<4).map { _ in try Net.connect(listenPort) }
+        defer { held.forEach { close($0) } }
+        for (k, fd) in held.enumerated() {
+            try Net.sendAll(fd, "before-\(k)")
+            #expect(Net.readExactly(fd, 8) == Array("before-\(k)".utf8))
+        }
+        while started.load(ordering: .relaxed) < sizes.count { usleep(1000) }
+        usleep(50_000)
+        let outcome = p.reload(config(("b", b.port)))
+        for (k, fd) in held.enumerated() {
+            try Net.sendAll(fd, "after-\(k)")
+            Net.shutdownWrite(fd)
+            let (rest, end) = Net.readAll(fd)
+            #expect(String(decoding: rest, as: UTF8.self) == "after-\(k)")
+            #expect(end == .eof)
+        }
+        #expect(outcome?.contains("reloaded") == true, "\(p.log)")
+        #expect(try Self.whoAnswers(whoPort) == "b")
+        for t in transfers { t.join() }
+        stopProbe.store(true, ordering: .relaxed)
+        probe.join()
+        for (k, size) in sizes.enumerated() {
+            let r = results.withLock { $0[k] }
+            #expect(r?.0 == size)
+            #expect(r?.1 == nil)
+            #expect(r?.2 == .eof)
+        }
+        #expect(attempts.load(ordering: .relaxed) > 10)
+        #expect(refused.load(ordering: .relaxed) == 0)
+    }
+
+    @Test("a bad reload keeps the old config serving and logs file:line:column")
+    func badReload() throws {
+        let a = try TestServer.named("a")
+        defer { a.stop() }
+        let good = configYAML(services: [serviceYAML(name: "who", servers: [("a", a.port)])])
+        let p = try BallastProcess(config: good)
+        defer { p.stop() }
+        let port = p.port("who")
+        let outcome = p.reload(good.replacingOccurrences(of: "name: a,", with: "nmae: a,"))
+        #expect(outcome?.contains("reload failed, keeping the current configuration: \(p.configPath):7:11: unknown key 'nmae'") == true, "\(outcome ?? p.log)")
+        #expect(try Self.whoAnswers(port) == "a")
+        // A reload whose new bind cannot be bound is refused whole, too.
+        let (busy, busyPort) = try Net.listen()
+        defer { close(busy) }
+        let withBusy = configYAML(services: [
+            serviceYAML(name: "who", servers: [("a", a.port)]),
+            serviceYAML(name: "more", bind: "127.0.0.1:\(busyPort)", servers: [("a", a.port)]),
+        ])
+        let o2 = p.reload(withBusy)
+        #expect(o2?.contains("cannot bind 127.0.0.1:\(busyPort): Address already in use") == true)
+        #expect(try Self.whoAnswers(port) == "a")
+    }
+
+    @Test("reload removes a service: its listener closes, its open connections finish")
+    func reloadRemovesService() throws {
+        let echo = try TestServer.echo()
+        let a = try TestServer.named("a")
+        defer { [echo, a].forEach { $0.stop() } }
+        let p = try BallastProcess(
+            config: configYAML(services: [
+                serviceYAML(name: "echo", servers: [("e", echo.port)]), serviceYAML(name: "who", servers: [("a", a.port)]),
+            ]))
+        defer { p.stop() }
+        let echoPort = p.port("echo")
+        let open = try Net.connect(echoPort)
+        defer { close(open) }
+        try Net.sendAll(open, "before")
+        #expect(Net.readExactly(open, 6) == Array("before".utf8))
+        let outcome = p.reload(configYAML(services: [serviceYAML(name: "who", servers: [("a", a.port)])]))
+        #expect(outcome?.contains("reloaded") == true)
+        try Net.sendAll(open, "after")
+        #expect(Net.readExactly(open, 5) == Array("after".utf8))
+        usleep(100_000)
+        #expect(throws: Net.Failure.self) { _ = try Net.connect(echoPort, timeout: 1) }
+    }
+
+    @Test("SIGTERM: stop accepting, let open connections finish, exit 0")
+    func gracefulStop() throws {
+        let echo = try TestServer.echo()
+        defer { echo.stop() }
+        let p = try BallastProcess(config: configYAML(global: "grace: 10s", services: [serviceYAML(servers: [("e", echo.port)])]))
+        let port = p.port("svc")
+        let open = try Net.connect(port)
+        defer { close(open) }
+        try Net.sendAll(open, "one")
+        #expect(Net.readExactly(open, 3) == Array("one".utf8))
+        p.signal(SIGTERM)
+        #expect(p.waitForLog("waiting up to 10s for 1 connections") != nil)
+        #expect(throws: Net.Failure.self) { _ = try Net.connect(port, timeout: 1) }
+        try Net.sendAll(open, "two")
+        #expect(Net.readExactly(open, 3) == Array("two".utf8))
+        Net.shutdownWrite(open)
+        #expect(Net.readAll(open).1 == .eof)
+        #expect(p.waitExit(timeout: 5) == 0)
+    }
+
+    @Test("SIGTERM with a connection that outlives the grace period: closed, exit 0")
+    func graceExpires() throws {
+        let echo = try TestServer.echo()
+        defer { echo.stop() }
+        let p = try BallastProcess(config: configYAML(global: "grace: 500ms", services: [serviceYAML(servers: [("e", echo.port)])]))
+        let open = try Net.connect(p.port("svc"), timeout: 5)
+        defer { close(open) }
+        try Net.sendAll(open, "x")
+        _ = Net.readExactly(open, 1)
+        let start = Date()
+        p.signal(SIGTERM)
+        #expect(p.waitExit(timeout: 5) == 0)
+        let elapsed = Date().timeIntervalSince(start)
+        #expect(elapsed >= 0.4 && elapsed < 3)
+        #expect(Net.readAll(open).1 != .timeout)
+        #expect(p.log.contains("closing 1 connections still open"))
+    }
+
+    @Test("JSON logs: one object per line")
+    func jsonLogs() throws {
+        let a = try TestServer.named("a")
+        defer { a.stop() }
+        let p = try BallastProcess(
+            config: configYAML(global: "log: { format: json, connections: true }", services: [serviceYAML(servers: [("a", a.port)])]))
+        #expect(try Self.whoAnswers(p.port("svc")) == "a")
+        let line = try #require(p.waitForLog("connection closed"))
+        let obj = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]
+        #expect(obj?["msg"] as? String == "connection closed")
+        #expect(obj?["server"] as? String == "a")
+        #expect(obj?["bytes_out"] as? String == "2")
+        #expect(obj?["end"] as? String == "done")
+        p.stop()
+    }
+}
