@@ -27,11 +27,11 @@ for _ in $(seq 50); do grep -q started "$work/ballast.log" && break; sleep 0.1; 
 echo "--- Ballast log"
 cat "$work/ballast.log"
 echo "--- Six new connections through 127.0.0.1:6390 (weights 2:1), each asking its server's port"
-for _ in 1 2 3 4 5 6; do redis-cli -p 6390 --no-raw CONFIG GET port | tail -1; done
+for _ in 1 2 3 4 5 6; do echo "answered by the server on port $(redis-cli -p 6390 --raw CONFIG GET port | tail -1)"; done
 echo "--- SET through the proxy, GET from each server directly"
 redis-cli -p 6390 SET demo:key "hello through ballast"
 for port in 7001 7002; do echo "server $port: $(redis-cli -p $port GET demo:key)"; done
 echo "--- redis-benchmark -c 50 through Ballast"
-redis-benchmark -p 6390 -c 50 -n 100000 -t set,get -q
+redis-benchmark -p 6390 -c 50 -n 100000 -t set,get -q 2>&1 | tr '\r' '\n' | grep "requests per second"
 echo "--- Per-connection log lines (last 3)"
 grep "connection closed" "$work/ballast.log" | tail -3

@@ -266,12 +266,12 @@ public final class Runtime {
         return 0
     }
 
-    /// Raises the soft descriptor limit to the hard one: every connection needs two descriptors
-    /// and, while data moves, two more for its pipe.
+    /// Raises the descriptor limit for maxconn: every connection needs two sockets. Pipes (two
+    /// more while bulk data moves) are optional: without a descriptor for one, a direction copies.
     private func raiseFileLimit() {
         var rl = rlimit()
         guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) == 0 else { return }
-        let needed = rlim_t(config.global.maxconn * 4 + 1024)
+        let needed = rlim_t(config.global.maxconn * 2 + 1024)
         let old = rl.rlim_cur
         if rl.rlim_cur < needed {
             // Root may raise the hard limit too (up to fs.nr_open); others go as far as the hard limit.
