@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""Ballast beside HAProxy and beside a direct connection, in one run, interleaved.
+
+Contenders (same thread count for each proxy):
+  direct            the client talks to the server itself
+  haproxy-splice    HAProxy 2.6 mode tcp, option splice-request + splice-response, tune.pipesize 1 MiB
+  haproxy           HAProxy 2.6 mode tcp, no splice
+  ballast           Ballast proxy mode (release build)
+
+Workloads: iperf3 one and four streams (Gbit/s, proxy CPU s per GB); redis-benchmark -c 50 GET and
+SET (requests/s, p50, p99, proxy CPU us per request); new connections per second (loadgen
+connrate: connect, PING, +PONG, close); RSS with N idle proxied connections.
+
+Each workload runs ROUNDS times; within a round the contenders run one after another, so a slow
+moment of the machine hits everyone alike. The table shows medians.
+
+Everything listens on 127.0.0.1 only, every process is started here and stopped by PID.
+"""
+import json
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BALLAST = os.path.join(ROOT, ".build", "release", "ballast")
+LOADGEN = os.path.join(ROOT, "Benchmarks", ".build", "release", "loadgen")
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+SECONDS = int(os.environ.get("SECONDS_PER_RUN", "5"))
+THREADS = int(os.environ.get("THREADS", "1"))
+REDIS_REQUESTS = int(os.environ.get("REDIS_REQUESTS", "200000"))
+CONTENDERS = ["direct", "haproxy-splice", "haproxy", "ballast"]
+PROXIES = CONTENDERS[1:]
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Procs:
+    def __init__(self):
+        self.procs = []
+
+    def start(self, args, **kw):
+        p = subprocess.Popen(args, stdout=kw.pop("stdout", subprocess.DEVNULL), stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def stop_all(self):
+        for p in reversed(self.procs):
+            self.stop(p)
+
+
+def haproxy_config(front, back, splice, maxconn):
+    opts = "    option splice-request\n    option splice-response\n" if splice else ""
+    return f"""global
+    nbthread {THREADS}
+    maxconn {maxconn}
+    tune.pipesize 1048576
+    maxpipes 512
+
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 1m
+    timeout server 1m
+{opts}
+frontend f
+    bind 127.0.0.1:{front}
+    default_backend b
+
+backend b
+    server s1 127.0.0.1:{back}
+"""
+
+
+def ballast_config(front, back, maxconn):
+    return f"""global:
+  workers: {THREADS}
+  maxconn: {maxconn}
+  pipe_size: 1m
+  log: {{ level: warning }}
+services:
+  - name: bench
+    bind: ["127.0.0.1:{front}"]
+    servers:
+      - {{ name: s1, address: 127.0.0.1:{back} }}
+"""
+
+
+class Setup:
+    """One backend port and, for each proxy, a front port relaying to it."""
+
+    def __init__(self, procs, tmp, backend_port, maxconn=10000):
+        self.ports = {"direct": backend_port}
+        self.pids = {}
+        for name in PROXIES:
+            front = free_port()
+            self.ports[name] = front
+            if name == "ballast":
+                path = os.path.join(tmp, f"ballast-{backend_port}.yaml")
+                with open(path, "w") as f:
+                    f.write(ballast_config(front, backend_port, maxconn))
+                p = procs.start([BALLAST, "run", "-c", path], stderr=open(path + ".log", "w"))
+            else:
+                path = os.path.join(tmp, f"{name}-{backend_port}.cfg")
+                with open(path, "w") as f:
+                    f.write(haproxy_config(front, backend_port, name == "haproxy-splice", maxconn))
+                p = procs.start(["haproxy", "-db", "-f", path], stderr=open(path + ".log", "w"))
+            self.pids[name] = p.pid
+        for name in PROXIES:
+            try:
+                wait_port(self.ports[name])
+            except RuntimeError:
+                logs = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".log") and str(backend_port) in f]
+                sys.exit(f"{name} did not start:\n" + "\n".join(open(l).read() for l in logs))
+
+    def cpu(self, name):
+        return cpu_seconds(self.pids[name]) if name in self.pids else 0.0
+
+
+def run_iperf(setup, name, streams):
+    c0 = setup.cpu(name)
+    out = subprocess.run(
+        ["iperf3", "-c", "127.0.0.1", "-p", str(setup.ports[name]), "-t", str(SECONDS), "-P", str(streams), "-J"],
+        capture_output=True, text=True, timeout=SECONDS + 30)
+    cpu = setup.cpu(name) - c0
+    data = json.loads(out.stdout)
+    if "error" in data:
+        raise RuntimeError(f"iperf3 via {name}: {data['error']}")
+    recv = data["end"]["sum_received"]
+    gbit = recv["bits_per_second"] / 1e9
+    gb = recv["bytes"] / 1e9
+    return {"gbit": gbit, "cpu_per_gb": cpu / gb if name in setup.pids and gb > 0 else None}
+
+
+def run_redis(setup, name, test):
+    c0 = setup.cpu(name)
+    out = subprocess.run(
+        ["redis-benchmark", "-p", str(setup.ports[name]), "-c", "50", "-n", str(REDIS_REQUESTS), "-t", test, "--csv"],
+        capture_output=True, text=True, timeout=300)
+    cpu = setup.cpu(name) - c0
+    rows = [l for l in out.stdout.splitlines() if l.startswith('"') and not l.startswith('"test"')]
+    header = [h.strip('"') for h in out.stdout.splitlines()[0].split(",")]
+    vals = [v.strip('"') for v in rows[0].split(",")]
+    row = dict(zip(header, vals))
+    return {
+        "rps": float(row["rps"]), "p50": float(row["p50_latency_ms"]), "p99": float(row["p99_latency_ms"]),
+        "cpu_us": cpu / REDIS_REQUESTS * 1e6 if name in setup.pids else None,
+    }
+
+
+def run_connrate(setup, name):
+    out = subprocess.run([LOADGEN, "connrate", str(setup.ports[name]), str(SECONDS), "2"],
+                         capture_output=True, text=True, timeout=SECONDS + 30)
+    parts = out.stdout.split()
+    return {"cps": int(parts[1]), "failed": int(parts[5])}
+
+
+def run_idle(setup, name, count):
+    before = rss_kib(setup.pids[name])
+    p = subprocess.Popen([LOADGEN, "hold", str(setup.ports[name]), str(count), "4"], stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline().split()
+    time.sleep(1.0)
+    rss = rss_kib(setup.pids[name])
+    p.wait(60)
+    return {"rss_mib": rss / 1024, "base_mib": before / 1024, "held": int(line[1]) if len(line) > 1 else 0}
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, digits=2):
+    if x is None:
+        return "—"
+    if isinstance(x, int) or abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def main():
+    for tool in ["iperf3", "haproxy", "redis-server", "redis-benchmark"]:
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            sys.exit(f"{tool} is missing: run bash scripts/deps.sh")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # Each proxy needs two descriptors per idle connection, under the same hard limit for all;
+    # HAProxy also reserves two per pipe (maxpipes 512) and refuses to start beyond the limit.
+    idle_count = int(os.environ.get("IDLE_CONNECTIONS", min(10000, (hard - 1024 - 400) // 2)))
+    procs = Procs()
+    tmp = tempfile.mkdtemp(prefix="ballast-bench-")
+    results = {}
+    try:
+        iperf_port = free_port()
+        procs.start(["iperf3", "-s", "-p", str(iperf_port), "-B", "127.0.0.1"])
+        wait_port(iperf_port)
+        redis_port = free_port()
+        procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                     "--dir", tmp, "--maxclients", str(idle_count + 100)])
+        wait_port(redis_port)
+        iperf = Setup(procs, tmp, iperf_port, maxconn=1000)
+        # HAProxy refuses to start when 2 x maxconn (+ a few) exceeds the descriptor limit.
+        redis = Setup(procs, tmp, redis_port, maxconn=min(idle_count + 100, (hard - 1024 - 100) // 2))
+
+        def record(key, name, value):
+            results.setdefault(key, {}).setdefault(name, []).append(value)
+
+        for r in range(ROUNDS):
+            print(f"round {r + 1}/{ROUNDS}", file=sys.stderr)
+            for name in CONTENDERS:
+                record("iperf1", name, run_iperf(iperf, name, 1))
+            for name in CONTENDERS:
+                record("iperf4", name, run_iperf(iperf, name, 4))
+            for name in CONTENDERS:
+                record("get", name, run_redis(redis, name, "get"))
+                record("set", name, run_redis(redis, name, "set"))
+            for name in CONTENDERS:
+                record("conn", name, run_connrate(redis, name))
+            for name in PROXIES:
+                record("idle", name, run_idle(redis, name, idle_count))
+    finally:
+        procs.stop_all()
+
+    def m(key, name, field):
+        if name not in results[key]:
+            return None
+        return median([v[field] for v in results[key][name]])
+
+    print(f"Ballast benchmark, {time.strftime('%Y-%m-%d')} — {os.cpu_count()} cores, "
+          f"{subprocess.run(['uname', '-r'], capture_output=True, text=True).stdout.strip()}, "
+          f"{THREADS} proxy thread(s), medians of {ROUNDS} interleaved rounds, {SECONDS}s per run\n")
+    print("| | direct | HAProxy splice forced | HAProxy no splice | Ballast | Ballast ÷ HAProxy splice | Ballast ÷ HAProxy no splice |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+
+    def row(label, key, field, digits=2, higher_better=True):
+        vals = [m(key, n, field) for n in CONTENDERS]
+        b, hs, hn = vals[3], vals[1], vals[2]
+        ratio = lambda a, c: f"{a / c:.2f}×" if a is not None and c else "—"
+        print(f"| {label} | " + " | ".join(fmt(v, digits) for v in vals) + f" | {ratio(b, hs)} | {ratio(b, hn)} |")
+
+    row("iperf3 1 stream, Gbit/s", "iperf1", "gbit")
+    row("iperf3 1 stream, proxy CPU s per GB", "iperf1", "cpu_per_gb", 3)
+    row("iperf3 4 streams, Gbit/s", "iperf4", "gbit")
+    row("iperf3 4 streams, proxy CPU s per GB", "iperf4", "cpu_per_gb", 3)
+    row("redis GET -c 50, requests/s", "get", "rps")
+    row("redis GET p50, ms", "get", "p50", 3)
+    row("redis GET p99, ms", "get", "p99", 3)
+    row("redis SET -c 50, requests/s", "set", "rps")
+    row("redis SET p99, ms", "set", "p99", 3)
+    row("proxy CPU µs per redis GET", "get", "cpu_us", 1)
+    row("new connections/s (connect, PING, close)", "conn", "cps")
+    row(f"RSS MiB with {idle_count:,} idle proxied connections", "idle", "rss_mib", 1)
+    row("RSS MiB at start", "idle", "base_mib", 1)
+    failed = {n: sum(v["failed"] for v in results["conn"][n]) for n in CONTENDERS}
+    held = {n: min(v["held"] for v in results["idle"][n]) for n in PROXIES}
+    print(f"\nconnrate failures per contender: {failed}; idle connections actually held: {held}")
+
+
+if __name__ == "__main__":
+    main()

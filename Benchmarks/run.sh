@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One command: Ballast beside HAProxy (splice forced and without splice) and beside a direct
+# connection, interleaved, on this machine. Prints a markdown table (also saved under
+# Benchmarks/results/). Knobs: ROUNDS (3), SECONDS_PER_RUN (5), THREADS (1), IDLE_CONNECTIONS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/deps.sh
+swift build -c release --product ballast
+(cd Benchmarks && swift build -c release --product loadgen)
+mkdir -p Benchmarks/results
+out="Benchmarks/results/$(date +%Y%m%d-%H%M%S).md"
+python3 Benchmarks/bench.py | tee "$out"
+echo "saved to $out" >&2
