@@ -138,6 +138,7 @@ class Setup:
     def __init__(self, procs, tmp, backend_port, maxconn=10000):
         self.ports = {"direct": backend_port}
         self.pids = {}
+        self.start_rss = {}
         for name in PROXIES:
             front = free_port()
             self.ports[name] = front
@@ -155,6 +156,7 @@ class Setup:
         for name in PROXIES:
             try:
                 wait_port(self.ports[name])
+                self.start_rss[name] = rss_kib(self.pids[name]) / 1024
             except RuntimeError:
                 logs = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".log") and str(backend_port) in f]
                 sys.exit(f"{name} did not start:\n" + "\n".join(open(l).read() for l in logs))
@@ -202,13 +204,12 @@ def run_connrate(setup, name):
 
 
 def run_idle(setup, name, count):
-    before = rss_kib(setup.pids[name])
     p = subprocess.Popen([LOADGEN, "hold", str(setup.ports[name]), str(count), "4"], stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline().split()
     time.sleep(1.0)
     rss = rss_kib(setup.pids[name])
     p.wait(60)
-    return {"rss_mib": rss / 1024, "base_mib": before / 1024, "held": int(line[1]) if len(line) > 1 else 0}
+    return {"rss_mib": rss / 1024, "base_mib": setup.start_rss[name], "held": int(line[1]) if len(line) > 1 else 0}
 
 
 def median(xs):
@@ -296,7 +297,7 @@ def main():
     row("proxy CPU µs per redis GET", "get", "cpu_us", 1)
     row("new connections/s (connect, PING, close)", "conn", "cps")
     row(f"RSS MiB with {idle_count:,} idle proxied connections", "idle", "rss_mib", 1)
-    row("RSS MiB at start", "idle", "base_mib", 1)
+    row("RSS MiB right after start", "idle", "base_mib", 1)
     failed = {n: sum(v["failed"] for v in results["conn"][n]) for n in CONTENDERS}
     held = {n: min(v["held"] for v in results["idle"][n]) for n in PROXIES}
     print(f"\nconnrate failures per contender: {failed}; idle connections actually held: {held}")

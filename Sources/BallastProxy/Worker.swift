@@ -108,6 +108,7 @@ public final class Worker: @unchecked Sendable {
 
     /// Runs the event loop on the calling thread until `.exit`.
     public func run() {
+        ballast_set_thread_name("ballast-w\(id)")
         while running {
             var timeout: Int32 = -1
             if let t = wheel.timeoutMs(now: now) { timeout = t }
@@ -331,7 +332,7 @@ public final class Worker: @unchecked Sendable {
             c.pointee.service = l.service
             c.pointee.acceptedAt = now
             c.pointee.lastClientIO = now
-            c.pointee.retriesLeft = Int32(l.service.config.retries)
+            c.pointee.retriesLeft = l.service.retries
             c.pointee.state = .connecting  // provisional until assign() decides
             Socket.setNoDelay(fd)
             do {
@@ -398,9 +399,9 @@ public final class Worker: @unchecked Sendable {
             return
         }
         if svc.anyUsable {
-            if svc.queueCount >= svc.config.maxqueue { return finish(i, .queueFull) }
+            if svc.queueCount >= svc.maxqueue { return finish(i, .queueFull) }
             c.pointee.state = .queued
-            c.pointee.phaseDeadline = now + svc.config.timeouts.queue.value
+            c.pointee.phaseDeadline = now + svc.queueMs
             enqueue(i, into: svc)
             wheel.arm(i, at: c.pointee.phaseDeadline, in: table)
         } else {
@@ -437,7 +438,7 @@ public final class Worker: @unchecked Sendable {
         } catch {
             return connectFailed(i, error.errno)
         }
-        c.pointee.phaseDeadline = now + c.pointee.service!.config.timeouts.connect.value
+        c.pointee.phaseDeadline = now + c.pointee.service!.connectMs
         wheel.arm(i, at: c.pointee.phaseDeadline, in: table)
     }
 
@@ -529,8 +530,8 @@ public final class Worker: @unchecked Sendable {
 
     private func armIdle(_ i: Int32) {
         let c = table[i]
-        let t = c.pointee.service!.config.timeouts
-        let due = min(c.pointee.lastClientIO + t.client.value, c.pointee.lastServerIO + t.server.value)
+        let svc = c.pointee.service!
+        let due = min(c.pointee.lastClientIO + svc.clientMs, c.pointee.lastServerIO + svc.serverMs)
         wheel.arm(i, at: due, in: table)
     }
 
@@ -549,10 +550,10 @@ public final class Worker: @unchecked Sendable {
             }
         case .established:
             // Activity only updates timestamps; the deadline is checked here, when the timer fires.
-            let t = c.pointee.service!.config.timeouts
-            if c.pointee.lastClientIO + t.client.value <= now {
+            let svc = c.pointee.service!
+            if c.pointee.lastClientIO + svc.clientMs <= now {
                 finish(i, .clientTimeout)
-            } else if c.pointee.lastServerIO + t.server.value <= now {
+            } else if c.pointee.lastServerIO + svc.serverMs <= now {
                 finish(i, .serverTimeout)
             } else {
                 armIdle(i)

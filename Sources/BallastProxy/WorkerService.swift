@@ -11,9 +11,26 @@ public final class WorkerService {
     /// Set on reload when the service left the config: its queued connections are closed.
     var retired = false
 
+    // Copied out of the config once, so the hot path reads plain fields instead of the config struct.
+    let connectMs: Int64
+    let clientMs: Int64
+    let serverMs: Int64
+    let queueMs: Int64
+    let retries: Int32
+    let maxqueue: Int
+    private let backup: [Bool]
+
     init(service: Service) {
         self.service = service
-        scheduler = makeScheduler(service.config.balance, weights: service.config.servers.map(\.weight))
+        let c = service.config
+        scheduler = makeScheduler(c.balance, weights: c.servers.map(\.weight))
+        connectMs = c.timeouts.connect.value
+        clientMs = c.timeouts.client.value
+        serverMs = c.timeouts.server.value
+        queueMs = c.timeouts.queue.value
+        retries = Int32(c.retries)
+        maxqueue = c.maxqueue
+        backup = c.servers.map(\.backup)
     }
 
     var name: String { service.name }
@@ -47,7 +64,7 @@ public final class WorkerService {
     }
 
     @inline(__always)
-    private func isBackup(_ i: Int) -> Bool { service.config.servers[i].backup }
+    private func isBackup(_ i: Int) -> Bool { backup[i] }
 
     /// True when some server could take connections but all are at maxconn: worth queueing.
     var anyUsable: Bool {

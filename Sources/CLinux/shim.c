@@ -10,6 +10,7 @@
 #include <sys/signalfd.h>
 #include <signal.h>
 #include <pthread.h>
+#include <sys/prctl.h>
 
 const uint32_t BALLAST_EPOLLIN = EPOLLIN;
 const uint32_t BALLAST_EPOLLOUT = EPOLLOUT;
@@ -94,3 +95,5 @@ int ballast_socket_nonblock(int domain, int type, int protocol) {
 uint16_t ballast_htons(uint16_t v) { return htons(v); }
 uint16_t ballast_ntohs(uint16_t v) { return ntohs(v); }
 int ballast_errno_eagain(void) { return EAGAIN; }
+
+void ballast_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }

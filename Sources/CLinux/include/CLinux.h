@@ -52,4 +52,7 @@ uint16_t ballast_ntohs(uint16_t v);
 
 int ballast_errno_eagain(void);
 
+// Names the calling thread (visible in top -H, ps -L, /proc/PID/task/TID/comm).
+void ballast_set_thread_name(const char *name);
+
 #endif

@@ -79,7 +79,7 @@ final class BallastProcess: @unchecked Sendable {
 
     /// Starts Ballast with `config` (YAML) and waits for its "started" line.
     /// `prefix` runs it under another command (for example `prlimit --nofile=…`).
-    init(config: String, prefix: [String] = [], waitReady: Bool = true) throws {
+    init(config: String, prefix: [String] = [], environment: [String: String] = [:], waitReady: Bool = true) throws {
         dir = TempDir()
         configPath = dir.write("ballast.yaml", config)
         if let first = prefix.first {
@@ -88,6 +88,9 @@ final class BallastProcess: @unchecked Sendable {
         } else {
             process.executableURL = URL(fileURLWithPath: Repo.ballast)
             process.arguments = ["run", "-c", configPath]
+        }
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         }
         let err = Pipe()
         process.standardError = err
