@@ -50,6 +50,7 @@ public enum Defaults {
     public static let backlog = 4096
     public static let mode = ServiceMode.proxy
     public static let balance = Balance.roundrobin
+    public static let hashTableSize = MaglevTable.defaultSize
 }
 
 /// Milliseconds. Durations in the config take `ms`, `s`, `m`, `h` (`d` too); a bare number is
@@ -117,6 +118,10 @@ public struct ServerConfig: Sendable, Equatable {
     public var weight = Defaults.weight
     public var maxconn = Defaults.serverMaxconn
     public var backup = false
+    /// Slow start ramp after the server comes back (0: none).
+    public var slowstart = Millis(0)
+    /// Administrative state at start (`ready`, `drain`: no new connections, `maint`: out of service).
+    public var state = AdminState.ready
     public var location: SourceLocation
 
     public init(name: String, address: SocketAddress, location: SourceLocation) {
@@ -134,6 +139,10 @@ public struct ServiceConfig: Sendable, Equatable {
     public var timeouts: Timeouts
     public var retries: Int
     public var maxqueue = Defaults.maxqueue
+    public var hashKey = HashKey.source
+    public var hashTableSize = MaglevTable.defaultSize
+    /// With no active server usable: spread over all backups (true) or use the first (false).
+    public var allbackups = false
     public var servers: [ServerConfig] = []
     public var location: SourceLocation
 

@@ -9,8 +9,11 @@ public enum ConfigLoader {
     public static let logKeys = ["level", "format", "connections"]
     public static let defaultsKeys = ["timeout", "retries"]
     public static let timeoutKeys = ["connect", "client", "server", "queue"]
-    public static let serviceKeys = ["name", "mode", "bind", "balance", "timeout", "retries", "maxqueue", "servers"]
-    public static let serverKeys = ["name", "address", "weight", "maxconn", "backup"]
+    public static let serviceKeys = [
+        "name", "mode", "bind", "balance", "hash_key", "hash_table_size", "allbackups", "slowstart", "timeout",
+        "retries", "maxqueue", "servers",
+    ]
+    public static let serverKeys = ["name", "address", "weight", "maxconn", "backup", "slowstart", "state"]
     /// Keys from DESIGN.md that a later release implements: named so the error says so instead of "unknown".
     static let plannedKeys: [String: String] = [
         "stats": "the runtime API (stats socket) is not implemented in this version",
@@ -255,6 +258,25 @@ public enum ConfigLoader {
                 }
             }
             if let e = m["balance"] { svc.balance = try parseBalance(e.value, what) }
+            if let e = m["hash_key"] {
+                guard svc.balance == .source else {
+                    throw fail(e.key, "\(what): hash_key applies only to balance: source (balance is \(svc.balance.rawValue))")
+                }
+                svc.hashKey = try enumValue(e.value, "\(what): hash_key", HashKey.self)
+            }
+            if let e = m["hash_table_size"] {
+                guard svc.balance == .source else {
+                    throw fail(e.key, "\(what): hash_table_size applies only to balance: source (balance is \(svc.balance.rawValue))")
+                }
+                let n = try integer(e.value, "\(what): hash_table_size", min: 2, max: 10_000_000)
+                guard MaglevTable.isPrime(n) else {
+                    throw fail(e.value, "\(what): hash_table_size \(n) is not prime (Maglev needs a prime table size; the next prime is \(ConfigLoader.nextPrime(n)))")
+                }
+                svc.hashTableSize = n
+            }
+            if let e = m["allbackups"] { svc.allbackups = try bool(e.value, "\(what): allbackups") }
+            var serviceSlowstart = Millis(0)
+            if let e = m["slowstart"] { serviceSlowstart = try duration(e.value, "\(what): slowstart") }
             if let e = m["timeout"] { svc.timeouts = try parseTimeouts(e.value, "\(what) timeout", base: svc.timeouts) }
             if let e = m["retries"] { svc.retries = try integer(e.value, "\(what): retries", min: 0, max: 100) }
             if let e = m["maxqueue"] { svc.maxqueue = try integer(e.value, "\(what): maxqueue", min: 0, max: 10_000_000) }
@@ -282,26 +304,28 @@ public enum ConfigLoader {
                 throw fail(serversEntry.value, "\(what): 'servers' must be a non-empty list of servers")
             }
             for (i, sn) in seq.enumerated() {
-                let server = try parseServer(sn, index: i, service: what)
+                let server = try parseServer(sn, index: i, service: what, slowstart: serviceSlowstart)
                 if let prev = svc.servers.first(where: { $0.name == server.name }) {
                     throw ConfigError(
                         server.location, "\(what): duplicate server name '\(server.name)' (first defined at \(prev.location))")
                 }
                 svc.servers.append(server)
             }
+            if svc.balance == .source, let e = m["hash_table_size"] ?? m["balance"],
+                svc.hashTableSize < 10 * svc.servers.count
+            {
+                throw fail(
+                    e.value,
+                    "\(what): hash_table_size \(svc.hashTableSize) is too small for \(svc.servers.count) servers (Maglev needs at least 10 slots per server; try \(ConfigLoader.nextPrime(100 * svc.servers.count)))")
+            }
             return svc
         }
 
         func parseBalance(_ node: Node, _ what: String) throws(ConfigError) -> Balance {
-            let s = try scalar(node, "\(what): balance")
-            if let b = Balance(rawValue: s) { return b }
-            if Balance.planned.contains(s) {
-                throw fail(node, "\(what): balance '\(s)' is not implemented in this version; use roundrobin")
-            }
-            throw fail(node, "\(what): unknown balance '\(s)'; expected one of: \(Balance.allCases.map(\.rawValue).joined(separator: ", "))")
+            try enumValue(node, "\(what): balance", Balance.self)
         }
 
-        func parseServer(_ node: Node, index: Int, service: String) throws(ConfigError) -> ServerConfig {
+        func parseServer(_ node: Node, index: Int, service: String, slowstart: Millis) throws(ConfigError) -> ServerConfig {
             let m = try mapping(node, "\(service) servers[\(index)]", allowed: ConfigLoader.serverKeys)
             guard let n = m["name"] else { throw fail(node, "\(service) servers[\(index)]: missing required key 'name'") }
             let name = try string(n.value, "server name")
@@ -318,6 +342,17 @@ public enum ConfigLoader {
             if let e = m["weight"] { s.weight = try integer(e.value, "\(what): weight", min: 0, max: Defaults.maxWeight) }
             if let e = m["maxconn"] { s.maxconn = try integer(e.value, "\(what): maxconn", min: 0, max: 10_000_000) }
             if let e = m["backup"] { s.backup = try bool(e.value, "\(what): backup") }
+            s.slowstart = slowstart
+            if let e = m["slowstart"] { s.slowstart = try duration(e.value, "\(what): slowstart") }
+            if let e = m["state"] {
+                let v = try scalar(e.value, "\(what): state")
+                switch v {
+                case "ready": s.state = .ready
+                case "drain": s.state = .drain
+                case "maint": s.state = .maint
+                default: throw fail(e.value, "\(what): state: unknown value '\(v)'; expected one of: ready, drain, maint")
+                }
+            }
             return s
         }
     }
@@ -339,6 +374,12 @@ public enum ConfigLoader {
         }
         let (r, overflow) = n.multipliedReportingOverflow(by: factor)
         return overflow ? nil : Millis(r)
+    }
+
+    public static func nextPrime(_ n: Int) -> Int {
+        var p = max(2, n)
+        while !MaglevTable.isPrime(p) { p += 1 }
+        return p
     }
 
     /// `65536`, `64k`, `1m` (binary units).

@@ -1,54 +1,112 @@
-/// How a service picks a server for a new connection.
-public enum Balance: String, Sendable, CaseIterable {
-    case roundrobin
+import Synchronization
 
-    /// Policies from DESIGN.md that a later release adds (leastconn, source/Maglev, random, first).
-    public static let planned: Set<String> = ["leastconn", "source", "random", "first"]
+/// How a service picks a server for a new connection (`balance:`).
+public enum Balance: String, Sendable, CaseIterable {
+    /// Smooth weighted round robin (nginx).
+    case roundrobin
+    /// Fewest active connections relative to weight (Ci/Wi), round robin among ties.
+    case leastconn
+    /// Maglev consistent hash of the client address (`hash_key: source-port` adds the port).
+    case source
+    /// Power of two choices: two servers drawn by weight, the less loaded one wins.
+    case random
+    /// The first server in config order below its maxconn.
+    case first
+}
+
+public enum HashKey: String, Sendable, CaseIterable {
+    case source
+    case sourcePort = "source-port"
+}
+
+/// What a scheduler may ask about server `i` while picking: plain data and references, so a
+/// pick allocates nothing.
+public struct PickView {
+    public let servers: [Server]
+    /// Per server: in the backup tier.
+    public let backup: [Bool]
+    /// The tier being picked (false: active servers, true: backups).
+    public let tier: Bool
+    /// A server to skip (redispatch after a failed connect), or -1.
+    public let exclude: Int
+    public let now: Int64
+    /// Static policies (source) ignore slow start, as HAProxy's static algorithms do.
+    public let staticWeights: Bool
+    /// The client's source hash (only `source` reads it).
+    public let hash: UInt32
+
+    public init(servers: [Server], backup: [Bool], tier: Bool, exclude: Int, now: Int64, staticWeights: Bool, hash: UInt32) {
+        self.servers = servers
+        self.backup = backup
+        self.tier = tier
+        self.exclude = exclude
+        self.now = now
+        self.staticWeights = staticWeights
+        self.hash = hash
+    }
+
+    /// In the tier, usable (up, ready, weight > 0), below maxconn, not excluded.
+    @inline(__always)
+    public func eligible(_ i: Int) -> Bool {
+        i != exclude && backup[i] == tier && servers[i].usable && servers[i].hasRoom
+    }
+
+    /// Current weight; 0 for servers outside the tier or not usable.
+    @inline(__always)
+    public func weight(_ i: Int) -> Int {
+        guard backup[i] == tier, servers[i].usable else { return 0 }
+        return staticWeights ? servers[i].weight : servers[i].effectiveWeight(now: now)
+    }
+
+    /// Active connections on all workers.
+    @inline(__always)
+    public func load(_ i: Int) -> Int { servers[i].active.load(ordering: .relaxed) }
 }
 
 /// A per-worker scheduling policy. Each worker owns one instance per service, so picking takes no
-/// lock; the shared facts (state, active connections) are read through `isEligible`.
+/// lock; shared facts (state, weights, connection counts) are read through the `PickView`.
 ///
-/// The seam for new policies: implement `pick`, add a case to `Balance` and to `makeScheduler`.
+/// The seam for a new policy: a `Balance` case, a class here, a line in `makeScheduler`.
 public protocol Scheduler: AnyObject {
-    /// Picks among `servers` (indices into the service's server list) for which `isEligible` holds.
-    /// Returns nil when none is eligible. Must not allocate.
-    func pick(_ isEligible: (Int) -> Bool) -> Int?
+    /// Returns an eligible server index, or nil when none is eligible.
+    func pick(_ view: PickView) -> Int?
 }
 
-public func makeScheduler(_ balance: Balance, weights: [Int]) -> Scheduler {
+/// Process-wide counter bumped whenever a server's state or weight changes; schedulers that
+/// precompute (Maglev) rebuild when it moves.
+public enum ServerStateClock {
+    public static let version = Atomic<UInt64>(1)
+    public static func bump() { version.wrappingAdd(1, ordering: .releasing) }
+}
+
+public func makeScheduler(_ balance: Balance, servers: [ServerConfig], tableSize: Int, seed: UInt64) -> Scheduler {
     switch balance {
-    case .roundrobin: return SmoothWeightedRoundRobin(weights: weights)
+    case .roundrobin: return SmoothWeightedRoundRobin(count: servers.count)
+    case .leastconn: return LeastConnections(count: servers.count)
+    case .source: return MaglevScheduler(names: servers.map(\.name), tableSize: tableSize)
+    case .random: return PowerOfTwoChoices(count: servers.count, seed: seed)
+    case .first: return FirstAvailable(count: servers.count)
     }
 }
 
 /// nginx's smooth weighted round robin: every pick adds each eligible server's weight to its
 /// running score, takes the highest score and subtracts the total. Weights 5,1,1 give
 /// a a b a c a a — spread out, never a burst of one server — and over any window of
-/// sum(weights) picks each server gets exactly its weight.
+/// sum(weights) picks each server gets exactly its weight. A weight change takes effect at the
+/// next pick without resetting the other scores, so it shifts the share without a burst.
 public final class SmoothWeightedRoundRobin: Scheduler {
-    private var weights: [Int]
     private var current: [Int]
 
-    public init(weights: [Int]) {
-        self.weights = weights
-        self.current = [Int](repeating: 0, count: weights.count)
-    }
+    public init(count: Int) { current = [Int](repeating: 0, count: count) }
 
-    /// Changes one server's weight without resetting the others' scores, so a runtime change
-    /// shifts the share gradually instead of sending a burst to one server.
-    public func setWeight(_ index: Int, _ weight: Int) {
-        weights[index] = weight
-        if weight == 0 { current[index] = 0 }
-    }
-
-    public func pick(_ isEligible: (Int) -> Bool) -> Int? {
+    public func pick(_ view: PickView) -> Int? {
         var total = 0
         var best = -1
         var bestScore = Int.min
-        for i in 0..<weights.count {
-            let w = weights[i]
-            if w == 0 || !isEligible(i) { continue }
+        for i in 0..<current.count {
+            guard view.eligible(i) else { continue }
+            let w = view.weight(i)
+            if w <= 0 { continue }
             current[i] &+= w
             total &+= w
             if current[i] > bestScore {
@@ -59,5 +117,142 @@ public final class SmoothWeightedRoundRobin: Scheduler {
         guard best >= 0 else { return nil }
         current[best] &-= total
         return best
+    }
+}
+
+/// Fewest active connections relative to weight: minimise Ci/Wi, compared as Ci·Wj < Cj·Wi so
+/// no division; the scan starts one further each time, so ties rotate (round robin among equals).
+public final class LeastConnections: Scheduler {
+    private let count: Int
+    private var start = 0
+
+    public init(count: Int) { self.count = count }
+
+    public func pick(_ view: PickView) -> Int? {
+        var best = -1
+        var bestLoad = 0
+        var bestWeight = 1
+        for k in 0..<count {
+            let i = (start + k) % count
+            guard view.eligible(i) else { continue }
+            let w = view.weight(i)
+            if w <= 0 { continue }
+            let l = view.load(i)
+            if best < 0 || l * bestWeight < bestLoad * w {
+                best = i
+                bestLoad = l
+                bestWeight = w
+            }
+        }
+        guard best >= 0 else { return nil }
+        start = (best + 1) % count
+        return best
+    }
+}
+
+/// Power of two choices (HAProxy `random(2)`, nginx `random two least_conn`): two draws by weight
+/// among eligible servers, the one with fewer connections relative to weight wins.
+public final class PowerOfTwoChoices: Scheduler {
+    private let count: Int
+    private var state: UInt64
+
+    public init(count: Int, seed: UInt64) {
+        self.count = count
+        state = seed == 0 ? 0x9E37_79B9_7F4A_7C15 : seed
+    }
+
+    @inline(__always)
+    private func next() -> UInt64 {
+        // xorshift64*
+        state ^= state >> 12
+        state ^= state << 25
+        state ^= state >> 27
+        return state &* 0x2545_F491_4F6C_DD1D
+    }
+
+    private func draw(_ view: PickView, total: Int) -> Int {
+        var r = Int(next() % UInt64(total))
+        for i in 0..<count {
+            guard view.eligible(i) else { continue }
+            let w = view.weight(i)
+            if w <= 0 { continue }
+            if r < w { return i }
+            r -= w
+        }
+        return -1
+    }
+
+    public func pick(_ view: PickView) -> Int? {
+        var total = 0
+        for i in 0..<count where view.eligible(i) {
+            let w = view.weight(i)
+            if w > 0 { total += w }
+        }
+        guard total > 0 else { return nil }
+        let a = draw(view, total: total)
+        let b = draw(view, total: total)
+        if a == b { return a }
+        let la = view.load(a), lb = view.load(b)
+        let wa = view.weight(a), wb = view.weight(b)
+        return la * wb <= lb * wa ? a : b
+    }
+}
+
+/// The first eligible server in config order: fills servers one after another (consolidation).
+public final class FirstAvailable: Scheduler {
+    private let count: Int
+
+    public init(count: Int) { self.count = count }
+
+    public func pick(_ view: PickView) -> Int? {
+        for i in 0..<count where view.eligible(i) && view.weight(i) > 0 { return i }
+        return nil
+    }
+}
+
+/// Maglev lookup over the servers that are usable now. The table is rebuilt (off the per-
+/// connection path) when a server's state or weight changes; a server that is merely full at
+/// the moment is skipped by probing the following slots.
+public final class MaglevScheduler: Scheduler {
+    private let names: [String]
+    private let tableSize: Int
+    /// One table per tier (active servers, backups), each with the state version and the
+    /// weights it was built from.
+    private var tables: [MaglevTable?] = [nil, nil]
+    private var builtVersion: [UInt64] = [0, 0]
+    private var builtWeights: [[Int]]
+
+    public init(names: [String], tableSize: Int) {
+        self.names = names
+        self.tableSize = tableSize
+        builtWeights = [[], []]
+    }
+
+    public func pick(_ view: PickView) -> Int? {
+        let t = view.tier ? 1 : 0
+        let version = ServerStateClock.version.load(ordering: .acquiring)
+        if tables[t] == nil || version != builtVersion[t] { rebuild(view, t, version) }
+        guard let table = tables[t] else { return nil }
+        var slot = Int(JHash.scale(view.hash, UInt32(tableSize)))
+        // Probe forward past servers that cannot take this connection right now (full, excluded).
+        for _ in 0..<min(tableSize, 64) {
+            let s = table.entries[slot]
+            if s < 0 { return nil }
+            if view.eligible(Int(s)) { return Int(s) }
+            slot = slot + 1 == tableSize ? 0 : slot + 1
+        }
+        for i in 0..<names.count where view.eligible(i) { return i }
+        return nil
+    }
+
+    /// Rebuilds from the servers usable now, with their configured weights. Runs only after a
+    /// state or weight change, never per connection.
+    private func rebuild(_ view: PickView, _ t: Int, _ version: UInt64) {
+        var weights = [Int](repeating: 0, count: names.count)
+        for i in 0..<names.count { weights[i] = view.weight(i) }
+        builtVersion[t] = version
+        if tables[t] != nil && weights == builtWeights[t] { return }
+        builtWeights[t] = weights
+        tables[t] = MaglevTable(names: names, weights: weights, size: tableSize)
     }
 }

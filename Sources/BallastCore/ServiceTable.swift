@@ -1,7 +1,7 @@
 import Synchronization
 
 /// Administrative state of a server (set by an operator; health comes with checks).
-public enum AdminState: UInt8, Sendable {
+public enum AdminState: UInt8, Sendable, CaseIterable {
     case ready = 0
     case drain = 1
     case maint = 2
@@ -22,13 +22,51 @@ public final class Server: Sendable {
     public let admin = Atomic<UInt8>(AdminState.ready.rawValue)
     /// Health: true until a check says otherwise (no checks: always up).
     public let up = Atomic<Bool>(true)
+    /// Slow start: after the server becomes usable again its weight ramps up over this long.
+    public let slowstartMs: Atomic<Int64>
+    /// Monotonic ms when the server last became usable; 0 when it has not come back since start.
+    public let upSince = Atomic<Int64>(0)
 
     public init(config: ServerConfig) {
         name = config.name
         address = config.address
         weightValue = Atomic(config.weight)
         maxconnValue = Atomic(config.maxconn)
+        slowstartMs = Atomic(config.slowstart.value)
+        admin.store(config.state.rawValue, ordering: .relaxed)
     }
+
+    /// The weight schedulers use now: the configured weight, ramped up linearly (at least 1)
+    /// during slow start after the server came back. Static policies (source) use `weight`.
+    @inline(__always)
+    public func effectiveWeight(now: Int64) -> Int {
+        let w = weight
+        let ramp = slowstartMs.load(ordering: .relaxed)
+        guard ramp > 0, w > 0 else { return w }
+        let since = upSince.load(ordering: .relaxed)
+        guard since > 0 else { return w }
+        let elapsed = max(0, now - since)
+        if elapsed >= ramp { return w }
+        return max(1, Int((Int64(w) * elapsed + ramp - 1) / ramp))
+    }
+
+    /// Changes the administrative state; a server that becomes usable starts its slow start.
+    public func setAdmin(_ state: AdminState, now: Int64) {
+        let was = usable
+        admin.store(state.rawValue, ordering: .relaxed)
+        if !was && usable { upSince.store(max(now, 1), ordering: .relaxed) }
+        ServerStateClock.bump()
+    }
+
+    /// Changes the weight (0...256); a server that becomes usable starts its slow start.
+    public func setWeight(_ weight: Int, now: Int64) {
+        let was = usable
+        weightValue.store(weight, ordering: .relaxed)
+        if !was && usable { upSince.store(max(now, 1), ordering: .relaxed) }
+        ServerStateClock.bump()
+    }
+
+    public var adminState: AdminState { AdminState(rawValue: admin.load(ordering: .relaxed)) ?? .ready }
 
     public var weight: Int { weightValue.load(ordering: .relaxed) }
     public var maxconn: Int { maxconnValue.load(ordering: .relaxed) }
@@ -98,25 +136,32 @@ public final class ServiceTable: Sendable {
 
     /// Builds a table from a config, reusing `Server` objects of `previous` whose service, name
     /// and address are unchanged (so live connection counts carry over).
-    public static func build(config: Config, generation: UInt64, previous: ServiceTable?) -> ServiceTable {
-        var old: [String: Server] = [:]
+    /// Builds a table from a config, reusing the `Server` objects of `previous` whose service,
+    /// name and address are unchanged (so live connection counts carry over). Weight, maxconn and
+    /// slow start follow the new config; `state` is applied when the config changed it, so a state
+    /// set at run time survives a reload that does not mention it.
+    public static func build(config: Config, generation: UInt64, previous: ServiceTable?, now: Int64) -> ServiceTable {
+        var old: [String: (Server, ServerConfig)] = [:]
         if let previous {
             for svc in previous.services {
-                for s in svc.servers { old["\(svc.name)/\(s.name)"] = s }
+                for (k, s) in svc.servers.enumerated() { old["\(svc.name)/\(s.name)"] = (s, svc.config.servers[k]) }
             }
         }
         let services = config.services.map { sc in
             Service(
                 config: sc,
                 servers: sc.servers.map { c in
-                    if let o = old["\(sc.name)/\(c.name)"], o.address == c.address {
-                        o.weightValue.store(c.weight, ordering: .relaxed)
-                        o.maxconnValue.store(c.maxconn, ordering: .relaxed)
-                        return o
+                    guard let (o, oc) = old["\(sc.name)/\(c.name)"], o.address == c.address else {
+                        return Server(config: c)
                     }
-                    return Server(config: c)
+                    o.maxconnValue.store(c.maxconn, ordering: .relaxed)
+                    o.slowstartMs.store(c.slowstart.value, ordering: .relaxed)
+                    if o.weight != c.weight { o.setWeight(c.weight, now: now) }
+                    if oc.state != c.state { o.setAdmin(c.state, now: now) }
+                    return o
                 })
         }
+        ServerStateClock.bump()
         return ServiceTable(generation: generation, config: config, services: services)
     }
 }

@@ -223,7 +223,7 @@ public final class Worker: @unchecked Sendable {
             if let old = services[svc.name], old.service === svc {
                 next[svc.name] = old
             } else {
-                next[svc.name] = WorkerService(service: svc)
+                next[svc.name] = WorkerService(service: svc, seed: UInt64(id + 1))
             }
         }
         // Queued connections follow their service to its new version, in order; a removed
@@ -386,10 +386,11 @@ public final class Worker: @unchecked Sendable {
     private func assign(_ i: Int32, exclude: Int32) {
         let c = table[i]
         guard let svc = c.pointee.service else { return finish(i, .noServer) }
+        let hash = svc.balance == .source ? clientHash(c, svc) : 0
         var attempts = svc.service.servers.count + 1
         while attempts > 0 {
             attempts -= 1
-            guard let s = svc.pick(exclude: exclude) else { break }
+            guard let s = svc.pick(exclude: exclude, hash: hash, now: now) else { break }
             let server = svc.service.servers[Int(s)]
             // Another worker may have taken the last slot since the pick: pick again.
             guard server.tryAcquire() else { continue }
@@ -407,6 +408,11 @@ public final class Worker: @unchecked Sendable {
         } else {
             finish(i, c.pointee.serverIndex >= 0 ? .connectFailed : .noServer)
         }
+    }
+
+    @inline(__always)
+    private func clientHash(_ c: UnsafeMutablePointer<Conn>, _ svc: WorkerService) -> UInt32 {
+        withUnsafePointer(to: &c.pointee.clientAddr) { SourceHash.hash($0, withPort: svc.hashWithPort) }
     }
 
     private func startConnect(_ i: Int32) {
@@ -509,7 +515,8 @@ public final class Worker: @unchecked Sendable {
     private func serveQueue(_ svc: WorkerService) {
         while svc.queueHead >= 0 {
             let i = svc.queueHead
-            guard let s = svc.pick(exclude: -1) else { return }
+            let hash = svc.balance == .source ? clientHash(table[i], svc) : 0
+            guard let s = svc.pick(exclude: -1, hash: hash, now: now) else { return }
             let server = svc.service.servers[Int(s)]
             guard server.tryAcquire() else { return }
             dequeue(i, from: svc)

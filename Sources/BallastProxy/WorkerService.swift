@@ -20,10 +20,14 @@ public final class WorkerService {
     let maxqueue: Int
     private let backup: [Bool]
 
-    init(service: Service) {
+    let balance: Balance
+    let hashWithPort: Bool
+    let allbackups: Bool
+
+    init(service: Service, seed: UInt64) {
         self.service = service
         let c = service.config
-        scheduler = makeScheduler(c.balance, weights: c.servers.map(\.weight))
+        scheduler = makeScheduler(c.balance, servers: c.servers, tableSize: c.hashTableSize, seed: seed)
         connectMs = c.timeouts.connect.value
         clientMs = c.timeouts.client.value
         serverMs = c.timeouts.server.value
@@ -31,40 +35,47 @@ public final class WorkerService {
         retries = Int32(c.retries)
         maxqueue = c.maxqueue
         backup = c.servers.map(\.backup)
+        balance = c.balance
+        hashWithPort = c.hashKey == .sourcePort
+        allbackups = c.allbackups
     }
 
     var name: String { service.name }
     var config: ServiceConfig { service.config }
 
     /// Picks a usable server with room, skipping `exclude` when another one qualifies
-    /// (redispatch after a failed connect). Backups are used only when no active server is usable.
-    func pick(exclude: Int32) -> Int32? {
-        let servers = service.servers
+    /// (redispatch after a failed connect). Backups are used only when no active server is
+    /// usable: the first one in config order, or all of them through the policy with `allbackups`.
+    func pick(exclude: Int32, hash: UInt32, now: Int64) -> Int32? {
         let ex = Int(exclude)
         // Redispatch order: another active server, then a backup, and only then the one that failed.
-        if let i = scheduler.pick({ i in i != ex && !isBackup(i) && servers[i].usable && servers[i].hasRoom }) {
-            return Int32(i)
-        }
-        if !hasUsableActive(except: ex) {
-            // No other active server: the first usable backup in config order (HAProxy's default).
-            for i in service.backupIndices where i != ex && servers[i].usable && servers[i].hasRoom { return Int32(i) }
-        }
-        if ex >= 0, let i = scheduler.pick({ i in !isBackup(i) && servers[i].usable && servers[i].hasRoom }) {
-            return Int32(i)
-        }
-        if ex >= 0 && !hasUsableActive(except: -1) {
-            for i in service.backupIndices where servers[i].usable && servers[i].hasRoom { return Int32(i) }
+        if let i = pickTier(backup: false, exclude: ex, hash: hash, now: now) { return Int32(i) }
+        if !hasUsableActive(except: ex), let i = pickBackup(exclude: ex, hash: hash, now: now) { return Int32(i) }
+        if ex >= 0 {
+            if let i = pickTier(backup: false, exclude: -1, hash: hash, now: now) { return Int32(i) }
+            if !hasUsableActive(except: -1), let i = pickBackup(exclude: -1, hash: hash, now: now) { return Int32(i) }
         }
         return nil
+    }
+
+    private func pickBackup(exclude ex: Int, hash: UInt32, now: Int64) -> Int? {
+        if allbackups { return pickTier(backup: true, exclude: ex, hash: hash, now: now) }
+        let servers = service.servers
+        for i in service.backupIndices where i != ex && servers[i].usable && servers[i].hasRoom { return i }
+        return nil
+    }
+
+    private func pickTier(backup tier: Bool, exclude ex: Int, hash: UInt32, now: Int64) -> Int? {
+        scheduler.pick(
+            PickView(
+                servers: service.servers, backup: backup, tier: tier, exclude: ex, now: now,
+                staticWeights: balance == .source, hash: hash))
     }
 
     private func hasUsableActive(except ex: Int) -> Bool {
         for i in service.activeIndices where i != ex && service.servers[i].usable { return true }
         return false
     }
-
-    @inline(__always)
-    private func isBackup(_ i: Int) -> Bool { backup[i] }
 
     /// True when some server could take connections but all are at maxconn: worth queueing.
     var anyUsable: Bool {

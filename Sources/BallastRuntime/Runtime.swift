@@ -90,7 +90,7 @@ public final class Runtime {
     public init(configPath: String, config: Config) {
         self.configPath = configPath
         self.config = config
-        self.table = ServiceTable.build(config: config, generation: 1, previous: nil)
+        self.table = ServiceTable.build(config: config, generation: 1, previous: nil, now: monotonicMillis())
         self.shared = ProxyShared(maxconn: config.global.maxconn)
         self.startMaxconn = config.global.maxconn
         self.logger = Logger(label: "ballast")
@@ -227,7 +227,7 @@ public final class Runtime {
         let removed = listeners.filter { kept[$0.key] == nil }.map(\.value)
         config = next
         generation += 1
-        table = ServiceTable.build(config: next, generation: generation, previous: table)
+        table = ServiceTable.build(config: next, generation: generation, previous: table, now: monotonicMillis())
         listeners = kept.merging(opened) { a, _ in a }
         shared.maxconn.store(min(next.global.maxconn, startMaxconn), ordering: .relaxed)
         LogState.set(next.global.log)

@@ -14,7 +14,7 @@ struct Ballast: ParsableCommand {
         commandName: "ballast",
         abstract: "A Layer-4 TCP load balancer for Linux.",
         version: "ballast \(BallastVersion.string)",
-        subcommands: [Run.self, Check.self]
+        subcommands: [Run.self, Check.self, Debug.self]
     )
 }
 
@@ -58,6 +58,36 @@ struct Check: ParsableCommand {
         } catch {
             writeStderr("ballast: \(error)")
             throw ExitCode(1)
+        }
+    }
+}
+
+struct Debug: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Inspect Ballast's deterministic internals.", shouldDisplay: false, subcommands: [Maglev.self])
+
+    struct Maglev: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Build the Maglev table `balance: source` uses for these servers and print its digest and slot counts.")
+
+        @Option(help: "Table size (prime).") var size = MaglevTable.defaultSize
+        @Argument(help: "Servers as NAME:WEIGHT, in config order.") var servers: [String]
+
+        func validate() throws {
+            guard MaglevTable.isPrime(size) else { throw ValidationError("--size must be prime") }
+            for s in servers where s.split(separator: ":").count != 2 || Int(s.split(separator: ":")[1]) == nil {
+                throw ValidationError("'\(s)' is not NAME:WEIGHT")
+            }
+        }
+
+        func run() {
+            let names = servers.map { String($0.split(separator: ":")[0]) }
+            let weights = servers.map { Int($0.split(separator: ":")[1])! }
+            let table = MaglevTable(names: names, weights: weights, size: size)
+            print("size \(size) digest \(String(table.digest, radix: 16))")
+            var counts = [Int](repeating: 0, count: names.count)
+            for e in table.entries where e >= 0 { counts[Int(e)] += 1 }
+            for (n, c) in zip(names, counts) { print("\(n) \(c)") }
         }
     }
 }

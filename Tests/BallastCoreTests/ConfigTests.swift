@@ -113,11 +113,11 @@ struct ConfigTests {
         ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers:\n      - { name: s, adress: 10.0.0.1:1 }\n",
-            "bad.yaml:5:20: unknown key 'adress' in service 'a' servers[0] (did you mean 'address'?); expected one of: name, address, weight, maxconn, backup"
+            "bad.yaml:5:20: unknown key 'adress' in service 'a' servers[0] (did you mean 'address'?); expected one of: name, address, weight, maxconn, backup, slowstart, state"
         ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    balance: fastest\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
-            "bad.yaml:4:14: service 'a': unknown balance 'fastest'; expected one of: roundrobin"
+            "bad.yaml:4:14: service 'a': balance: unknown value 'fastest'; expected one of: roundrobin, leastconn, source, random, first"
         ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: tcp }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
@@ -126,6 +126,30 @@ struct ConfigTests {
         (
             "services:\n  - name: a\n    name: b\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
             "bad.yaml:2:5: duplicate key 'name' in the mapping that starts here"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    hash_key: source-port\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:5: service 'a': hash_key applies only to balance: source (balance is roundrobin)"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    balance: source\n    hash_key: destination\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:5:15: service 'a': hash_key: unknown value 'destination'; expected one of: source, source-port"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    balance: source\n    hash_table_size: 65536\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:5:22: service 'a': hash_table_size 65536 is not prime (Maglev needs a prime table size; the next prime is 65537)"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    balance: source\n    hash_table_size: 13\n    servers: [{ name: s, address: 10.0.0.1:1 }, { name: t, address: 10.0.0.2:1 }]\n",
+            "bad.yaml:5:22: service 'a': hash_table_size 13 is too small for 2 servers (Maglev needs at least 10 slots per server; try 211)"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: 10.0.0.1:1, weight: -1 }]\n",
+            "bad.yaml:4:55: service 'a' server 's': weight must be between 0 and 256, not -1"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: 10.0.0.1:1, state: broken }]\n",
+            "bad.yaml:4:54: service 'a' server 's': state: unknown value 'broken'; expected one of: ready, drain, maint"
         ),
     ]
 
