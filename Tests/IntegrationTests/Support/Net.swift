@@ -283,6 +283,20 @@ final class TestServer: @unchecked Sendable {
         }
     }
 
+    /// Sends its name and a newline, then echoes until the client closes: a long-lived
+    /// connection whose server the test knows.
+    static func namedEcho(_ name: String) throws -> TestServer {
+        try TestServer(name: name) { c, s in
+            try? Net.sendAll(c, s.name + "\n")
+            var buf = [UInt8](repeating: 0, count: 4096)
+            while true {
+                let n = buf.withUnsafeMutableBytes { recv(c, $0.baseAddress!, $0.count, 0) }
+                if n <= 0 { break }
+                if buf.withUnsafeBytes({ send(c, $0.baseAddress!, n, Int32(MSG_NOSIGNAL)) }) != n { break }
+            }
+        }
+    }
+
     /// Answers each connection with its own name and a newline, then closes.
     static func named(_ name: String, host: String = "127.0.0.1") throws -> TestServer {
         try TestServer(name: name, host: host) { c, s in
@@ -290,5 +304,21 @@ final class TestServer: @unchecked Sendable {
             shutdown(c, Int32(SHUT_WR))
             _ = Net.readAll(c, limit: 1 << 20)
         }
+    }
+}
+
+extension Net {
+    /// Connects from a chosen loopback source address (127.0.0.0/8 is all local).
+    static func connect(_ port: UInt16, from source: String, timeout: Double = 10) throws -> Int32 {
+        let addr = try SocketAddress(parsing: "127.0.0.1:\(port)")
+        let local = try SocketAddress(parsing: "\(source):0")
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        Net.setTimeout(fd, timeout)
+        guard local.withSockAddr({ bind(fd, $0, $1) }) == 0, addr.withSockAddr({ Glibc.connect(fd, $0, $1) }) == 0 else {
+            let e = errno
+            close(fd)
+            throw Net.Failure("connect from \(source): \(String(cString: strerror(e)))")
+        }
+        return fd
     }
 }
