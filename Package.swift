@@ -5,7 +5,9 @@ let package = Package(
     name: "Ballast",
     platforms: [.macOS(.v15)],
     products: [
-        .executable(name: "ballast", targets: ["ballast"])
+        .executable(name: "ballast", targets: ["ballast"]),
+        // For Benchmarks/ (micro benchmarks of the pure model).
+        .library(name: "BallastCore", targets: ["BallastCore"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),

@@ -19,12 +19,13 @@ public enum HashKey: String, Sendable, CaseIterable {
     case sourcePort = "source-port"
 }
 
-/// What a scheduler may ask about server `i` while picking: plain data and references, so a
-/// pick allocates nothing.
+/// What a scheduler may ask about server `i` while picking. It borrows the service's server list
+/// for the duration of one pick (unsafe buffers over unmanaged references), so a pick neither
+/// allocates nor touches reference counts.
 public struct PickView {
-    public let servers: [Server]
+    public let servers: UnsafeBufferPointer<Unmanaged<Server>>
     /// Per server: in the backup tier.
-    public let backup: [Bool]
+    public let backup: UnsafeBufferPointer<Bool>
     /// The tier being picked (false: active servers, true: backups).
     public let tier: Bool
     /// A server to skip (redispatch after a failed connect), or -1.
@@ -35,7 +36,26 @@ public struct PickView {
     /// The client's source hash (only `source` reads it).
     public let hash: UInt32
 
-    public init(servers: [Server], backup: [Bool], tier: Bool, exclude: Int, now: Int64, staticWeights: Bool, hash: UInt32) {
+    /// Runs `body` with a view over `servers`; the view must not escape `body`.
+    @inline(__always)
+    public static func with<R>(
+        servers: [Unmanaged<Server>], backup: [Bool], tier: Bool, exclude: Int, now: Int64, staticWeights: Bool,
+        hash: UInt32, _ body: (PickView) -> R
+    ) -> R {
+        servers.withUnsafeBufferPointer { sp in
+            backup.withUnsafeBufferPointer { bp in
+                body(
+                    PickView(
+                        servers: sp, backup: bp, tier: tier, exclude: exclude, now: now, staticWeights: staticWeights,
+                        hash: hash))
+            }
+        }
+    }
+
+    public init(
+        servers: UnsafeBufferPointer<Unmanaged<Server>>, backup: UnsafeBufferPointer<Bool>, tier: Bool, exclude: Int,
+        now: Int64, staticWeights: Bool, hash: UInt32
+    ) {
         self.servers = servers
         self.backup = backup
         self.tier = tier
@@ -45,22 +65,28 @@ public struct PickView {
         self.hash = hash
     }
 
+    public var count: Int { servers.count }
+
     /// In the tier, usable (up, ready, weight > 0), below maxconn, not excluded.
     @inline(__always)
     public func eligible(_ i: Int) -> Bool {
-        i != exclude && backup[i] == tier && servers[i].usable && servers[i].hasRoom
+        i != exclude && backup[i] == tier && servers[i]._withUnsafeGuaranteedRef { $0.usable && $0.hasRoom }
     }
 
     /// Current weight; 0 for servers outside the tier or not usable.
     @inline(__always)
     public func weight(_ i: Int) -> Int {
-        guard backup[i] == tier, servers[i].usable else { return 0 }
-        return staticWeights ? servers[i].weight : servers[i].effectiveWeight(now: now)
+        guard backup[i] == tier else { return 0 }
+        let now = self.now, staticWeights = self.staticWeights
+        return servers[i]._withUnsafeGuaranteedRef { s in
+            guard s.usable else { return 0 }
+            return staticWeights ? s.weight : s.effectiveWeight(now: now)
+        }
     }
 
     /// Active connections on all workers.
     @inline(__always)
-    public func load(_ i: Int) -> Int { servers[i].active.load(ordering: .relaxed) }
+    public func load(_ i: Int) -> Int { servers[i]._withUnsafeGuaranteedRef { $0.active.load(ordering: .relaxed) } }
 }
 
 /// A per-worker scheduling policy. Each worker owns one instance per service, so picking takes no
@@ -95,15 +121,23 @@ public func makeScheduler(_ balance: Balance, servers: [ServerConfig], tableSize
 /// sum(weights) picks each server gets exactly its weight. A weight change takes effect at the
 /// next pick without resetting the other scores, so it shifts the share without a burst.
 public final class SmoothWeightedRoundRobin: Scheduler {
-    private var current: [Int]
+    // A raw buffer, not an array: no uniqueness or exclusivity checks in the loop.
+    private let current: UnsafeMutablePointer<Int>
+    private let count: Int
 
-    public init(count: Int) { current = [Int](repeating: 0, count: count) }
+    public init(count: Int) {
+        self.count = count
+        current = .allocate(capacity: max(count, 1))
+        current.initialize(repeating: 0, count: max(count, 1))
+    }
+
+    deinit { current.deallocate() }
 
     public func pick(_ view: PickView) -> Int? {
         var total = 0
         var best = -1
         var bestScore = Int.min
-        for i in 0..<current.count {
+        for i in 0..<count {
             guard view.eligible(i) else { continue }
             let w = view.weight(i)
             if w <= 0 { continue }

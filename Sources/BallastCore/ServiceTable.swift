@@ -110,10 +110,15 @@ public final class Service: Sendable {
     /// Indices of servers with `backup: false` and `backup: true`, in config order.
     public let activeIndices: [Int]
     public let backupIndices: [Int]
+    /// The same servers without reference counting, for `PickView` (kept alive by `servers`).
+    public let handles: [Unmanaged<Server>]
+    public let backupFlags: [Bool]
 
     public init(config: ServiceConfig, servers: [Server]) {
         self.config = config
         self.servers = servers
+        handles = servers.map { Unmanaged.passUnretained($0) }
+        backupFlags = config.servers.map(\.backup)
         activeIndices = config.servers.indices.filter { !config.servers[$0].backup }
         backupIndices = config.servers.indices.filter { config.servers[$0].backup }
     }

@@ -66,10 +66,10 @@ public final class WorkerService {
     }
 
     private func pickTier(backup tier: Bool, exclude ex: Int, hash: UInt32, now: Int64) -> Int? {
-        scheduler.pick(
-            PickView(
-                servers: service.servers, backup: backup, tier: tier, exclude: ex, now: now,
-                staticWeights: balance == .source, hash: hash))
+        PickView.with(
+            servers: service.handles, backup: service.backupFlags, tier: tier, exclude: ex, now: now,
+            staticWeights: balance == .source, hash: hash
+        ) { scheduler.pick($0) }
     }
 
     private func hasUsableActive(except ex: Int) -> Bool {

@@ -17,15 +17,19 @@ struct Pool {
         backup = weights.indices.map { backups.contains($0) }
     }
 
-    func view(hash: UInt32 = 0, tier: Bool = false, exclude: Int = -1, now: Int64 = 1000, staticWeights: Bool = false) -> PickView {
-        PickView(servers: servers, backup: backup, tier: tier, exclude: exclude, now: now, staticWeights: staticWeights, hash: hash)
+    /// Picks once through a view over this pool.
+    func pick(_ s: Scheduler, hash: UInt32 = 0, tier: Bool = false, exclude: Int = -1, now: Int64 = 1000, staticWeights: Bool = false) -> Int? {
+        PickView.with(
+            servers: servers.map { Unmanaged.passUnretained($0) }, backup: backup, tier: tier, exclude: exclude, now: now,
+            staticWeights: staticWeights, hash: hash
+        ) { s.pick($0) }
     }
 
     /// `n` picks; with `hold`, each pick stays connected (counts as load) until the end.
     func distribution(_ s: Scheduler, _ n: Int, hold: Bool = false, hashes: ((Int) -> UInt32)? = nil, staticWeights: Bool = false) -> [Int] {
         var counts = [Int](repeating: 0, count: servers.count)
         for k in 0..<n {
-            let i = s.pick(view(hash: hashes?(k) ?? 0, staticWeights: staticWeights))!
+            let i = pick(s, hash: hashes?(k) ?? 0, staticWeights: staticWeights)!
             counts[i] += 1
             if hold { servers[i].active.wrappingAdd(1, ordering: .relaxed) }
         }
@@ -97,20 +101,20 @@ struct SchedulerTests {
     func leastconnTies() {
         let pool = Pool(weights: [1, 1, 2])
         let lc = LeastConnections(count: 3)
-        #expect((0..<6).map { _ in lc.pick(pool.view())! } == [0, 1, 2, 0, 1, 2])
+        #expect((0..<6).map { _ in pool.pick(lc)! } == [0, 1, 2, 0, 1, 2])
         pool.servers[0].active.store(3, ordering: .relaxed)
         pool.servers[1].active.store(1, ordering: .relaxed)
         pool.servers[2].active.store(3, ordering: .relaxed)  // 3/2 = 1.5 > 1/1
-        #expect(lc.pick(pool.view()) == 1)
+        #expect(pool.pick(lc) == 1)
         pool.servers[2].active.store(1, ordering: .relaxed)  // 1/2 < 1/1
-        #expect(lc.pick(pool.view()) == 2)
+        #expect(pool.pick(lc) == 2)
     }
 
     @Test("smooth: 5,1,1 gives a a b a c a a")
     func smooth() {
         let pool = Pool(weights: [5, 1, 1])
         let rr = SmoothWeightedRoundRobin(count: 3)
-        #expect((0..<7).map { _ in ["a", "b", "c"][rr.pick(pool.view())!] } == ["a", "a", "b", "a", "c", "a", "a"])
+        #expect((0..<7).map { _ in ["a", "b", "c"][pool.pick(rr)!] } == ["a", "a", "b", "a", "c", "a", "a"])
     }
 
     @Test("a runtime weight change takes effect at the next pick without a burst to one server",
@@ -126,7 +130,7 @@ struct SchedulerTests {
         if policy == .roundrobin {
             var run = 0, longest = 0, last = -1
             for _ in 0..<400 {
-                let p = sched.pick(pool.view())!
+                let p = pool.pick(sched)!
                 run = p == last ? run + 1 : 1
                 last = p
                 longest = max(longest, run)
@@ -142,8 +146,8 @@ struct SchedulerTests {
         pool.servers[0].setAdmin(.drain, now: 1)
         #expect(pool.distribution(rr, 10) == [0, 10, 0])
         pool.servers[1].setAdmin(.maint, now: 1)
-        #expect(rr.pick(pool.view()) == nil)  // active tier empty
-        #expect(rr.pick(pool.view(tier: true)) == 2)
+        #expect(pool.pick(rr) == nil)  // active tier empty
+        #expect(pool.pick(rr, tier: true) == 2)
     }
 
     @Test("slow start ramps the effective weight linearly after a server comes back")
