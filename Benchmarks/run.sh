@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 swift build -c release --product ballast
-(cd Benchmarks && swift build -c release --product loadgen)
+(cd Benchmarks && swift build -c release --product loadgen && swift build -c release --product schedbench)
 mkdir -p Benchmarks/results
 out="Benchmarks/results/$(date +%Y%m%d-%H%M%S).md"
-python3 Benchmarks/bench.py | tee "$out"
+{ python3 Benchmarks/bench.py; echo; echo "Scheduler micro benchmarks"; echo; Benchmarks/.build/release/schedbench; } | tee "$out"
 echo "saved to $out" >&2

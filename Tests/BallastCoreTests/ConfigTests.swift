@@ -200,6 +200,8 @@ struct ConfigTests {
             ("maxqueue", "\(Defaults.maxqueue)"),
             ("weight", "\(Defaults.weight)"),
             ("maxconn", "\(Defaults.serverMaxconn)"),
+            ("balance", Defaults.balance.rawValue),
+            ("hash_table_size", "\(Defaults.hashTableSize)"),
         ]
         for (key, value) in expected {
             let row = readme.split(separator: "\n").first { $0.hasPrefix("| `\(key)` |") }
