@@ -151,6 +151,15 @@ public enum ConfigLoader {
             return s
         }
 
+        /// A service or server name: what the runtime API and logs refer to it by.
+        func identifier(_ node: Node, _ what: String) throws(ConfigError) -> String {
+            let name = try string(node, what)
+            guard name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) }) else {
+                throw fail(node, "\(what) '\(name)' may contain only letters, digits, '-', '_', '.' and ':'")
+            }
+            return name
+        }
+
         func integer(_ node: Node, _ what: String, min: Int, max: Int) throws(ConfigError) -> Int {
             let s = try scalar(node, what)
             guard let v = Int(s) else { throw fail(node, "\(what) must be an integer, not '\(s)'") }
@@ -245,10 +254,7 @@ public enum ConfigLoader {
         func parseService(_ node: Node, index: Int, config: Config) throws(ConfigError) -> ServiceConfig {
             let m = try mapping(node, "services[\(index)]", allowed: ConfigLoader.serviceKeys)
             guard let nameEntry = m["name"] else { throw fail(node, "services[\(index)]: missing required key 'name'") }
-            let name = try string(nameEntry.value, "service name")
-            guard name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) }) else {
-                throw fail(nameEntry.value, "service name '\(name)' may contain only letters, digits, '-', '_', '.' and ':'")
-            }
+            let name = try identifier(nameEntry.value, "service name")
             let what = "service '\(name)'"
             var svc = ServiceConfig(name: name, timeouts: config.timeouts, retries: config.retries, location: loc(node))
             if let e = m["mode"] {
@@ -257,7 +263,7 @@ public enum ConfigLoader {
                     throw fail(e.value, "\(what): mode 'nat' is not implemented in this version; use mode: proxy")
                 }
             }
-            if let e = m["balance"] { svc.balance = try parseBalance(e.value, what) }
+            if let e = m["balance"] { svc.balance = try enumValue(e.value, "\(what): balance", Balance.self) }
             if let e = m["hash_key"] {
                 guard svc.balance == .source else {
                     throw fail(e.key, "\(what): hash_key applies only to balance: source (balance is \(svc.balance.rawValue))")
@@ -321,17 +327,10 @@ public enum ConfigLoader {
             return svc
         }
 
-        func parseBalance(_ node: Node, _ what: String) throws(ConfigError) -> Balance {
-            try enumValue(node, "\(what): balance", Balance.self)
-        }
-
         func parseServer(_ node: Node, index: Int, service: String, slowstart: Millis) throws(ConfigError) -> ServerConfig {
             let m = try mapping(node, "\(service) servers[\(index)]", allowed: ConfigLoader.serverKeys)
             guard let n = m["name"] else { throw fail(node, "\(service) servers[\(index)]: missing required key 'name'") }
-            let name = try string(n.value, "server name")
-            guard name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) }) else {
-                throw fail(n.value, "server name '\(name)' may contain only letters, digits, '-', '_', '.' and ':'")
-            }
+            let name = try identifier(n.value, "server name")
             let what = "\(service) server '\(name)'"
             guard let a = m["address"] else { throw fail(node, "\(what): missing required key 'address'") }
             let text = try string(a.value, "\(what): address")
