@@ -29,11 +29,16 @@ let package = Package(
             name: "BallastProxy",
             dependencies: ["BallastCore", "BallastIO", "CLinux", .product(name: "Logging", package: "swift-log")]
         ),
+        // Active health checks on one event loop of their own.
+        .target(
+            name: "BallastHealth",
+            dependencies: ["BallastCore", "BallastIO", "CLinux", .product(name: "Logging", package: "swift-log")]
+        ),
         // Wiring: applies config, reload, lifecycle, logging.
         .target(
             name: "BallastRuntime",
             dependencies: [
-                "BallastCore", "BallastIO", "BallastProxy", "CLinux",
+                "BallastCore", "BallastIO", "BallastProxy", "BallastHealth", "CLinux",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

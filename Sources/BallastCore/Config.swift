@@ -51,6 +51,10 @@ public enum Defaults {
     public static let mode = ServiceMode.proxy
     public static let balance = Balance.roundrobin
     public static let hashTableSize = MaglevTable.defaultSize
+    public static let checkInterval = Millis(2_000)
+    public static let checkTimeout = Millis(1_000)
+    public static let checkRise = 2
+    public static let checkFall = 3
 }
 
 /// Milliseconds. Durations in the config take `ms`, `s`, `m`, `h` (`d` too); a bare number is
@@ -122,6 +126,8 @@ public struct ServerConfig: Sendable, Equatable {
     public var slowstart = Millis(0)
     /// Administrative state at start (`ready`, `drain`: no new connections, `maint`: out of service).
     public var state = AdminState.ready
+    /// The health check for this server (the service's, with this server's overrides); nil: none.
+    public var check: CheckConfig?
     public var location: SourceLocation
 
     public init(name: String, address: SocketAddress, location: SourceLocation) {
@@ -143,6 +149,8 @@ public struct ServiceConfig: Sendable, Equatable {
     public var hashTableSize = MaglevTable.defaultSize
     /// With no active server usable: spread over all backups (true) or use the first (false).
     public var allbackups = false
+    public var onMarkedDown = MarkedDownAction.none
+    public var onMarkedUp = MarkedUpAction.none
     public var servers: [ServerConfig] = []
     public var location: SourceLocation
 
@@ -159,6 +167,8 @@ public struct Config: Sendable, Equatable {
     public var global = GlobalConfig()
     public var timeouts = Timeouts()
     public var retries = Defaults.retries
+    /// `defaults.check`: the base every service's `check:` starts from.
+    public var check = CheckConfig()
     public var services: [ServiceConfig] = []
 
     public init(file: String) { self.file = file }

@@ -1,5 +1,11 @@
 import Yams
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 /// Parses and validates a YAML configuration. Everything is checked before anything is returned:
 /// a bad file yields one `ConfigError` naming file, line and column, and nothing is applied.
 public enum ConfigLoader {
@@ -7,21 +13,22 @@ public enum ConfigLoader {
     public static let topKeys = ["global", "defaults", "services"]
     public static let globalKeys = ["workers", "maxconn", "log", "pipe_size", "grace"]
     public static let logKeys = ["level", "format", "connections"]
-    public static let defaultsKeys = ["timeout", "retries"]
+    public static let defaultsKeys = ["timeout", "retries", "check"]
+    public static let checkKeys = [
+        "type", "interval", "fastinterval", "downinterval", "timeout", "rise", "fall", "port", "address", "method", "path",
+        "host", "expect", "body", "username", "password", "password_file", "role",
+    ]
     public static let timeoutKeys = ["connect", "client", "server", "queue"]
     public static let serviceKeys = [
         "name", "mode", "bind", "balance", "hash_key", "hash_table_size", "allbackups", "slowstart", "timeout",
-        "retries", "maxqueue", "servers",
+        "retries", "maxqueue", "check", "on_marked_down", "on_marked_up", "servers",
     ]
-    public static let serverKeys = ["name", "address", "weight", "maxconn", "backup", "slowstart", "state"]
+    public static let serverKeys = ["name", "address", "weight", "maxconn", "backup", "slowstart", "state", "check"]
     /// Keys from DESIGN.md that a later release implements: named so the error says so instead of "unknown".
     static let plannedKeys: [String: String] = [
         "stats": "the runtime API (stats socket) is not implemented in this version",
         "metrics": "the Prometheus endpoint is not implemented in this version",
         "state_file": "the state file is not implemented in this version",
-        "check": "health checks are not implemented in this version",
-        "on_marked_down": "health checks are not implemented in this version",
-        "on_marked_up": "health checks are not implemented in this version",
         "nat": "nat mode is not implemented in this version",
     ]
 
@@ -249,6 +256,80 @@ public enum ConfigLoader {
             let m = try mapping(node, "defaults", allowed: ConfigLoader.defaultsKeys)
             if let e = m["timeout"] { config.timeouts = try parseTimeouts(e.value, "defaults.timeout", base: config.timeouts) }
             if let e = m["retries"] { config.retries = try integer(e.value, "defaults.retries", min: 0, max: 100) }
+            if let e = m["check"] { config.check = try parseCheck(e.value, "defaults.check", base: config.check) }
+        }
+
+        /// A `check:` mapping applied over `base`. Every field is validated here, and the
+        /// combination once it is complete (`validateCheck`).
+        func parseCheck(_ node: Node, _ what: String, base: CheckConfig) throws(ConfigError) -> CheckConfig {
+            var c = base
+            let m = try mapping(node, what, allowed: ConfigLoader.checkKeys)
+            if let e = m["type"] {
+                let v = try scalar(e.value, "\(what).type")
+                if let why = CheckType.planned[v] { throw fail(e.value, "\(what).type: \(why)") }
+                c.type = try enumValue(e.value, "\(what).type", CheckType.self)
+            }
+            if let e = m["interval"] { c.interval = try duration(e.value, "\(what).interval") }
+            if let e = m["fastinterval"] { c.fastinterval = try duration(e.value, "\(what).fastinterval") }
+            if let e = m["downinterval"] { c.downinterval = try duration(e.value, "\(what).downinterval") }
+            if let e = m["timeout"] { c.timeout = try duration(e.value, "\(what).timeout") }
+            if let e = m["rise"] { c.rise = try integer(e.value, "\(what).rise", min: 1, max: 100) }
+            if let e = m["fall"] { c.fall = try integer(e.value, "\(what).fall", min: 1, max: 100) }
+            if let e = m["port"] { c.port = UInt16(try integer(e.value, "\(what).port", min: 1, max: 65535)) }
+            if let e = m["address"] {
+                let text = try string(e.value, "\(what).address")
+                do { c.address = try SocketAddress(parsing: text.contains(":") && !text.hasPrefix("[") ? "[\(text)]:0" : "\(text):0") } catch {
+                    throw fail(e.value, "\(what).address: '\(text)' is not a numeric IPv4 or IPv6 address")
+                }
+            }
+            if let e = m["method"] { c.method = try string(e.value, "\(what).method") }
+            if let e = m["path"] {
+                c.path = try string(e.value, "\(what).path")
+                guard c.path.hasPrefix("/") else { throw fail(e.value, "\(what).path must start with '/'") }
+            }
+            if let e = m["host"] { c.host = try string(e.value, "\(what).host") }
+            if let e = m["body"] { c.body = try string(e.value, "\(what).body") }
+            if let e = m["expect"] { c.expect = try parseExpect(e.value, "\(what).expect") }
+            if let e = m["username"] { c.username = try string(e.value, "\(what).username") }
+            if m["password"] != nil && m["password_file"] != nil {
+                throw fail(m["password_file"]!.key, "\(what): give password or password_file, not both")
+            }
+            if let e = m["password"] { c.password = try scalar(e.value, "\(what).password") }
+            if let e = m["password_file"] {
+                let path = try string(e.value, "\(what).password_file")
+                // A relative path is relative to the config file's directory.
+                let dir = file.contains("/") ? String(file[..<file.lastIndex(of: "/")!]) : "."
+                let full = path.hasPrefix("/") ? path : dir + "/" + path
+                guard let text = ConfigLoader.readSmallFile(full) else {
+                    throw fail(e.value, "\(what).password_file: cannot read '\(full)'")
+                }
+                c.password = text.hasSuffix("\n") ? String(text.dropLast()) : text
+            }
+            if let e = m["role"] { c.role = try enumValue(e.value, "\(what).role", RedisRole.self) }
+            if c.timeout > c.interval {
+                throw fail(m["timeout"]?.value ?? m["interval"]?.value ?? node, "\(what): timeout \(c.timeout) is above interval \(c.interval); a check must end before the next one starts")
+            }
+            return c
+        }
+
+        func parseExpect(_ node: Node, _ what: String) throws(ConfigError) -> [ClosedRange<Int>] {
+            let items: [Node]
+            switch node {
+            case .sequence(let s): items = Array(s)
+            default: items = [node]
+            }
+            var out: [ClosedRange<Int>] = []
+            for item in items {
+                let t = try scalar(item, what)
+                let parts = t.split(separator: "-", omittingEmptySubsequences: false)
+                guard (1...2).contains(parts.count), let lo = Int(parts[0]), let hi = Int(parts.last!), (100...599).contains(lo),
+                    (100...599).contains(hi), lo <= hi
+                else {
+                    throw fail(item, "\(what): '\(t)' is not a status code or range between 100 and 599 (such as 200 or 200-299)")
+                }
+                out.append(lo...hi)
+            }
+            return out
         }
 
         func parseService(_ node: Node, index: Int, config: Config) throws(ConfigError) -> ServiceConfig {
@@ -283,6 +364,10 @@ public enum ConfigLoader {
             if let e = m["allbackups"] { svc.allbackups = try bool(e.value, "\(what): allbackups") }
             var serviceSlowstart = Millis(0)
             if let e = m["slowstart"] { serviceSlowstart = try duration(e.value, "\(what): slowstart") }
+            var serviceCheck: CheckConfig?
+            if let e = m["check"] { serviceCheck = try parseCheck(e.value, "\(what) check", base: config.check) }
+            if let e = m["on_marked_down"] { svc.onMarkedDown = try enumValue(e.value, "\(what): on_marked_down", MarkedDownAction.self) }
+            if let e = m["on_marked_up"] { svc.onMarkedUp = try enumValue(e.value, "\(what): on_marked_up", MarkedUpAction.self) }
             if let e = m["timeout"] { svc.timeouts = try parseTimeouts(e.value, "\(what) timeout", base: svc.timeouts) }
             if let e = m["retries"] { svc.retries = try integer(e.value, "\(what): retries", min: 0, max: 100) }
             if let e = m["maxqueue"] { svc.maxqueue = try integer(e.value, "\(what): maxqueue", min: 0, max: 10_000_000) }
@@ -310,7 +395,7 @@ public enum ConfigLoader {
                 throw fail(serversEntry.value, "\(what): 'servers' must be a non-empty list of servers")
             }
             for (i, sn) in seq.enumerated() {
-                let server = try parseServer(sn, index: i, service: what, slowstart: serviceSlowstart)
+                let server = try parseServer(sn, index: i, service: what, slowstart: serviceSlowstart, check: serviceCheck, defaults: config.check)
                 if let prev = svc.servers.first(where: { $0.name == server.name }) {
                     throw ConfigError(
                         server.location, "\(what): duplicate server name '\(server.name)' (first defined at \(prev.location))")
@@ -327,7 +412,9 @@ public enum ConfigLoader {
             return svc
         }
 
-        func parseServer(_ node: Node, index: Int, service: String, slowstart: Millis) throws(ConfigError) -> ServerConfig {
+        func parseServer(
+            _ node: Node, index: Int, service: String, slowstart: Millis, check: CheckConfig?, defaults: CheckConfig
+        ) throws(ConfigError) -> ServerConfig {
             let m = try mapping(node, "\(service) servers[\(index)]", allowed: ConfigLoader.serverKeys)
             guard let n = m["name"] else { throw fail(node, "\(service) servers[\(index)]: missing required key 'name'") }
             let name = try identifier(n.value, "server name")
@@ -342,6 +429,15 @@ public enum ConfigLoader {
             if let e = m["maxconn"] { s.maxconn = try integer(e.value, "\(what): maxconn", min: 0, max: 10_000_000) }
             if let e = m["backup"] { s.backup = try bool(e.value, "\(what): backup") }
             s.slowstart = slowstart
+            s.check = check
+            if let e = m["check"] {
+                // `check: false` turns the service's check off for this server; a mapping adjusts it.
+                if case .scalar = e.value {
+                    if try bool(e.value, "\(what): check") { s.check = check ?? defaults } else { s.check = nil }
+                } else {
+                    s.check = try parseCheck(e.value, "\(what) check", base: check ?? defaults)
+                }
+            }
             if let e = m["slowstart"] { s.slowstart = try duration(e.value, "\(what): slowstart") }
             if let e = m["state"] {
                 let v = try scalar(e.value, "\(what): state")
@@ -373,6 +469,14 @@ public enum ConfigLoader {
         }
         let (r, overflow) = n.multipliedReportingOverflow(by: factor)
         return overflow ? nil : Millis(r)
+    }
+
+    static func readSmallFile(_ path: String) -> String? {
+        guard let f = fopen(path, "r") else { return nil }
+        defer { fclose(f) }
+        var buf = [UInt8](repeating: 0, count: 4096)
+        let n = fread(&buf, 1, buf.count, f)
+        return String(decoding: buf[0..<n], as: UTF8.self)
     }
 
     public static func nextPrime(_ n: Int) -> Int {

@@ -16,7 +16,7 @@ enum ConnState: UInt8 {
 /// Why a connection ended, for the per-connection log line.
 enum EndReason: UInt8, CustomStringConvertible {
     case done, clientReset, serverReset, connectFailed, connectTimeout, queueTimeout, queueFull, noServer
-    case clientTimeout, serverTimeout, shutdown, serviceRemoved
+    case clientTimeout, serverTimeout, shutdown, serviceRemoved, serverDown, activeServerUp
 
     var description: String {
         switch self {
@@ -32,6 +32,8 @@ enum EndReason: UInt8, CustomStringConvertible {
         case .serverTimeout: return "server-timeout"
         case .shutdown: return "shutdown"
         case .serviceRemoved: return "service-removed"
+        case .serverDown: return "server-down"
+        case .activeServerUp: return "active-server-up"
         }
     }
 }

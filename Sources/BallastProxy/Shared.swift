@@ -48,6 +48,11 @@ public enum WorkerCommand: Sendable {
     case apply(ServiceTable, [ListenerSpec], logConnections: Bool, pipeSize: Int)
     /// Close all listeners; established connections go on.
     case stopAccepting
+    /// Close every connection to this server (`on_marked_down: shutdown-sessions`).
+    case shutdownSessions(Server)
+    /// Close every connection of this service that is on a backup server
+    /// (`on_marked_up: shutdown-backup-sessions`).
+    case shutdownBackupSessions(service: String)
     /// Close every connection and leave the loop.
     case exit
 }

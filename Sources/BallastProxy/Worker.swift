@@ -211,6 +211,13 @@ public final class Worker: @unchecked Sendable {
                         listeners[k] = nil
                     }
                 }
+            case .shutdownSessions(let server):
+                closeConnections(reason: .serverDown) { $0.server === server }
+            case .shutdownBackupSessions(let service):
+                closeConnections(reason: .activeServerUp) { c in
+                    guard let svc = c.service, svc.name == service, c.serverIndex >= 0 else { return false }
+                    return svc.config.servers[Int(c.serverIndex)].backup
+                }
             case .exit:
                 running = false
             }
@@ -917,6 +924,19 @@ public final class Worker: @unchecked Sendable {
                 "bytes_in": "\(c.pointee.up.bytes)", "bytes_out": "\(c.pointee.down.bytes)",
                 "duration_ms": "\(now - c.pointee.acceptedAt)", "end": "\(reason)",
             ])
+    }
+
+    /// Closes the established or connecting connections that `matches` selects.
+    private func closeConnections(reason: EndReason, _ matches: (Conn) -> Bool) {
+        var closed = 0
+        for k in 0..<Int(table.highWater) {
+            let i = Int32(k)
+            let c = table[i]
+            guard c.pointee.state == .established || c.pointee.state == .connecting, matches(c.pointee) else { continue }
+            finish(i, reason)
+            closed += 1
+        }
+        if closed > 0 { logger.info("worker \(id): closed \(closed) connections (\(reason))") }
     }
 
     private func closeEverything() {

@@ -1,4 +1,5 @@
 import BallastCore
+import BallastHealth
 import BallastIO
 import BallastProxy
 import CLinux
@@ -79,6 +80,9 @@ public final class Runtime {
     private let shared: ProxyShared
     private let logger: Logger
     private var generation: UInt64 = 1
+    private var checker: HealthChecker?
+    /// What each service does on health transitions; read by the checker thread.
+    private let actions = ServiceActions()
     /// Connection tables are sized for this at start.
     private let startMaxconn: Int
 
@@ -141,6 +145,25 @@ public final class Runtime {
         }
         publish()
         for w in workers { threads.append(startThread(w)) }
+        setActions(config)
+        let workers = self.workers
+        let actions = self.actions
+        do {
+            let checker = try HealthChecker(logger: logger) { service, server, up in
+                guard let (down, upAction) = actions.map.withLock({ $0[service] }) else { return }
+                if !up && down == .shutdownSessions {
+                    for w in workers { w.send(.shutdownSessions(server)) }
+                } else if up && upAction == .shutdownBackupSessions {
+                    for w in workers { w.send(.shutdownBackupSessions(service: service)) }
+                }
+            }
+            checker.update(table)
+            checker.start()
+            self.checker = checker
+        } catch {
+            logger.critical("cannot start health checks: \(error)")
+            return 1
+        }
         for svc in config.services {
             let binds = svc.binds.map { listeners[listenerKey($0, svc.name)]!.actual.description }.joined(separator: ", ")
             logger.info(
@@ -171,6 +194,12 @@ public final class Runtime {
             }
         }
         return 1
+    }
+
+    private func setActions(_ config: Config) {
+        var a: [String: (MarkedDownAction, MarkedUpAction)] = [:]
+        for s in config.services { a[s.name] = (s.onMarkedDown, s.onMarkedUp) }
+        actions.map.withLock { $0 = a }
     }
 
     /// Sends each worker the current table and its own listener sockets.
@@ -233,6 +262,8 @@ public final class Runtime {
         LogState.set(next.global.log)
         // Workers close the listeners they no longer get; the runtime never closes a worker's fd.
         publish()
+        setActions(next)
+        checker?.update(table)
         for svc in next.services {
             for b in svc.binds {
                 if let l = opened[listenerKey(b, svc.name)] { logger.info("service \(svc.name) listening on \(l.actual)") }
@@ -260,6 +291,7 @@ public final class Runtime {
             open = shared.connections.load(ordering: .relaxed)
         }
         if open > 0 { logger.warning("closing \(open) connections still open") }
+        checker?.stop()
         for w in workers { w.send(.exit) }
         for t in threads { pthread_join(t, nil) }
         logger.info("stopped")
@@ -288,6 +320,10 @@ public final class Runtime {
                 "open file limit is \(rl.rlim_cur) but maxconn \(config.global.maxconn) may need \(needed); accept pauses when descriptors run out")
         }
     }
+}
+
+final class ServiceActions: Sendable {
+    let map = Mutex<[String: (MarkedDownAction, MarkedUpAction)]>([:])
 }
 
 private final class ThreadBox {

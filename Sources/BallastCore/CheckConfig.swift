@@ -1,0 +1,59 @@
+/// Active health check of a server (`check:` on a service, overridable per server).
+public enum CheckType: String, Sendable, CaseIterable {
+    case tcp, http, redis
+    /// Check types from the design that a later release adds.
+    static let planned: [String: String] = [
+        "mysql": "the mysql check is not implemented in this version; use type: tcp",
+        "agent": "the agent check is not implemented in this version",
+    ]
+}
+
+public enum RedisRole: String, Sendable, CaseIterable {
+    case master, replica, any
+}
+
+public struct CheckConfig: Sendable, Equatable {
+    public var type = CheckType.tcp
+    public var interval = Defaults.checkInterval
+    /// While a server is changing state (some failures while up, some successes while down).
+    public var fastinterval: Millis?
+    /// While a server is down.
+    public var downinterval: Millis?
+    public var timeout = Defaults.checkTimeout
+    public var rise = Defaults.checkRise
+    public var fall = Defaults.checkFall
+    /// Check another port or address than the server's.
+    public var port: UInt16?
+    public var address: SocketAddress?
+    // http
+    public var method = "GET"
+    public var path = "/"
+    public var host: String?
+    /// Accepted status codes; empty: 200–399.
+    public var expect: [ClosedRange<Int>] = []
+    public var body: String?
+    // redis
+    public var username: String?
+    public var password: String?
+    public var role = RedisRole.any
+
+    public init() {}
+
+    public var fast: Millis { fastinterval ?? interval }
+    public var down: Millis { downinterval ?? interval }
+
+    public func accepts(status: Int) -> Bool {
+        expect.isEmpty ? (200...399).contains(status) : expect.contains { $0.contains(status) }
+    }
+}
+
+/// What to do with established connections when a server changes health.
+public enum MarkedDownAction: String, Sendable, CaseIterable {
+    case none
+    case shutdownSessions = "shutdown-sessions"
+}
+
+public enum MarkedUpAction: String, Sendable, CaseIterable {
+    case none
+    case shutdownBackupSessions = "shutdown-backup-sessions"
+}

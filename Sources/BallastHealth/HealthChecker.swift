@@ -1,0 +1,392 @@
+import BallastCore
+import BallastIO
+import CLinux
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// HAProxy's check status vocabulary.
+public enum CheckStatus: String, Sendable {
+    case initializing = "INI"
+    case sockError = "SOCKERR"
+    case l4ok = "L4OK"
+    case l4timeout = "L4TOUT"
+    case l4con = "L4CON"
+    case l7ok = "L7OK"
+    case l7timeout = "L7TOUT"
+    case l7response = "L7RSP"
+    case l7status = "L7STS"
+
+    /// HAProxy's description, used in transition log lines.
+    public var text: String {
+        switch self {
+        case .initializing: return "Initializing"
+        case .sockError: return "Socket error"
+        case .l4ok: return "Layer4 check passed"
+        case .l4timeout: return "Layer4 timeout"
+        case .l4con: return "Layer4 connection problem"
+        case .l7ok: return "Layer7 check passed"
+        case .l7timeout: return "Layer7 timeout"
+        case .l7response: return "Layer7 invalid response"
+        case .l7status: return "Layer7 wrong status"
+        }
+    }
+
+    public var passed: Bool { self == .l4ok || self == .l7ok }
+}
+
+/// The last result of a server's check, for logs and (later) the runtime API.
+public struct CheckResult: Sendable, Equatable {
+    public var status: CheckStatus
+    public var code: Int?
+    public var detail: String
+    public var durationMs: Int64
+}
+
+/// Runs every active check on one thread with one epoll instance: thousands of servers need no
+/// thread each. Each check is a small nonblocking state machine (connect, send, read, judge).
+public final class HealthChecker: @unchecked Sendable {
+    /// Called on the checker thread when a server goes down or comes back.
+    public typealias Transition = @Sendable (_ service: String, _ server: Server, _ up: Bool) -> Void
+
+    final class Task {
+        let service: String
+        let server: Server
+        let config: CheckConfig
+        let target: SocketAddress
+        var nextDue: Int64
+        var fd: Int32 = -1
+        var started: Int64 = 0
+        var deadline: Int64 = 0
+        var connected = false
+        var request: [UInt8] = []
+        var sent = 0
+        var response: [UInt8] = []
+        var up = true
+        var successes = 0
+        var failures = 0
+        var last = CheckResult(status: .initializing, code: nil, detail: "", durationMs: 0)
+        var generation: UInt32 = 0
+
+        init(service: String, server: Server, config: CheckConfig, now: Int64) {
+            self.service = service
+            self.server = server
+            self.config = config
+            var t = config.address ?? server.address
+            if config.address != nil { t.port = server.address.port }
+            if let p = config.port { t.port = p }
+            target = t
+            // Spread the first checks over one interval so they do not fire in lockstep.
+            nextDue = now + Int64.random(in: 0...max(0, config.interval.value - 1))
+        }
+    }
+
+    static let maxResponse = 16 << 10
+
+    private let epfd: Int32
+    private let wakeFd: Int32
+    private let logger: Logger
+    private let onTransition: Transition
+    private let pending = Mutex<[(String, Server, CheckConfig)]?>(nil)
+    private let stopping = Atomic<Bool>(false)
+    private var tasks: [Task?] = []
+    private var thread: pthread_t?
+    private let results = Mutex<[ObjectIdentifier: CheckResult]>([:])
+
+    public init(logger: Logger, onTransition: @escaping Transition) throws(SysError) {
+        self.logger = logger
+        self.onTransition = onTransition
+        epfd = try Epoll.create()
+        wakeFd = try EventFd.create()
+        try Epoll.add(epfd, wakeFd, events: Epoll.in, data: UInt64.max)
+    }
+
+    /// Replaces the set of checked servers (start and reload). A server whose check is unchanged
+    /// keeps its state and counters; a server that lost its check is marked up.
+    public func update(_ table: ServiceTable) {
+        var list: [(String, Server, CheckConfig)] = []
+        for svc in table.services {
+            for (k, s) in svc.servers.enumerated() {
+                if let c = svc.config.servers[k].check {
+                    list.append((svc.name, s, c))
+                } else if !s.up.load(ordering: .relaxed) {
+                    s.up.store(true, ordering: .relaxed)
+                    ServerStateClock.bump()
+                }
+            }
+        }
+        pending.withLock { $0 = list }
+        EventFd.signal(wakeFd)
+    }
+
+    /// The last check result of `server`, if it is checked.
+    public func result(_ server: Server) -> CheckResult? {
+        results.withLock { $0[ObjectIdentifier(server)] }
+    }
+
+    public func start() {
+        let box = Unmanaged.passRetained(self).toOpaque()
+        var tid = pthread_t()
+        pthread_create(
+            &tid, nil,
+            { arg in
+                let checker = Unmanaged<HealthChecker>.fromOpaque(arg!).takeRetainedValue()
+                ballast_set_thread_name("ballast-checks")
+                checker.loop()
+                return nil
+            }, box)
+        thread = tid
+    }
+
+    public func stop() {
+        stopping.store(true, ordering: .relaxed)
+        EventFd.signal(wakeFd)
+        if let t = thread { pthread_join(t, nil) }
+        thread = nil
+    }
+
+    // MARK: - Loop
+
+    private func loop() {
+        let events = UnsafeMutablePointer<ballast_epoll_event>.allocate(capacity: 256)
+        defer { events.deallocate() }
+        while !stopping.load(ordering: .relaxed) {
+            var now = monotonic()
+            var timeout: Int64 = 1000
+            for t in tasks {
+                guard let t else { continue }
+                timeout = min(timeout, max(0, (t.fd >= 0 ? t.deadline : t.nextDue) - now))
+            }
+            let n = (try? Epoll.wait(epfd, events, max: 256, timeoutMs: Int32(timeout))) ?? 0
+            now = monotonic()
+            for k in 0..<n {
+                let data = events[k].data
+                if data == UInt64.max {
+                    EventFd.drain(wakeFd)
+                    applyPending(now)
+                    continue
+                }
+                let index = Int(data & 0xFFFF_FFFF)
+                let gen = UInt32(data >> 32)
+                guard index < tasks.count, let t = tasks[index], t.generation == gen, t.fd >= 0 else { continue }
+                progress(t, events[k].events, now)
+            }
+            for t in tasks {
+                guard let t else { continue }
+                if t.fd >= 0 {
+                    if now >= t.deadline { timedOut(t, now) }
+                } else if now >= t.nextDue {
+                    begin(t, now)
+                }
+            }
+        }
+        for t in tasks where t?.fd ?? -1 >= 0 { Sys.close(t!.fd) }
+        Sys.close(wakeFd)
+        Sys.close(epfd)
+    }
+
+    private func monotonic() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+    }
+
+    private func applyPending(_ now: Int64) {
+        guard let list = pending.withLock({ p -> [(String, Server, CheckConfig)]? in
+            let l = p
+            p = nil
+            return l
+        }) else { return }
+        var old: [ObjectIdentifier: Task] = [:]
+        for t in tasks {
+            guard let t else { continue }
+            old[ObjectIdentifier(t.server)] = t
+        }
+        var next: [Task?] = []
+        for (service, server, config) in list {
+            if let t = old.removeValue(forKey: ObjectIdentifier(server)), t.config == config {
+                next.append(t)
+            } else {
+                next.append(Task(service: service, server: server, config: config, now: now))
+            }
+        }
+        for t in old.values where t.fd >= 0 {
+            Sys.close(t.fd)
+            t.fd = -1
+        }
+        tasks = next
+        // Re-register running checks under their new index.
+        for (k, t) in tasks.enumerated() where t!.fd >= 0 {
+            t!.generation &+= 1
+            try? Epoll.modify(epfd, t!.fd, events: Epoll.in | Epoll.out | Epoll.rdhup, data: token(k, t!))
+        }
+    }
+
+    private func token(_ index: Int, _ t: Task) -> UInt64 { UInt64(index) | (UInt64(t.generation) << 32) }
+
+    // MARK: - One check
+
+    private func begin(_ t: Task, _ now: Int64) {
+        t.started = now
+        t.deadline = now + t.config.timeout.value
+        t.connected = false
+        t.sent = 0
+        t.response.removeAll(keepingCapacity: true)
+        t.request = Self.request(for: t.config)
+        let fd: Int32
+        do {
+            switch try Socket.connect(t.target) {
+            case .connected(let f), .inProgress(let f): fd = f
+            }
+        } catch {
+            let status: CheckStatus = error.errno == ECONNREFUSED ? .l4con : .sockError
+            return finish(t, CheckResult(status: status, code: nil, detail: String(cString: strerror(error.errno)), durationMs: 0), now)
+        }
+        t.fd = fd
+        t.generation &+= 1
+        guard let index = tasks.firstIndex(where: { $0 === t }) else { return }
+        do {
+            try Epoll.add(epfd, fd, events: Epoll.in | Epoll.out | Epoll.rdhup, data: token(index, t))
+        } catch {
+            finish(t, CheckResult(status: .sockError, code: nil, detail: "\(error)", durationMs: 0), now)
+        }
+    }
+
+    static func request(for c: CheckConfig) -> [UInt8] {
+        switch c.type {
+        case .tcp:
+            return []
+        case .http:
+            var r = "\(c.method) \(c.path) HTTP/1.1\r\n"
+            if let h = c.host { r += "Host: \(h)\r\n" }
+            r += "User-Agent: ballast-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+            return Array(r.utf8)
+        case .redis:
+            var cmds: [[String]] = []
+            if let p = c.password { cmds.append(c.username.map { ["AUTH", $0, p] } ?? ["AUTH", p]) }
+            cmds.append(["PING"])
+            if c.role != .any { cmds.append(["INFO", "replication"]) }
+            cmds.append(["QUIT"])
+            var out: [UInt8] = []
+            for cmd in cmds {
+                out += Array("*\(cmd.count)\r\n".utf8)
+                for a in cmd { out += Array("$\(a.utf8.count)\r\n\(a)\r\n".utf8) }
+            }
+            return out
+        }
+    }
+
+    private func progress(_ t: Task, _ ev: UInt32, _ now: Int64) {
+        if !t.connected {
+            let err = Socket.pendingError(t.fd)
+            if err != 0 {
+                let status: CheckStatus = err == ECONNREFUSED ? .l4con : err == ETIMEDOUT ? .l4timeout : .sockError
+                return finish(t, result(status, String(cString: strerror(err)), t, now), now)
+            }
+            guard ev & (Epoll.out | Epoll.in) != 0 else { return }
+            t.connected = true
+            if t.config.type == .tcp { return finish(t, result(.l4ok, "", t, now), now) }
+        }
+        // Send what is left of the request.
+        while t.sent < t.request.count {
+            let r = try? t.request.withUnsafeBytes { try Sys.send(t.fd, $0.baseAddress! + t.sent, $0.count - t.sent) }
+            guard case .done(let n)? = r else {
+                if r == nil { return finish(t, result(.l7response, "connection closed while sending the check", t, now), now) }
+                return
+            }
+            t.sent += n
+        }
+        // Read what has arrived.
+        var eof = false
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while t.response.count < HealthChecker.maxResponse {
+            let r = try? buf.withUnsafeMutableBytes { try Sys.recv(t.fd, $0.baseAddress!, $0.count) }
+            guard let r else {
+                eof = true
+                break
+            }
+            guard case .done(let n) = r else { break }
+            if n == 0 {
+                eof = true
+                break
+            }
+            t.response += buf[0..<n]
+        }
+        let full = t.response.count >= HealthChecker.maxResponse
+        if let verdict = judge(t, eof: eof || full) {
+            finish(t, CheckResult(status: verdict.0, code: verdict.1, detail: verdict.2, durationMs: now - t.started), now)
+        }
+    }
+
+    private func result(_ s: CheckStatus, _ detail: String, _ t: Task, _ now: Int64) -> CheckResult {
+        CheckResult(status: s, code: nil, detail: detail, durationMs: now - t.started)
+    }
+
+    /// Decides from the bytes so far; nil: wait for more (until EOF or the timeout).
+    func judge(_ t: Task, eof: Bool) -> (CheckStatus, Int?, String)? {
+        switch t.config.type {
+        case .tcp:
+            return (.l4ok, nil, "")
+        case .http:
+            return HTTPJudge.judge(t.response, config: t.config, eof: eof)
+        case .redis:
+            return RedisJudge.judge(t.response, config: t.config, eof: eof)
+        }
+    }
+
+    private func timedOut(_ t: Task, _ now: Int64) {
+        let status: CheckStatus = t.connected ? .l7timeout : .l4timeout
+        var detail = t.connected ? "no complete answer within \(t.config.timeout)" : "no connection within \(t.config.timeout)"
+        if t.connected && t.config.type == .redis, let partial = RedisJudge.judge(t.response, config: t.config, eof: true) {
+            detail += " (\(partial.2))"
+        }
+        finish(t, CheckResult(status: status, code: nil, detail: detail, durationMs: now - t.started), now)
+    }
+
+    private func finish(_ t: Task, _ r: CheckResult, _ now: Int64) {
+        if t.fd >= 0 {
+            Sys.close(t.fd)
+            t.fd = -1
+        }
+        t.last = r
+        results.withLock { $0[ObjectIdentifier(t.server)] = r }
+        // The passive observer may have marked the server down meanwhile: follow it.
+        let serverUp = t.server.up.load(ordering: .relaxed)
+        if t.up && !serverUp {
+            t.up = false
+            t.successes = 0
+        }
+        if r.status.passed {
+            t.failures = 0
+            t.successes += 1
+            if !t.up && t.successes >= t.config.rise { transition(t, up: true, r) }
+        } else {
+            t.successes = 0
+            t.failures += 1
+            if t.up && t.failures >= t.config.fall { transition(t, up: false, r) }
+        }
+        let changing = (t.up && t.failures > 0) || (!t.up && t.successes > 0)
+        let wait = changing ? t.config.fast : (t.up ? t.config.interval : t.config.down)
+        t.nextDue = now + wait.value
+    }
+
+    private func transition(_ t: Task, up: Bool, _ r: CheckResult) {
+        t.up = up
+        t.successes = 0
+        t.failures = 0
+        t.server.up.store(up, ordering: .relaxed)
+        if up { t.server.upSince.store(max(monotonic(), 1), ordering: .relaxed) }
+        ServerStateClock.bump()
+        var line = "Server \(t.service)/\(t.server.name) is \(up ? "UP" : "DOWN"), reason: \(r.status.text)"
+        if r.code.map({ _ in true }) ?? false { line += ", code: \(r.code!)" }
+        if !r.detail.isEmpty { line += ", info: \"\(r.detail)\"" }
+        line += ", check duration: \(r.durationMs)ms."
+        if up { logger.notice("\(line)") } else { logger.warning("\(line)") }
+        onTransition(t.service, t.server, up)
+    }
+}
