@@ -99,7 +99,7 @@ enum RedisJudge {
             if case .error(let e) = info { return (.l7response, nil, "INFO replication failed: \(e)") }
             return (.l7response, nil, "INFO replication: unexpected answer")
         }
-        let roleLine = text.split(whereSeparator: { $0 == "\r" || $0 == "\n" }).first { $0.hasPrefix("role:") }
+        let roleLine = text.split(whereSeparator: \.isNewline).first { $0.hasPrefix("role:") }
         let role = roleLine.map { String($0.dropFirst(5)) } ?? "unknown"
         let isMaster = role == "master"
         let wanted = config.role == .master

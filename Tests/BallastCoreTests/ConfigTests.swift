@@ -113,15 +113,11 @@ struct ConfigTests {
         ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers:\n      - { name: s, adress: 10.0.0.1:1 }\n",
-            "bad.yaml:5:20: unknown key 'adress' in service 'a' servers[0] (did you mean 'address'?); expected one of: name, address, weight, maxconn, backup, slowstart, state"
+            "bad.yaml:5:20: unknown key 'adress' in service 'a' servers[0] (did you mean 'address'?); expected one of: name, address, weight, maxconn, backup, slowstart, state, check"
         ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    balance: fastest\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
             "bad.yaml:4:14: service 'a': balance: unknown value 'fastest'; expected one of: roundrobin, leastconn, source, random, first"
-        ),
-        (
-            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: tcp }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
-            "bad.yaml:4:5: key 'check' in services[0] is not supported: health checks are not implemented in this version"
         ),
         (
             "services:\n  - name: a\n    name: b\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
@@ -150,6 +146,34 @@ struct ConfigTests {
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: 10.0.0.1:1, state: broken }]\n",
             "bad.yaml:4:54: service 'a' server 's': state: unknown value 'broken'; expected one of: ready, drain, maint"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: smtp }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:20: service 'a' check.type: unknown value 'smtp'; expected one of: tcp, http, redis"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: mysql }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:20: service 'a' check.type: the mysql check is not implemented in this version; use type: tcp"
+        ),
+        (
+            "defaults:\n  check: { rise: 0 }\nservices: []\n",
+            "bad.yaml:2:18: defaults.check.rise must be between 1 and 100, not 0"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { interval: 1s, timeout: 2s }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:37: service 'a' check: timeout 2s is above interval 1s; a check must end before the next one starts"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: redis, password: x, password_file: /etc/pw }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:40: service 'a' check: give password or password_file, not both"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: http, expect: [200, 600] }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:40: service 'a' check.expect: '600' is not a status code or range between 100 and 599 (such as 200 or 200-299)"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    on_marked_down: reboot\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:21: service 'a': on_marked_down: unknown value 'reboot'; expected one of: none, shutdown-sessions"
         ),
     ]
 

@@ -14,20 +14,26 @@ import Glibc
         let port: UInt16
         let dir = TempDir()
         let process = Process()
+        var auth: [String] = []
 
-        init() throws {
+        func cli(_ args: String...) throws -> String {
+            try runCommand("/usr/bin/redis-cli", ["-p", "\(port)", "--no-auth-warning"] + auth + args).1
+        }
+
+        init(extra: [String] = []) throws {
             port = try Net.freePort()
             process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
             process.arguments = [
                 "--port", "\(port)", "--bind", "127.0.0.1", "--dir", dir.path, "--save", "", "--appendonly", "no",
                 "--daemonize", "no", "--logfile", dir.file("redis.log"),
-            ]
+            ] + extra
+            if let k = extra.firstIndex(of: "--requirepass") { auth = ["-a", extra[k + 1]] }
             process.standardOutput = FileHandle.nullDevice
             process.standardError = FileHandle.nullDevice
             try process.run()
             let deadline = Date().addingTimeInterval(10)
             while Date() < deadline {
-                if let (s, out, _) = try? runCommand("/usr/bin/redis-cli", ["-p", "\(port)", "PING"]), s == 0, out == "PONG\n" {
+                if let (s, out, _) = try? runCommand("/usr/bin/redis-cli", ["-p", "\(port)", "--no-auth-warning"] + auth + ["PING"]), s == 0, out == "PONG\n" {
                     return
                 }
                 usleep(50_000)

@@ -203,8 +203,8 @@ final class TestServer: @unchecked Sendable {
 
     var connections: Int { accepted.load(ordering: .relaxed) }
 
-    init(name: String = "server", host: String = "127.0.0.1", handler: @escaping @Sendable (Int32, TestServer) -> Void) throws {
-        (fd, port) = try Net.listen(host)
+    init(name: String = "server", host: String = "127.0.0.1", port: UInt16 = 0, handler: @escaping @Sendable (Int32, TestServer) -> Void) throws {
+        (fd, self.port) = try Net.listen(host, port: port)
         self.name = name
         self.handler = handler
         acceptThread = TestThread { [self] in self.acceptLoop() }
@@ -321,4 +321,10 @@ extension Net {
         }
         return fd
     }
+}
+
+/// A value behind a lock that closures on other threads can share.
+final class Locked<T: Sendable>: Sendable {
+    let value: Mutex<T>
+    init(_ v: T) { value = Mutex(v) }
 }

@@ -1,0 +1,167 @@
+import Foundation
+import Synchronization
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Active health checks against real servers; what a user sees: the transition log lines and
+/// where new connections go.
+@Suite(.serialized) struct HealthTests {
+    /// A tiny HTTP server whose answer the test sets; it records the first request it got.
+    final class HTTPServer: @unchecked Sendable {
+        let server: TestServer
+        let answer = Locked<String>("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        let firstRequest = Locked<String?>(nil)
+
+        init() throws {
+            let answer = self.answer
+            let firstRequest = self.firstRequest
+            server = try TestServer(name: "http") { c, _ in
+                var req = [UInt8]()
+                while !req.suffix(4).elementsEqual([13, 10, 13, 10]) {
+                    let b = Net.readExactly(c, 1)
+                    if b.isEmpty { return }
+                    req += b
+                }
+                firstRequest.value.withLock { if $0 == nil { $0 = String(decoding: req, as: UTF8.self) } }
+                let a = answer.value.withLock { $0 }
+                if a == "SILENT" {
+                    _ = Net.readAll(c)
+                    return
+                }
+                try? Net.sendAll(c, a)
+            }
+        }
+    }
+
+    static func config(_ servers: [(String, UInt16)], check: String, extra: String = "", serverExtra: [String: String] = [:]) -> String {
+        configYAML(global: "workers: 1", services: [serviceYAML(servers: servers, extra: "check: \(check)\n" + extra, serverExtra: serverExtra)])
+    }
+
+    @Test("tcp: a refused server goes DOWN after fall checks, traffic avoids it, and it comes back UP")
+    func tcpRefusedAndBack() throws {
+        let alive = try TestServer.named("alive")
+        defer { alive.stop() }
+        let deadPort = try Net.freePort()
+        let p = try BallastProcess(config: Self.config([("alive", alive.port), ("dead", deadPort)], check: "{ type: tcp, interval: 200ms, timeout: 100ms, rise: 2, fall: 2 }"))
+        defer { p.stop() }
+        let down = try #require(p.waitForLog("Server svc/dead is DOWN", timeout: 5))
+        #expect(down.contains("reason: Layer4 connection problem, info: \"Connection refused\", check duration: "))
+        #expect(p.waitForLog("Server svc/alive is DOWN", timeout: 0.5) == nil)
+        for _ in 0..<10 { #expect(try LifecycleTests.whoAnswers(p.port("svc")) == "alive") }
+        let revived = try TestServer(name: "dead", port: deadPort) { c, s in try? Net.sendAll(c, s.name + "\n") }
+        defer { revived.stop() }
+        let up = try #require(p.waitForLog("Server svc/dead is UP", timeout: 5))
+        #expect(up.contains("reason: Layer4 check passed"))
+        var seen = Set<String>()
+        for _ in 0..<6 { seen.insert(try LifecycleTests.whoAnswers(p.port("svc"))) }
+        #expect(seen == ["alive", "dead"])
+    }
+
+    @Test("tcp: a server that never completes the handshake fails with a Layer4 timeout")
+    func tcpTimeout() throws {
+        let hole = try FailureTests.BlackHole()
+        let alive = try TestServer.named("alive")
+        defer { alive.stop() }
+        let p = try BallastProcess(config: Self.config([("alive", alive.port), ("hole", hole.port)], check: "{ type: tcp, interval: 300ms, timeout: 200ms, fall: 1 }"))
+        defer { p.stop() }
+        let down = try #require(p.waitForLog("Server svc/hole is DOWN", timeout: 5))
+        #expect(down.contains("reason: Layer4 timeout"))
+    }
+
+    @Test("http: the request sent, and 200 / 503 / wrong body / silence / garbage judged as HAProxy does",
+        arguments: [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nhealthy", nil as String?),
+            ("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", "reason: Layer7 wrong status, code: 503, info: \"Service Unavailable\""),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nsick", "reason: Layer7 invalid response, code: 200, info: \"body does not contain 'healthy'\""),
+            ("SILENT", "reason: Layer7 timeout"),
+            ("+PONG\r\nthis is not http at all\r\n", "reason: Layer7 invalid response, info: \"not an HTTP answer: +PONG..this is not http at all..\""),
+        ])
+    func http(answer: String, expected: String?) throws {
+        let http = try HTTPServer()
+        http.answer.value.withLock { $0 = answer }
+        let alive = try TestServer.named("alive")
+        defer { http.server.stop(); alive.stop() }
+        let p = try BallastProcess(config: Self.config(
+            [("alive", alive.port), ("web", http.server.port)],
+            check: "{ type: http, method: HEAD, path: /healthz, host: app.example, expect: [200-299], body: healthy, interval: 300ms, timeout: 250ms, fall: 1 }",
+            serverExtra: ["alive": "check: false"]))
+        defer { p.stop() }
+        if let expected {
+            let line = try #require(p.waitForLog("Server svc/web is DOWN", timeout: 5))
+            #expect(line.contains(expected), "\(line)")
+        } else {
+            usleep(1_000_000)
+            #expect(!p.log.contains("is DOWN"))
+        }
+        let req = try #require(http.firstRequest.value.withLock { $0 })
+        #expect(req.hasPrefix("HEAD /healthz HTTP/1.1\r\nHost: app.example\r\n"))
+        #expect(req.contains("Connection: close\r\n"))
+    }
+
+    @Test("redis role: master takes the traffic; a failover moves it and cuts the old master's clients", .enabled(if: RedisTests.haveRedis))
+    func redisFailover() throws {
+        let a = try RedisTests.RedisServer()
+        let b = try RedisTests.RedisServer()
+        try #require("\(a.port)".count == "\(b.port)".count)
+        _ = try b.cli("REPLICAOF", "127.0.0.1", "\(a.port)")
+        let interval = 200
+        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
+            serviceYAML(
+                name: "redis", servers: [("a", a.port), ("b", b.port)],
+                extra: "check: { type: redis, role: master, interval: \(interval)ms, timeout: 150ms, rise: 1, fall: 2 }\non_marked_down: shutdown-sessions")
+        ]))
+        defer { p.stop() }
+        let down = try #require(p.waitForLog("Server redis/b is DOWN", timeout: 5))
+        #expect(down.contains("reason: Layer7 invalid response, info: \"role is slave, the check requires master\""))
+        let port = p.port("redis")
+        func servedBy() throws -> String {
+            let fd = try Net.connect(port, timeout: 5)
+            defer { close(fd) }
+            try Net.sendAll(fd, "*3\r\n$6\r\nCONFIG\r\n$3\r\nGET\r\n$4\r\nport\r\n")
+            // *2 $4 port $N <port>: 20 bytes of framing and the port's digits.
+            let reply = String(decoding: Net.readExactly(fd, 20 + "\(a.port)".count), as: UTF8.self)
+            return reply.contains("\r\n\(a.port)\r\n") ? "a" : reply.contains("\r\n\(b.port)\r\n") ? "b" : reply
+        }
+        for _ in 0..<6 { #expect(try servedBy() == "a") }
+        // A client of the master, through Ballast, held across the failover.
+        let held = try Net.connect(port, timeout: 10)
+        defer { close(held) }
+        try Net.sendAll(held, "*1\r\n$4\r\nPING\r\n")
+        #expect(Net.readExactly(held, 7) == Array("+PONG\r\n".utf8))
+        let start = Date()
+        _ = try b.cli("REPLICAOF", "NO", "ONE")
+        _ = try a.cli("REPLICAOF", "127.0.0.1", "\(b.port)")
+        #expect(p.waitForLog("Server redis/a is DOWN", timeout: 5) != nil)
+        #expect(p.waitForLog("Server redis/b is UP", timeout: 5) != nil)
+        let moved = Date().timeIntervalSince(start)
+        // fall × interval + one interval, with room for a slow machine.
+        #expect(moved < Double(2 * interval + interval) / 1000 + 1.0, "took \(moved)s")
+        for _ in 0..<6 { #expect(try servedBy() == "b") }
+        // shutdown-sessions: the old master's client was closed.
+        let (_, end) = Net.readAll(held)
+        #expect(end == .eof || end == .reset)
+        #expect(p.waitForLog("closed 1 connections (server-down)") != nil)
+    }
+
+    @Test("redis AUTH: the right password passes, a wrong one fails with the server's error", .enabled(if: RedisTests.haveRedis),
+        arguments: [("s3cret", nil as String?), ("wrong", "AUTH failed: WRONGPASS")])
+    func redisAuth(password: String, expected: String?) throws {
+        let r = try RedisTests.RedisServer(extra: ["--requirepass", "s3cret"])
+        let dir = TempDir()
+        let pwFile = dir.write("redis.pw", password + "\n")
+        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
+            serviceYAML(name: "redis", servers: [("r", r.port)], extra: "check: { type: redis, password_file: \(pwFile), interval: 200ms, timeout: 150ms, fall: 1 }")
+        ]))
+        defer { p.stop() }
+        if let expected {
+            let line = try #require(p.waitForLog("Server redis/r is DOWN", timeout: 5))
+            #expect(line.contains(expected), "\(line)")
+        } else {
+            usleep(800_000)
+            #expect(!p.log.contains("is DOWN"))
+        }
+    }
+}
