@@ -149,6 +149,9 @@ public struct ServiceConfig: Sendable, Equatable {
     public var hashTableSize = MaglevTable.defaultSize
     /// With no active server usable: spread over all backups (true) or use the first (false).
     public var allbackups = false
+    /// Passive observation: this many consecutive failed connects mark a server DOWN at once
+    /// (0: off); its active check brings it back.
+    public var observeFails = 0
     public var onMarkedDown = MarkedDownAction.none
     public var onMarkedUp = MarkedUpAction.none
     public var servers: [ServerConfig] = []

@@ -21,7 +21,7 @@ public enum ConfigLoader {
     public static let timeoutKeys = ["connect", "client", "server", "queue"]
     public static let serviceKeys = [
         "name", "mode", "bind", "balance", "hash_key", "hash_table_size", "allbackups", "slowstart", "timeout",
-        "retries", "maxqueue", "check", "on_marked_down", "on_marked_up", "servers",
+        "retries", "maxqueue", "check", "observe", "on_marked_down", "on_marked_up", "servers",
     ]
     public static let serverKeys = ["name", "address", "weight", "maxconn", "backup", "slowstart", "state", "check"]
     /// Keys from DESIGN.md that a later release implements: named so the error says so instead of "unknown".
@@ -366,6 +366,14 @@ public enum ConfigLoader {
             if let e = m["slowstart"] { serviceSlowstart = try duration(e.value, "\(what): slowstart") }
             var serviceCheck: CheckConfig?
             if let e = m["check"] { serviceCheck = try parseCheck(e.value, "\(what) check", base: config.check) }
+            if let e = m["observe"] {
+                let om = try mapping(e.value, "\(what) observe", allowed: ["fails"])
+                guard let f = om["fails"] else { throw fail(e.value, "\(what) observe: missing required key 'fails'") }
+                svc.observeFails = try integer(f.value, "\(what) observe.fails", min: 1, max: 1000)
+                guard serviceCheck != nil else {
+                    throw fail(e.key, "\(what): observe needs an active check (check:) to bring a server back up")
+                }
+            }
             if let e = m["on_marked_down"] { svc.onMarkedDown = try enumValue(e.value, "\(what): on_marked_down", MarkedDownAction.self) }
             if let e = m["on_marked_up"] { svc.onMarkedUp = try enumValue(e.value, "\(what): on_marked_up", MarkedUpAction.self) }
             if let e = m["timeout"] { svc.timeouts = try parseTimeouts(e.value, "\(what) timeout", base: svc.timeouts) }

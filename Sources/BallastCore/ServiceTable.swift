@@ -24,6 +24,8 @@ public final class Server: Sendable {
     public let up = Atomic<Bool>(true)
     /// Slow start: after the server becomes usable again its weight ramps up over this long.
     public let slowstartMs: Atomic<Int64>
+    /// Consecutive failed connects seen by the proxy (passive observation).
+    public let connectFailures = Atomic<Int>(0)
     /// Monotonic ms when the server last became usable; 0 when it has not come back since start.
     public let upSince = Atomic<Int64>(0)
 

@@ -380,7 +380,10 @@ public final class HealthChecker: @unchecked Sendable {
         t.successes = 0
         t.failures = 0
         t.server.up.store(up, ordering: .relaxed)
-        if up { t.server.upSince.store(max(monotonic(), 1), ordering: .relaxed) }
+        if up {
+            t.server.upSince.store(max(monotonic(), 1), ordering: .relaxed)
+            t.server.connectFailures.store(0, ordering: .relaxed)
+        }
         ServerStateClock.bump()
         var line = "Server \(t.service)/\(t.server.name) is \(up ? "UP" : "DOWN"), reason: \(r.status.text)"
         if r.code.map({ _ in true }) ?? false { line += ", code: \(r.code!)" }

@@ -461,6 +461,9 @@ public final class Worker: @unchecked Sendable {
         if err != 0 { return connectFailed(i, err) }
         c.pointee.state = .established
         c.pointee.serverWritable = true
+        if let server = c.pointee.server, server.connectFailures.load(ordering: .relaxed) != 0 {
+            server.connectFailures.store(0, ordering: .relaxed)
+        }
         c.pointee.lastClientIO = now
         c.pointee.lastServerIO = now
         armIdle(i)
@@ -474,6 +477,9 @@ public final class Worker: @unchecked Sendable {
             c.pointee.serverFd = -1
         }
         let failed = c.pointee.serverIndex
+        if let svc = c.pointee.service, svc.observeFails > 0, let server = c.pointee.server {
+            observeFailure(server, svc, err)
+        }
         releaseServer(i)
         if c.pointee.retriesLeft > 0 {
             c.pointee.retriesLeft -= 1
@@ -484,6 +490,18 @@ public final class Worker: @unchecked Sendable {
             return assign(i, exclude: failed)
         }
         finish(i, err == ETIMEDOUT ? .connectTimeout : .connectFailed)
+    }
+
+    /// Passive observation: enough consecutive failed connects mark the server DOWN at once;
+    /// the active check brings it back after `rise` successes.
+    private func observeFailure(_ server: Server, _ svc: WorkerService, _ err: Int32) {
+        let n = server.connectFailures.wrappingAdd(1, ordering: .relaxed).newValue
+        guard n >= svc.observeFails else { return }
+        let (exchanged, _) = server.up.compareExchange(expected: true, desired: false, ordering: .relaxed)
+        guard exchanged else { return }
+        ServerStateClock.bump()
+        logger.warning(
+            "Server \(svc.name)/\(server.name) is DOWN, reason: passive observation, info: \"\(n) consecutive failed connects, last: \(String(cString: strerror(err)))\".")
     }
 
     private func releaseServer(_ i: Int32) {

@@ -23,6 +23,7 @@ public final class WorkerService {
     let balance: Balance
     let hashWithPort: Bool
     let allbackups: Bool
+    let observeFails: Int
 
     init(service: Service, seed: UInt64) {
         self.service = service
@@ -38,6 +39,7 @@ public final class WorkerService {
         balance = c.balance
         hashWithPort = c.hashKey == .sourcePort
         allbackups = c.allbackups
+        observeFails = c.observeFails
     }
 
     var name: String { service.name }

@@ -164,4 +164,47 @@ import Glibc
             #expect(!p.log.contains("is DOWN"))
         }
     }
+
+    @Test("passive observation: consecutive failed connects mark a server DOWN at once; the check brings it back")
+    func passive() throws {
+        let alive = try TestServer.named("alive")
+        let checkTarget = try TestServer.named("check-target")
+        defer { alive.stop(); checkTarget.stop() }
+        let refusing = try Net.freePort()
+        let p = try BallastProcess(config: configYAML(global: "workers: 1", defaults: "retries: 1", services: [
+            serviceYAML(
+                servers: [("flaky", refusing), ("alive", alive.port)],
+                extra: "check: { type: tcp, interval: 300ms, timeout: 200ms, rise: 2, fall: 3 }\nobserve: { fails: 3 }",
+                serverExtra: ["flaky": "check: { port: \(checkTarget.port) }"])
+        ]))
+        defer { p.stop() }
+        // The check passes (it probes another port) while every relayed connect is refused.
+        for _ in 0..<8 { #expect(try LifecycleTests.whoAnswers(p.port("svc")) == "alive") }
+        let down = try #require(p.waitForLog("Server svc/flaky is DOWN", timeout: 3))
+        #expect(down.contains("reason: passive observation, info: \"3 consecutive failed connects, last: Connection refused\""))
+        #expect(p.waitForLog("Server svc/flaky is UP", timeout: 5)?.contains("reason: Layer4 check passed") == true)
+    }
+
+    @Test("rise/fall counting with fastinterval and downinterval")
+    func intervals() throws {
+        let deadPort = try Net.freePort()
+        let alive = try TestServer.named("alive")
+        defer { alive.stop() }
+        let p = try BallastProcess(config: Self.config(
+            [("alive", alive.port), ("dead", deadPort)],
+            check: "{ type: tcp, interval: 1s, fastinterval: 100ms, downinterval: 2s, timeout: 100ms, rise: 2, fall: 3 }",
+            serverExtra: ["alive": "check: false"]))
+        defer { p.stop() }
+        // First failure within one interval (spread start), then two more at fastinterval.
+        let start = Date()
+        #expect(p.waitForLog("Server svc/dead is DOWN", timeout: 3) != nil)
+        #expect(Date().timeIntervalSince(start) < 1.0 + 0.2 + 0.6)
+        // DOWN: checks every 2 s; back after two successes, the second at fastinterval.
+        let revived = try TestServer(name: "dead", port: deadPort) { c, s in try? Net.sendAll(c, s.name + "\n") }
+        defer { revived.stop() }
+        let t0 = Date()
+        #expect(p.waitForLog("Server svc/dead is UP", timeout: 4) != nil)
+        let took = Date().timeIntervalSince(t0)
+        #expect(took < 2.0 + 0.1 + 0.6, "came back after \(took)s")
+    }
 }
