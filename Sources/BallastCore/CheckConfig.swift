@@ -1,10 +1,11 @@
 /// Active health check of a server (`check:` on a service, overridable per server).
 public enum CheckType: String, Sendable, CaseIterable {
     case tcp, http, redis
+    /// HAProxy's agent-check protocol: the server's agent answers one line that sets state and weight.
+    case agent
     /// Check types from the design that a later release adds.
     static let planned: [String: String] = [
-        "mysql": "the mysql check is not implemented in this version; use type: tcp",
-        "agent": "the agent check is not implemented in this version",
+        "mysql": "the mysql check is not implemented in this version; use type: tcp"
     ]
 }
 
@@ -36,6 +37,9 @@ public struct CheckConfig: Sendable, Equatable {
     public var username: String?
     public var password: String?
     public var role = RedisRole.any
+    // agent
+    /// A line sent to the agent before it answers (HAProxy `agent-send`).
+    public var send: String?
 
     public init() {}
 

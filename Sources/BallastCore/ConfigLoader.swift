@@ -16,7 +16,7 @@ public enum ConfigLoader {
     public static let defaultsKeys = ["timeout", "retries", "check"]
     public static let checkKeys = [
         "type", "interval", "fastinterval", "downinterval", "timeout", "rise", "fall", "port", "address", "method", "path",
-        "host", "expect", "body", "username", "password", "password_file", "role",
+        "host", "expect", "body", "username", "password", "password_file", "role", "send",
     ]
     public static let timeoutKeys = ["connect", "client", "server", "queue"]
     public static let serviceKeys = [
@@ -306,6 +306,7 @@ public enum ConfigLoader {
                 c.password = text.hasSuffix("\n") ? String(text.dropLast()) : text
             }
             if let e = m["role"] { c.role = try enumValue(e.value, "\(what).role", RedisRole.self) }
+            if let e = m["send"] { c.send = try scalar(e.value, "\(what).send") }
             if c.timeout > c.interval {
                 throw fail(m["timeout"]?.value ?? m["interval"]?.value ?? node, "\(what): timeout \(c.timeout) is above interval \(c.interval); a check must end before the next one starts")
             }

@@ -59,6 +59,7 @@ public final class HealthChecker: @unchecked Sendable {
         let server: Server
         let config: CheckConfig
         let target: SocketAddress
+        let initialWeight: Int
         var nextDue: Int64
         var fd: Int32 = -1
         var started: Int64 = 0
@@ -73,10 +74,11 @@ public final class HealthChecker: @unchecked Sendable {
         var last = CheckResult(status: .initializing, code: nil, detail: "", durationMs: 0)
         var generation: UInt32 = 0
 
-        init(service: String, server: Server, config: CheckConfig, now: Int64) {
+        init(service: String, server: Server, config: CheckConfig, initialWeight: Int, now: Int64) {
             self.service = service
             self.server = server
             self.config = config
+            self.initialWeight = initialWeight
             var t = config.address ?? server.address
             if config.address != nil { t.port = server.address.port }
             if let p = config.port { t.port = p }
@@ -92,7 +94,7 @@ public final class HealthChecker: @unchecked Sendable {
     private let wakeFd: Int32
     private let logger: Logger
     private let onTransition: Transition
-    private let pending = Mutex<[(String, Server, CheckConfig)]?>(nil)
+    private let pending = Mutex<[(String, Server, CheckConfig, Int)]?>(nil)
     private let stopping = Atomic<Bool>(false)
     private var tasks: [Task?] = []
     private var thread: pthread_t?
@@ -109,11 +111,11 @@ public final class HealthChecker: @unchecked Sendable {
     /// Replaces the set of checked servers (start and reload). A server whose check is unchanged
     /// keeps its state and counters; a server that lost its check is marked up.
     public func update(_ table: ServiceTable) {
-        var list: [(String, Server, CheckConfig)] = []
+        var list: [(String, Server, CheckConfig, Int)] = []
         for svc in table.services {
             for (k, s) in svc.servers.enumerated() {
                 if let c = svc.config.servers[k].check {
-                    list.append((svc.name, s, c))
+                    list.append((svc.name, s, c, svc.config.servers[k].weight))
                 } else if !s.up.load(ordering: .relaxed) {
                     s.up.store(true, ordering: .relaxed)
                     ServerStateClock.bump()
@@ -197,7 +199,7 @@ public final class HealthChecker: @unchecked Sendable {
     }
 
     private func applyPending(_ now: Int64) {
-        guard let list = pending.withLock({ p -> [(String, Server, CheckConfig)]? in
+        guard let list = pending.withLock({ p -> [(String, Server, CheckConfig, Int)]? in
             let l = p
             p = nil
             return l
@@ -208,11 +210,11 @@ public final class HealthChecker: @unchecked Sendable {
             old[ObjectIdentifier(t.server)] = t
         }
         var next: [Task?] = []
-        for (service, server, config) in list {
-            if let t = old.removeValue(forKey: ObjectIdentifier(server)), t.config == config {
+        for (service, server, config, weight) in list {
+            if let t = old.removeValue(forKey: ObjectIdentifier(server)), t.config == config, t.initialWeight == weight {
                 next.append(t)
             } else {
-                next.append(Task(service: service, server: server, config: config, now: now))
+                next.append(Task(service: service, server: server, config: config, initialWeight: weight, now: now))
             }
         }
         for t in old.values where t.fd >= 0 {
@@ -266,6 +268,8 @@ public final class HealthChecker: @unchecked Sendable {
             if let h = c.host { r += "Host: \(h)\r\n" }
             r += "User-Agent: ballast-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
             return Array(r.utf8)
+        case .agent:
+            return c.send.map { Array(($0.hasSuffix("\n") ? $0 : $0 + "\n").utf8) } ?? []
         case .redis:
             var cmds: [[String]] = []
             if let p = c.password { cmds.append(c.username.map { ["AUTH", $0, p] } ?? ["AUTH", p]) }
@@ -336,6 +340,12 @@ public final class HealthChecker: @unchecked Sendable {
             return HTTPJudge.judge(t.response, config: t.config, eof: eof)
         case .redis:
             return RedisJudge.judge(t.response, config: t.config, eof: eof)
+        case .agent:
+            guard let line = AgentReply.line(t.response, eof: eof) else { return nil }
+            let reply = AgentReply(line)
+            applyAgent(reply, to: t)
+            if let down = reply.down { return (.l7status, nil, down.isEmpty ? line : down) }
+            return (.l7ok, nil, line)
         }
     }
 
@@ -352,6 +362,13 @@ public final class HealthChecker: @unchecked Sendable {
         if t.fd >= 0 {
             Sys.close(t.fd)
             t.fd = -1
+        }
+        // As in HAProxy, an agent that cannot be reached changes nothing: it is not a failure.
+        if t.config.type == .agent && !t.connected && !r.status.passed {
+            t.last = r
+            results.withLock { $0[ObjectIdentifier(t.server)] = r }
+            t.nextDue = now + t.config.interval.value
+            return
         }
         t.last = r
         results.withLock { $0[ObjectIdentifier(t.server)] = r }
@@ -373,6 +390,20 @@ public final class HealthChecker: @unchecked Sendable {
         let changing = (t.up && t.failures > 0) || (!t.up && t.successes > 0)
         let wait = changing ? t.config.fast : (t.up ? t.config.interval : t.config.down)
         t.nextDue = now + wait.value
+    }
+
+    /// Applies an agent's words: weight relative to the configured one, maxconn, admin state.
+    private func applyAgent(_ a: AgentReply, to t: Task) {
+        let now = monotonic()
+        if let pct = a.weightPercent {
+            let w = min(Defaults.maxWeight, t.initialWeight * pct / 100)
+            if w != t.server.weight { t.server.setWeight(w, now: now) }
+        }
+        if let m = a.maxconn { t.server.maxconnValue.store(m, ordering: .relaxed) }
+        if let s = a.admin, s != t.server.adminState {
+            t.server.setAdmin(s, now: now)
+            logger.notice("Server \(t.service)/\(t.server.name) is \(s == .ready ? "READY" : s == .drain ? "DRAIN" : "MAINT") (agent).")
+        }
     }
 
     private func transition(_ t: Task, up: Bool, _ r: CheckResult) {

@@ -123,3 +123,57 @@ func find(_ hay: [UInt8], _ needle: [UInt8]) -> Int? {
 func printable<S: Sequence>(_ bytes: S) -> String where S.Element == UInt8 {
     String(bytes.map { $0 >= 32 && $0 < 127 ? Character(UnicodeScalar($0)) : "." })
 }
+
+/// One line of HAProxy's agent-check protocol: words separated by spaces, tabs or commas —
+/// `up`, `down`/`fail`/`stopped` (optionally `#reason`), `ready`, `drain`, `maint`, `N%`,
+/// `maxconn:N`.
+struct AgentReply: Equatable {
+    var weightPercent: Int?
+    var maxconn: Int?
+    var admin: AdminState?
+    /// Set when the agent reports the server down; the text after `#`, if any.
+    var down: String?
+    var up = false
+
+    /// The first line, once complete (or whatever came before EOF).
+    static func line(_ bytes: [UInt8], eof: Bool) -> String? {
+        if let nl = bytes.firstIndex(of: 10) {
+            return String(decoding: bytes[..<nl], as: UTF8.self).trimmingCharacters()
+        }
+        return eof ? String(decoding: bytes, as: UTF8.self).trimmingCharacters() : nil
+    }
+
+    init(_ line: String) {
+        var text = Substring(line)
+        var reason = ""
+        if let hash = text.firstIndex(of: "#") {
+            reason = String(text[text.index(after: hash)...]).trimmingCharacters()
+            text = text[..<hash]
+        }
+        for word in text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "," }) {
+            let w = word.lowercased()
+            switch w {
+            case "up": up = true
+            case "down", "fail", "stopped": down = reason
+            case "ready": admin = .ready
+            case "drain": admin = .drain
+            case "maint": admin = .maint
+            default:
+                if w.hasSuffix("%"), let p = Int(w.dropLast()), p >= 0 {
+                    weightPercent = p
+                } else if w.hasPrefix("maxconn:"), let m = Int(w.dropFirst(8)), m >= 0 {
+                    maxconn = m
+                }
+            }
+        }
+    }
+}
+
+extension String {
+    func trimmingCharacters() -> String {
+        var s = Substring(self)
+        while let f = s.first, f == " " || f == "\t" || f == "\r" || f == "\n" { s = s.dropFirst() }
+        while let l = s.last, l == " " || l == "\t" || l == "\r" || l == "\n" { s = s.dropLast() }
+        return String(s)
+    }
+}

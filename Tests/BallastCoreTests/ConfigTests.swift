@@ -149,7 +149,7 @@ struct ConfigTests {
         ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: smtp }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
-            "bad.yaml:4:20: service 'a' check.type: unknown value 'smtp'; expected one of: tcp, http, redis"
+            "bad.yaml:4:20: service 'a' check.type: unknown value 'smtp'; expected one of: tcp, http, redis, agent"
         ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: mysql }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",

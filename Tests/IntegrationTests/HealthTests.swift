@@ -207,4 +207,55 @@ import Glibc
         let took = Date().timeIntervalSince(t0)
         #expect(took < 2.0 + 0.1 + 0.6, "came back after \(took)s")
     }
+
+    @Test("agent: each word of the protocol sets state, weight or maxconn")
+    func agent() throws {
+        let a = try TestServer.namedEcho("a")
+        let b = try TestServer.namedEcho("b")
+        let word = Locked<String>("up")
+        let agent = try TestServer(name: "agent") { c, _ in
+            try? Net.sendAll(c, word.value.withLock { $0 } + "\n")
+        }
+        defer { a.stop(); b.stop(); agent.stop() }
+        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
+            serviceYAML(
+                servers: [("a", a.port), ("b", b.port)],
+                extra: "check: { type: agent, port: \(agent.port), interval: 100ms, timeout: 90ms, rise: 1, fall: 1 }",
+                serverExtra: ["a": "weight: 100", "b": "weight: 100, check: false"])
+        ]))
+        defer { p.stop() }
+        let port = p.port("svc")
+        func share(_ n: Int) throws -> [String: Int] {
+            var held: [SchedulingTests.Held] = []
+            for _ in 0..<n { held.append(try SchedulingTests.open(port)) }
+            defer { SchedulingTests.release(held) }
+            return SchedulingTests.tally(held)
+        }
+        func say(_ w: String) {
+            word.value.withLock { $0 = w }
+            usleep(400_000)
+        }
+        #expect(try share(4) == ["a": 2, "b": 2])
+        say("drain")
+        #expect(p.waitForLog("Server svc/a is DRAIN (agent)") != nil)
+        #expect(try share(4) == ["b": 4])
+        say("ready")
+        #expect(p.waitForLog("Server svc/a is READY (agent)") != nil)
+        #expect(try share(4) == ["a": 2, "b": 2])
+        say("maint")
+        #expect(p.waitForLog("Server svc/a is MAINT (agent)") != nil)
+        #expect(try share(4) == ["b": 4])
+        say("ready 50%")
+        // weight 50 against 100: one in three.
+        #expect(try share(6) == ["a": 2, "b": 4])
+        say("100% maxconn:1")
+        #expect(try share(4) == ["a": 1, "b": 3])
+        say("maxconn:0 down #disk full")
+        let down = try #require(p.waitForLog("Server svc/a is DOWN"))
+        #expect(down.contains("reason: Layer7 wrong status, info: \"disk full\""))
+        #expect(try share(4) == ["b": 4])
+        say("up")
+        #expect(p.waitForLog("Server svc/a is UP") != nil)
+        #expect(try share(4) == ["a": 2, "b": 2])
+    }
 }
