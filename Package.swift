@@ -50,6 +50,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "BallastCoreTests", dependencies: ["BallastCore"]),
+        .testTarget(name: "BallastHealthTests", dependencies: ["BallastHealth", "BallastCore"]),
         .testTarget(name: "BallastIOTests", dependencies: ["BallastIO", "BallastCore", "CLinux"]),
         .testTarget(name: "IntegrationTests", dependencies: ["BallastIO", "BallastCore", "CLinux"]),
     ],

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Ballast's build, tests, demo and benchmarks use.
 set -euo pipefail
-pkgs=(redis-server redis-tools haproxy iperf3 libnftnl-dev libmnl-dev pkg-config util-linux procps socat)
+pkgs=(redis-server redis-tools mariadb-server mariadb-client haproxy iperf3 libnftnl-dev libmnl-dev pkg-config util-linux procps socat)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -13,7 +13,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # The Debian packages start their own redis-server and haproxy; the tests start their own instead.
-for svc in redis-server haproxy; do
+for svc in redis-server haproxy mariadb; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
         ${SUDO:-} systemctl stop "$svc" || true
     fi

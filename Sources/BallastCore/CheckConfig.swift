@@ -1,12 +1,14 @@
 /// Active health check of a server (`check:` on a service, overridable per server).
 public enum CheckType: String, Sendable, CaseIterable {
-    case tcp, http, redis
+    case tcp, http, redis, mysql
     /// HAProxy's agent-check protocol: the server's agent answers one line that sets state and weight.
     case agent
     /// Check types from the design that a later release adds.
-    static let planned: [String: String] = [
-        "mysql": "the mysql check is not implemented in this version; use type: tcp"
-    ]
+    static let planned: [String: String] = [:]
+}
+
+public enum MySQLRequire: String, Sendable, CaseIterable {
+    case primary, replica, any
 }
 
 public enum RedisRole: String, Sendable, CaseIterable {
@@ -37,6 +39,10 @@ public struct CheckConfig: Sendable, Equatable {
     public var username: String?
     public var password: String?
     public var role = RedisRole.any
+    // mysql
+    public var mysqlRequire = MySQLRequire.any
+    /// One query run after login; the check fails if it returns an error.
+    public var query: String?
     // agent
     /// A line sent to the agent before it answers (HAProxy `agent-send`).
     public var send: String?

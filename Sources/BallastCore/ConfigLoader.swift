@@ -16,7 +16,7 @@ public enum ConfigLoader {
     public static let defaultsKeys = ["timeout", "retries", "check"]
     public static let checkKeys = [
         "type", "interval", "fastinterval", "downinterval", "timeout", "rise", "fall", "port", "address", "method", "path",
-        "host", "expect", "body", "username", "password", "password_file", "role", "send",
+        "host", "expect", "body", "username", "user", "password", "password_file", "role", "require", "query", "send",
     ]
     public static let timeoutKeys = ["connect", "client", "server", "queue"]
     public static let serviceKeys = [
@@ -307,6 +307,12 @@ public enum ConfigLoader {
             }
             if let e = m["role"] { c.role = try enumValue(e.value, "\(what).role", RedisRole.self) }
             if let e = m["send"] { c.send = try scalar(e.value, "\(what).send") }
+            if let e = m["user"] { c.username = try string(e.value, "\(what).user") }
+            if let e = m["require"] { c.mysqlRequire = try enumValue(e.value, "\(what).require", MySQLRequire.self) }
+            if let e = m["query"] { c.query = try string(e.value, "\(what).query") }
+            if c.type == .mysql && c.password != nil && c.username == nil {
+                throw fail(node, "\(what): a mysql password needs a user")
+            }
             if c.timeout > c.interval {
                 throw fail(m["timeout"]?.value ?? m["interval"]?.value ?? node, "\(what): timeout \(c.timeout) is above interval \(c.interval); a check must end before the next one starts")
             }

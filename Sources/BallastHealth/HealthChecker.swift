@@ -68,6 +68,8 @@ public final class HealthChecker: @unchecked Sendable {
         var request: [UInt8] = []
         var sent = 0
         var response: [UInt8] = []
+        var mysql: MySQLConversation?
+        var consumed = 0
         var up = true
         var successes = 0
         var failures = 0
@@ -240,6 +242,8 @@ public final class HealthChecker: @unchecked Sendable {
         t.sent = 0
         t.response.removeAll(keepingCapacity: true)
         t.request = Self.request(for: t.config)
+        t.mysql = t.config.type == .mysql ? MySQLConversation(config: t.config) : nil
+        t.consumed = 0
         let fd: Int32
         do {
             switch try Socket.connect(t.target) {
@@ -270,6 +274,8 @@ public final class HealthChecker: @unchecked Sendable {
             return Array(r.utf8)
         case .agent:
             return c.send.map { Array(($0.hasSuffix("\n") ? $0 : $0 + "\n").utf8) } ?? []
+        case .mysql:
+            return []  // the server speaks first
         case .redis:
             var cmds: [[String]] = []
             if let p = c.password { cmds.append(c.username.map { ["AUTH", $0, p] } ?? ["AUTH", p]) }
@@ -321,6 +327,27 @@ public final class HealthChecker: @unchecked Sendable {
             }
             t.response += buf[0..<n]
         }
+        if t.mysql != nil {
+            let fresh = Array(t.response[t.consumed...])
+            t.consumed = t.response.count
+            let out = t.mysql!.feed(fresh)
+            if !out.isEmpty {
+                t.request += out
+                while t.sent < t.request.count {
+                    let r = try? t.request.withUnsafeBytes { try Sys.send(t.fd, $0.baseAddress! + t.sent, $0.count - t.sent) }
+                    guard case .done(let n)? = r else { break }
+                    t.sent += n
+                }
+            }
+            if let v = t.mysql!.verdict {
+                return finish(t, CheckResult(status: v.0, code: v.1, detail: v.2, durationMs: now - t.started), now)
+            }
+            if eof { return finish(t, result(.l7response, "connection closed by the server", t, now), now) }
+            if t.response.count >= HealthChecker.maxResponse {
+                return finish(t, result(.l7response, "answer too long", t, now), now)
+            }
+            return
+        }
         let full = t.response.count >= HealthChecker.maxResponse
         if let verdict = judge(t, eof: eof || full) {
             finish(t, CheckResult(status: verdict.0, code: verdict.1, detail: verdict.2, durationMs: now - t.started), now)
@@ -340,6 +367,8 @@ public final class HealthChecker: @unchecked Sendable {
             return HTTPJudge.judge(t.response, config: t.config, eof: eof)
         case .redis:
             return RedisJudge.judge(t.response, config: t.config, eof: eof)
+        case .mysql:
+            return nil  // judged by the conversation
         case .agent:
             guard let line = AgentReply.line(t.response, eof: eof) else { return nil }
             let reply = AgentReply(line)

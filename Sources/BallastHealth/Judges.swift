@@ -135,6 +135,14 @@ struct AgentReply: Equatable {
     var down: String?
     var up = false
 
+    init(weightPercent: Int?, maxconn: Int?, admin: AdminState?, down: String?, up: Bool) {
+        self.weightPercent = weightPercent
+        self.maxconn = maxconn
+        self.admin = admin
+        self.down = down
+        self.up = up
+    }
+
     /// The first line, once complete (or whatever came before EOF).
     static func line(_ bytes: [UInt8], eof: Bool) -> String? {
         if let nl = bytes.firstIndex(of: 10) {

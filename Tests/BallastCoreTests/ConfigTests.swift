@@ -149,11 +149,11 @@ struct ConfigTests {
         ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: smtp }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
-            "bad.yaml:4:20: service 'a' check.type: unknown value 'smtp'; expected one of: tcp, http, redis, agent"
+            "bad.yaml:4:20: service 'a' check.type: unknown value 'smtp'; expected one of: tcp, http, redis, mysql, agent"
         ),
         (
-            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: mysql }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
-            "bad.yaml:4:20: service 'a' check.type: the mysql check is not implemented in this version; use type: tcp"
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: mysql, password: pw }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:12: service 'a' check: a mysql password needs a user"
         ),
         (
             "defaults:\n  check: { rise: 0 }\nservices: []\n",

@@ -1,0 +1,108 @@
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The mysql check against a real MariaDB server (Debian's mariadb-server), set up in a
+/// temporary directory with its own port and socket.
+@Suite(.serialized) struct MySQLTests {
+    static let haveMariaDB = FileManager.default.isExecutableFile(atPath: "/usr/sbin/mariadbd")
+        && FileManager.default.isExecutableFile(atPath: "/usr/bin/mariadb-install-db")
+
+    final class MariaDB {
+        let dir = TempDir()
+        let port: UInt16
+        let process = Process()
+        var socket: String { dir.file("mysql.sock") }
+
+        init() throws {
+            port = try Net.freePort()
+            let (s, _, err) = try runCommand(
+                "/usr/bin/mariadb-install-db",
+                ["--no-defaults", "--datadir=\(dir.file("data"))", "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db"],
+                timeout: 120)
+            guard s == 0 else { throw Net.Failure("mariadb-install-db failed: \(err)") }
+            process.executableURL = URL(fileURLWithPath: "/usr/sbin/mariadbd")
+            process.arguments = [
+                "--no-defaults", "--datadir=\(dir.file("data"))", "--socket=\(socket)", "--port=\(port)",
+                "--bind-address=127.0.0.1", "--user=root", "--skip-log-bin", "--pid-file=\(dir.file("mysqld.pid"))",
+                "--innodb-buffer-pool-size=16M", "--max-connect-errors=3",
+            ]
+            process.standardOutput = FileHandle.nullDevice
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+            let deadline = Date().addingTimeInterval(30)
+            while Date() < deadline {
+                if (try? sql("SELECT 1")) == "1\n" {
+                    _ = try sql("CREATE USER 'check'@'%' IDENTIFIED BY 's3cret'; GRANT USAGE ON *.* TO 'check'@'%'")
+                    return
+                }
+                usleep(100_000)
+            }
+            throw Net.Failure("mariadbd did not start")
+        }
+
+        /// Runs SQL as root over the Unix socket; returns the output (batch mode, no headers).
+        @discardableResult
+        func sql(_ q: String) throws -> String {
+            let (s, out, err) = try runCommand("/usr/bin/mariadb", ["--no-defaults", "-S", socket, "-u", "root", "-N", "-B", "-e", q])
+            guard s == 0 else { throw Net.Failure("mariadb: \(err)") }
+            return out
+        }
+
+        func status(_ name: String) throws -> Int {
+            Int(try sql("SHOW GLOBAL STATUS LIKE '\(name)'").split(separator: "\t").last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? -1
+        }
+
+        deinit {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+
+    static func ballast(_ db: MariaDB, check: String) throws -> BallastProcess {
+        try BallastProcess(config: configYAML(global: "workers: 1", services: [
+            serviceYAML(name: "db", servers: [("m", db.port)], extra: "check: { type: mysql, interval: 150ms, timeout: 140ms, fall: 1, rise: 1, \(check) }")
+        ]))
+    }
+
+    @Test("login with the right password passes, and many checks leave Aborted_connects unchanged", .enabled(if: haveMariaDB))
+    func loginAndQuit() throws {
+        let db = try MariaDB()
+        let before = try db.status("Aborted_connects")
+        let connections = try db.status("Connections")
+        let p = try Self.ballast(db, check: "user: check, password: s3cret")
+        usleep(2_000_000)  // a dozen checks, well past max_connect_errors = 3
+        p.stop()
+        #expect(!p.log.contains("is DOWN"), "\(p.log)")
+        #expect(try db.status("Connections") - connections >= 8, "the checks did not reach the server")
+        #expect(try db.status("Aborted_connects") == before)
+        #expect(try db.status("Aborted_clients") == 0)
+        #expect(try db.sql("SELECT 1") == "1\n")
+    }
+
+    @Test("a wrong password fails with the server's error in the detail", .enabled(if: haveMariaDB))
+    func wrongPassword() throws {
+        let db = try MariaDB()
+        let p = try Self.ballast(db, check: "user: check, password: nope")
+        defer { p.stop() }
+        let line = try #require(p.waitForLog("Server db/m is DOWN", timeout: 5))
+        #expect(line.contains("reason: Layer7 invalid response, info: \"Access denied for user 'check'@'localhost' (using password: YES) (error 1045)\""), "\(line)")
+    }
+
+    @Test("read_only=ON fails require: primary; require: replica passes", .enabled(if: haveMariaDB))
+    func readOnly() throws {
+        let db = try MariaDB()
+        try db.sql("SET GLOBAL read_only = ON")
+        let p = try Self.ballast(db, check: "user: check, password: s3cret, require: primary")
+        let line = try #require(p.waitForLog("Server db/m is DOWN", timeout: 5))
+        #expect(line.contains("info: \"read_only is ON, the check requires a primary\""), "\(line)")
+        p.stop()
+        let r = try Self.ballast(db, check: "user: check, password: s3cret, require: replica")
+        usleep(800_000)
+        r.stop()
+        #expect(!r.log.contains("is DOWN"), "\(r.log)")
+    }
+}
