@@ -349,7 +349,10 @@ public final class HealthChecker: @unchecked Sendable {
             return
         }
         let full = t.response.count >= HealthChecker.maxResponse
-        if let verdict = judge(t, eof: eof || full) {
+        if var verdict = judge(t, eof: eof || full) {
+            if full && !eof && verdict.2.hasPrefix("incomplete answer") {
+                verdict.2 = "answer exceeds \(HealthChecker.maxResponse >> 10) KiB without a complete reply"
+            }
             finish(t, CheckResult(status: verdict.0, code: verdict.1, detail: verdict.2, durationMs: now - t.started), now)
         }
     }

@@ -258,4 +258,68 @@ import Glibc
         #expect(p.waitForLog("Server svc/a is UP") != nil)
         #expect(try share(4) == ["a": 2, "b": 2])
     }
+
+    @Test("bad servers are failed checks with a clear detail, never a stuck check",
+        arguments: [
+            ("closes", "reason: Layer7 invalid response, info: \"connection closed without an answer\""),
+            ("floods", "reason: Layer7 invalid response, info: \"answer exceeds 16 KiB without a complete reply\""),
+            ("slow", "reason: Layer7 timeout"),
+            ("garbage", "reason: Layer7 invalid response, info: \"PING failed: unexpected answer: hello?"),
+        ])
+    func badServers(kind: String, expected: String) throws {
+        let bad = try TestServer(name: kind) { c, _ in
+            switch kind {
+            case "closes": return
+            case "floods":
+                // A bulk string that never ends, far past the check's 16 KiB read limit.
+                try? Net.sendAll(c, "$99999999\r\n")
+                let chunk = [UInt8](repeating: 0x41, count: 65536)
+                for _ in 0..<64 { if (try? Net.sendAll(c, chunk)) == nil { return } }
+            case "slow":
+                usleep(2_000_000)
+                try? Net.sendAll(c, "+PONG\r\n")
+            default:
+                try? Net.sendAll(c, "hello?\r\n")
+            }
+        }
+        let alive = try TestServer.named("alive")
+        defer { bad.stop(); alive.stop() }
+        let p = try BallastProcess(config: Self.config(
+            [("alive", alive.port), ("bad", bad.port)], check: "{ type: redis, interval: 300ms, timeout: 250ms, fall: 1 }",
+            serverExtra: ["alive": "check: false"]))
+        defer { p.stop() }
+        let line = try #require(p.waitForLog("Server svc/bad is DOWN", timeout: 5))
+        #expect(line.contains(expected), "\(line)")
+        #expect(try LifecycleTests.whoAnswers(p.port("svc")) == "alive")
+    }
+
+    @Test("on_marked_up: shutdown-backup-sessions moves clients off the backup when an active server returns")
+    func shutdownBackupSessions() throws {
+        let spare = try TestServer.namedEcho("spare")
+        defer { spare.stop() }
+        let activePort = try Net.freePort()
+        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
+            serviceYAML(
+                servers: [("main", activePort), ("spare", spare.port)],
+                extra: "check: { type: tcp, interval: 200ms, timeout: 150ms, rise: 1, fall: 1 }\non_marked_up: shutdown-backup-sessions",
+                serverExtra: ["spare": "backup: true, check: false"])
+        ]))
+        defer { p.stop() }
+        #expect(p.waitForLog("Server svc/main is DOWN", timeout: 5) != nil)
+        let onSpare = try SchedulingTests.open(p.port("svc"))
+        defer { close(onSpare.fd) }
+        #expect(onSpare.server == "spare")
+        let main = try TestServer(name: "main", port: activePort) { c, s in
+            try? Net.sendAll(c, s.name + "\n")
+            _ = Net.readAll(c)
+        }
+        defer { main.stop() }
+        #expect(p.waitForLog("Server svc/main is UP", timeout: 5) != nil)
+        let (_, end) = Net.readAll(onSpare.fd)
+        #expect(end == .eof || end == .reset)
+        #expect(p.waitForLog("closed 1 connections (active-server-up)") != nil)
+        let again = try SchedulingTests.open(p.port("svc"))
+        defer { close(again.fd) }
+        #expect(again.server == "main")
+    }
 }
