@@ -9,5 +9,11 @@ swift build -c release --product ballast
 (cd Benchmarks && swift build -c release --product loadgen && swift build -c release --product schedbench)
 mkdir -p Benchmarks/results
 out="Benchmarks/results/$(date +%Y%m%d-%H%M%S).md"
-{ python3 Benchmarks/bench.py; echo; echo "Scheduler micro benchmarks"; echo; Benchmarks/.build/release/schedbench; } | tee "$out"
+{
+    python3 Benchmarks/bench.py
+    echo; echo "Scheduler micro benchmarks"; echo
+    Benchmarks/.build/release/schedbench
+    echo
+    python3 Benchmarks/health.py
+} | tee "$out"
 echo "saved to $out" >&2
