@@ -113,6 +113,8 @@ public struct Timeouts: Sendable, Equatable {
 
 public struct BindConfig: Sendable, Equatable {
     public var address: SocketAddress
+    /// Expect a PROXY protocol header (v1 or v2) from a trusted front balancer on each connection.
+    public var acceptProxy = false
     public var location: SourceLocation
 }
 
@@ -126,6 +128,8 @@ public struct ServerConfig: Sendable, Equatable {
     public var slowstart = Millis(0)
     /// Administrative state at start (`ready`, `drain`: no new connections, `maint`: out of service).
     public var state = AdminState.ready
+    /// Write a PROXY protocol header with the real client address before the first relayed byte.
+    public var sendProxy: ProxyProtocol.Version?
     /// The health check for this server (the service's, with this server's overrides); nil: none.
     public var check: CheckConfig?
     public var location: SourceLocation

@@ -23,7 +23,8 @@ public enum ConfigLoader {
         "name", "mode", "bind", "balance", "hash_key", "hash_table_size", "allbackups", "slowstart", "timeout",
         "retries", "maxqueue", "check", "observe", "on_marked_down", "on_marked_up", "servers",
     ]
-    public static let serverKeys = ["name", "address", "weight", "maxconn", "backup", "slowstart", "state", "check"]
+    public static let serverKeys = ["name", "address", "weight", "maxconn", "backup", "slowstart", "state", "check", "send_proxy"]
+    public static let bindKeys = ["address", "accept_proxy"]
     /// Keys from DESIGN.md that a later release implements: named so the error says so instead of "unknown".
     static let plannedKeys: [String: String] = [
         "stats": "the runtime API (stats socket) is not implemented in this version",
@@ -395,14 +396,22 @@ public enum ConfigLoader {
             default: throw fail(bindEntry.value, "\(what): bind must be an address or a list of addresses")
             }
             if bindNodes.isEmpty { throw fail(bindEntry.value, "\(what): bind must list at least one address") }
-            for b in bindNodes {
+            for bindNode in bindNodes {
+                var b = bindNode
+                var acceptProxy = false
+                if case .mapping = bindNode {
+                    let bm = try mapping(bindNode, "\(what) bind", allowed: ConfigLoader.bindKeys)
+                    guard let a = bm["address"] else { throw fail(bindNode, "\(what) bind: missing required key 'address'") }
+                    b = a.value
+                    if let e = bm["accept_proxy"] { acceptProxy = try bool(e.value, "\(what) bind accept_proxy") }
+                }
                 let text = try string(b, "\(what): bind address")
                 let addr: SocketAddress
                 do { addr = try SocketAddress(parsing: text) } catch { throw fail(b, "\(what): bind '\(text)': \(error)") }
                 if svc.binds.contains(where: { $0.address == addr }) {
                     throw fail(b, "\(what): bind \(addr) is listed twice")
                 }
-                svc.binds.append(BindConfig(address: addr, location: loc(b)))
+                svc.binds.append(BindConfig(address: addr, acceptProxy: acceptProxy, location: loc(b)))
             }
 
             guard let serversEntry = m["servers"] else { throw fail(node, "\(what): missing required key 'servers'") }
@@ -454,6 +463,13 @@ public enum ConfigLoader {
                 }
             }
             if let e = m["slowstart"] { s.slowstart = try duration(e.value, "\(what): slowstart") }
+            if let e = m["send_proxy"] {
+                let v = try scalar(e.value, "\(what): send_proxy")
+                guard let version = ProxyProtocol.Version(text: v) else {
+                    throw fail(e.value, "\(what): send_proxy: unknown value '\(v)'; expected one of: v1, v2")
+                }
+                s.sendProxy = version
+            }
             if let e = m["state"] {
                 let v = try scalar(e.value, "\(what): state")
                 switch v {

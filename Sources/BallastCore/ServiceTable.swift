@@ -24,6 +24,8 @@ public final class Server: Sendable {
     public let up = Atomic<Bool>(true)
     /// Slow start: after the server becomes usable again its weight ramps up over this long.
     public let slowstartMs: Atomic<Int64>
+    /// PROXY protocol header to send: 0 none, else `ProxyProtocol.Version` raw value.
+    public let sendProxy: Atomic<UInt8>
     /// Consecutive failed connects seen by the proxy (passive observation).
     public let connectFailures = Atomic<Int>(0)
     /// Monotonic ms when the server last became usable; 0 when it has not come back since start.
@@ -35,6 +37,7 @@ public final class Server: Sendable {
         weightValue = Atomic(config.weight)
         maxconnValue = Atomic(config.maxconn)
         slowstartMs = Atomic(config.slowstart.value)
+        sendProxy = Atomic(config.sendProxy?.rawValue ?? 0)
         admin.store(config.state.rawValue, ordering: .relaxed)
     }
 
@@ -163,6 +166,7 @@ public final class ServiceTable: Sendable {
                     }
                     o.maxconnValue.store(c.maxconn, ordering: .relaxed)
                     o.slowstartMs.store(c.slowstart.value, ordering: .relaxed)
+                    o.sendProxy.store(c.sendProxy?.rawValue ?? 0, ordering: .relaxed)
                     if o.weight != c.weight { o.setWeight(c.weight, now: now) }
                     if oc.state != c.state { o.setAdmin(c.state, now: now) }
                     return o

@@ -8,6 +8,8 @@ import Musl
 
 enum ConnState: UInt8 {
     case free
+    /// Waiting for the PROXY protocol header of an `accept_proxy` bind.
+    case proxyHeader
     case queued
     case connecting
     case established
@@ -16,7 +18,7 @@ enum ConnState: UInt8 {
 /// Why a connection ended, for the per-connection log line.
 enum EndReason: UInt8, CustomStringConvertible {
     case done, clientReset, serverReset, connectFailed, connectTimeout, queueTimeout, queueFull, noServer
-    case clientTimeout, serverTimeout, shutdown, serviceRemoved, serverDown, activeServerUp
+    case clientTimeout, serverTimeout, shutdown, serviceRemoved, serverDown, activeServerUp, badProxyHeader
 
     var description: String {
         switch self {
@@ -34,6 +36,7 @@ enum EndReason: UInt8, CustomStringConvertible {
         case .serviceRemoved: return "service-removed"
         case .serverDown: return "server-down"
         case .activeServerUp: return "active-server-up"
+        case .badProxyHeader: return "bad-proxy-header"
         }
     }
 }

@@ -33,11 +33,13 @@ public struct ListenerSpec: Sendable {
     public var fd: Int32
     public var serviceName: String
     public var address: SocketAddress
+    public var acceptProxy: Bool
 
-    public init(fd: Int32, serviceName: String, address: SocketAddress) {
+    public init(fd: Int32, serviceName: String, address: SocketAddress, acceptProxy: Bool) {
         self.fd = fd
         self.serviceName = serviceName
         self.address = address
+        self.acceptProxy = acceptProxy
     }
 }
 

@@ -38,6 +38,7 @@ public final class Worker: @unchecked Sendable {
         var fd: Int32
         var address: SocketAddress
         var service: WorkerService
+        var acceptProxy: Bool
         var paused = false
         var gen: UInt32
     }
@@ -163,6 +164,10 @@ public final class Worker: @unchecked Sendable {
                 if readable { c.pointee.clientReadable = true }
                 if writable { c.pointee.clientWritable = true }
                 if hangup { c.pointee.clientRdHup = true }
+                if c.pointee.state == .proxyHeader {
+                    if readable { readProxyHeader(index) }
+                    return
+                }
                 if c.pointee.state == .queued {
                     // A client that went away while waiting leaves the queue now.
                     if ev & (Epoll.hup | Epoll.err) != 0 { finish(index, .clientReset) }
@@ -266,16 +271,17 @@ public final class Worker: @unchecked Sendable {
             guard let svc = next[spec.serviceName] else { continue }
             if let k = listeners.firstIndex(where: { $0?.fd == spec.fd }) {
                 listeners[k]!.service = svc
+                listeners[k]!.acceptProxy = spec.acceptProxy
                 continue
             }
             listenerGen &+= 1
             let slot: Int
             if let free = listeners.firstIndex(where: { $0 == nil }) {
                 slot = free
-                listeners[slot] = Listener(fd: spec.fd, address: spec.address, service: svc, gen: listenerGen)
+                listeners[slot] = Listener(fd: spec.fd, address: spec.address, service: svc, acceptProxy: spec.acceptProxy, gen: listenerGen)
             } else {
                 slot = listeners.count
-                listeners.append(Listener(fd: spec.fd, address: spec.address, service: svc, gen: listenerGen))
+                listeners.append(Listener(fd: spec.fd, address: spec.address, service: svc, acceptProxy: spec.acceptProxy, gen: listenerGen))
             }
             let paused = pausedForMaxconn || pausedForFds
             listeners[slot]!.paused = paused
@@ -350,6 +356,12 @@ public final class Worker: @unchecked Sendable {
                 finish(i, .clientReset)
                 continue
             }
+            if l.acceptProxy {
+                // Nothing is relayed before a valid header: bounded by the client timeout.
+                c.pointee.state = .proxyHeader
+                wheel.arm(i, at: now + l.service.clientMs, in: table)
+                continue
+            }
             assign(i, exclude: -1)
         }
     }
@@ -417,6 +429,67 @@ public final class Worker: @unchecked Sendable {
         }
     }
 
+    /// Peeks at what the client sent; once a whole PROXY header is there, consumes exactly it,
+    /// takes the client address it names, and goes on to pick a server.
+    private func readProxyHeader(_ i: Int32) {
+        let c = table[i]
+        var peek = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0),
+            UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0),
+            UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0),
+            UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))  // 240 bytes
+        let fd = c.pointee.clientFd
+        let outcome: ProxyProtocol.Parsed? = withUnsafeMutableBytes(of: &peek) { buf -> ProxyProtocol.Parsed? in
+            let n = recv(fd, buf.baseAddress!, ProxyProtocol.maxHeader, Int32(MSG_PEEK))
+            if n < 0 { return errno == EAGAIN ? .incomplete : nil }
+            if n == 0 { return .invalid("connection closed before a complete header") }
+            let parsed = ProxyProtocol.parse(UnsafeRawBufferPointer(rebasing: buf[0..<n]))
+            if parsed == .incomplete && n >= ProxyProtocol.maxHeader { return .invalid("header over \(ProxyProtocol.maxHeader) bytes") }
+            if case .header(let length, _) = parsed {
+                // Consume exactly the header; the bytes after it belong to the relay.
+                _ = recv(fd, buf.baseAddress!, length, 0)
+            }
+            return parsed
+        }
+        switch outcome {
+        case .none:
+            finish(i, .clientReset)
+        case .incomplete?:
+            if c.pointee.clientRdHup { rejectProxy(i, "connection closed before a complete header") }
+        case .invalid(let reason)?:
+            rejectProxy(i, reason)
+        case .header(_, let source)?:
+            if let source { withUnsafeMutablePointer(to: &c.pointee.clientAddr) { source.store(into: $0) } }
+            wheel.disarm(i, in: table)
+            c.pointee.state = .connecting
+            c.pointee.lastClientIO = now
+            assign(i, exclude: -1)
+        }
+    }
+
+    private func rejectProxy(_ i: Int32, _ reason: String) {
+        let c = table[i]
+        let client = SocketAddress(storage: c.pointee.clientAddr)?.description ?? "?"
+        logger.warning("\(c.pointee.service?.name ?? "?"): PROXY header from \(client) rejected: \(reason)")
+        finish(i, .badProxyHeader)
+    }
+
+    /// Puts the PROXY header for this connection in the client→server buffer, so it goes out
+    /// before the first relayed byte.
+    private func queueProxyHeader(_ i: Int32, _ version: ProxyProtocol.Version) {
+        let c = table[i]
+        guard let b = acquireBuffer(c, true) else { return }
+        var local = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        _ = withUnsafeMutablePointer(to: &local) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(c.pointee.clientFd, $0, &len) }
+        }
+        let n = withUnsafePointer(to: &c.pointee.clientAddr) { src in
+            withUnsafePointer(to: &local) { dst in ProxyProtocol.encode(version, src: src, dst: dst, into: buffers[Int(b)]) }
+        }
+        c.pointee.up.bufStart = 0
+        c.pointee.up.bufEnd = Int32(n)
+    }
+
     @inline(__always)
     private func clientHash(_ c: UnsafeMutablePointer<Conn>, _ svc: WorkerService) -> UInt32 {
         withUnsafePointer(to: &c.pointee.clientAddr) { SourceHash.hash($0, withPort: svc.hashWithPort) }
@@ -461,6 +534,9 @@ public final class Worker: @unchecked Sendable {
         if err != 0 { return connectFailed(i, err) }
         c.pointee.state = .established
         c.pointee.serverWritable = true
+        if let server = c.pointee.server, let v = ProxyProtocol.Version(rawValue: server.sendProxy.load(ordering: .relaxed)) {
+            queueProxyHeader(i, v)
+        }
         if let server = c.pointee.server, server.connectFailures.load(ordering: .relaxed) != 0 {
             server.connectFailures.store(0, ordering: .relaxed)
         }
@@ -572,6 +648,8 @@ public final class Worker: @unchecked Sendable {
         switch c.pointee.state {
         case .free:
             return
+        case .proxyHeader:
+            rejectProxy(i, "no complete header within the client timeout")
         case .queued:
             finish(i, .queueTimeout)
         case .connecting:

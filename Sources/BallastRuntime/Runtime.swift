@@ -209,7 +209,7 @@ public final class Runtime {
             for svc in config.services {
                 for b in svc.binds {
                     guard let l = listeners[listenerKey(b, svc.name)], k < l.fds.count else { continue }
-                    specs.append(ListenerSpec(fd: l.fds[k], serviceName: svc.name, address: l.actual))
+                    specs.append(ListenerSpec(fd: l.fds[k], serviceName: svc.name, address: l.actual, acceptProxy: b.acceptProxy))
                 }
             }
             w.send(.apply(table, specs, logConnections: config.global.log.connections, pipeSize: config.global.pipeSize))

@@ -113,7 +113,7 @@ struct ConfigTests {
         ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers:\n      - { name: s, adress: 10.0.0.1:1 }\n",
-            "bad.yaml:5:20: unknown key 'adress' in service 'a' servers[0] (did you mean 'address'?); expected one of: name, address, weight, maxconn, backup, slowstart, state, check"
+            "bad.yaml:5:20: unknown key 'adress' in service 'a' servers[0] (did you mean 'address'?); expected one of: name, address, weight, maxconn, backup, slowstart, state, check, send_proxy"
         ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    balance: fastest\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
@@ -174,6 +174,14 @@ struct ConfigTests {
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    on_marked_down: reboot\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
             "bad.yaml:4:21: service 'a': on_marked_down: unknown value 'reboot'; expected one of: none, shutdown-sessions"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: 10.0.0.1:1, send_proxy: v3 }]\n",
+            "bad.yaml:4:59: service 'a' server 's': send_proxy: unknown value 'v3'; expected one of: v1, v2"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [{ address: \"127.0.0.1:1\", accept_proxy: maybe }]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:3:52: service 'a' bind accept_proxy must be true or false, not 'maybe'"
         ),
     ]
 
