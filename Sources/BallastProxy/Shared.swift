@@ -55,6 +55,8 @@ public enum WorkerCommand: Sendable {
     /// Close every connection of this service that is on a backup server
     /// (`on_marked_up: shutdown-backup-sessions`).
     case shutdownBackupSessions(service: String)
+    /// Do nothing but count a heartbeat: the runtime's watchdog checks the loop is alive.
+    case ping
     /// Close every connection and leave the loop.
     case exit
 }

@@ -24,6 +24,8 @@ public final class Worker: @unchecked Sendable {
 
     /// Connections owned by this worker (read by the runtime while draining).
     public let liveConnections = Atomic<Int>(0)
+    /// Commands processed: the watchdog's proof that this loop still turns.
+    public let heartbeat = Atomic<Int>(0)
     /// Set when the loop has returned.
     public let finished = Atomic<Bool>(false)
 
@@ -197,7 +199,10 @@ public final class Worker: @unchecked Sendable {
             return c
         }
         for command in commands {
+            heartbeat.wrappingAdd(1, ordering: .relaxed)
             switch command {
+            case .ping:
+                break
             case .apply(let table, let specs, let logConnections, let pipeSize):
                 apply(table, specs)
                 settings.logConnections = logConnections

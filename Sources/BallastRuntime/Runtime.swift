@@ -81,6 +81,9 @@ public final class Runtime {
     private let logger: Logger
     private var generation: UInt64 = 1
     private var checker: HealthChecker?
+    private let notifier = SystemdNotifier.fromProcessEnvironment()
+    /// Workers' answers to the last watchdog round (each bumps its heartbeat on any command).
+    private var lastHeartbeats: [Int] = []
     /// What each service does on health transitions; read by the checker thread.
     private let actions = ServiceActions()
     /// Connection tables are sized for this at start.
@@ -173,9 +176,13 @@ public final class Runtime {
             "ballast \(BallastVersion.string) started",
             metadata: ["pid": "\(getpid())", "workers": "\(workerCount)", "maxconn": "\(config.global.maxconn)", "config": "\(configPath)"])
 
+        notifier?.send("READY=1\nSTATUS=serving \(config.services.count) services\nMAINPID=\(getpid())")
+        // Watchdog: ping at half systemd's interval, and only while every worker answers.
+        let tick = notifier?.watchdogMicros.map { Int32(max(10, $0 / 2000)) } ?? 1000
         var pfd = pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0)
         while true {
-            let r = poll(&pfd, 1, 1000)
+            let r = poll(&pfd, 1, tick)
+            if notifier?.watchdogMicros != nil { watchdog() }
             if r < 0 && errno != EINTR { break }
             while let sig = SignalFd.next(sigfd) {
                 switch sig {
@@ -194,6 +201,17 @@ public final class Runtime {
             }
         }
         return 1
+    }
+
+    /// Sends `WATCHDOG=1` when every worker has processed the previous round's ping; a stuck
+    /// worker stops the pings and systemd restarts the service.
+    private func watchdog() {
+        let beats = workers.map { $0.heartbeat.load(ordering: .relaxed) }
+        if lastHeartbeats.isEmpty || zip(beats, lastHeartbeats).allSatisfy({ $0 > $1 }) {
+            notifier?.send("WATCHDOG=1")
+            lastHeartbeats = beats
+            for w in workers { w.send(.ping) }
+        }
     }
 
     private func setActions(_ config: Config) {
@@ -220,6 +238,10 @@ public final class Runtime {
     /// address stays are kept open (no refused connection); established connections are never cut.
     func reload() {
         logger.info("received SIGHUP, reloading \(configPath)")
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        notifier?.send("RELOADING=1\nMONOTONIC_USEC=\(Int(ts.tv_sec) * 1_000_000 + Int(ts.tv_nsec) / 1000)")
+        defer { notifier?.send("READY=1") }
         let next: Config
         do {
             next = try loadConfig(path: configPath)
@@ -275,6 +297,7 @@ public final class Runtime {
 
     /// Stops accepting, lets connections finish within the grace period, then closes the rest.
     private func shutdown(sigfd: Int32) -> Int32 {
+        notifier?.send("STOPPING=1")
         for w in workers { w.send(.stopAccepting) }
         let deadline = monotonicMillis() + config.global.grace.value
         var open = shared.connections.load(ordering: .relaxed)

@@ -29,6 +29,16 @@ struct Run: ParsableCommand {
 
     @OptionGroup var options: ConfigOptions
 
+    @Flag(help: "Require systemd's notify protocol (Type=notify): fail at once when $NOTIFY_SOCKET is unset.")
+    var notify = false
+
+    func validate() throws {
+        if notify && SystemdNotifier.fromProcessEnvironment() == nil {
+            throw ValidationError(
+                "--notify needs $NOTIFY_SOCKET, which systemd sets for Type=notify units; run without --notify outside systemd")
+        }
+    }
+
     func run() throws {
         let config: Config
         do {

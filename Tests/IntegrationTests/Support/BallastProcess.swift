@@ -79,15 +79,18 @@ final class BallastProcess: @unchecked Sendable {
 
     /// Starts Ballast with `config` (YAML) and waits for its "started" line.
     /// `prefix` runs it under another command (for example `prlimit --nofile=…`).
-    init(config: String, prefix: [String] = [], environment: [String: String] = [:], waitReady: Bool = true) throws {
+    init(
+        config: String, prefix: [String] = [], extraArgs: [String] = [], environment: [String: String] = [:],
+        waitReady: Bool = true
+    ) throws {
         dir = TempDir()
         configPath = dir.write("ballast.yaml", config)
         if let first = prefix.first {
             process.executableURL = URL(fileURLWithPath: first)
-            process.arguments = Array(prefix.dropFirst()) + [Repo.ballast, "run", "-c", configPath]
+            process.arguments = Array(prefix.dropFirst()) + [Repo.ballast, "run", "-c", configPath] + extraArgs
         } else {
             process.executableURL = URL(fileURLWithPath: Repo.ballast)
-            process.arguments = ["run", "-c", configPath]
+            process.arguments = ["run", "-c", configPath] + extraArgs
         }
         if !environment.isEmpty {
             process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
