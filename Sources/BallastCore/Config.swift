@@ -100,7 +100,15 @@ public struct GlobalConfig: Sendable, Equatable {
     public var log = LogConfig()
     public var pipeSize = Defaults.pipeSize
     public var grace = Defaults.grace
+    /// Drop to this user (and group) after binding listeners; uid/gid resolved at load.
+    public var user: (name: String, uid: UInt32, gid: UInt32)?
+    public var group: (name: String, gid: UInt32)?
     public init() {}
+
+    public static func == (a: GlobalConfig, b: GlobalConfig) -> Bool {
+        a.workers == b.workers && a.maxconn == b.maxconn && a.log == b.log && a.pipeSize == b.pipeSize && a.grace == b.grace
+            && a.user?.uid == b.user?.uid && a.user?.gid == b.user?.gid && a.group?.gid == b.group?.gid
+    }
 }
 
 public struct Timeouts: Sendable, Equatable {

@@ -11,7 +11,7 @@ import Musl
 public enum ConfigLoader {
     /// Keys accepted at each level; anything else is an error (a typo must not be silently ignored).
     public static let topKeys = ["global", "defaults", "services"]
-    public static let globalKeys = ["workers", "maxconn", "log", "pipe_size", "grace"]
+    public static let globalKeys = ["workers", "maxconn", "log", "pipe_size", "grace", "user", "group"]
     public static let logKeys = ["level", "format", "connections"]
     public static let defaultsKeys = ["timeout", "retries", "check"]
     public static let checkKeys = [
@@ -233,6 +233,17 @@ public enum ConfigLoader {
                     throw fail(e.value, "global.pipe_size must be between 4k and 64m, not \(v)")
                 }
                 g.pipeSize = v
+            }
+            if let e = m["user"] {
+                let name = try string(e.value, "global.user")
+                guard let pw = getpwnam(name) else { throw fail(e.value, "global.user: no such user '\(name)'") }
+                g.user = (name, pw.pointee.pw_uid, pw.pointee.pw_gid)
+            }
+            if let e = m["group"] {
+                let name = try string(e.value, "global.group")
+                guard let gr = getgrnam(name) else { throw fail(e.value, "global.group: no such group '\(name)'") }
+                g.group = (name, gr.pointee.gr_gid)
+                guard g.user != nil else { throw fail(e.key, "global.group needs global.user") }
             }
             if let e = m["log"] {
                 let lm = try mapping(e.value, "global.log", allowed: ConfigLoader.logKeys)

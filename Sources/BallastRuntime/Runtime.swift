@@ -135,6 +135,8 @@ public final class Runtime {
             return 1
         }
 
+        if !dropPrivileges() { return 1 }
+
         let settings = WorkerSettings(
             pipeSize: config.global.pipeSize, copyBufferSize: Defaults.copyBufferSize,
             tableCapacity: config.global.maxconn, logConnections: config.global.log.connections)
@@ -319,6 +321,33 @@ public final class Runtime {
         for t in threads { pthread_join(t, nil) }
         logger.info("stopped")
         return 0
+    }
+
+    /// Listeners are bound: switch to `global.user`/`global.group` before serving. As root
+    /// without a configured user, say so (running a balancer as root is rarely wanted).
+    private func dropPrivileges() -> Bool {
+        guard let user = config.global.user else {
+            if geteuid() == 0 { logger.warning("running as root: set global.user to drop privileges after start-up") }
+            return true
+        }
+        let gid = config.global.group?.gid ?? user.gid
+        if geteuid() != 0 {
+            if geteuid() == user.uid { return true }
+            logger.critical("global.user \(user.name) needs Ballast started as root (running as uid \(geteuid()))")
+            return false
+        }
+        var groups = [gid]
+        guard setgroups(1, &groups) == 0, setgid(gid) == 0, setuid(user.uid) == 0 else {
+            logger.critical("cannot switch to user \(user.name) (uid \(user.uid), gid \(gid)): \(String(cString: strerror(errno)))")
+            return false
+        }
+        // Root must be gone for good.
+        guard user.uid == 0 || (setuid(0) != 0 && geteuid() == user.uid) else {
+            logger.critical("privileges were not dropped")
+            return false
+        }
+        logger.info("running as user \(user.name) (uid \(user.uid), gid \(gid))")
+        return true
     }
 
     /// Raises the descriptor limit for maxconn: every connection needs two sockets. Pipes (two

@@ -1,0 +1,48 @@
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// global.user / global.group: bind as root, then serve as the configured user.
+@Suite(.serialized) struct PrivilegeTests {
+    static let root = geteuid() == 0
+
+    @Test("after start the process runs as the configured user and still serves", .enabled(if: root, "needs root to switch users"))
+    func dropsToUser() throws {
+        let echo = try TestServer.echo()
+        defer { echo.stop() }
+        let p = try BallastProcess(config: configYAML(global: "workers: 2\nuser: nobody\ngroup: nogroup", services: [serviceYAML(servers: [("e", echo.port)])]))
+        defer { p.stop() }
+        #expect(p.waitForLog("running as user nobody (uid 65534, gid 65534)") != nil)
+        let status = try String(contentsOfFile: "/proc/\(p.pid)/status", encoding: .utf8)
+        let uid = status.split(separator: "\n").first { $0.hasPrefix("Uid:") }
+        let gid = status.split(separator: "\n").first { $0.hasPrefix("Gid:") }
+        #expect(uid?.split(separator: "\t").dropFirst().allSatisfy { $0 == "65534" } == true, "\(uid ?? "")")
+        #expect(gid?.split(separator: "\t").dropFirst().allSatisfy { $0 == "65534" } == true, "\(gid ?? "")")
+        // Every thread, the data plane's included.
+        for task in try FileManager.default.contentsOfDirectory(atPath: "/proc/\(p.pid)/task") {
+            let t = try String(contentsOfFile: "/proc/\(p.pid)/task/\(task)/status", encoding: .utf8)
+            #expect(t.contains("Uid:\t65534\t65534\t65534\t65534"))
+        }
+        let fd = try Net.connect(p.port("svc"))
+        defer { close(fd) }
+        try Net.sendAll(fd, "still serving")
+        #expect(Net.readExactly(fd, 13) == Array("still serving".utf8))
+    }
+
+    @Test("unknown user or group: a config error with file:line:column")
+    func unknownUser() throws {
+        let dir = TempDir()
+        for (yaml, expected) in [
+            ("global: { user: no-such-user-here }\n", ":1:17: global.user: no such user 'no-such-user-here'"),
+            ("global: { user: nobody, group: no-such-group }\n", ":1:33: global.group: no such group 'no-such-group'"),
+        ] {
+            let path = dir.write("u.yaml", yaml + "services:\n  - name: a\n    bind: [\"127.0.0.1:0\"]\n    servers: [{ name: s, address: 127.0.0.1:1 }]\n")
+            let (status, _, err) = try runCommand(Repo.ballast, ["check", "-c", path])
+            #expect(status == 1)
+            #expect(err == "ballast: \(path)\(expected)\n")
+        }
+    }
+}
