@@ -67,7 +67,7 @@ struct ConfigTests {
         ("services: [", "bad.yaml:2:1: invalid YAML: while parsing a flow node did not find expected node content"),
         (
             "global: { workrs: 2 }\nservices: []\n",
-            "bad.yaml:1:11: unknown key 'workrs' in global (did you mean 'workers'?); expected one of: workers, maxconn, log, pipe_size, grace"
+            "bad.yaml:1:11: unknown key 'workrs' in global (did you mean 'workers'?); expected one of: workers, maxconn, log, pipe_size, grace, user, group"
         ),
         ("global: { workers: 2 }\n", "bad.yaml:1:1: missing required key 'services'"),
         ("services: []\n", "bad.yaml:1:11: 'services' must be a non-empty list of services"),

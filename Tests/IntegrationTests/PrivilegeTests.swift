@@ -37,7 +37,7 @@ import Glibc
         let dir = TempDir()
         for (yaml, expected) in [
             ("global: { user: no-such-user-here }\n", ":1:17: global.user: no such user 'no-such-user-here'"),
-            ("global: { user: nobody, group: no-such-group }\n", ":1:33: global.group: no such group 'no-such-group'"),
+            ("global: { user: nobody, group: no-such-group }\n", ":1:32: global.group: no such group 'no-such-group'"),
         ] {
             let path = dir.write("u.yaml", yaml + "services:\n  - name: a\n    bind: [\"127.0.0.1:0\"]\n    servers: [{ name: s, address: 127.0.0.1:1 }]\n")
             let (status, _, err) = try runCommand(Repo.ballast, ["check", "-c", path])
