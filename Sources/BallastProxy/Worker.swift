@@ -22,8 +22,6 @@ public final class Worker: @unchecked Sendable {
     let logger: Logger
     private let inbox = Mutex<[WorkerCommand]>([])
 
-    /// Connections owned by this worker (read by the runtime while draining).
-    public let liveConnections = Atomic<Int>(0)
     /// Commands processed: the watchdog's proof that this loop still turns.
     public let heartbeat = Atomic<Int>(0)
     /// Set when the loop has returned.
@@ -345,7 +343,6 @@ public final class Worker: @unchecked Sendable {
                 return
             }
             shared.totalConnections.wrappingAdd(1, ordering: .relaxed)
-            liveConnections.wrappingAdd(1, ordering: .relaxed)
             c.pointee.clientFd = fd
             c.pointee.service = l.service
             c.pointee.acceptedAt = now
@@ -1003,7 +1000,6 @@ public final class Worker: @unchecked Sendable {
         c.pointee.server = nil
         table.free(i)
         shared.connections.wrappingSubtract(1, ordering: .relaxed)
-        liveConnections.wrappingSubtract(1, ordering: .relaxed)
         if let server {
             server.release()
             if let svc, svc.queueCount > 0 { serveQueue(svc) }
