@@ -1,5 +1,29 @@
 public enum BallastVersion {
     public static let string = "0.1.0"
+
+    /// Build details for `ballast --version`.
+    public static var build: String {
+        #if DEBUG
+        let configuration = "debug"
+        #else
+        let configuration = "release"
+        #endif
+        #if compiler(>=6.3)
+        let compiler = "Swift 6.3+"
+        #elseif compiler(>=6.0)
+        let compiler = "Swift 6"
+        #else
+        let compiler = "Swift 5"
+        #endif
+        #if arch(x86_64)
+        let arch = "x86_64"
+        #elseif arch(arm64)
+        let arch = "aarch64"
+        #else
+        let arch = "unknown"
+        #endif
+        return "\(configuration) build, \(compiler), linux-\(arch)"
+    }
 }
 
 extension Config {

@@ -13,7 +13,7 @@ struct Ballast: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ballast",
         abstract: "A Layer-4 TCP load balancer for Linux.",
-        version: "ballast \(BallastVersion.string)",
+        version: "ballast \(BallastVersion.string) (\(BallastVersion.build))",
         subcommands: [Run.self, Check.self, Debug.self]
     )
 }
