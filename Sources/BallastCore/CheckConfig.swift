@@ -43,6 +43,8 @@ public struct CheckConfig: Sendable, Equatable {
     public var mysqlRequire = MySQLRequire.any
     /// One query run after login; the check fails if it returns an error.
     public var query: String?
+    /// Send a PROXY protocol header first (HAProxy `check-send-proxy`), for servers that require one.
+    public var sendProxy: ProxyProtocol.Version?
     // agent
     /// A line sent to the agent before it answers (HAProxy `agent-send`).
     public var send: String?

@@ -16,7 +16,7 @@ public enum ConfigLoader {
     public static let defaultsKeys = ["timeout", "retries", "check"]
     public static let checkKeys = [
         "type", "interval", "fastinterval", "downinterval", "timeout", "rise", "fall", "port", "address", "method", "path",
-        "host", "expect", "body", "username", "user", "password", "password_file", "role", "require", "query", "send",
+        "host", "expect", "body", "username", "user", "password", "password_file", "role", "require", "query", "send", "send_proxy",
     ]
     public static let timeoutKeys = ["connect", "client", "server", "queue"]
     public static let serviceKeys = [
@@ -320,6 +320,13 @@ public enum ConfigLoader {
             if let e = m["role"] { c.role = try enumValue(e.value, "\(what).role", RedisRole.self) }
             if let e = m["send"] { c.send = try scalar(e.value, "\(what).send") }
             if let e = m["user"] { c.username = try string(e.value, "\(what).user") }
+            if let e = m["send_proxy"] {
+                let v = try scalar(e.value, "\(what).send_proxy")
+                guard let version = ProxyProtocol.Version(text: v) else {
+                    throw fail(e.value, "\(what).send_proxy: unknown value '\(v)'; expected one of: v1, v2")
+                }
+                c.sendProxy = version
+            }
             if let e = m["require"] { c.mysqlRequire = try enumValue(e.value, "\(what).require", MySQLRequire.self) }
             if let e = m["query"] { c.query = try string(e.value, "\(what).query") }
             if c.type == .mysql && c.password != nil && c.username == nil {

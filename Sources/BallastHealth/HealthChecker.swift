@@ -300,7 +300,24 @@ public final class HealthChecker: @unchecked Sendable {
             }
             guard ev & (Epoll.out | Epoll.in) != 0 else { return }
             t.connected = true
-            if t.config.type == .tcp { return finish(t, result(.l4ok, "", t, now), now) }
+            if let v = t.config.sendProxy {
+                // The header goes first: from the checker's own socket to the server.
+                var local = sockaddr_storage()
+                var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+                _ = withUnsafeMutablePointer(to: &local) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(t.fd, $0, &len) }
+                }
+                var peer = sockaddr_storage()
+                withUnsafeMutablePointer(to: &peer) { t.target.store(into: $0) }
+                var header = [UInt8](repeating: 0, count: 128)
+                let n = header.withUnsafeMutableBytes { buf in
+                    withUnsafePointer(to: &local) { src in
+                        withUnsafePointer(to: &peer) { dst in ProxyProtocol.encode(v, src: src, dst: dst, into: buf.baseAddress!) }
+                    }
+                }
+                t.request = Array(header[0..<n]) + t.request
+            }
+            if t.config.type == .tcp && t.config.sendProxy == nil { return finish(t, result(.l4ok, "", t, now), now) }
         }
         // Send what is left of the request.
         while t.sent < t.request.count {
@@ -365,7 +382,7 @@ public final class HealthChecker: @unchecked Sendable {
     func judge(_ t: Task, eof: Bool) -> (CheckStatus, Int?, String)? {
         switch t.config.type {
         case .tcp:
-            return (.l4ok, nil, "")
+            return (.l4ok, nil, "")  // reached after the PROXY header is sent
         case .http:
             return HTTPJudge.judge(t.response, config: t.config, eof: eof)
         case .redis:

@@ -244,4 +244,23 @@ struct ConfigTests {
             }
         }
     }
+
+    /// Every key the loader accepts is documented in the README's configuration section.
+    @Test func readmeDocumentsEveryKey() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        let readme = try String(contentsOf: root.appendingPathComponent("README.md"), encoding: .utf8)
+        let lists: [(String, [String])] = [
+            ("top", ConfigLoader.topKeys), ("global", ConfigLoader.globalKeys), ("log", ConfigLoader.logKeys),
+            ("defaults", ConfigLoader.defaultsKeys), ("timeout", ConfigLoader.timeoutKeys),
+            ("service", ConfigLoader.serviceKeys), ("server", ConfigLoader.serverKeys), ("bind", ConfigLoader.bindKeys),
+            ("check", ConfigLoader.checkKeys),
+        ]
+        for (section, keys) in lists {
+            for key in keys {
+                #expect(readme.contains("`\(key)`") || readme.contains(".\(key)`") || readme.contains("`\(key) ") || readme.contains("\(key):"),
+                    "README does not document the \(section) key '\(key)'")
+            }
+        }
+    }
 }

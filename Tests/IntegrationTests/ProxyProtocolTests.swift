@@ -123,4 +123,24 @@ import Glibc
         #expect(rec.connections == 0)
         #expect(got.value.withLock { $0.isEmpty })
     }
+
+    @Test("check send_proxy: the health check sends the header first", arguments: ["v1", "v2"])
+    func checkSendProxy(version: String) throws {
+        let (rec, got) = try Self.recorder()
+        defer { rec.stop() }
+        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
+            serviceYAML(servers: [("rec", rec.port)], extra: "check: { type: tcp, send_proxy: \(version), interval: 200ms, timeout: 100ms }")
+        ]))
+        defer { p.stop() }
+        let first = try #require(Self.waitFor(got, 1).first)
+        if version == "v1" {
+            let text = String(decoding: first, as: UTF8.self)
+            #expect(text.hasPrefix("PROXY TCP4 127.0.0.1 127.0.0.1 "))
+            #expect(text.hasSuffix(" \(rec.port)\r\n"))
+        } else {
+            #expect(Array(first.prefix(14)) == [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11])
+            #expect(first.count == 28)
+        }
+        #expect(!p.log.contains("is DOWN"))
+    }
 }
