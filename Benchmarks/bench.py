@@ -37,6 +37,8 @@ REDIS_REQUESTS = int(os.environ.get("REDIS_REQUESTS", "200000"))
 CONTENDERS = ["direct", "haproxy-splice", "haproxy", "ballast"]
 PROXIES = CONTENDERS[1:]
 CLK = os.sysconf("SC_CLK_TCK")
+# Ballast refuses to serve as root unless the config says so.
+ROOT_USER = "  user: root\n" if os.geteuid() == 0 else ""
 
 
 def free_port():
@@ -124,7 +126,7 @@ def ballast_config(front, back, maxconn):
   maxconn: {maxconn}
   pipe_size: 1m
   log: {{ level: warning }}
-services:
+{ROOT_USER}services:
   - name: bench
     bind: ["127.0.0.1:{front}"]
     servers:

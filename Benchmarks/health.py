@@ -15,7 +15,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BALLAST, cpu_seconds, free_port, wait_port  # noqa: E402
+from bench import BALLAST, ROOT_USER, cpu_seconds, free_port, wait_port  # noqa: E402
 
 WINDOW = int(os.environ.get("HEALTH_WINDOW", "10"))
 
@@ -46,7 +46,7 @@ def thousand(tmp, backend, check):
     yaml = f"""global:
   workers: 1
   log: {{ level: warning }}
-services:
+{ROOT_USER}services:
   - name: many
     bind: ["127.0.0.1:{free_port()}"]
     check: {{ type: {check}, interval: 1s, timeout: 500ms }}
@@ -86,7 +86,7 @@ def failover(tmp, interval_ms, fall):
     front = free_port()
     yaml = f"""global:
   workers: 1
-defaults:
+{ROOT_USER}defaults:
   retries: 2
 services:
   - name: r

@@ -20,8 +20,14 @@ for port in 7001 7002; do
     pids+=($!)
 done
 sleep 0.5
-.build/release/ballast check -c examples/demo.yaml
-.build/release/ballast run -c examples/demo.yaml 2>"$work/ballast.log" &
+config=examples/demo.yaml
+if [ "$(id -u)" -eq 0 ]; then
+    # Ballast refuses to serve as root: run the demo as nobody after binding.
+    config="$work/demo.yaml"
+    sed 's/^global:$/global:\n  user: nobody/' examples/demo.yaml > "$config"
+fi
+.build/release/ballast check -c "$config"
+.build/release/ballast run -c "$config" 2>"$work/ballast.log" &
 pids+=($!)
 for _ in $(seq 50); do grep -q started "$work/ballast.log" && break; sleep 0.1; done
 echo "--- Ballast log"

@@ -327,7 +327,11 @@ public final class Runtime {
     /// without a configured user, say so (running a balancer as root is rarely wanted).
     private func dropPrivileges() -> Bool {
         guard let user = config.global.user else {
-            if geteuid() == 0 { logger.warning("running as root: set global.user to drop privileges after start-up") }
+            if geteuid() == 0 {
+                logger.critical(
+                    "refusing to serve as root: set global.user to the user to run as after binding (or global.user: root to insist)")
+                return false
+            }
             return true
         }
         let gid = config.global.group?.gid ?? user.gid

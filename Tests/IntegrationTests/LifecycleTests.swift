@@ -15,6 +15,11 @@ import Glibc
         return String(decoding: Net.readAll(fd).0, as: UTF8.self).trimmingCharacters(in: .newlines)
     }
 
+    /// The 1-based line of the first line of `yaml` containing `text`.
+    static func line(of text: String, in yaml: String) -> Int {
+        (yaml.split(separator: "\n", omittingEmptySubsequences: false).firstIndex { $0.contains(text) } ?? -1) + 1
+    }
+
     @Test func checkPrintsWhatWouldRun() throws {
         let dir = TempDir()
         let path = dir.write(
@@ -42,14 +47,16 @@ import Glibc
         let (busy, port) = try Net.listen()
         defer { close(busy) }
         let dir = TempDir()
-        let path = dir.write("bind.yaml", configYAML(services: [serviceYAML(bind: "127.0.0.1:\(port)", servers: [("a", 7001)])]))
+        let yaml = configYAML(services: [serviceYAML(bind: "127.0.0.1:\(port)", servers: [("a", 7001)])])
+        let path = dir.write("bind.yaml", yaml)
+        let line = Self.line(of: "bind:", in: yaml)
         let (status, _, err) = try runCommand(Repo.ballast, ["check", "-c", path])
         #expect(status == 1)
-        #expect(err == "ballast: \(path):5:12: service 'svc': cannot bind 127.0.0.1:\(port): Address already in use\n")
+        #expect(err == "ballast: \(path):\(line):12: service 'svc': cannot bind 127.0.0.1:\(port): Address already in use\n")
         // `run` refuses to start at all: nothing is applied.
         let (rs, _, rerr) = try runCommand(Repo.ballast, ["run", "-c", path], timeout: 10)
         #expect(rs == 1)
-        #expect(rerr.contains("\(path):5:12: service 'svc': cannot bind 127.0.0.1:\(port): Address already in use"))
+        #expect(rerr.contains("\(path):\(line):12: service 'svc': cannot bind 127.0.0.1:\(port): Address already in use"))
         #expect(!rerr.contains("started"))
     }
 
@@ -187,8 +194,11 @@ import Glibc
         let p = try BallastProcess(config: good)
         defer { p.stop() }
         let port = p.port("who")
-        let outcome = p.reload(good.replacingOccurrences(of: "name: a,", with: "nmae: a,"))
-        #expect(outcome?.contains("reload failed, keeping the current configuration: \(p.configPath):7:11: unknown key 'nmae'") == true, "\(outcome ?? p.log)")
+        let bad = good.replacingOccurrences(of: "name: a,", with: "nmae: a,")
+        let outcome = p.reload(bad)
+        #expect(
+            outcome?.contains("reload failed, keeping the current configuration: \(p.configPath):\(Self.line(of: "nmae", in: bad)):11: unknown key 'nmae'") == true,
+            "\(outcome ?? p.log)")
         #expect(try Self.whoAnswers(port) == "a")
         // A reload whose new bind cannot be bound is refused whole, too.
         let (busy, busyPort) = try Net.listen()

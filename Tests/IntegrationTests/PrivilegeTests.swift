@@ -45,4 +45,14 @@ import Glibc
             #expect(err == "ballast: \(path)\(expected)\n")
         }
     }
+
+    @Test("as root without global.user: refuses to serve, and says how to insist", .enabled(if: root))
+    func refusesRoot() throws {
+        let dir = TempDir()
+        let path = dir.write("r.yaml", "services:\n  - name: a\n    bind: [\"127.0.0.1:0\"]\n    servers: [{ name: s, address: 127.0.0.1:1 }]\n")
+        let (status, _, err) = try runCommand(Repo.ballast, ["run", "-c", path], timeout: 10)
+        #expect(status == 1)
+        #expect(err.contains("refusing to serve as root: set global.user to the user to run as after binding (or global.user: root to insist)"))
+        #expect(!err.contains("started"))
+    }
 }

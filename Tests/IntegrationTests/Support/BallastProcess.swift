@@ -222,6 +222,8 @@ func serviceYAML(
 func configYAML(global: String = "workers: 2", defaults: String = "", services: [String]) -> String {
     var s = "global:\n"
     s += global.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n") + "\n"
+    // Ballast refuses to serve as root unless told to; the tests run as root in CI.
+    if geteuid() == 0 && !global.contains("user:") { s += "  user: root\n" }
     if !defaults.isEmpty {
         s += "defaults:\n" + defaults.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n") + "\n"
     }
