@@ -183,6 +183,18 @@ struct ConfigTests {
             "services:\n  - name: a\n    bind: [{ address: \"127.0.0.1:1\", accept_proxy: maybe }]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
             "bad.yaml:3:52: service 'a' bind accept_proxy must be true or false, not 'maybe'"
         ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    observe: { fails: 3 }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:5: service 'a': observe needs an active check (check:) to bring a server back up"
+        ),
+        (
+            "global: { group: nogroup }\nservices: []\n",
+            "bad.yaml:1:11: global.group needs global.user"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { send_proxy: v9 }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:26: service 'a' check.send_proxy: unknown value 'v9'; expected one of: v1, v2"
+        ),
     ]
 
     static func svc(_ name: String, _ bind: String) -> String {
