@@ -159,6 +159,15 @@ public enum ConfigLoader {
             return s
         }
 
+        /// `v1` or `v2` (PROXY protocol), for servers and for checks.
+        func proxyVersion(_ node: Node, _ label: String) throws(ConfigError) -> ProxyProtocol.Version {
+            let v = try scalar(node, label)
+            guard let version = ProxyProtocol.Version(text: v) else {
+                throw fail(node, "\(label): unknown value '\(v)'; expected one of: v1, v2")
+            }
+            return version
+        }
+
         /// A service or server name: what the runtime API and logs refer to it by.
         func identifier(_ node: Node, _ what: String) throws(ConfigError) -> String {
             let name = try string(node, what)
@@ -320,13 +329,7 @@ public enum ConfigLoader {
             if let e = m["role"] { c.role = try enumValue(e.value, "\(what).role", RedisRole.self) }
             if let e = m["send"] { c.send = try scalar(e.value, "\(what).send") }
             if let e = m["user"] { c.username = try string(e.value, "\(what).user") }
-            if let e = m["send_proxy"] {
-                let v = try scalar(e.value, "\(what).send_proxy")
-                guard let version = ProxyProtocol.Version(text: v) else {
-                    throw fail(e.value, "\(what).send_proxy: unknown value '\(v)'; expected one of: v1, v2")
-                }
-                c.sendProxy = version
-            }
+            if let e = m["send_proxy"] { c.sendProxy = try proxyVersion(e.value, "\(what).send_proxy") }
             if let e = m["require"] { c.mysqlRequire = try enumValue(e.value, "\(what).require", MySQLRequire.self) }
             if let e = m["query"] { c.query = try string(e.value, "\(what).query") }
             if c.type == .mysql && c.password != nil && c.username == nil {
@@ -481,13 +484,7 @@ public enum ConfigLoader {
                 }
             }
             if let e = m["slowstart"] { s.slowstart = try duration(e.value, "\(what): slowstart") }
-            if let e = m["send_proxy"] {
-                let v = try scalar(e.value, "\(what): send_proxy")
-                guard let version = ProxyProtocol.Version(text: v) else {
-                    throw fail(e.value, "\(what): send_proxy: unknown value '\(v)'; expected one of: v1, v2")
-                }
-                s.sendProxy = version
-            }
+            if let e = m["send_proxy"] { s.sendProxy = try proxyVersion(e.value, "\(what): send_proxy") }
             if let e = m["state"] {
                 let v = try scalar(e.value, "\(what): state")
                 switch v {
