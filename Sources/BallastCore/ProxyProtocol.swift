@@ -195,7 +195,7 @@ public enum ProxyProtocol {
         if f.first == "UNKNOWN" { return .header(length: end + 1, source: nil) }
         guard f.count == 5, f[0] == "TCP4" || f[0] == "TCP6" else { return .invalid("malformed v1 header '\(line)'") }
         let v6 = f[0] == "TCP6"
-        guard let port = UInt16(f[3]), let dport = UInt16(f[4]), dport > 0 || true,
+        guard let port = UInt16(f[3]), let dport = UInt16(f[4]),
             let src = try? SocketAddress(parsing: v6 ? "[\(f[1])]:\(port)" : "\(f[1]):\(port)"),
             (src.family == AF_INET6) == v6,
             (try? SocketAddress(parsing: v6 ? "[\(f[2])]:\(dport)" : "\(f[2]):\(dport)")) != nil

@@ -73,7 +73,6 @@ public final class HealthChecker: @unchecked Sendable {
         var up = true
         var successes = 0
         var failures = 0
-        var last = CheckResult(status: .initializing, code: nil, detail: "", durationMs: 0)
         var generation: UInt32 = 0
 
         init(service: String, server: Server, config: CheckConfig, initialWeight: Int, now: Int64) {
@@ -302,11 +301,7 @@ public final class HealthChecker: @unchecked Sendable {
             t.connected = true
             if let v = t.config.sendProxy {
                 // The header goes first: from the checker's own socket to the server.
-                var local = sockaddr_storage()
-                var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
-                _ = withUnsafeMutablePointer(to: &local) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(t.fd, $0, &len) }
-                }
+                var local = Socket.localStorage(t.fd) ?? sockaddr_storage()
                 var peer = sockaddr_storage()
                 withUnsafeMutablePointer(to: &peer) { t.target.store(into: $0) }
                 var header = [UInt8](repeating: 0, count: 128)
@@ -414,12 +409,10 @@ public final class HealthChecker: @unchecked Sendable {
         }
         // As in HAProxy, an agent that cannot be reached changes nothing: it is not a failure.
         if t.config.type == .agent && !t.connected && !r.status.passed {
-            t.last = r
             results.withLock { $0[ObjectIdentifier(t.server)] = r }
             t.nextDue = now + t.config.interval.value
             return
         }
-        t.last = r
         results.withLock { $0[ObjectIdentifier(t.server)] = r }
         // The passive observer may have marked the server down meanwhile: follow it.
         let serverUp = t.server.up.load(ordering: .relaxed)

@@ -87,13 +87,19 @@ public enum Socket {
         _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
     }
 
-    /// The local address a socket is bound to. The corresponding C function is `getsockname`.
-    public static func localAddress(_ fd: Int32) -> SocketAddress? {
+    /// The local address a socket is bound to, as the kernel's `sockaddr_storage`.
+    /// The corresponding C function is `getsockname`.
+    public static func localStorage(_ fd: Int32) -> sockaddr_storage? {
         var st = sockaddr_storage()
         var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
         let r = withUnsafeMutablePointer(to: &st) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
         }
-        return r == 0 ? SocketAddress(storage: st) : nil
+        return r == 0 ? st : nil
+    }
+
+    /// The local address a socket is bound to.
+    public static func localAddress(_ fd: Int32) -> SocketAddress? {
+        localStorage(fd).flatMap { SocketAddress(storage: $0) }
     }
 }

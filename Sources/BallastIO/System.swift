@@ -91,16 +91,4 @@ public enum Sys {
     public static func shutdownWrite(_ fd: Int32) {
         _ = Glibc.shutdown(fd, Int32(SHUT_WR))
     }
-
-    /// The corresponding C function is `read`.
-    @inline(never)
-    public static func read(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ len: Int) throws(SysError) -> IOResult<Int> {
-        try check("read") { Glibc.read(fd, buf, len) }
-    }
-
-    /// The corresponding C function is `write`.
-    @inline(never)
-    public static func write(_ fd: Int32, _ buf: UnsafeRawPointer, _ len: Int) throws(SysError) -> IOResult<Int> {
-        try check("write") { Glibc.write(fd, buf, len) }
-    }
 }

@@ -256,7 +256,6 @@ public final class Worker: @unchecked Sendable {
                 }
                 i = nxt
             }
-            old.retired = true
         }
         services = next
 
@@ -480,11 +479,7 @@ public final class Worker: @unchecked Sendable {
     private func queueProxyHeader(_ i: Int32, _ version: ProxyProtocol.Version) {
         let c = table[i]
         guard let b = acquireBuffer(c, true) else { return }
-        var local = sockaddr_storage()
-        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        _ = withUnsafeMutablePointer(to: &local) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(c.pointee.clientFd, $0, &len) }
-        }
+        var local = Socket.localStorage(c.pointee.clientFd) ?? sockaddr_storage()
         let n = withUnsafePointer(to: &c.pointee.clientAddr) { src in
             withUnsafePointer(to: &local) { dst in ProxyProtocol.encode(version, src: src, dst: dst, into: buffers[Int(b)]) }
         }
@@ -585,9 +580,14 @@ public final class Worker: @unchecked Sendable {
     private func releaseServer(_ i: Int32) {
         let c = table[i]
         guard let server = c.pointee.server else { return }
-        server.release()
         c.pointee.server = nil
-        if let svc = c.pointee.service, svc.queueCount > 0 { serveQueue(svc) }
+        returnSlot(server, c.pointee.service)
+    }
+
+    /// Gives a server's connection slot back and hands it to the oldest waiting connection.
+    private func returnSlot(_ server: Server, _ svc: WorkerService?) {
+        server.release()
+        if let svc, svc.queueCount > 0 { serveQueue(svc) }
     }
 
     // MARK: - Queue
@@ -1000,10 +1000,8 @@ public final class Worker: @unchecked Sendable {
         c.pointee.server = nil
         table.free(i)
         shared.connections.wrappingSubtract(1, ordering: .relaxed)
-        if let server {
-            server.release()
-            if let svc, svc.queueCount > 0 { serveQueue(svc) }
-        }
+        // After the slot is free: serving the queue may start (or end) other connections.
+        if let server { returnSlot(server, svc) }
         if pausedForMaxconn { maybeResumeListeners() }
     }
 

@@ -8,8 +8,6 @@ public final class WorkerService {
     var queueHead: Int32 = -1
     var queueTail: Int32 = -1
     var queueCount = 0
-    /// Set on reload when the service left the config: its queued connections are closed.
-    var retired = false
 
     // Copied out of the config once, so the hot path reads plain fields instead of the config struct.
     let connectMs: Int64
@@ -18,7 +16,6 @@ public final class WorkerService {
     let queueMs: Int64
     let retries: Int32
     let maxqueue: Int
-    private let backup: [Bool]
 
     let balance: Balance
     let hashWithPort: Bool
@@ -35,7 +32,6 @@ public final class WorkerService {
         queueMs = c.timeouts.queue.value
         retries = Int32(c.retries)
         maxqueue = c.maxqueue
-        backup = c.servers.map(\.backup)
         balance = c.balance
         hashWithPort = c.hashKey == .sourcePort
         allbackups = c.allbackups
