@@ -188,7 +188,7 @@ public final class HealthChecker: @unchecked Sendable {
                 }
             }
         }
-        for t in tasks where t?.fd ?? -1 >= 0 { Sys.close(t!.fd) }
+        for case let t? in tasks where t.fd >= 0 { hangUp(t) }
         Sys.close(wakeFd)
         Sys.close(epfd)
     }
@@ -218,10 +218,7 @@ public final class HealthChecker: @unchecked Sendable {
                 next.append(Task(service: service, server: server, config: config, initialWeight: weight, now: now))
             }
         }
-        for t in old.values where t.fd >= 0 {
-            Sys.close(t.fd)
-            t.fd = -1
-        }
+        for t in old.values where t.fd >= 0 { hangUp(t) }
         tasks = next
         // Re-register running checks under their new index.
         for (k, t) in tasks.enumerated() where t!.fd >= 0 {
@@ -402,11 +399,19 @@ public final class HealthChecker: @unchecked Sendable {
         finish(t, CheckResult(status: status, code: nil, detail: detail, durationMs: now - t.started), now)
     }
 
-    private func finish(_ t: Task, _ r: CheckResult, _ now: Int64) {
-        if t.fd >= 0 {
-            Sys.close(t.fd)
-            t.fd = -1
+    /// Closes a check's socket. A MySQL check cut short after the greeting (timeout, reload,
+    /// stop) still says `COM_QUIT` first, so the server counts no aborted client.
+    private func hangUp(_ t: Task) {
+        guard t.fd >= 0 else { return }
+        if let m = t.mysql, m.needsQuit {
+            _ = try? MySQLConversation.quit.withUnsafeBytes { try Sys.send(t.fd, $0.baseAddress!, $0.count) }
         }
+        Sys.close(t.fd)
+        t.fd = -1
+    }
+
+    private func finish(_ t: Task, _ r: CheckResult, _ now: Int64) {
+        hangUp(t)
         // As in HAProxy, an agent that cannot be reached changes nothing: it is not a failure.
         if t.config.type == .agent && !t.connected && !r.status.passed {
             results.withLock { $0[ObjectIdentifier(t.server)] = r }

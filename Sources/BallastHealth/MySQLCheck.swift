@@ -26,6 +26,10 @@ struct MySQLConversation {
 
     static let quit: [UInt8] = [1, 0, 0, 0, 0x01]
 
+    /// True when the login is under way or done and no `COM_QUIT` has been produced yet: closing
+    /// now without one would count as an aborted client.
+    var needsQuit: Bool { step != .greeting && verdict == nil }
+
     static func frame(_ payload: [UInt8], seq: UInt8) -> [UInt8] {
         let n = payload.count
         return [UInt8(n & 0xFF), UInt8((n >> 8) & 0xFF), UInt8((n >> 16) & 0xFF), seq] + payload
