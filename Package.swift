@@ -13,6 +13,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // GNU-only syscalls (epoll, eventfd, timerfd, splice, pipe2, accept4, F_SETPIPE_SZ) compiled with _GNU_SOURCE.
@@ -34,12 +35,13 @@ let package = Package(
             name: "BallastHealth",
             dependencies: ["BallastCore", "BallastIO", "CLinux", .product(name: "Logging", package: "swift-log")]
         ),
-        // Wiring: applies config, reload, lifecycle, logging.
+        // Wiring: applies config, reload, lifecycle, logging; the runtime API and /metrics.
         .target(
             name: "BallastRuntime",
             dependencies: [
                 "BallastCore", "BallastIO", "BallastProxy", "BallastHealth", "CLinux",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ]
         ),
         .executableTarget(

@@ -55,6 +55,49 @@ public enum Defaults {
     public static let checkTimeout = Millis(1_000)
     public static let checkRise = 2
     public static let checkFall = 3
+    /// Runtime API: idle clients are closed after this, and at most this many are served at once
+    /// (HAProxy's `stats timeout` and `stats maxconn`).
+    public static let statsTimeout = Millis(10_000)
+    public static let statsMaxconn = 10
+    public static let statsLevel = CLILevel.operator
+    public static let statsMode: UInt32 = 0o600
+}
+
+/// What a runtime API connection may do (HAProxy's stats socket levels).
+public enum CLILevel: String, Sendable, CaseIterable, Comparable {
+    case user, `operator`, admin
+
+    var rank: Int {
+        switch self {
+        case .user: return 0
+        case .operator: return 1
+        case .admin: return 2
+        }
+    }
+
+    public static func < (a: CLILevel, b: CLILevel) -> Bool { a.rank < b.rank }
+}
+
+/// One runtime API socket: a Unix stream socket (path, mode, owner) or a TCP address on loopback.
+public struct StatsSocketConfig: Sendable, Equatable {
+    public var path: String?
+    public var address: SocketAddress?
+    public var mode = Defaults.statsMode
+    public var uid: UInt32?
+    public var gid: UInt32?
+    public var level = Defaults.statsLevel
+    public var location: SourceLocation
+
+    public init(location: SourceLocation) { self.location = location }
+
+    public var name: String { path ?? address?.description ?? "?" }
+}
+
+public struct StatsConfig: Sendable, Equatable {
+    public var sockets: [StatsSocketConfig] = []
+    public var timeout = Defaults.statsTimeout
+    public var maxconn = Defaults.statsMaxconn
+    public init() {}
 }
 
 /// Milliseconds. Durations in the config take `ms`, `s`, `m`, `h` (`d` too); a bare number is
@@ -103,11 +146,20 @@ public struct GlobalConfig: Sendable, Equatable {
     /// Drop to this user (and group) after binding listeners; uid/gid resolved at load.
     public var user: (name: String, uid: UInt32, gid: UInt32)?
     public var group: (name: String, gid: UInt32)?
+    /// The runtime API (HAProxy's stats socket protocol).
+    public var stats = StatsConfig()
+    /// Prometheus `/metrics` over HTTP on this address.
+    public var metrics: SocketAddress?
+    public var metricsLocation: SourceLocation?
+    /// Runtime server state (admin state, weight, forced health) is saved here on every change
+    /// and restored at start.
+    public var stateFile: String?
     public init() {}
 
     public static func == (a: GlobalConfig, b: GlobalConfig) -> Bool {
         a.workers == b.workers && a.maxconn == b.maxconn && a.log == b.log && a.pipeSize == b.pipeSize && a.grace == b.grace
             && a.user?.uid == b.user?.uid && a.user?.gid == b.user?.gid && a.group?.gid == b.group?.gid
+            && a.stats == b.stats && a.metrics == b.metrics && a.stateFile == b.stateFile
     }
 }
 

@@ -11,7 +11,10 @@ import Musl
 public enum ConfigLoader {
     /// Keys accepted at each level; anything else is an error (a typo must not be silently ignored).
     public static let topKeys = ["global", "defaults", "services"]
-    public static let globalKeys = ["workers", "maxconn", "log", "pipe_size", "grace", "user", "group"]
+    public static let globalKeys = ["workers", "maxconn", "log", "pipe_size", "grace", "user", "group", "stats", "metrics", "state_file"]
+    public static let statsKeys = ["sockets", "timeout", "maxconn"]
+    public static let statsSocketKeys = ["path", "address", "mode", "owner", "group", "level"]
+    public static let metricsKeys = ["address"]
     public static let logKeys = ["level", "format", "connections"]
     public static let defaultsKeys = ["timeout", "retries", "check"]
     public static let checkKeys = [
@@ -27,9 +30,6 @@ public enum ConfigLoader {
     public static let bindKeys = ["address", "accept_proxy"]
     /// Keys from DESIGN.md that a later release implements: named so the error says so instead of "unknown".
     static let plannedKeys: [String: String] = [
-        "stats": "the runtime API (stats socket) is not implemented in this version",
-        "metrics": "the Prometheus endpoint is not implemented in this version",
-        "state_file": "the state file is not implemented in this version",
         "nat": "nat mode is not implemented in this version",
     ]
 
@@ -254,6 +254,18 @@ public enum ConfigLoader {
                 g.group = (name, gr.pointee.gr_gid)
                 guard g.user != nil else { throw fail(e.key, "global.group needs global.user") }
             }
+            if let e = m["stats"] { g.stats = try parseStats(e.value) }
+            if let e = m["metrics"] {
+                let mm = try mapping(e.value, "global.metrics", allowed: ConfigLoader.metricsKeys)
+                guard let a = mm["address"] else { throw fail(e.value, "global.metrics: missing required key 'address'") }
+                g.metrics = try loopbackAddress(a.value, "global.metrics.address")
+                g.metricsLocation = loc(a.value)
+            }
+            if let e = m["state_file"] {
+                let path = try string(e.value, "global.state_file")
+                guard path.hasPrefix("/") else { throw fail(e.value, "global.state_file must be an absolute path") }
+                g.stateFile = path
+            }
             if let e = m["log"] {
                 let lm = try mapping(e.value, "global.log", allowed: ConfigLoader.logKeys)
                 if let l = lm["level"] { g.log.level = try enumValue(l.value, "global.log.level", LogLevel.self) }
@@ -261,6 +273,75 @@ public enum ConfigLoader {
                 if let c = lm["connections"] { g.log.connections = try bool(c.value, "global.log.connections") }
             }
             return g
+        }
+
+        /// An `ip:port` that only this host can reach: the runtime API and metrics have no
+        /// authentication, so they stay on loopback.
+        func loopbackAddress(_ node: Node, _ what: String) throws(ConfigError) -> SocketAddress {
+            let text = try string(node, what)
+            let a: SocketAddress
+            do { a = try SocketAddress(parsing: text) } catch {
+                throw fail(node, "\(what): '\(text)' is not an ip:port address (\(error))")
+            }
+            guard a.isLoopback else {
+                throw fail(node, "\(what): \(a) is not a loopback address; the runtime API and metrics have no authentication, so they listen on 127.0.0.0/8 or ::1 only")
+            }
+            return a
+        }
+
+        func parseStats(_ node: Node) throws(ConfigError) -> StatsConfig {
+            var st = StatsConfig()
+            let m = try mapping(node, "global.stats", allowed: ConfigLoader.statsKeys)
+            if let e = m["timeout"] { st.timeout = try duration(e.value, "global.stats.timeout") }
+            if let e = m["maxconn"] { st.maxconn = try integer(e.value, "global.stats.maxconn", min: 1, max: 10_000) }
+            guard let e = m["sockets"] else { throw fail(node, "global.stats: missing required key 'sockets'") }
+            guard case .sequence(let seq) = e.value, !seq.isEmpty else {
+                throw fail(e.value, "global.stats.sockets must be a non-empty list of sockets")
+            }
+            var seen: [String: SourceLocation] = [:]
+            for (i, item) in seq.enumerated() {
+                let what = "global.stats.sockets[\(i)]"
+                let sm = try mapping(item, what, allowed: ConfigLoader.statsSocketKeys)
+                var sock = StatsSocketConfig(location: loc(item))
+                switch (sm["path"], sm["address"]) {
+                case (let p?, nil):
+                    let path = try string(p.value, "\(what).path")
+                    guard path.hasPrefix("/") else { throw fail(p.value, "\(what).path must be an absolute path") }
+                    guard path.utf8.count < 108 else { throw fail(p.value, "\(what).path is longer than a Unix socket path may be (107 bytes)") }
+                    sock.path = path
+                case (nil, let a?):
+                    sock.address = try loopbackAddress(a.value, "\(what).address")
+                    for k in ["mode", "owner", "group"] where sm[k] != nil {
+                        throw fail(sm[k]!.key, "\(what): '\(k)' applies to a Unix socket (path), not to a TCP address")
+                    }
+                case (nil, nil):
+                    throw fail(item, "\(what): give path (a Unix socket) or address (TCP on loopback)")
+                case (_?, let a?):
+                    throw fail(a.key, "\(what): give path or address, not both")
+                }
+                if let prev = seen[sock.name] { throw fail(item, "\(what): \(sock.name) is already listed at \(prev)") }
+                seen[sock.name] = sock.location
+                if let e = sm["mode"] {
+                    let text = try scalar(e.value, "\(what).mode")
+                    guard let v = UInt32(text, radix: 8), v <= 0o777 else {
+                        throw fail(e.value, "\(what).mode: '\(text)' is not an octal file mode such as 600 or 660")
+                    }
+                    sock.mode = v
+                }
+                if let e = sm["owner"] {
+                    let name = try string(e.value, "\(what).owner")
+                    guard let pw = getpwnam(name) else { throw fail(e.value, "\(what).owner: no such user '\(name)'") }
+                    sock.uid = pw.pointee.pw_uid
+                }
+                if let e = sm["group"] {
+                    let name = try string(e.value, "\(what).group")
+                    guard let gr = getgrnam(name) else { throw fail(e.value, "\(what).group: no such group '\(name)'") }
+                    sock.gid = gr.pointee.gr_gid
+                }
+                if let e = sm["level"] { sock.level = try enumValue(e.value, "\(what).level", CLILevel.self) }
+                st.sockets.append(sock)
+            }
+            return st
         }
 
         func parseTimeouts(_ node: Node, _ what: String, base: Timeouts) throws(ConfigError) -> Timeouts {
@@ -554,7 +635,7 @@ extension String {
     }
 }
 
-func editDistance(_ a: String, _ b: String) -> Int {
+public func editDistance(_ a: String, _ b: String) -> Int {
     let a = Array(a), b = Array(b)
     if a.isEmpty { return b.count }
     if b.isEmpty { return a.count }

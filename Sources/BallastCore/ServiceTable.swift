@@ -31,15 +31,73 @@ public final class Server: Sendable {
     /// Monotonic ms when the server last became usable; 0 when it has not come back since start.
     public let upSince = Atomic<Int64>(0)
 
+    // Statistics (the runtime API and /metrics). Cumulative counters live in per-worker slots.
+    public let counters = Counters()
+    public let activeMax = Atomic<Int>(0)
+    /// Monotonic ms of the last connection given to this server (0: never).
+    public let lastSession = Atomic<Int64>(0)
+    /// Monotonic ms of the last change between UP, DOWN, MAINT and DRAIN.
+    public let lastChange = Atomic<Int64>(monotonicMillis())
+    /// Monotonic ms since when the server is DOWN or in maintenance (0: it is not), and the
+    /// time spent so before.
+    public let downSince = Atomic<Int64>(0)
+    public let downtimeMs = Atomic<Int64>(0)
+    /// UP→DOWN transitions (chkdown) and failed checks while UP (chkfail).
+    public let downTransitions = Atomic<Int>(0)
+    public let failedChecks = Atomic<Int>(0)
+    /// The weight the config gives (HAProxy's initial weight: `set weight 50%` is relative to it).
+    public let initialWeight: Atomic<Int>
+
     public init(config: ServerConfig) {
         name = config.name
         address = config.address
         weightValue = Atomic(config.weight)
+        initialWeight = Atomic(config.weight)
         maxconnValue = Atomic(config.maxconn)
         slowstartMs = Atomic(config.slowstart.value)
         sendProxy = Atomic(config.sendProxy?.rawValue ?? 0)
         admin.store(config.state.rawValue, ordering: .relaxed)
+        if config.state == .maint { downSince.store(monotonicMillis(), ordering: .relaxed) }
     }
+
+    /// Out of service for statistics: DOWN by health, or in maintenance.
+    public var isDown: Bool {
+        !up.load(ordering: .relaxed) || admin.load(ordering: .relaxed) == AdminState.maint.rawValue
+    }
+
+    /// Records a change of health or admin state: last change time, downtime, DOWN transitions.
+    /// Call after the change, with `wasDown` read before it.
+    public func noteChange(wasDown: Bool, now: Int64 = monotonicMillis()) {
+        lastChange.store(now, ordering: .relaxed)
+        let down = isDown
+        if down && !wasDown {
+            downSince.store(max(now, 1), ordering: .relaxed)
+            downTransitions.wrappingAdd(1, ordering: .relaxed)
+        } else if !down && wasDown {
+            let since = downSince.load(ordering: .relaxed)
+            if since > 0 { downtimeMs.wrappingAdd(now - since, ordering: .relaxed) }
+            downSince.store(0, ordering: .relaxed)
+        }
+    }
+
+    /// Marks the server up or down by health; true when that changed it.
+    @discardableResult
+    public func setUp(_ value: Bool, now: Int64 = monotonicMillis()) -> Bool {
+        let wasDown = isDown
+        let (changed, _) = up.compareExchange(expected: !value, desired: value, ordering: .relaxed)
+        guard changed else { return false }
+        noteChange(wasDown: wasDown, now: now)
+        ServerStateClock.bump()
+        return true
+    }
+
+    /// Total time DOWN or in maintenance, in ms.
+    public func downtime(now: Int64) -> Int64 {
+        let since = downSince.load(ordering: .relaxed)
+        return downtimeMs.load(ordering: .relaxed) + (since > 0 ? now - since : 0)
+    }
+
+    public func clearMax() { activeMax.store(active.load(ordering: .relaxed), ordering: .relaxed) }
 
     /// The weight schedulers use now: the configured weight, ramped up linearly (at least 1)
     /// during slow start after the server came back. Static policies (source) use `weight`.
@@ -58,8 +116,10 @@ public final class Server: Sendable {
     /// Changes the administrative state; a server that becomes usable starts its slow start.
     public func setAdmin(_ state: AdminState, now: Int64) {
         let was = usable
-        admin.store(state.rawValue, ordering: .relaxed)
+        let wasDown = isDown
+        let old = admin.exchange(state.rawValue, ordering: .relaxed)
         if !was && usable { upSince.store(max(now, 1), ordering: .relaxed) }
+        if old != state.rawValue { noteChange(wasDown: wasDown, now: now) }
         ServerStateClock.bump()
     }
 
@@ -111,6 +171,8 @@ public final class Server: Sendable {
 /// One service in a snapshot.
 public final class Service: Sendable {
     public let config: ServiceConfig
+    /// Counters and gauges, carried over reloads by service name.
+    public let stats: ServiceStats
     public let servers: [Server]
     /// Indices of servers with `backup: false` and `backup: true`, in config order.
     public let activeIndices: [Int]
@@ -119,8 +181,9 @@ public final class Service: Sendable {
     public let handles: [Unmanaged<Server>]
     public let backupFlags: [Bool]
 
-    public init(config: ServiceConfig, servers: [Server]) {
+    public init(config: ServiceConfig, stats: ServiceStats = ServiceStats(), servers: [Server]) {
         self.config = config
+        self.stats = stats
         self.servers = servers
         handles = servers.map { Unmanaged.passUnretained($0) }
         backupFlags = config.servers.map(\.backup)
@@ -152,22 +215,26 @@ public final class ServiceTable: Sendable {
     /// set at run time survives a reload that does not mention it.
     public static func build(config: Config, generation: UInt64, previous: ServiceTable?, now: Int64) -> ServiceTable {
         var old: [String: (Server, ServerConfig)] = [:]
+        var oldStats: [String: ServiceStats] = [:]
         if let previous {
             for svc in previous.services {
+                oldStats[svc.name] = svc.stats
                 for (k, s) in svc.servers.enumerated() { old["\(svc.name)/\(s.name)"] = (s, svc.config.servers[k]) }
             }
         }
         let services = config.services.map { sc in
             Service(
-                config: sc,
-                servers: sc.servers.map { c in
+                config: sc, stats: oldStats[sc.name] ?? ServiceStats(),
+                servers: sc.servers.map { c -> Server in
                     guard let (o, oc) = old["\(sc.name)/\(c.name)"], o.address == c.address else {
                         return Server(config: c)
                     }
                     o.maxconnValue.store(c.maxconn, ordering: .relaxed)
                     o.slowstartMs.store(c.slowstart.value, ordering: .relaxed)
                     o.sendProxy.store(c.sendProxy?.rawValue ?? 0, ordering: .relaxed)
-                    if o.weight != c.weight { o.setWeight(c.weight, now: now) }
+                    // A weight set at run time stays unless the config's weight changed.
+                    o.initialWeight.store(c.weight, ordering: .relaxed)
+                    if oc.weight != c.weight { o.setWeight(c.weight, now: now) }
                     if oc.state != c.state { o.setAdmin(c.state, now: now) }
                     return o
                 })

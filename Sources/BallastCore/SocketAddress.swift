@@ -77,6 +77,22 @@ public enum SocketAddress: Hashable, Sendable, CustomStringConvertible {
         return inet_pton(AF_INET6, s, &a) == 1 ? a : nil
     }
 
+    /// 127.0.0.0/8 or ::1.
+    public var isLoopback: Bool {
+        switch self {
+        case .v4(let a): return UInt32(bigEndian: a.sin_addr.s_addr) >> 24 == 127
+        case .v6(var a):
+            return withUnsafeBytes(of: &a.sin6_addr) { b in b.prefix(15).allSatisfy { $0 == 0 } && b[15] == 1 }
+        }
+    }
+
+    /// The address without the port, as `show servers state` prints it.
+    public var hostText: String {
+        let d = description
+        if case .v6 = self, let close = d.lastIndex(of: "]") { return String(d[d.index(after: d.startIndex)..<close]) }
+        return String(d[..<d.lastIndex(of: ":")!])
+    }
+
     public var family: Int32 {
         switch self {
         case .v4: return AF_INET

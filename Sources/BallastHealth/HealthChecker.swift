@@ -48,6 +48,26 @@ public struct CheckResult: Sendable, Equatable {
     public var durationMs: Int64
 }
 
+/// What the runtime API shows of a server's check.
+public struct CheckView: Sendable {
+    public var type: CheckType
+    public var last: CheckResult?
+    /// A check is under way (HAProxy prefixes the status with `* `).
+    public var running = false
+    /// HAProxy's health counter: 0..rise+fall-1, UP from `rise` on.
+    public var health: Int
+    public var rise: Int
+    public var fall: Int
+    /// `disable health` stopped the check.
+    public var enabled = true
+    /// Consecutive passes while DOWN / failures while UP (the `DOWN 1/2`, `UP 1/2` statuses).
+    public var successes = 0
+    public var failures = 0
+    public var up = true
+    public var port: UInt16
+    public var address: SocketAddress
+}
+
 /// Runs every active check on one thread with one epoll instance: thousands of servers need no
 /// thread each. Each check is a small nonblocking state machine (connect, send, read, judge).
 public final class HealthChecker: @unchecked Sendable {
@@ -74,6 +94,9 @@ public final class HealthChecker: @unchecked Sendable {
         var successes = 0
         var failures = 0
         var generation: UInt32 = 0
+        var enabled = true
+        var running = false
+        var last: CheckResult?
 
         init(service: String, server: Server, config: CheckConfig, initialWeight: Int, now: Int64) {
             self.service = service
@@ -84,6 +107,8 @@ public final class HealthChecker: @unchecked Sendable {
             if config.address != nil { t.port = server.address.port }
             if let p = config.port { t.port = p }
             target = t
+            // A server restored DOWN from the state file starts DOWN and needs `rise` passes.
+            up = server.up.load(ordering: .relaxed)
             // Spread the first checks over one interval so they do not fire in lockstep.
             nextDue = now + Int64.random(in: 0...max(0, config.interval.value - 1))
         }
@@ -99,7 +124,8 @@ public final class HealthChecker: @unchecked Sendable {
     private let stopping = Atomic<Bool>(false)
     private var tasks: [Task?] = []
     private var thread: pthread_t?
-    private let results = Mutex<[ObjectIdentifier: CheckResult]>([:])
+    private let views = Mutex<[ObjectIdentifier: CheckView]>([:])
+    private let requests = Mutex<[@Sendable (HealthChecker) -> Void]>([])
 
     public init(logger: Logger, onTransition: @escaping Transition) throws(SysError) {
         self.logger = logger
@@ -117,9 +143,8 @@ public final class HealthChecker: @unchecked Sendable {
             for (k, s) in svc.servers.enumerated() {
                 if let c = svc.config.servers[k].check {
                     list.append((svc.name, s, c, svc.config.servers[k].weight))
-                } else if !s.up.load(ordering: .relaxed) {
-                    s.up.store(true, ordering: .relaxed)
-                    ServerStateClock.bump()
+                } else {
+                    s.setUp(true)
                 }
             }
         }
@@ -129,7 +154,86 @@ public final class HealthChecker: @unchecked Sendable {
 
     /// The last check result of `server`, if it is checked.
     public func result(_ server: Server) -> CheckResult? {
-        results.withLock { $0[ObjectIdentifier(server)] }
+        views.withLock { $0[ObjectIdentifier(server)]?.last }
+    }
+
+    /// The check of `server` as the runtime API shows it; nil when the server has no check.
+    public func view(_ server: Server) -> CheckView? {
+        views.withLock { $0[ObjectIdentifier(server)] }
+    }
+
+    private func publish(_ t: Task) {
+        let health = t.up ? t.config.rise + t.config.fall - 1 - t.failures : t.successes
+        let v = CheckView(
+            type: t.config.type, last: t.last, running: t.running, health: health, rise: t.config.rise, fall: t.config.fall,
+            enabled: t.enabled, successes: t.successes, failures: t.failures, up: t.up, port: t.target.port, address: t.target)
+        views.withLock { $0[ObjectIdentifier(t.server)] = v }
+    }
+
+    /// Runs `body` on the checker thread and waits for it (at most 2 s): runtime API commands
+    /// change a check's state where the check runs, so they never race it.
+    private func perform(_ body: @escaping @Sendable (HealthChecker) -> Void) -> Bool {
+        let box = DoneBox()
+        requests.withLock {
+            $0.append { checker in
+                body(checker)
+                box.flag.store(true, ordering: .releasing)
+            }
+        }
+        EventFd.signal(wakeFd)
+        for _ in 0..<2000 {
+            if box.flag.load(ordering: .acquiring) { return true }
+            usleep(1000)
+        }
+        return false
+    }
+
+    /// `enable health` / `disable health`. A disabled check runs no more and the server keeps
+    /// its current state, as in HAProxy. False when the server has no check.
+    public func setEnabled(_ server: Server, _ enabled: Bool) -> Bool {
+        let found = Atomic<Bool>(false)
+        _ = perform { c in
+            guard let t = c.task(server) else { return }
+            found.store(true, ordering: .relaxed)
+            guard t.enabled != enabled else { return }
+            t.enabled = enabled
+            if !enabled {
+                c.hangUp(t)
+                t.running = false
+            } else {
+                t.nextDue = c.monotonic()
+            }
+            c.publish(t)
+        }
+        return found.load(ordering: .relaxed)
+    }
+
+    /// `set server … health up|down`: forces the health as if `rise` checks had passed or `fall`
+    /// had failed; the following checks go on from there. A server without a check is set directly.
+    public func force(_ server: Server, up: Bool, service: String) {
+        let handled = Atomic<Bool>(false)
+        _ = perform { c in
+            guard let t = c.task(server) else { return }
+            handled.store(true, ordering: .relaxed)
+            let r = CheckResult(status: t.last?.status ?? (up ? .l4ok : .l4con), code: nil, detail: "changed from CLI", durationMs: 0)
+            if t.up != up || server.up.load(ordering: .relaxed) != up {
+                c.transition(t, up: up, r, reason: "changed from CLI")
+            }
+            t.successes = 0
+            t.failures = 0
+            c.publish(t)
+        }
+        if !handled.load(ordering: .relaxed) {
+            if server.setUp(up) {
+                logger.notice("Server \(service)/\(server.name) is \(up ? "UP" : "DOWN") (changed from CLI).")
+                onTransition(service, server, up)
+            }
+        }
+    }
+
+    private func task(_ server: Server) -> Task? {
+        for case let t? in tasks where t.server === server { return t }
+        return nil
     }
 
     public func start() {
@@ -163,6 +267,7 @@ public final class HealthChecker: @unchecked Sendable {
             var timeout: Int64 = 1000
             for t in tasks {
                 guard let t else { continue }
+                guard t.enabled || t.fd >= 0 else { continue }
                 timeout = min(timeout, max(0, (t.fd >= 0 ? t.deadline : t.nextDue) - now))
             }
             let n = (try? Epoll.wait(epfd, events, max: 256, timeoutMs: Int32(timeout))) ?? 0
@@ -172,6 +277,12 @@ public final class HealthChecker: @unchecked Sendable {
                 if data == UInt64.max {
                     EventFd.drain(wakeFd)
                     applyPending(now)
+                    let work = requests.withLock { r -> [@Sendable (HealthChecker) -> Void] in
+                        let w = r
+                        r.removeAll()
+                        return w
+                    }
+                    for w in work { w(self) }
                     continue
                 }
                 let index = Int(data & 0xFFFF_FFFF)
@@ -183,7 +294,7 @@ public final class HealthChecker: @unchecked Sendable {
                 guard let t else { continue }
                 if t.fd >= 0 {
                     if now >= t.deadline { timedOut(t, now) }
-                } else if now >= t.nextDue {
+                } else if t.enabled && now >= t.nextDue {
                     begin(t, now)
                 }
             }
@@ -193,7 +304,7 @@ public final class HealthChecker: @unchecked Sendable {
         Sys.close(epfd)
     }
 
-    private func monotonic() -> Int64 {
+    fileprivate func monotonic() -> Int64 {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
@@ -220,6 +331,8 @@ public final class HealthChecker: @unchecked Sendable {
         }
         for t in old.values where t.fd >= 0 { hangUp(t) }
         tasks = next
+        views.withLock { $0.removeAll() }
+        for case let t? in tasks { publish(t) }
         // Re-register running checks under their new index.
         for (k, t) in tasks.enumerated() where t!.fd >= 0 {
             t!.generation &+= 1
@@ -232,6 +345,7 @@ public final class HealthChecker: @unchecked Sendable {
     // MARK: - One check
 
     private func begin(_ t: Task, _ now: Int64) {
+        t.running = true
         t.started = now
         t.deadline = now + t.config.timeout.value
         t.connected = false
@@ -401,7 +515,7 @@ public final class HealthChecker: @unchecked Sendable {
 
     /// Closes a check's socket. A MySQL check cut short after the greeting (timeout, reload,
     /// stop) still says `COM_QUIT` first, so the server counts no aborted client.
-    private func hangUp(_ t: Task) {
+    fileprivate func hangUp(_ t: Task) {
         guard t.fd >= 0 else { return }
         if let m = t.mysql, m.needsQuit {
             _ = try? MySQLConversation.quit.withUnsafeBytes { try Sys.send(t.fd, $0.baseAddress!, $0.count) }
@@ -412,13 +526,14 @@ public final class HealthChecker: @unchecked Sendable {
 
     private func finish(_ t: Task, _ r: CheckResult, _ now: Int64) {
         hangUp(t)
+        t.running = false
+        t.last = r
+        defer { publish(t) }
         // As in HAProxy, an agent that cannot be reached changes nothing: it is not a failure.
         if t.config.type == .agent && !t.connected && !r.status.passed {
-            results.withLock { $0[ObjectIdentifier(t.server)] = r }
             t.nextDue = now + t.config.interval.value
             return
         }
-        results.withLock { $0[ObjectIdentifier(t.server)] = r }
         // The passive observer may have marked the server down meanwhile: follow it.
         let serverUp = t.server.up.load(ordering: .relaxed)
         if t.up && !serverUp {
@@ -432,6 +547,7 @@ public final class HealthChecker: @unchecked Sendable {
         } else {
             t.successes = 0
             t.failures += 1
+            if t.up { t.server.failedChecks.wrappingAdd(1, ordering: .relaxed) }
             if t.up && t.failures >= t.config.fall { transition(t, up: false, r) }
         }
         let changing = (t.up && t.failures > 0) || (!t.up && t.successes > 0)
@@ -453,21 +569,30 @@ public final class HealthChecker: @unchecked Sendable {
         }
     }
 
-    private func transition(_ t: Task, up: Bool, _ r: CheckResult) {
+    fileprivate func transition(_ t: Task, up: Bool, _ r: CheckResult, reason: String? = nil) {
         t.up = up
         t.successes = 0
         t.failures = 0
-        t.server.up.store(up, ordering: .relaxed)
         if up {
             t.server.upSince.store(max(monotonic(), 1), ordering: .relaxed)
             t.server.connectFailures.store(0, ordering: .relaxed)
         }
+        t.server.setUp(up)
         ServerStateClock.bump()
-        var line = "Server \(t.service)/\(t.server.name) is \(up ? "UP" : "DOWN"), reason: \(r.status.text)"
-        if r.code.map({ _ in true }) ?? false { line += ", code: \(r.code!)" }
-        if !r.detail.isEmpty { line += ", info: \"\(r.detail)\"" }
-        line += ", check duration: \(r.durationMs)ms."
+        var line = "Server \(t.service)/\(t.server.name) is \(up ? "UP" : "DOWN")"
+        if let reason {
+            line += " (\(reason))."
+        } else {
+            line += ", reason: \(r.status.text)"
+            if r.code.map({ _ in true }) ?? false { line += ", code: \(r.code!)" }
+            if !r.detail.isEmpty { line += ", info: \"\(r.detail)\"" }
+            line += ", check duration: \(r.durationMs)ms."
+        }
         if up { logger.notice("\(line)") } else { logger.warning("\(line)") }
         onTransition(t.service, t.server, up)
     }
+}
+
+private final class DoneBox: Sendable {
+    let flag = Atomic<Bool>(false)
 }

@@ -28,6 +28,40 @@ public enum Socket {
         return fd
     }
 
+    /// Creates a nonblocking listening Unix stream socket at `path`. A stale socket file left by
+    /// a process that is gone is replaced; one that still answers is in use (EADDRINUSE).
+    public static func listenUnix(_ path: String, backlog: Int32) throws(SysError) -> Int32 {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw SysError("bind", ENAMETOOLONG) }
+        withUnsafeMutableBytes(of: &addr.sun_path) { dst in
+            for (k, b) in bytes.enumerated() { dst[k] = b }
+            dst[bytes.count] = 0
+        }
+        let len = socklen_t(MemoryLayout<sockaddr_un>.size)
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            guard st.st_mode & S_IFMT == S_IFSOCK else { throw SysError("bind", EEXIST) }
+            let probe = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            let live = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(probe, $0, len) } } == 0
+            Glibc.close(probe)
+            if live { throw SysError("bind", EADDRINUSE) }
+            unlink(path)
+        }
+        let fd = Int32(try Sys.checkBlocking("socket") { Int(ballast_socket_nonblock(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)) })
+        do throws(SysError) {
+            _ = try Sys.checkBlocking("bind") {
+                Int(withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, len) } })
+            }
+            _ = try Sys.checkBlocking("listen") { Int(Glibc.listen(fd, backlog)) }
+        } catch {
+            Sys.close(fd)
+            throw error
+        }
+        return fd
+    }
+
     /// Accepts one connection, nonblocking and close-on-exec. The corresponding C function is `accept4`.
     @inline(never)
     public static func accept(_ fd: Int32, _ peer: UnsafeMutablePointer<sockaddr_storage>) throws(SysError) -> IOResult<Int32> {

@@ -69,6 +69,10 @@ struct Conn {
     var service: WorkerService?
     var server: Server?
     var serverIndex: Int32 = -1
+    /// This worker's counter slots of the connection's service and server (no reference counting
+    /// on the byte path; the objects outlive the connection).
+    var serviceSlot: UnsafeMutablePointer<CounterSlot>?
+    var serverSlot: UnsafeMutablePointer<CounterSlot>?
     var retriesLeft: Int32 = 0
     var clientAddr = sockaddr_storage()
     var acceptedAt: Int64 = 0

@@ -55,8 +55,44 @@ public enum WorkerCommand: Sendable {
     /// Close every connection of this service that is on a backup server
     /// (`on_marked_up: shutdown-backup-sessions`).
     case shutdownBackupSessions(service: String)
+    /// Describe every open connection (`show sess`), one line each, into the report.
+    case listSessions(SessionReport)
+    /// Close one connection by its `show sess` id, if it still exists (`shutdown session`).
+    case shutdownSession(index: Int32, generation: UInt32, SessionReport)
     /// Do nothing but count a heartbeat: the runtime's watchdog checks the loop is alive.
     case ping
     /// Close every connection and leave the loop.
     case exit
+}
+
+/// Answers of the workers to a `show sess` or `shutdown session`: each worker adds its lines and
+/// counts itself done; the runtime API waits for all (bounded).
+public final class SessionReport: Sendable {
+    private let lines = Mutex<[String]>([])
+    public let answered = Atomic<Int>(0)
+    public let found = Atomic<Bool>(false)
+
+    public init() {}
+
+    public func add(_ l: [String]) {
+        lines.withLock { $0 += l }
+        answered.wrappingAdd(1, ordering: .releasing)
+    }
+
+    public var collected: [String] { lines.withLock { $0 } }
+}
+
+/// A `show sess` id: worker, connection slot and its generation in one number.
+public enum SessionID {
+    public static func make(worker: Int, index: Int32, generation: UInt32) -> UInt64 {
+        (UInt64(worker + 1) << 56) | (UInt64(generation & 0xFF_FFFF) << 32) | UInt64(UInt32(bitPattern: index))
+    }
+
+    public static func parse(_ id: UInt64) -> (worker: Int, index: Int32, generation: UInt32)? {
+        let w = Int(id >> 56) - 1
+        guard w >= 0 else { return nil }
+        return (w, Int32(bitPattern: UInt32(truncatingIfNeeded: id)), UInt32(truncatingIfNeeded: id >> 32) & 0xFF_FFFF)
+    }
+
+    public static func text(_ id: UInt64) -> String { "0x" + String(id, radix: 16) }
 }

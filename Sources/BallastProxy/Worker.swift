@@ -26,6 +26,9 @@ public final class Worker: @unchecked Sendable {
     public let heartbeat = Atomic<Int>(0)
     /// Set when the loop has returned.
     public let finished = Atomic<Bool>(false)
+    /// Pipes this worker holds, and how many of them are idle in its pool (`show info`).
+    public let pipesTotal = Atomic<Int>(0)
+    public let pipesIdle = Atomic<Int>(0)
 
     private var settings: WorkerSettings
     private let table: ConnTable
@@ -226,6 +229,16 @@ public final class Worker: @unchecked Sendable {
                     guard let svc = c.service, svc.name == service, c.serverIndex >= 0 else { return false }
                     return svc.config.servers[Int(c.serverIndex)].backup
                 }
+            case .listSessions(let report):
+                report.add(describeSessions())
+            case .shutdownSession(let index, let generation, let report):
+                if index >= 0 && index < table.highWater, table[index].pointee.state != .free,
+                    table[index].pointee.gen & 0xFF_FFFF == generation
+                {
+                    report.found.store(true, ordering: .relaxed)
+                    finish(index, .shutdown)
+                }
+                report.add([])
             case .exit:
                 running = false
             }
@@ -344,6 +357,11 @@ public final class Worker: @unchecked Sendable {
             shared.totalConnections.wrappingAdd(1, ordering: .relaxed)
             c.pointee.clientFd = fd
             c.pointee.service = l.service
+            let stats = l.service.service.stats
+            let slot = stats.counters.slot(id)
+            slot.pointee.accepted &+= 1
+            c.pointee.serviceSlot = slot
+            raiseMax(stats.clientsMax, to: stats.clients.wrappingAdd(1, ordering: .relaxed).newValue)
             c.pointee.acceptedAt = now
             c.pointee.lastClientIO = now
             c.pointee.retriesLeft = l.service.retries
@@ -414,8 +432,11 @@ public final class Worker: @unchecked Sendable {
             let server = svc.service.servers[Int(s)]
             // Another worker may have taken the last slot since the pick: pick again.
             guard server.tryAcquire() else { continue }
-            c.pointee.server = server
-            c.pointee.serverIndex = s
+            if exclude >= 0 && s != exclude {
+                c.pointee.serviceSlot?.pointee.redispatches &+= 1
+                c.pointee.serverSlot?.pointee.redispatches &+= 1
+            }
+            attach(i, server, s, svc)
             startConnect(i)
             return
         }
@@ -428,6 +449,21 @@ public final class Worker: @unchecked Sendable {
         } else {
             finish(i, c.pointee.serverIndex >= 0 ? .connectFailed : .noServer)
         }
+    }
+
+    /// Gives the connection the server whose slot it just reserved, and counts the pick.
+    @inline(__always)
+    private func attach(_ i: Int32, _ server: Server, _ s: Int32, _ svc: WorkerService) {
+        let c = table[i]
+        c.pointee.server = server
+        c.pointee.serverIndex = s
+        let slot = server.counters.slot(id)
+        c.pointee.serverSlot = slot
+        slot.pointee.picks &+= 1
+        c.pointee.serviceSlot?.pointee.picks &+= 1
+        raiseMax(server.activeMax, to: server.active.load(ordering: .relaxed))
+        let stats = svc.service.stats
+        raiseMax(stats.assignedMax, to: stats.assigned.wrappingAdd(1, ordering: .relaxed).newValue)
     }
 
     /// Peeks at what the client sent; once a whole PROXY header is there, consumes exactly it,
@@ -531,6 +567,10 @@ public final class Worker: @unchecked Sendable {
         if err != 0 { return connectFailed(i, err) }
         c.pointee.state = .established
         c.pointee.serverWritable = true
+        c.pointee.serverSlot?.pointee.sessions &+= 1
+        c.pointee.serviceSlot?.pointee.sessions &+= 1
+        if let server = c.pointee.server { server.lastSession.store(now, ordering: .relaxed) }
+        c.pointee.service?.service.stats.lastSession.store(now, ordering: .relaxed)
         if let server = c.pointee.server, let v = ProxyProtocol.Version(rawValue: server.sendProxy.load(ordering: .relaxed)) {
             queueProxyHeader(i, v)
         }
@@ -550,6 +590,12 @@ public final class Worker: @unchecked Sendable {
             c.pointee.serverFd = -1
         }
         let failed = c.pointee.serverIndex
+        c.pointee.serverSlot?.pointee.connectErrors &+= 1
+        c.pointee.serviceSlot?.pointee.connectErrors &+= 1
+        if c.pointee.retriesLeft > 0 {
+            c.pointee.serverSlot?.pointee.retries &+= 1
+            c.pointee.serviceSlot?.pointee.retries &+= 1
+        }
         if let svc = c.pointee.service, svc.observeFails > 0, let server = c.pointee.server {
             observeFailure(server, svc, err)
         }
@@ -570,9 +616,7 @@ public final class Worker: @unchecked Sendable {
     private func observeFailure(_ server: Server, _ svc: WorkerService, _ err: Int32) {
         let n = server.connectFailures.wrappingAdd(1, ordering: .relaxed).newValue
         guard n >= svc.observeFails else { return }
-        let (exchanged, _) = server.up.compareExchange(expected: true, desired: false, ordering: .relaxed)
-        guard exchanged else { return }
-        ServerStateClock.bump()
+        guard server.setUp(false, now: now) else { return }
         logger.warning(
             "Server \(svc.name)/\(server.name) is DOWN, reason: passive observation, info: \"\(n) consecutive failed connects, last: \(String(cString: strerror(err)))\".")
     }
@@ -581,6 +625,7 @@ public final class Worker: @unchecked Sendable {
         let c = table[i]
         guard let server = c.pointee.server else { return }
         c.pointee.server = nil
+        c.pointee.service?.service.stats.assigned.wrappingSubtract(1, ordering: .relaxed)
         returnSlot(server, c.pointee.service)
     }
 
@@ -600,6 +645,8 @@ public final class Worker: @unchecked Sendable {
         svc.queueTail = i
         svc.queueCount += 1
         queued += 1
+        let stats = svc.service.stats
+        raiseMax(stats.queuedMax, to: stats.queued.wrappingAdd(1, ordering: .relaxed).newValue)
     }
 
     private func dequeue(_ i: Int32, from svc: WorkerService) {
@@ -612,6 +659,7 @@ public final class Worker: @unchecked Sendable {
         c.pointee.queuePrev = -1
         svc.queueCount -= 1
         queued -= 1
+        svc.service.stats.queued.wrappingSubtract(1, ordering: .relaxed)
     }
 
     /// Hands freed server slots to waiting connections, oldest first.
@@ -624,9 +672,7 @@ public final class Worker: @unchecked Sendable {
             guard server.tryAcquire() else { return }
             dequeue(i, from: svc)
             wheel.disarm(i, in: table)
-            let c = table[i]
-            c.pointee.server = server
-            c.pointee.serverIndex = s
+            attach(i, server, s, svc)
             startConnect(i)
         }
     }
@@ -798,6 +844,7 @@ public final class Worker: @unchecked Sendable {
                         $0.inPipe += n
                         $0.bytes &+= UInt64(n)
                     }
+                    count(c, up, n, spliced: true)
                     touch(c, dstIsClient: up)
                 case .wouldBlock:
                     // Ambiguous: the socket is empty or the pipe is full. With data in the pipe,
@@ -834,6 +881,7 @@ public final class Worker: @unchecked Sendable {
                         // already hung up, when the FIN must still be read.
                         if n == size { $0.splicing = true }
                     }
+                    count(c, up, n, spliced: false)
                     if n < size && !srcRdHup(c, up) { setSrcReadable(c, up, false) }
                     touch(c, dstIsClient: up)
                 case .wouldBlock:
@@ -842,6 +890,20 @@ public final class Worker: @unchecked Sendable {
                     return .blocked
                 }
             }
+        }
+    }
+
+    /// Adds relayed bytes to this worker's slots of the service and the server.
+    @inline(__always)
+    private func count(_ c: UnsafeMutablePointer<Conn>, _ up: Bool, _ n: Int, spliced: Bool) {
+        let v = UInt64(n)
+        if up {
+            c.pointee.serviceSlot?.pointee.bytesIn &+= v
+            c.pointee.serverSlot?.pointee.bytesIn &+= v
+        } else {
+            c.pointee.serviceSlot?.pointee.bytesOut &+= v
+            c.pointee.serverSlot?.pointee.bytesOut &+= v
+            if spliced { c.pointee.serviceSlot?.pointee.splicedOut &+= v }
         }
     }
 
@@ -918,6 +980,8 @@ public final class Worker: @unchecked Sendable {
             }
         }
         withDir(c, up) { $0.pipe = p }
+        pipesTotal.store(pipeR.count - deadPipes.count, ordering: .relaxed)
+        pipesIdle.store(pipeFree.count, ordering: .relaxed)
         return p
     }
 
@@ -934,6 +998,8 @@ public final class Worker: @unchecked Sendable {
         } else {
             closePipe(p)
         }
+        pipesTotal.store(pipeR.count - deadPipes.count, ordering: .relaxed)
+        pipesIdle.store(pipeFree.count, ordering: .relaxed)
     }
 
     private func closePipe(_ p: Int32) {
@@ -997,6 +1063,26 @@ public final class Worker: @unchecked Sendable {
         if settings.logConnections { logClose(c, reason) }
         let server = c.pointee.server
         let svc = c.pointee.service
+        switch reason {
+        case .clientReset:
+            c.pointee.serviceSlot?.pointee.clientAborts &+= 1
+            if server != nil { c.pointee.serverSlot?.pointee.clientAborts &+= 1 }
+        case .serverReset:
+            c.pointee.serviceSlot?.pointee.serverAborts &+= 1
+            c.pointee.serviceSlot?.pointee.responseErrors &+= 1
+            if server != nil {
+                c.pointee.serverSlot?.pointee.serverAborts &+= 1
+                c.pointee.serverSlot?.pointee.responseErrors &+= 1
+            }
+        case .badProxyHeader:
+            c.pointee.serviceSlot?.pointee.requestErrors &+= 1
+        default:
+            break
+        }
+        if let stats = svc?.service.stats, c.pointee.serviceSlot != nil {
+            stats.clients.wrappingSubtract(1, ordering: .relaxed)
+            if server != nil { stats.assigned.wrappingSubtract(1, ordering: .relaxed) }
+        }
         c.pointee.server = nil
         table.free(i)
         shared.connections.wrappingSubtract(1, ordering: .relaxed)
@@ -1019,6 +1105,34 @@ public final class Worker: @unchecked Sendable {
                 "bytes_in": "\(c.pointee.up.bytes)", "bytes_out": "\(c.pointee.down.bytes)",
                 "duration_ms": "\(now - c.pointee.acceptedAt)", "end": "\(reason)",
             ])
+    }
+
+    /// One `show sess` line per open connection, HAProxy's `key=value` style.
+    private func describeSessions() -> [String] {
+        var out: [String] = []
+        for k in 0..<Int(table.highWater) {
+            let i = Int32(k)
+            let c = table[i]
+            guard c.pointee.state != .free else { continue }
+            let client = SocketAddress(storage: c.pointee.clientAddr)
+            let proto = client.map { $0.family == AF_INET6 ? "tcpv6" : "tcpv4" } ?? "tcpv4"
+            let svc = c.pointee.service?.name ?? "<NONE>"
+            let srv = c.pointee.server?.name ?? "<none>"
+            let state: String
+            switch c.pointee.state {
+            case .free: state = "free"
+            case .proxyHeader: state = "proxy-header"
+            case .queued: state = "queued"
+            case .connecting: state = "connecting"
+            case .established: state = "established"
+            }
+            let age = (now - c.pointee.acceptedAt) / 1000
+            let id = SessionID.make(worker: self.id, index: i, generation: c.pointee.gen)
+            out.append(
+                "\(SessionID.text(id)): proto=\(proto) src=\(client?.description ?? "?") fe=\(svc) be=\(svc) srv=\(srv) ts=00 age=\(age)s state=\(state) thr=\(self.id) bin=\(c.pointee.up.bytes) bout=\(c.pointee.down.bytes) scf=[fd=\(c.pointee.clientFd)] scb=[fd=\(c.pointee.serverFd)]"
+            )
+        }
+        return out
     }
 
     /// Closes the established or connecting connections that `matches` selects.

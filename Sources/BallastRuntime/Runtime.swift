@@ -88,6 +88,9 @@ public final class Runtime {
     private let actions = ServiceActions()
     /// Connection tables are sized for this at start.
     private let startMaxconn: Int
+    /// The runtime API and /metrics.
+    private var admin: AdminServer?
+    private var adminContext: AdminContext?
 
     public static func bootstrapLogging(_ config: LogConfig) {
         LogState.set(config)
@@ -97,6 +100,8 @@ public final class Runtime {
     public init(configPath: String, config: Config) {
         self.configPath = configPath
         self.config = config
+        // Counter slots per server and service: one per worker, fixed before any table exists.
+        Counters.slotCount = config.global.workers ?? max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
         self.table = ServiceTable.build(config: config, generation: 1, previous: nil, now: monotonicMillis())
         self.shared = ProxyShared(maxconn: config.global.maxconn)
         self.startMaxconn = config.global.maxconn
@@ -135,7 +140,30 @@ public final class Runtime {
             return 1
         }
 
-        if !dropPrivileges() { return 1 }
+        // The runtime API sockets are created as root too, with their configured owner and mode.
+        do {
+            let a = try AdminServer(config: config.global, logger: logger)
+            try a.open(config.global)
+            admin = a
+        } catch let error as ConfigError {
+            for l in listeners.values { for fd in l.fds { Sys.close(fd) } }
+            logger.critical("\(error)")
+            return 1
+        } catch {
+            for l in listeners.values { for fd in l.fds { Sys.close(fd) } }
+            logger.critical("cannot start the runtime API: \(error)")
+            return 1
+        }
+
+        if !dropPrivileges() {
+            admin?.stop()
+            return 1
+        }
+
+        // Runtime server state saved by the last run (drain, maint, weights, forced health).
+        if let path = config.global.stateFile, let text = readFile(path) {
+            for line in StateFile.restore(text, into: table) { logger.info("\(line)") }
+        }
 
         let settings = WorkerSettings(
             pipeSize: config.global.pipeSize, copyBufferSize: Defaults.copyBufferSize,
@@ -153,15 +181,17 @@ public final class Runtime {
         setActions(config)
         let workers = self.workers
         let actions = self.actions
-        do {
-            let checker = try HealthChecker(logger: logger) { service, server, up in
-                guard let (down, upAction) = actions.map.withLock({ $0[service] }) else { return }
-                if !up && down == .shutdownSessions {
-                    for w in workers { w.send(.shutdownSessions(server)) }
-                } else if up && upAction == .shutdownBackupSessions {
-                    for w in workers { w.send(.shutdownBackupSessions(service: service)) }
-                }
+        // What a service does when a server goes down or comes back (checks, CLI, passive).
+        let transition: @Sendable (String, Server, Bool) -> Void = { service, server, up in
+            guard let (down, upAction) = actions.map.withLock({ $0[service] }) else { return }
+            if !up && down == .shutdownSessions {
+                for w in workers { w.send(.shutdownSessions(server)) }
+            } else if up && upAction == .shutdownBackupSessions {
+                for w in workers { w.send(.shutdownBackupSessions(service: service)) }
             }
+        }
+        do {
+            let checker = try HealthChecker(logger: logger, onTransition: transition)
             checker.update(table)
             checker.start()
             self.checker = checker
@@ -169,6 +199,18 @@ public final class Runtime {
             logger.critical("cannot start health checks: \(error)")
             return 1
         }
+        let ctx = AdminContext(
+            table: table, checker: checker, workers: workers, shared: shared, logger: logger, hardMaxconn: startMaxconn,
+            onTransition: transition)
+        ctx.stateFile.withLock { $0 = config.global.stateFile }
+        ctx.listeners.store(listeners.values.reduce(0) { $0 + $1.fds.count }, ordering: .relaxed)
+        adminContext = ctx
+        if let admin, admin.hasListeners {
+            admin.ctx = ctx
+            admin.start()
+            for n in admin.names { logger.info("\(n) ready") }
+        }
+        ctx.saveState()
         for svc in config.services {
             let binds = svc.binds.map { listeners[listenerKey($0, svc.name)]!.actual.description }.joined(separator: ", ")
             logger.info(
@@ -277,6 +319,9 @@ public final class Runtime {
             // The connection tables were sized at start; a larger maxconn needs a restart to be reached.
             logger.warning("global.maxconn raised: connection tables keep their start-up size until the next restart")
         }
+        if next.global.stats.sockets != config.global.stats.sockets || next.global.metrics != config.global.metrics {
+            logger.warning("global.stats sockets and global.metrics take effect at the next restart")
+        }
         let removed = listeners.filter { kept[$0.key] == nil }.map(\.value)
         config = next
         generation += 1
@@ -288,6 +333,14 @@ public final class Runtime {
         publish()
         setActions(next)
         checker?.update(table)
+        if let ctx = adminContext {
+            ctx.table = table
+            ctx.stateFile.withLock { $0 = next.global.stateFile }
+            ctx.listeners.store(listeners.values.reduce(0) { $0 + $1.fds.count }, ordering: .relaxed)
+            admin?.update(next.global)
+            // Servers that left the config lose their saved state.
+            ctx.saveState()
+        }
         for svc in next.services {
             for b in svc.binds {
                 if let l = opened[listenerKey(b, svc.name)] { logger.info("service \(svc.name) listening on \(l.actual)") }
@@ -300,6 +353,8 @@ public final class Runtime {
     /// Stops accepting, lets connections finish within the grace period, then closes the rest.
     private func shutdown(sigfd: Int32) -> Int32 {
         notifier?.send("STOPPING=1")
+        adminContext?.stopping.store(true, ordering: .relaxed)
+        adminContext?.saveState()
         for w in workers { w.send(.stopAccepting) }
         let deadline = monotonicMillis() + config.global.grace.value
         var open = shared.connections.load(ordering: .relaxed)
@@ -319,6 +374,7 @@ public final class Runtime {
         checker?.stop()
         for w in workers { w.send(.exit) }
         for t in threads { pthread_join(t, nil) }
+        admin?.stop()
         logger.info("stopped")
         return 0
     }

@@ -14,7 +14,7 @@ struct Ballast: ParsableCommand {
         commandName: "ballast",
         abstract: "A Layer-4 TCP load balancer for Linux.",
         version: "ballast \(BallastVersion.string) (\(BallastVersion.build))",
-        subcommands: [Run.self, Check.self, Debug.self]
+        subcommands: [Run.self, Check.self, CtlCommand.self, Debug.self]
     )
 }
 
@@ -66,6 +66,48 @@ struct Check: ParsableCommand {
             print(config.summary, terminator: "")
             print("Configuration file is valid")
         } catch {
+            writeStderr("ballast: \(error)")
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct CtlCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ctl",
+        abstract: "Send a runtime API command (HAProxy's stats socket language) and print the reply; with no command, an interactive prompt.",
+        discussion: """
+            Examples:
+              ballast ctl --socket /run/ballast/admin.sock show stat
+              ballast ctl -c /etc/ballast/ballast.yaml set server redis/r1 state drain
+              ballast ctl --socket 127.0.0.1:9999          (interactive, with history)
+            """)
+
+    @Option(help: "The stats socket: a Unix socket path or a loopback ip:port. Default: the highest-level socket of --config, else /run/ballast/admin.sock.")
+    var socket: String?
+
+    @Option(name: [.short, .customLong("config")], help: "Take the socket from this configuration file.")
+    var config: String?
+
+    @Argument(parsing: .captureForPassthrough, help: "The command, such as: show info")
+    var command: [String] = []
+
+    func run() throws {
+        var target = socket ?? "/run/ballast/admin.sock"
+        if socket == nil, let path = config {
+            do {
+                let c = try loadConfig(path: path)
+                guard let s = Ctl.socketFromConfig(c) else {
+                    writeStderr("ballast: \(path) has no global.stats socket")
+                    throw ExitCode(1)
+                }
+                target = s
+            } catch let e as ConfigError {
+                writeStderr("ballast: \(e)")
+                throw ExitCode(1)
+            }
+        }
+        if let error = Ctl.main(target: target, command: command) {
             writeStderr("ballast: \(error)")
             throw ExitCode(1)
         }

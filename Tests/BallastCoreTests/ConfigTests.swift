@@ -67,7 +67,39 @@ struct ConfigTests {
         ("services: [", "bad.yaml:2:1: invalid YAML: while parsing a flow node did not find expected node content"),
         (
             "global: { workrs: 2 }\nservices: []\n",
-            "bad.yaml:1:11: unknown key 'workrs' in global (did you mean 'workers'?); expected one of: workers, maxconn, log, pipe_size, grace, user, group"
+            "bad.yaml:1:11: unknown key 'workrs' in global (did you mean 'workers'?); expected one of: workers, maxconn, log, pipe_size, grace, user, group, stats, metrics, state_file"
+        ),
+        (
+            "global:\n  stats:\n    sockets:\n      - { address: 10.1.2.3:9999 }\nservices:\n" + svc("a", "127.0.0.1:1"),
+            "bad.yaml:4:20: global.stats.sockets[0].address: 10.1.2.3:9999 is not a loopback address; the runtime API and metrics have no authentication, so they listen on 127.0.0.0/8 or ::1 only"
+        ),
+        (
+            "global:\n  stats:\n    sockets:\n      - { path: /run/b.sock, mode: 8a0 }\nservices:\n" + svc("a", "127.0.0.1:1"),
+            "bad.yaml:4:36: global.stats.sockets[0].mode: '8a0' is not an octal file mode such as 600 or 660"
+        ),
+        (
+            "global:\n  stats:\n    sockets:\n      - { path: /run/b.sock, address: 127.0.0.1:1 }\nservices:\n" + svc("a", "127.0.0.1:1"),
+            "bad.yaml:4:30: global.stats.sockets[0]: give path or address, not both"
+        ),
+        (
+            "global:\n  stats:\n    sockets:\n      - { path: /run/b.sock, level: root }\nservices:\n" + svc("a", "127.0.0.1:1"),
+            "bad.yaml:4:37: global.stats.sockets[0].level: unknown value 'root'; expected one of: user, operator, admin"
+        ),
+        (
+            "global:\n  stats:\n    sockets:\n      - { path: run/b.sock }\nservices:\n" + svc("a", "127.0.0.1:1"),
+            "bad.yaml:4:17: global.stats.sockets[0].path must be an absolute path"
+        ),
+        (
+            "global:\n  stats: { timeout: 5s }\nservices:\n" + svc("a", "127.0.0.1:1"),
+            "bad.yaml:2:10: global.stats: missing required key 'sockets'"
+        ),
+        (
+            "global:\n  metrics: { address: 0.0.0.0:9100 }\nservices:\n" + svc("a", "127.0.0.1:1"),
+            "bad.yaml:2:23: global.metrics.address: 0.0.0.0:9100 is not a loopback address; the runtime API and metrics have no authentication, so they listen on 127.0.0.0/8 or ::1 only"
+        ),
+        (
+            "global:\n  state_file: state.txt\nservices:\n" + svc("a", "127.0.0.1:1"),
+            "bad.yaml:2:15: global.state_file must be an absolute path"
         ),
         ("global: { workers: 2 }\n", "bad.yaml:1:1: missing required key 'services'"),
         ("services: []\n", "bad.yaml:1:11: 'services' must be a non-empty list of services"),
@@ -246,6 +278,10 @@ struct ConfigTests {
             ("maxconn", "\(Defaults.serverMaxconn)"),
             ("balance", Defaults.balance.rawValue),
             ("hash_table_size", "\(Defaults.hashTableSize)"),
+            ("global.stats.timeout", "\(Defaults.statsTimeout)"),
+            ("global.stats.maxconn", "\(Defaults.statsMaxconn)"),
+            ("global.stats.sockets[].level", Defaults.statsLevel.rawValue),
+            ("global.stats.sockets[].mode", String(Defaults.statsMode, radix: 8)),
         ]
         for (key, value) in expected {
             let row = readme.split(separator: "\n").first { $0.hasPrefix("| `\(key)` |") }
@@ -266,7 +302,8 @@ struct ConfigTests {
             ("top", ConfigLoader.topKeys), ("global", ConfigLoader.globalKeys), ("log", ConfigLoader.logKeys),
             ("defaults", ConfigLoader.defaultsKeys), ("timeout", ConfigLoader.timeoutKeys),
             ("service", ConfigLoader.serviceKeys), ("server", ConfigLoader.serverKeys), ("bind", ConfigLoader.bindKeys),
-            ("check", ConfigLoader.checkKeys),
+            ("check", ConfigLoader.checkKeys), ("stats", ConfigLoader.statsKeys), ("stats socket", ConfigLoader.statsSocketKeys),
+            ("metrics", ConfigLoader.metricsKeys),
         ]
         for (section, keys) in lists {
             for key in keys {

@@ -1,0 +1,398 @@
+import BallastCore
+import BallastHealth
+import BallastProxy
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// One runtime API conversation's state: its level (which `operator`/`user` only lower) and
+/// whether it is interactive.
+struct CLISession {
+    var level: CLILevel
+    var prompt = false
+    /// Set by `quit`, or by `prompt` turning interactive mode off: close after this line.
+    var closeAfter = false
+}
+
+/// HAProxy's stats socket language: the same words, replies and error texts, for the commands
+/// that mean something to an L4 balancer.
+struct CLI {
+    let ctx: AdminContext
+
+    struct Command {
+        var words: [String]
+        var usage: String
+        var help: String
+        var level: CLILevel
+    }
+
+    static let commands: [Command] = [
+        Command(words: ["clear", "counters"], usage: "clear counters [all]", help: "clear max statistics counters (or all counters)", level: .operator),
+        Command(words: ["disable", "health"], usage: "disable health <bk>/<srv>", help: "disable health checks", level: .admin),
+        Command(words: ["disable", "server"], usage: "disable server <bk>/<srv>", help: "disable a server for maintenance (use 'set server' instead)", level: .admin),
+        Command(words: ["enable", "health"], usage: "enable health <bk>/<srv>", help: "enable health checks", level: .admin),
+        Command(words: ["enable", "server"], usage: "enable server <bk>/<srv>", help: "enable a disabled server (use 'set server' instead)", level: .admin),
+        Command(words: ["get", "weight"], usage: "get weight <bk>/<srv>", help: "report a server's current weight", level: .user),
+        Command(words: ["operator"], usage: "operator", help: "lower the level of the current CLI session to operator", level: .user),
+        Command(words: ["set", "maxconn", "server"], usage: "set maxconn server <bk>/<srv>", help: "change a server's maxconn setting", level: .admin),
+        Command(words: ["set", "server"], usage: "set server <bk>/<srv> [opts]", help: "change a server's state, weight or health", level: .admin),
+        Command(words: ["set", "weight"], usage: "set weight <bk>/<srv>  (DEPRECATED)", help: "change a server's weight (use 'set server' instead)", level: .admin),
+        Command(words: ["show", "backend"], usage: "show backend", help: "list backends in the current running config", level: .user),
+        Command(words: ["show", "cli", "level"], usage: "show cli level", help: "display the level of the current CLI session", level: .user),
+        Command(words: ["show", "info"], usage: "show info [desc|json|typed|float]*", help: "report information about the running process", level: .user),
+        Command(words: ["show", "servers", "state"], usage: "show servers state [<backend>]", help: "dump volatile server information (all or for a single backend)", level: .user),
+        Command(words: ["show", "sess"], usage: "show sess [id]", help: "report the list of current sessions or dump this exact session", level: .operator),
+        Command(words: ["show", "stat"], usage: "show stat [desc|json|no-maint|typed|up]*", help: "report counters for each proxy and server", level: .user),
+        Command(words: ["show", "version"], usage: "show version", help: "show version of the current process", level: .user),
+        Command(words: ["shutdown", "session"], usage: "shutdown session [id]", help: "kill a specific session", level: .admin),
+        Command(words: ["shutdown", "sessions", "server"], usage: "shutdown sessions server <bk>/<srv>", help: "kill sessions on a server", level: .admin),
+        Command(words: ["user"], usage: "user", help: "lower the level of the current CLI session to user", level: .user),
+    ]
+
+    static let tail: [(String, String)] = [
+        ("help [<command>]", "list matching or all commands"), ("prompt", "toggle interactive mode with prompt"), ("quit", "disconnect"),
+    ]
+
+    static func helpLine(_ usage: String, _ help: String) -> String {
+        let pad = usage.count < 40 ? String(repeating: " ", count: 40 - usage.count) : ""
+        return "  \(usage)\(pad): \(help)\n"
+    }
+
+    static func helpText(level: CLILevel, matching: [String] = []) -> String {
+        var out = ""
+        for c in commands where c.level <= level {
+            if !matching.isEmpty && !zip(matching, c.words).allSatisfy({ $0 == $1 }) { continue }
+            out += helpLine(c.usage, c.help)
+        }
+        for (u, h) in tail { out += helpLine(u, h) }
+        return out
+    }
+
+    /// Splits a request line into commands at unescaped `;` and each command into words at
+    /// spaces; a backslash escapes the next character, as in HAProxy.
+    static func split(_ line: String) -> [[String]] {
+        var commands: [[String]] = []
+        var words: [String] = []
+        var word = ""
+        var hasWord = false
+        var escape = false
+        for ch in line {
+            if escape {
+                word.append(ch)
+                hasWord = true
+                escape = false
+                continue
+            }
+            switch ch {
+            case "\\":
+                escape = true
+            case ";":
+                if hasWord { words.append(word) }
+                commands.append(words)
+                words = []
+                word = ""
+                hasWord = false
+            case " ", "\t":
+                if hasWord { words.append(word) }
+                word = ""
+                hasWord = false
+            default:
+                word.append(ch)
+                hasWord = true
+            }
+        }
+        if hasWord { words.append(word) }
+        commands.append(words)
+        return commands
+    }
+
+    /// Runs one request line and returns what to write back.
+    func run(line: String, session: inout CLISession) -> String {
+        var out = ""
+        for words in CLI.split(line) {
+            if session.closeAfter { break }
+            let wasPrompt = session.prompt
+            out += execute(words, &session)
+            if session.prompt && (wasPrompt || words == ["prompt"]) && !session.closeAfter { out += "> " }
+        }
+        return out
+    }
+
+    func execute(_ w: [String], _ session: inout CLISession) -> String {
+        guard let first = w.first else {
+            return "Unknown command. Please enter one of the following commands only:\n" + CLI.helpText(level: session.level) + "\n"
+        }
+        switch first {
+        case "prompt":
+            if session.prompt {
+                session.prompt = false
+                session.closeAfter = true
+            } else {
+                session.prompt = true
+            }
+            return "\n"
+        case "quit":
+            session.closeAfter = true
+            return ""
+        case "help":
+            return "The following commands are valid at this level:\n" + CLI.helpText(level: session.level, matching: Array(w.dropFirst())) + "\n"
+        default:
+            break
+        }
+        guard let cmd = CLI.commands.filter({ w.starts(with: $0.words) }).max(by: { $0.words.count < $1.words.count }) else {
+            return unknown(w, session.level)
+        }
+        if cmd.level > session.level { return "Permission denied\n\n" }
+        let args = Array(w.dropFirst(cmd.words.count))
+        switch cmd.words.joined(separator: " ") {
+        case "operator", "user":
+            let wanted: CLILevel = first == "user" ? .user : .operator
+            if wanted > session.level { return "Permission denied\n\n" }
+            session.level = wanted
+            return "\n"
+        case "show cli level": return "\(session.level.rawValue)\n\n"
+        case "show version": return "\(BallastVersion.string)\n\n"
+        case "show backend": return "# name\n" + ctx.table.services.map { $0.name + "\n" }.joined() + "\n"
+        case "show info": return ShowInfo.render(ctx, typed: args.contains("typed"), json: args.contains("json"))
+        case "show stat": return showStat(args)
+        case "show servers state":
+            if let name = args.first {
+                guard let svc = ctx.service(name) else { return "Can't find backend.\n\n" }
+                return StateFile.render(ctx.table, checker: ctx.checker, only: svc) + "\n"
+            }
+            return StateFile.render(ctx.table, checker: ctx.checker) + "\n"
+        case "show sess": return showSess(args)
+        case "get weight":
+            switch ctx.lookup(args.first) {
+            case .failure(let e): return e.message + "\n\n"
+            case .success(let (_, s, _)): return "\(s.weight) (initial \(s.initialWeight.load(ordering: .relaxed)))\n\n"
+            }
+        case "set weight": return setWeight(args.first, args.dropFirst().first)
+        case "set server": return setServer(args)
+        case "set maxconn server": return setMaxconn(args)
+        case "enable server", "disable server":
+            switch ctx.lookup(args.first) {
+            case .failure(let e): return e.message + "\n\n"
+            case .success(let (svc, s, _)):
+                setAdmin(svc, s, first == "enable" ? .ready : .maint)
+                return "\n"
+            }
+        case "enable health", "disable health":
+            switch ctx.lookup(args.first) {
+            case .failure(let e): return e.message + "\n\n"
+            case .success(let (_, s, _)):
+                _ = ctx.checker?.setEnabled(s, first == "enable")
+                ctx.saveState()
+                return "\n"
+            }
+        case "shutdown sessions server":
+            switch ctx.lookup(args.first) {
+            case .failure(let e): return e.message + "\n\n"
+            case .success(let (_, s, _)):
+                for wk in ctx.workers { wk.send(.shutdownSessions(s)) }
+                return "\n"
+            }
+        case "shutdown session": return shutdownSession(args.first)
+        case "clear counters":
+            if args.first == "all" {
+                guard session.level >= .admin else { return "Permission denied\n\n" }
+                clearCounters(all: true)
+            } else {
+                clearCounters(all: false)
+            }
+            return "\n"
+        default:
+            return unknown(w, session.level)
+        }
+    }
+
+    /// HAProxy's reply to an unknown command: the closest commands, then help/prompt/quit.
+    func unknown(_ w: [String], _ level: CLILevel) -> String {
+        let text = w.prefix(2).joined(separator: " ")
+        let ranked = CLI.commands.filter { $0.level <= level }.map { c -> (Int, Command) in
+            (editDistance(text, c.words.prefix(2).joined(separator: " ")), c)
+        }.sorted { $0.0 < $1.0 }
+        var out = "Unknown command, but maybe one of the following ones is a better match:\n"
+        for (_, c) in ranked.prefix(5) { out += CLI.helpLine(c.usage, c.help) }
+        for (u, h) in CLI.tail { out += CLI.helpLine(u, h) }
+        return out + "\n"
+    }
+
+    // MARK: - show stat
+
+    func showStat(_ args: [String]) -> String {
+        var a = args
+        var filter: Service?
+        var kinds = -1
+        var sid = -1
+        let flags: Set<String> = ["typed", "json", "up", "no-maint", "desc"]
+        if a.count >= 3, !flags.contains(a[0]), let t = Int(a[1]), let s = Int(a[2]) {
+            if a[0] != "-1" {
+                guard let svc = ctx.service(Int(a[0]) != nil ? "#\(a[0])" : a[0]) else { return "No such proxy.\n\n" }
+                filter = svc
+            }
+            kinds = t
+            sid = s
+            a.removeFirst(3)
+        }
+        var rows = StatTable.rows(ctx, service: filter, kinds: kinds, sid: sid)
+        if a.contains("up") {
+            rows = rows.filter { $0.kind != .server || $0["status"].hasPrefix("UP") || $0["status"] == "no check" || $0["status"] == "DRAIN" }
+        }
+        if a.contains("no-maint") { rows = rows.filter { $0.kind != .server || $0["status"] != "MAINT" } }
+        if a.contains("json") { return StatTable.json(rows) + "\n" }
+        if a.contains("typed") { return StatTable.typed(rows) + "\n" }
+        return StatTable.header + rows.map(\.csv).joined() + "\n"
+    }
+
+    // MARK: - Sessions
+
+    func showSess(_ args: [String]) -> String {
+        let lines = ctx.askWorkers { .listSessions($0) }.collected
+        if let id = args.first {
+            let match = lines.filter { $0.hasPrefix(id + ":") }
+            return match.isEmpty ? "Session not found.\n\n" : match.joined(separator: "\n") + "\n\n"
+        }
+        return lines.map { $0 + "\n" }.joined() + "\n"
+    }
+
+    func shutdownSession(_ arg: String?) -> String {
+        guard let arg else { return "Session pointer expected (use 'show sess').\n\n" }
+        let hex = arg.hasPrefix("0x") ? String(arg.dropFirst(2)) : arg
+        guard let id = UInt64(hex, radix: 16), let (worker, index, gen) = SessionID.parse(id), worker < ctx.workers.count else {
+            return "No such session (use 'show sess').\n\n"
+        }
+        let report = SessionReport()
+        ctx.workers[worker].send(.shutdownSession(index: index, generation: gen, report))
+        let deadline = monotonicMillis() + 1000
+        while report.answered.load(ordering: .acquiring) < 1 && monotonicMillis() < deadline { usleep(500) }
+        return report.found.load(ordering: .relaxed) ? "\n" : "No such session (use 'show sess').\n\n"
+    }
+
+    // MARK: - Changes
+
+    func setAdmin(_ svc: Service, _ s: Server, _ state: AdminState) {
+        let before = s.adminState
+        guard before != state else { return }
+        s.setAdmin(state, now: monotonicMillis())
+        switch state {
+        case .maint: ctx.logger.warning("Server \(svc.name)/\(s.name) is going DOWN for maintenance.")
+        case .drain: ctx.logger.warning("Server \(svc.name)/\(s.name) enters drain state.")
+        case .ready:
+            ctx.logger.notice("Server \(svc.name)/\(s.name) is UP/READY (leaving forced \(before == .maint ? "maintenance" : "drain")).")
+        }
+        ctx.saveState()
+    }
+
+    /// `set weight` and `set server … weight`: absolute 0–256, or `N%` of the initial weight.
+    func setWeight(_ target: String?, _ value: String?) -> String {
+        let s: Server
+        switch ctx.lookup(target) {
+        case .failure(let e): return e.message + "\n\n"
+        case .success(let (_, srv, _)): s = srv
+        }
+        guard let value, !value.isEmpty else { return "Require <weight> or <weight%>.\n\n" }
+        let weight: Int
+        if value.hasSuffix("%") {
+            guard let pct = Int(value.dropLast()) else { return "Empty weight string empty or preceded by garbage\n" }
+            guard pct >= 0 else { return "Relative weight must be positive.\n\n" }
+            weight = min(Defaults.maxWeight, s.initialWeight.load(ordering: .relaxed) * pct / 100)
+        } else {
+            guard let v = Int(value) else { return "Empty weight string empty or preceded by garbage\n" }
+            guard (0...Defaults.maxWeight).contains(v) else { return "Absolute weight can only be between 0 and 256 inclusive.\n\n" }
+            weight = v
+        }
+        s.setWeight(weight, now: monotonicMillis())
+        ctx.saveState()
+        return "\n"
+    }
+
+    func setMaxconn(_ args: [String]) -> String {
+        let s: Server
+        switch ctx.lookup(args.first) {
+        case .failure(let e): return e.message + "\n\n"
+        case .success(let (_, srv, _)): s = srv
+        }
+        guard args.count >= 2 else { return "Require <maxconn>.\n\n" }
+        guard let v = Int(args[1]), v >= 0 else { return "maxconn string empty or preceded by garbage\n" }
+        s.maxconnValue.store(v, ordering: .relaxed)
+        ServerStateClock.bump()
+        return "\n"
+    }
+
+    func setServer(_ args: [String]) -> String {
+        let svc: Service, s: Server
+        switch ctx.lookup(args.first) {
+        case .failure(let e): return e.message + "\n\n"
+        case .success(let (a, b, _)):
+            svc = a
+            s = b
+        }
+        let usage = "usage: set server <backend>/<server> health | state | weight | agent | addr\n\n"
+        guard args.count >= 2 else { return usage }
+        let value = args.count >= 3 ? args[2] : nil
+        switch args[1] {
+        case "state":
+            switch value {
+            case "ready": setAdmin(svc, s, .ready)
+            case "drain": setAdmin(svc, s, .drain)
+            case "maint": setAdmin(svc, s, .maint)
+            default: return "'set server <srv> state' expects 'ready', 'drain' and 'maint'.\n\n"
+            }
+            return "\n"
+        case "weight":
+            return setWeight(args[0], value)
+        case "health":
+            switch value {
+            case "up": forceHealth(svc, s, up: true)
+            case "down", "stopping": forceHealth(svc, s, up: false)
+            default: return "'set server <srv> health' expects 'up', 'stopping', or 'down'.\n\n"
+            }
+            return "\n"
+        case "agent":
+            guard ctx.checker?.view(s)?.type == .agent else { return "agent checks are not enabled on this server.\n\n" }
+            switch value {
+            case "up": forceHealth(svc, s, up: true)
+            case "down": forceHealth(svc, s, up: false)
+            default: return "'set server <srv> agent' expects 'up' or 'down'.\n\n"
+            }
+            return "\n"
+        case "addr", "fqdn", "port", "check-addr", "check-port", "agent-addr", "agent-port", "agent-send", "ssl":
+            return "Ballast does not change '\(args[1])' at run time: edit the config and reload (the server keeps its counters).\n\n"
+        default:
+            return usage
+        }
+    }
+
+    func forceHealth(_ svc: Service, _ s: Server, up: Bool) {
+        if let checker = ctx.checker {
+            checker.force(s, up: up, service: svc.name)
+        } else if s.setUp(up) {
+            ctx.logger.notice("Server \(svc.name)/\(s.name) is \(up ? "UP" : "DOWN") (changed from CLI).")
+            ctx.onTransition(svc.name, s, up)
+        }
+        ctx.saveState()
+    }
+
+    func clearCounters(all: Bool) {
+        for svc in ctx.table.services {
+            svc.stats.clearMax()
+            for s in svc.servers { s.clearMax() }
+            if all {
+                svc.stats.counters.clear()
+                svc.stats.downTransitions.store(0, ordering: .relaxed)
+                svc.stats.downtimeMs.store(0, ordering: .relaxed)
+                for s in svc.servers {
+                    s.counters.clear()
+                    s.failedChecks.store(0, ordering: .relaxed)
+                    s.downTransitions.store(0, ordering: .relaxed)
+                    s.downtimeMs.store(0, ordering: .relaxed)
+                }
+            }
+        }
+        ctx.rates.clearMax()
+    }
+}

@@ -1,0 +1,277 @@
+import BallastCore
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// `ballast ctl`: the runtime API from the shell, like `echo CMD | socat - UNIX:sock`, and an
+/// interactive prompt with line editing and history when no command is given.
+public enum Ctl {
+    public struct Failure: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// The socket to use: `--socket` as given, else the highest-level socket of the config.
+    public static func socketFromConfig(_ config: Config) -> String? {
+        let best = config.global.stats.sockets.max { $0.level < $1.level }
+        return best.map { $0.path ?? $0.address!.description }
+    }
+
+    /// Connects to a Unix socket path, or to `ip:port` over TCP.
+    public static func connect(_ target: String) throws(Failure) -> Int32 {
+        if target.hasPrefix("/") || target.hasPrefix(".") || !target.contains(":") {
+            var addr = sockaddr_un()
+            addr.sun_family = sa_family_t(AF_UNIX)
+            let bytes = Array(target.utf8)
+            guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw Failure(description: "\(target): path too long") }
+            withUnsafeMutableBytes(of: &addr.sun_path) { dst in
+                for (k, b) in bytes.enumerated() { dst[k] = b }
+            }
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            let r = withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            if r != 0 {
+                let e = String(cString: strerror(errno))
+                close(fd)
+                throw Failure(description: "cannot connect to \(target): \(e)")
+            }
+            return fd
+        }
+        let address: SocketAddress
+        do { address = try SocketAddress(parsing: target) } catch { throw Failure(description: "\(target): \(error)") }
+        let fd = socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let r = address.withSockAddr { Glibc.connect(fd, $0, $1) }
+        if r != 0 {
+            let e = String(cString: strerror(errno))
+            close(fd)
+            throw Failure(description: "cannot connect to \(target): \(e)")
+        }
+        return fd
+    }
+
+    static func writeAll(_ fd: Int32, _ text: String) -> Bool {
+        var bytes = Array(text.utf8)
+        var off = 0
+        while off < bytes.count {
+            let n = bytes.withUnsafeMutableBytes { send(fd, $0.baseAddress! + off, $0.count - off, Int32(MSG_NOSIGNAL)) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return false }
+            off += n
+        }
+        return true
+    }
+
+    static func out(_ bytes: [UInt8]) {
+        var off = 0
+        while off < bytes.count {
+            let n = bytes.withUnsafeBytes { write(1, $0.baseAddress! + off, $0.count - off) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return }
+            off += n
+        }
+    }
+
+    /// Runs one command (or the interactive prompt when `command` is empty); returns an error
+    /// text on failure.
+    public static func main(target: String, command: [String]) -> String? {
+        do {
+            if command.isEmpty { try interactive(target) } else { try once(target, command.joined(separator: " ")) }
+            return nil
+        } catch {
+            return error.description
+        }
+    }
+
+    /// Sends one command line and copies the reply to standard output until the server closes.
+    public static func once(_ target: String, _ command: String) throws(Failure) {
+        let fd = try connect(target)
+        defer { close(fd) }
+        guard writeAll(fd, command + "\n") else { throw Failure(description: "cannot send to \(target)") }
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            out(Array(buf[0..<n]))
+        }
+    }
+
+    /// Reads until the reply ends with the `> ` prompt (or the server closes). nil: closed.
+    static func readReply(_ fd: Int32) -> (text: [UInt8], open: Bool) {
+        var reply: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return (reply, false) }
+            reply += buf[0..<n]
+            if reply.count >= 2 && reply[reply.count - 2] == UInt8(ascii: ">") && reply[reply.count - 1] == UInt8(ascii: " ")
+                && (reply.count == 2 || reply[reply.count - 3] == UInt8(ascii: "\n"))
+            {
+                return (Array(reply.dropLast(2)), true)
+            }
+        }
+    }
+
+    /// The interactive prompt: keeps one connection in HAProxy's prompt mode (reconnecting after
+    /// the server's idle timeout), with history in `~/.ballast_history`.
+    public static func interactive(_ target: String) throws(Failure) {
+        var fd: Int32 = -1
+        func open() throws(Failure) {
+            fd = try connect(target)
+            guard writeAll(fd, "prompt\n") else { throw Failure(description: "cannot send to \(target)") }
+            _ = readReply(fd)
+        }
+        try open()
+        let editor = LineEditor(historyFile: getenv("HOME").map { String(cString: $0) + "/.ballast_history" })
+        defer { editor.save() }
+        while let line = editor.read(prompt: "ballast> ") {
+            let trimmed = line.drop { $0 == " " }
+            if trimmed.isEmpty { continue }
+            if trimmed == "quit" || trimmed == "exit" { break }
+            var sent = fd >= 0 && writeAll(fd, line + "\n")
+            var (reply, isOpen) = sent ? readReply(fd) : ([], false)
+            if !isOpen && reply.isEmpty {
+                // The server closed an idle session: reconnect and send again.
+                close(fd)
+                try open()
+                sent = writeAll(fd, line + "\n")
+                (reply, isOpen) = sent ? readReply(fd) : ([], false)
+            }
+            out(reply)
+            if !isOpen {
+                close(fd)
+                fd = -1
+                try open()
+            }
+        }
+        if fd >= 0 { close(fd) }
+    }
+}
+
+/// A small line editor for the interactive prompt: arrows, Home/End, Ctrl-A/E/U/C/D, history.
+/// Without a terminal it just reads lines.
+final class LineEditor {
+    private var history: [String] = []
+    private let historyFile: String?
+    private let tty = isatty(0) != 0
+
+    init(historyFile: String?) {
+        self.historyFile = historyFile
+        if let f = historyFile, let fp = fopen(f, "r") {
+            var line: UnsafeMutablePointer<CChar>?
+            var cap = 0
+            while getline(&line, &cap, fp) > 0 {
+                var s = String(cString: line!)
+                if s.hasSuffix("\n") { s.removeLast() }
+                if !s.isEmpty { history.append(s) }
+            }
+            free(line)
+            fclose(fp)
+        }
+    }
+
+    func save() {
+        guard let f = historyFile, let fp = fopen(f, "w") else { return }
+        for h in history.suffix(500) { fputs(h + "\n", fp) }
+        fclose(fp)
+    }
+
+    private func readByte() -> UInt8? {
+        var b: UInt8 = 0
+        while true {
+            let n = Glibc.read(0, &b, 1)
+            if n == 1 { return b }
+            if n < 0 && errno == EINTR { continue }
+            return nil
+        }
+    }
+
+    func read(prompt: String) -> String? {
+        guard tty else {
+            var bytes: [UInt8] = []
+            while let b = readByte() {
+                if b == 10 { return String(decoding: bytes, as: UTF8.self) }
+                bytes.append(b)
+            }
+            return bytes.isEmpty ? nil : String(decoding: bytes, as: UTF8.self)
+        }
+        var saved = termios()
+        tcgetattr(0, &saved)
+        var raw = saved
+        raw.c_lflag &= ~tcflag_t(ECHO | ICANON | ISIG)
+        tcsetattr(0, TCSAFLUSH, &raw)
+        defer { tcsetattr(0, TCSAFLUSH, &saved) }
+        var buf: [Character] = []
+        var cursor = 0
+        var index = history.count
+        func redraw() {
+            let text = "\r" + prompt + String(buf) + "\u{1b}[K" + (cursor < buf.count ? "\u{1b}[\(buf.count - cursor)D" : "")
+            Ctl.out(Array(text.utf8))
+        }
+        redraw()
+        while let b = readByte() {
+            switch b {
+            case 13, 10:
+                Ctl.out(Array("\r\n".utf8))
+                let line = String(buf)
+                if !line.isEmpty && history.last != line { history.append(line) }
+                return line
+            case 3:
+                buf = []
+                cursor = 0
+                Ctl.out(Array("^C\r\n".utf8))
+                redraw()
+            case 4:
+                if buf.isEmpty {
+                    Ctl.out(Array("\r\n".utf8))
+                    return nil
+                }
+            case 1: cursor = 0; redraw()
+            case 5: cursor = buf.count; redraw()
+            case 21: buf.removeFirst(cursor); cursor = 0; redraw()
+            case 127, 8:
+                if cursor > 0 {
+                    buf.remove(at: cursor - 1)
+                    cursor -= 1
+                    redraw()
+                }
+            case 27:
+                guard readByte() == UInt8(ascii: "["), let k = readByte() else { continue }
+                switch k {
+                case UInt8(ascii: "A"):
+                    if index > 0 {
+                        index -= 1
+                        buf = Array(history[index])
+                        cursor = buf.count
+                    }
+                case UInt8(ascii: "B"):
+                    if index < history.count {
+                        index += 1
+                        buf = index < history.count ? Array(history[index]) : []
+                        cursor = buf.count
+                    }
+                case UInt8(ascii: "C"): cursor = min(buf.count, cursor + 1)
+                case UInt8(ascii: "D"): cursor = max(0, cursor - 1)
+                case UInt8(ascii: "H"): cursor = 0
+                case UInt8(ascii: "F"): cursor = buf.count
+                case UInt8(ascii: "3"):
+                    _ = readByte()  // "~": Delete
+                    if cursor < buf.count { buf.remove(at: cursor) }
+                default: break
+                }
+                redraw()
+            default:
+                if b >= 32 && b < 127 {
+                    buf.insert(Character(Unicode.Scalar(b)), at: cursor)
+                    cursor += 1
+                    redraw()
+                }
+            }
+        }
+        return nil
+    }
+}

@@ -1,0 +1,125 @@
+import BallastCore
+import BallastHealth
+import Prometheus
+
+/// `/metrics` in the Prometheus text format, through swift-prometheus' registry. Values are read
+/// when scraped: the workers' per-thread counters are summed here, never pushed from the data
+/// path. Series of servers and services that left the config disappear at the next scrape.
+final class MetricsExporter: @unchecked Sendable {
+    private let ctx: AdminContext
+    private let registry = PrometheusCollectorRegistry()
+    private var counters: [String: Counter] = [:]
+    private var gauges: [String: Gauge] = [:]
+    private var touched = Set<String>()
+
+    init(ctx: AdminContext) { self.ctx = ctx }
+
+    private func key(_ name: String, _ labels: [(String, String)]) -> String {
+        name + "{" + labels.map { "\($0.0)=\($0.1)" }.joined(separator: ",") + "}"
+    }
+
+    private func counter(_ sub: String, _ name: String, _ help: String, _ labels: [(String, String)], _ value: UInt64) {
+        let d = MetricNameDescriptor(namespace: "ballast", subsystem: sub, metricName: name, unitName: "total", helpText: help)
+        let k = key(d.name, labels)
+        let c = counters[k] ?? registry.makeCounter(descriptor: d, labels: labels)
+        counters[k] = c
+        touched.insert(k)
+        c.reset()
+        c.increment(by: Int64(clamping: value))
+    }
+
+    private func gauge(_ sub: String, _ name: String, _ unit: String = "", _ help: String, _ labels: [(String, String)], _ value: Double) {
+        let d = MetricNameDescriptor(namespace: "ballast", subsystem: sub, metricName: name, unitName: unit, helpText: help)
+        let k = key(d.name, labels)
+        let g = gauges[k] ?? registry.makeGauge(descriptor: d, labels: labels)
+        gauges[k] = g
+        touched.insert(k)
+        g.set(value)
+    }
+
+    /// Same counters under the same names for a service's frontend/backend and for a server.
+    private func traffic(_ sub: String, _ labels: [(String, String)], _ c: CounterSlot) {
+        counter(sub, "sessions", "Connections handed to a server", labels, c.sessions)
+        counter(sub, "bytes_in", "Bytes received from clients", labels, c.bytesIn)
+        counter(sub, "bytes_out", "Bytes sent to clients", labels, c.bytesOut)
+        counter(sub, "connection_errors", "Failed connects to servers", labels, c.connectErrors)
+        counter(sub, "response_errors", "Established connections reset by the server", labels, c.responseErrors)
+        counter(sub, "retry_warnings", "Connect retries", labels, c.retries)
+        counter(sub, "redispatch_warnings", "Retries moved to another server", labels, c.redispatches)
+        counter(sub, "loadbalanced", "Times a server was chosen by the balancing policy", labels, c.picks)
+        counter(sub, "client_aborts", "Connections ended by a client reset", labels, c.clientAborts)
+        counter(sub, "server_aborts", "Connections ended by a server reset", labels, c.serverAborts)
+    }
+
+    func render() -> String {
+        touched.removeAll(keepingCapacity: true)
+        let now = monotonicMillis()
+        for svc in ctx.table.services {
+            let p = [("proxy", svc.name)]
+            let st = svc.stats
+            let c = st.counters.raw()
+            gauge("frontend", "current_sessions", "", "Client connections open", p, Double(st.clients.load(ordering: .relaxed)))
+            gauge("frontend", "max_sessions", "", "Most client connections open at once", p, Double(st.clientsMax.load(ordering: .relaxed)))
+            counter("frontend", "connections", "Client connections accepted", p, c.accepted)
+            counter("frontend", "request_errors", "Client connections refused for a bad PROXY header", p, c.requestErrors)
+            counter("frontend", "bytes_in", "Bytes received from clients", p, c.bytesIn)
+            counter("frontend", "bytes_out", "Bytes sent to clients", p, c.bytesOut)
+            traffic("backend", p, c)
+            gauge("backend", "current_sessions", "", "Connections with a server or waiting for one", p,
+                Double(st.assigned.load(ordering: .relaxed) + st.queued.load(ordering: .relaxed)))
+            gauge("backend", "current_queue", "", "Connections waiting for a server below maxconn", p, Double(st.queued.load(ordering: .relaxed)))
+            gauge("backend", "max_queue", "", "Longest queue seen", p, Double(st.queuedMax.load(ordering: .relaxed)))
+            var act = 0, bck = 0
+            for (j, s) in svc.servers.enumerated() where s.usable {
+                if svc.config.servers[j].backup { bck += 1 } else { act += 1 }
+            }
+            gauge("backend", "active_servers", "", "Usable active servers", p, Double(act))
+            gauge("backend", "backup_servers", "", "Usable backup servers", p, Double(bck))
+            gauge("backend", "status", "", "1 when some server can take connections", p, act + bck > 0 ? 1 : 0)
+            for s in svc.servers {
+                let l = [("proxy", svc.name), ("server", s.name)]
+                let sc = s.counters.raw()
+                traffic("server", l, sc)
+                gauge("server", "current_sessions", "", "Connections to the server", l, Double(s.active.load(ordering: .relaxed)))
+                gauge("server", "max_sessions", "", "Most connections to the server at once", l, Double(s.activeMax.load(ordering: .relaxed)))
+                gauge("server", "limit_sessions", "", "The server's maxconn (0: none)", l, Double(s.maxconn))
+                gauge("server", "weight", "", "Effective weight", l, Double(s.effectiveWeight(now: now)))
+                let check = ctx.checker?.view(s)
+                let status = StatTable.status(s, check)
+                for state in ["UP", "DOWN", "MAINT", "DRAIN", "NOCHECK"] {
+                    let on = state == "NOCHECK" ? status == "no check" : status.hasPrefix(state)
+                    gauge("server", "status", "", "Current state (one series per state, 1 for the current one)", l + [("state", state)], on ? 1 : 0)
+                }
+                if let v = check, let last = v.last {
+                    gauge("server", "check_duration", "seconds", "Duration of the last health check", l, Double(last.durationMs) / 1000)
+                    gauge("server", "check_up", "", "1 when the last health check passed", l, last.status.passed ? 1 : 0)
+                }
+                counter("server", "check_failures", "Failed health checks while UP", l, UInt64(s.failedChecks.load(ordering: .relaxed)))
+                counter("server", "check_up_down", "UP to DOWN transitions", l, UInt64(s.downTransitions.load(ordering: .relaxed)))
+                gauge("server", "downtime", "seconds", "Time spent DOWN or in maintenance", l, Double(s.downtime(now: now)) / 1000)
+            }
+        }
+        var pipesTotal = 0, pipesIdle = 0
+        for w in ctx.workers {
+            pipesTotal += w.pipesTotal.load(ordering: .relaxed)
+            pipesIdle += w.pipesIdle.load(ordering: .relaxed)
+        }
+        gauge("process", "current_connections", "", "Client connections open in the process", [], Double(ctx.shared.connections.load(ordering: .relaxed)))
+        counter("process", "connections", "Client connections accepted since start", [], UInt64(ctx.shared.totalConnections.load(ordering: .relaxed)))
+        gauge("process", "max_connections", "", "global.maxconn", [], Double(ctx.shared.maxconn.load(ordering: .relaxed)))
+        gauge("process", "pipes_used", "", "Splice pipes holding bytes in flight", [], Double(pipesTotal - pipesIdle))
+        gauge("process", "pipes_free", "", "Idle splice pipes in the worker pools", [], Double(pipesIdle))
+        gauge("process", "uptime", "seconds", "Seconds since start", [], Double(ctx.uptimeSeconds()))
+        gauge("process", "worker_threads", "", "Data-plane threads", [], Double(ctx.workers.count))
+        // Series of servers and services that are gone.
+        for (k, c) in counters where !touched.contains(k) {
+            registry.unregisterCounter(c)
+            counters[k] = nil
+        }
+        for (k, g) in gauges where !touched.contains(k) {
+            registry.unregisterGauge(g)
+            gauges[k] = nil
+        }
+        return registry.emitToString()
+    }
+}
