@@ -18,3 +18,7 @@ for svc in redis-server haproxy mariadb; do
         ${SUDO:-} systemctl stop "$svc" || true
     fi
 done
+# The metrics tests parse /metrics with the Prometheus project's own text-format parser.
+if ! python3 -c "import prometheus_client" >/dev/null 2>&1; then
+    python3 -m pip install -q prometheus_client >/dev/null 2>&1 || pip3 install -q prometheus_client
+fi
