@@ -12,6 +12,7 @@ cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$work"
+    rm -f /tmp/ballast-demo.sock
 }
 trap cleanup EXIT
 for port in 7001 7002; do
@@ -41,3 +42,11 @@ echo "--- redis-benchmark -c 50 through Ballast"
 redis-benchmark -p 6390 -c 50 -n 100000 -t set,get -q 2>&1 | tr '\r' '\n' | grep "requests per second"
 echo "--- Per-connection log lines (last 3)"
 grep "connection closed" "$work/ballast.log" | tail -3
+echo "--- Runtime API: show stat (HAProxy's CSV; a few columns: pxname,svname,scur,stot,bin,bout,status,weight,lbtot)"
+.build/release/ballast ctl --socket /tmp/ballast-demo.sock show stat | cut -d, -f1,2,5,8,9,10,18,19,31
+echo "--- Drain r1 at run time: new connections all go to r2, then make it ready again"
+.build/release/ballast ctl --socket /tmp/ballast-demo.sock set server redis/r1 state drain
+for _ in 1 2 3; do echo "answered by the server on port $(redis-cli -p 6390 --raw CONFIG GET port | tail -1)"; done
+.build/release/ballast ctl --socket /tmp/ballast-demo.sock set server redis/r1 state ready
+echo "--- Prometheus /metrics (server sessions)"
+curl -s http://127.0.0.1:9101/metrics | grep '^ballast_server_sessions_total'
