@@ -116,6 +116,9 @@ public final class Runtime {
     /// Runs until stopped by a signal. Returns the process exit code.
     public func run() -> Int32 {
         signal(SIGPIPE, SIG_IGN)
+        // Runtime API replies (show stat with many servers) are large and short-lived: keep
+        // such buffers in the heap instead of mapping and faulting in fresh pages each time.
+        ballast_tune_malloc()
         let signals = [SIGTERM, SIGINT, SIGHUP]
         SignalFd.block(signals)
         let sigfd: Int32

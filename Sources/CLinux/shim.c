@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <malloc.h>
 #include "CLinux.h"
 
 #include <errno.h>
@@ -97,3 +98,8 @@ uint16_t ballast_ntohs(uint16_t v) { return ntohs(v); }
 int ballast_errno_eagain(void) { return EAGAIN; }
 
 void ballast_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
+
+void ballast_tune_malloc(void) {
+    mallopt(M_MMAP_THRESHOLD, 16 << 20);
+    mallopt(M_TRIM_THRESHOLD, 64 << 20);
+}

@@ -287,8 +287,7 @@ final class AdminServer: @unchecked Sendable {
                 break
             }
             let line = String(decoding: lineBytes, as: UTF8.self)
-            let out = cli.run(line: line, session: &c.session)
-            reply(c, out)
+            cli.run(line: line, session: &c.session, into: &c.output)
             if c.session.closeAfter || !c.session.prompt { c.closing = true }
         }
         if !c.closing && c.input.count > AdminServer.maxLine {
@@ -300,7 +299,8 @@ final class AdminServer: @unchecked Sendable {
     }
 
     private func reply(_ c: Client, _ text: String) {
-        c.output += Array(text.utf8)
+        var t = text
+        t.withUTF8 { c.output.append(contentsOf: $0) }
     }
 
     private func flush(_ c: Client) {

@@ -111,14 +111,25 @@ struct CLI {
 
     /// Runs one request line and returns what to write back.
     func run(line: String, session: inout CLISession) -> String {
-        var out = ""
+        var out: [UInt8] = []
+        run(line: line, session: &session, into: &out)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Runs one request line, appending the reply to `out` (the connection's output buffer:
+    /// a large `show stat` is written there directly, never copied).
+    func run(line: String, session: inout CLISession, into out: inout [UInt8]) {
         for words in CLI.split(line) {
             if session.closeAfter { break }
             let wasPrompt = session.prompt
-            out += execute(words, &session)
-            if session.prompt && (wasPrompt || words == ["prompt"]) && !session.closeAfter { out += "> " }
+            if words.first == "show" && words.dropFirst().first == "stat" && session.level >= .user {
+                showStat(Array(words.dropFirst(2)), into: &out)
+            } else {
+                var reply = execute(words, &session)
+                reply.withUTF8 { out.append(contentsOf: $0) }
+            }
+            if session.prompt && (wasPrompt || words == ["prompt"]) && !session.closeAfter { out += "> ".utf8 }
         }
-        return out
     }
 
     func execute(_ w: [String], _ session: inout CLISession) -> String {
@@ -157,7 +168,10 @@ struct CLI {
         case "show version": return "\(BallastVersion.string)\n\n"
         case "show backend": return "# name\n" + ctx.table.services.map { $0.name + "\n" }.joined() + "\n"
         case "show info": return ShowInfo.render(ctx, typed: args.contains("typed"), json: args.contains("json"))
-        case "show stat": return showStat(args)
+        case "show stat":
+            var out: [UInt8] = []
+            showStat(args, into: &out)
+            return String(decoding: out, as: UTF8.self)
         case "show servers state":
             if let name = args.first {
                 guard let svc = ctx.service(name) else { return "Can't find backend.\n\n" }
@@ -223,7 +237,7 @@ struct CLI {
 
     // MARK: - show stat
 
-    func showStat(_ args: [String]) -> String {
+    func showStat(_ args: [String], into out: inout [UInt8]) {
         var a = args
         var filter: Service?
         var kinds = -1
@@ -231,7 +245,10 @@ struct CLI {
         let flags: Set<String> = ["typed", "json", "up", "no-maint", "desc"]
         if a.count >= 3, !flags.contains(a[0]), let t = Int(a[1]), let s = Int(a[2]) {
             if a[0] != "-1" {
-                guard let svc = ctx.service(Int(a[0]) != nil ? "#\(a[0])" : a[0]) else { return "No such proxy.\n\n" }
+                guard let svc = ctx.service(Int(a[0]) != nil ? "#\(a[0])" : a[0]) else {
+                    out += "No such proxy.\n\n".utf8
+                    return
+                }
                 filter = svc
             }
             kinds = t
@@ -240,12 +257,19 @@ struct CLI {
         }
         var rows = StatTable.rows(ctx, service: filter, kinds: kinds, sid: sid)
         if a.contains("up") {
-            rows = rows.filter { $0.kind != .server || $0["status"].hasPrefix("UP") || $0["status"] == "no check" || $0["status"] == "DRAIN" }
+            rows = rows.filter { $0.kind != .server || $0[.status].hasPrefix("UP") || $0[.status] == "no check" || $0[.status] == "DRAIN" }
         }
-        if a.contains("no-maint") { rows = rows.filter { $0.kind != .server || $0["status"] != "MAINT" } }
-        if a.contains("json") { return StatTable.json(rows) + "\n" }
-        if a.contains("typed") { return StatTable.typed(rows) + "\n" }
-        return StatTable.header + rows.map(\.csv).joined() + "\n"
+        if a.contains("no-maint") { rows = rows.filter { $0.kind != .server || $0[.status] != "MAINT" } }
+        if a.contains("json") {
+            out += (StatTable.json(rows) + "\n").utf8
+        } else if a.contains("typed") {
+            out += (StatTable.typed(rows) + "\n").utf8
+        } else {
+            out.reserveCapacity(out.count + StatTable.header.utf8.count + rows.count * 280)
+            out += StatTable.header.utf8
+            for r in rows { r.csv(into: &out) }
+            out.append(10)
+        }
     }
 
     // MARK: - Sessions

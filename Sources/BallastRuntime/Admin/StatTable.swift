@@ -26,6 +26,25 @@ enum StatTable {
         "h1_bytes_in", "h1_bytes_out", "h1_spliced_bytes_in", "h1_spliced_bytes_out",
     ]
 
+    /// Column positions, in HAProxy's order (`dash` is the `-` column).
+    enum F: Int {
+        case pxname, svname, qcur, qmax, scur, smax, slim, stot, bin, bout, dreq, dresp, ereq, econ, eresp, wretr,
+            wredis, status, weight, act, bck, chkfail, chkdown, lastchg, downtime, qlimit, pid, iid, sid, throttle,
+            lbtot, tracked, type, rate, rate_lim, rate_max, check_status, check_code, check_duration, hrsp_1xx,
+            hrsp_2xx, hrsp_3xx, hrsp_4xx, hrsp_5xx, hrsp_other, hanafail, req_rate, req_rate_max, req_tot, cli_abrt,
+            srv_abrt, comp_in, comp_out, comp_byp, comp_rsp, lastsess, last_chk, last_agt, qtime, ctime, rtime,
+            ttime, agent_status, agent_code, agent_duration, check_desc, agent_desc, check_rise, check_fall,
+            check_health, agent_rise, agent_fall, agent_health, addr, cookie, mode, algo, conn_rate, conn_rate_max,
+            conn_tot, intercepted, dcon, dses, wrew, connect, reuse, cache_lookups, cache_hits, srv_icur, src_ilim,
+            qtime_max, ctime_max, rtime_max, ttime_max, eint, idle_conn_cur, safe_conn_cur, used_conn_cur,
+            need_conn_est, uweight, agg_server_status, agg_server_check_status, agg_check_status, dash, ssl_sess,
+            ssl_reused_sess, ssl_failed_handshake, h2_headers_rcvd, h2_data_rcvd, h2_settings_rcvd,
+            h2_rst_stream_rcvd, h2_goaway_rcvd, h2_detected_conn_protocol_errors, h2_detected_strm_protocol_errors,
+            h2_rst_stream_resp, h2_goaway_resp, h2_open_connections, h2_backend_open_streams, h2_total_connections,
+            h2_backend_total_streams, h1_open_connections, h1_open_streams, h1_total_connections, h1_total_streams,
+            h1_bytes_in, h1_bytes_out, h1_spliced_bytes_in, h1_spliced_bytes_out
+    }
+
     static let header = "# " + names.joined(separator: ",") + ",\n"
 
     /// Index of the `-` column that closes the static fields.
@@ -51,34 +70,44 @@ enum StatTable {
             self.sid = sid
         }
 
-        subscript(_ name: String) -> String {
-            get { f[StatTable.index[name]!] }
-            set { f[StatTable.index[name]!] = newValue }
+        subscript(_ field: F) -> String {
+            get { f[field.rawValue] }
+            set { f[field.rawValue] = newValue }
         }
 
-        mutating func zero(_ list: [String]) { for n in list { self[n] = "0" } }
+        mutating func zero(_ list: [F]) { for n in list { f[n.rawValue] = "0" } }
 
-        var csv: String {
-            var out = ""
-            for v in f {
-                out += StatTable.csvField(v)
-                out += ","
+        /// Appends the row as a CSV line: HAProxy quotes a field only when it holds a comma, a
+        /// quote or a line break, and ends every row with a comma.
+        func csv(into out: inout [UInt8]) {
+            for var v in f {
+                v.withUTF8 { b in
+                    var plain = true
+                    for c in b where c == 44 || c == 34 || c == 10 || c == 13 {
+                        plain = false
+                        break
+                    }
+                    if plain {
+                        out.append(contentsOf: b)
+                    } else {
+                        out.append(34)
+                        for c in b {
+                            if c == 34 { out.append(34) }
+                            out.append(c)
+                        }
+                        out.append(34)
+                    }
+                }
+                out.append(44)
             }
-            return out + "\n"
+            out.append(10)
         }
     }
 
-    static let index: [String: Int] = Dictionary(uniqueKeysWithValues: names.enumerated().map { ($1, $0) })
-
-    /// HAProxy quotes a field only when it holds a comma, a quote or a line break.
-    static func csvField(_ v: String) -> String {
-        guard v.contains(where: { $0 == "," || $0 == "\"" || $0 == "\n" || $0 == "\r" }) else { return v }
-        return "\"" + v.replacingOccurrences(of: "\"", with: "\"\"") + "\""
-    }
 
     /// Extra (per-module) counters after `-`: HAProxy writes zeros for these on proxies, and only
     /// the three ssl ones on servers.
-    static let moduleNames = Array(names[(staticEnd + 1)...])
+    static let moduleFields: [F] = ((staticEnd + 1)..<names.count).map { F(rawValue: $0)! }
 
     // MARK: - Rows
 
@@ -104,35 +133,35 @@ enum StatTable {
         let st = svc.stats
         let c = st.counters.total()
         let (rate, rateMax) = ctx.rates.rate(st.counters)
-        r["pxname"] = svc.name
-        r["svname"] = "FRONTEND"
-        r["scur"] = "\(st.clients.load(ordering: .relaxed))"
-        r["smax"] = "\(st.clientsMax.load(ordering: .relaxed))"
-        r["slim"] = "\(ctx.shared.maxconn.load(ordering: .relaxed))"
-        r["stot"] = "\(c.accepted)"
-        r["bin"] = "\(c.bytesIn)"
-        r["bout"] = "\(c.bytesOut)"
-        r.zero(["dreq", "dresp", "req_rate", "req_rate_max", "req_tot", "comp_in", "comp_out", "comp_byp", "comp_rsp",
-                "dcon", "dses", "wrew", "eint", "rate_lim"])
-        r["ereq"] = "\(c.requestErrors)"
-        r["status"] = ctx.stopping.load(ordering: .relaxed) ? "STOP" : "OPEN"
+        r[.pxname] = svc.name
+        r[.svname] = "FRONTEND"
+        r[.scur] = "\(st.clients.load(ordering: .relaxed))"
+        r[.smax] = "\(st.clientsMax.load(ordering: .relaxed))"
+        r[.slim] = "\(ctx.shared.maxconn.load(ordering: .relaxed))"
+        r[.stot] = "\(c.accepted)"
+        r[.bin] = "\(c.bytesIn)"
+        r[.bout] = "\(c.bytesOut)"
+        r.zero([.dreq, .dresp, .req_rate, .req_rate_max, .req_tot, .comp_in, .comp_out, .comp_byp, .comp_rsp,
+                .dcon, .dses, .wrew, .eint, .rate_lim])
+        r[.ereq] = "\(c.requestErrors)"
+        r[.status] = ctx.stopping.load(ordering: .relaxed) ? "STOP" : "OPEN"
         common(&r, iid: iid, sid: 0, type: 0)
-        r["rate"] = "\(rate)"
-        r["rate_max"] = "\(rateMax)"
-        r["mode"] = "tcp"
-        r["conn_rate"] = "\(rate)"
-        r["conn_rate_max"] = "\(rateMax)"
-        r["conn_tot"] = "\(c.accepted)"
-        r["-"] = "-"
-        r.zero(moduleNames)
+        r[.rate] = "\(rate)"
+        r[.rate_max] = "\(rateMax)"
+        r[.mode] = "tcp"
+        r[.conn_rate] = "\(rate)"
+        r[.conn_rate_max] = "\(rateMax)"
+        r[.conn_tot] = "\(c.accepted)"
+        r[.dash] = "-"
+        r.zero(moduleFields)
         return r
     }
 
     static func common(_ r: inout Row, iid: Int, sid: Int, type: Int) {
-        r["pid"] = "1"
-        r["iid"] = "\(iid)"
-        r["sid"] = "\(sid)"
-        r["type"] = "\(type)"
+        r[.pid] = "1"
+        r[.iid] = "\(iid)"
+        r[.sid] = "\(sid)"
+        r[.type] = "\(type)"
     }
 
     /// HAProxy's server status words.
@@ -157,63 +186,63 @@ enum StatTable {
         let check = ctx.checker?.view(s)
         let checked = check?.enabled ?? false
         let backup = svc.config.servers[j].backup
-        r["pxname"] = svc.name
-        r["svname"] = s.name
-        r.zero(["qcur", "qmax", "dresp", "wrew", "reuse", "srv_icur", "qtime", "ctime", "rtime", "ttime", "qtime_max",
-                "ctime_max", "rtime_max", "ttime_max", "eint", "idle_conn_cur", "safe_conn_cur", "used_conn_cur"])
-        r["scur"] = "\(s.active.load(ordering: .relaxed))"
-        r["smax"] = "\(s.activeMax.load(ordering: .relaxed))"
-        if s.maxconn > 0 { r["slim"] = "\(s.maxconn)" }
-        r["stot"] = "\(c.sessions)"
-        r["bin"] = "\(c.bytesIn)"
-        r["bout"] = "\(c.bytesOut)"
-        r["econ"] = "\(c.connectErrors)"
-        r["eresp"] = "\(c.responseErrors)"
-        r["wretr"] = "\(c.retries)"
-        r["wredis"] = "\(c.redispatches)"
-        r["status"] = status(s, check)
-        r["weight"] = "\(s.effectiveWeight(now: now))"
-        r["act"] = backup ? "0" : "1"
-        r["bck"] = backup ? "1" : "0"
-        r["lastchg"] = "\(max(0, now - s.lastChange.load(ordering: .relaxed)) / 1000)"
+        r[.pxname] = svc.name
+        r[.svname] = s.name
+        r.zero([.qcur, .qmax, .dresp, .wrew, .reuse, .srv_icur, .qtime, .ctime, .rtime, .ttime, .qtime_max,
+                .ctime_max, .rtime_max, .ttime_max, .eint, .idle_conn_cur, .safe_conn_cur, .used_conn_cur])
+        r[.scur] = "\(s.active.load(ordering: .relaxed))"
+        r[.smax] = "\(s.activeMax.load(ordering: .relaxed))"
+        if s.maxconn > 0 { r[.slim] = "\(s.maxconn)" }
+        r[.stot] = "\(c.sessions)"
+        r[.bin] = "\(c.bytesIn)"
+        r[.bout] = "\(c.bytesOut)"
+        r[.econ] = "\(c.connectErrors)"
+        r[.eresp] = "\(c.responseErrors)"
+        r[.wretr] = "\(c.retries)"
+        r[.wredis] = "\(c.redispatches)"
+        r[.status] = status(s, check)
+        r[.weight] = "\(s.effectiveWeight(now: now))"
+        r[.act] = backup ? "0" : "1"
+        r[.bck] = backup ? "1" : "0"
+        r[.lastchg] = "\(max(0, now - s.lastChange.load(ordering: .relaxed)) / 1000)"
         if checked {
-            r["chkfail"] = "\(s.failedChecks.load(ordering: .relaxed))"
-            r["chkdown"] = "\(s.downTransitions.load(ordering: .relaxed))"
-            r["downtime"] = "\(s.downtime(now: now) / 1000)"
+            r[.chkfail] = "\(s.failedChecks.load(ordering: .relaxed))"
+            r[.chkdown] = "\(s.downTransitions.load(ordering: .relaxed))"
+            r[.downtime] = "\(s.downtime(now: now) / 1000)"
         }
         common(&r, iid: iid, sid: j + 1, type: 2)
         let weight = s.weight
         let eff = s.effectiveWeight(now: now)
-        if eff < weight && weight > 0 { r["throttle"] = "\(eff * 100 / weight)" }
-        r["lbtot"] = "\(c.picks)"
-        r["rate"] = "\(rate)"
-        r["rate_max"] = "\(rateMax)"
+        if eff < weight && weight > 0 { r[.throttle] = "\(eff * 100 / weight)" }
+        r[.lbtot] = "\(c.picks)"
+        r[.rate] = "\(rate)"
+        r[.rate_max] = "\(rateMax)"
         if checked, let v = check {
             if let last = v.last {
-                r["check_status"] = (v.running ? "* " : "") + last.status.rawValue
-                if let code = last.code { r["check_code"] = "\(code)" }
-                r["check_duration"] = "\(last.durationMs)"
-                r["last_chk"] = last.detail
-                r["check_desc"] = last.status.text
+                r[.check_status] = (v.running ? "* " : "") + last.status.rawValue
+                if let code = last.code { r[.check_code] = "\(code)" }
+                r[.check_duration] = "\(last.durationMs)"
+                r[.last_chk] = last.detail
+                r[.check_desc] = last.status.text
             } else {
-                r["check_status"] = (v.running ? "* " : "") + "INI"
-                r["check_desc"] = "Initializing"
+                r[.check_status] = (v.running ? "* " : "") + "INI"
+                r[.check_desc] = "Initializing"
             }
-            r["check_rise"] = "\(v.rise)"
-            r["check_fall"] = "\(v.fall)"
-            r["check_health"] = "\(v.health)"
+            r[.check_rise] = "\(v.rise)"
+            r[.check_fall] = "\(v.fall)"
+            r[.check_health] = "\(v.health)"
         }
-        r["cli_abrt"] = "\(c.clientAborts)"
-        r["srv_abrt"] = "\(c.serverAborts)"
+        r[.cli_abrt] = "\(c.clientAborts)"
+        r[.srv_abrt] = "\(c.serverAborts)"
         let last = s.lastSession.load(ordering: .relaxed)
-        r["lastsess"] = last == 0 ? "-1" : "\(max(0, now - last) / 1000)"
-        r["addr"] = s.address.description
-        r["mode"] = "tcp"
-        r["connect"] = "\(c.sessions)"
-        r["need_conn_est"] = "0"
-        r["uweight"] = "\(weight)"
-        r["-"] = "-"
-        r.zero(["ssl_sess", "ssl_reused_sess", "ssl_failed_handshake"])
+        r[.lastsess] = last == 0 ? "-1" : "\(max(0, now - last) / 1000)"
+        r[.addr] = s.address.description
+        r[.mode] = "tcp"
+        r[.connect] = "\(c.sessions)"
+        r[.need_conn_est] = "0"
+        r[.uweight] = "\(weight)"
+        r[.dash] = "-"
+        r.zero([.ssl_sess, .ssl_reused_sess, .ssl_failed_handshake])
         return r
     }
 
@@ -242,44 +271,44 @@ enum StatTable {
         let up = act + bck > 0
         st.observe(up: up, now: now)
         let queued = st.queued.load(ordering: .relaxed)
-        r["pxname"] = svc.name
-        r["svname"] = "BACKEND"
-        r["qcur"] = "\(queued)"
-        r["qmax"] = "\(st.queuedMax.load(ordering: .relaxed))"
-        r["scur"] = "\(st.assigned.load(ordering: .relaxed) + queued)"
-        r["smax"] = "\(st.assignedMax.load(ordering: .relaxed))"
-        r["slim"] = "\((ctx.shared.maxconn.load(ordering: .relaxed) + 9) / 10)"
-        r["stot"] = "\(c.sessions)"
-        r["bin"] = "\(c.bytesIn)"
-        r["bout"] = "\(c.bytesOut)"
-        r.zero(["dreq", "dresp", "comp_in", "comp_out", "comp_byp", "comp_rsp", "qtime", "ctime", "rtime", "ttime",
-                "wrew", "reuse", "qtime_max", "ctime_max", "rtime_max", "ttime_max", "eint",
-                "agg_server_status", "agg_server_check_status", "agg_check_status"])
-        r["econ"] = "\(c.connectErrors)"
-        r["eresp"] = "\(c.responseErrors)"
-        r["wretr"] = "\(c.retries)"
-        r["wredis"] = "\(c.redispatches)"
-        r["status"] = up ? "UP" : "DOWN"
-        r["weight"] = "\(weight)"
-        r["act"] = "\(act)"
-        r["bck"] = "\(bck)"
-        r["chkdown"] = "\(st.downTransitions.load(ordering: .relaxed))"
-        r["lastchg"] = "\(max(0, now - st.lastChange.load(ordering: .relaxed)) / 1000)"
-        r["downtime"] = "\(st.downtime(now: now) / 1000)"
+        r[.pxname] = svc.name
+        r[.svname] = "BACKEND"
+        r[.qcur] = "\(queued)"
+        r[.qmax] = "\(st.queuedMax.load(ordering: .relaxed))"
+        r[.scur] = "\(st.assigned.load(ordering: .relaxed) + queued)"
+        r[.smax] = "\(st.assignedMax.load(ordering: .relaxed))"
+        r[.slim] = "\((ctx.shared.maxconn.load(ordering: .relaxed) + 9) / 10)"
+        r[.stot] = "\(c.sessions)"
+        r[.bin] = "\(c.bytesIn)"
+        r[.bout] = "\(c.bytesOut)"
+        r.zero([.dreq, .dresp, .comp_in, .comp_out, .comp_byp, .comp_rsp, .qtime, .ctime, .rtime, .ttime,
+                .wrew, .reuse, .qtime_max, .ctime_max, .rtime_max, .ttime_max, .eint,
+                .agg_server_status, .agg_server_check_status, .agg_check_status])
+        r[.econ] = "\(c.connectErrors)"
+        r[.eresp] = "\(c.responseErrors)"
+        r[.wretr] = "\(c.retries)"
+        r[.wredis] = "\(c.redispatches)"
+        r[.status] = up ? "UP" : "DOWN"
+        r[.weight] = "\(weight)"
+        r[.act] = "\(act)"
+        r[.bck] = "\(bck)"
+        r[.chkdown] = "\(st.downTransitions.load(ordering: .relaxed))"
+        r[.lastchg] = "\(max(0, now - st.lastChange.load(ordering: .relaxed)) / 1000)"
+        r[.downtime] = "\(st.downtime(now: now) / 1000)"
         common(&r, iid: iid, sid: 0, type: 1)
-        r["lbtot"] = "\(c.picks)"
-        r["rate"] = "\(rate)"
-        r["rate_max"] = "\(rateMax)"
-        r["cli_abrt"] = "\(c.clientAborts)"
-        r["srv_abrt"] = "\(c.serverAborts)"
+        r[.lbtot] = "\(c.picks)"
+        r[.rate] = "\(rate)"
+        r[.rate_max] = "\(rateMax)"
+        r[.cli_abrt] = "\(c.clientAborts)"
+        r[.srv_abrt] = "\(c.serverAborts)"
         let last = st.lastSession.load(ordering: .relaxed)
-        r["lastsess"] = last == 0 ? "-1" : "\(max(0, now - last) / 1000)"
-        r["mode"] = "tcp"
-        r["algo"] = svc.config.balance.rawValue
-        r["connect"] = "\(c.sessions)"
-        r["uweight"] = "\(uweight)"
-        r["-"] = "-"
-        r.zero(moduleNames)
+        r[.lastsess] = last == 0 ? "-1" : "\(max(0, now - last) / 1000)"
+        r[.mode] = "tcp"
+        r[.algo] = svc.config.balance.rawValue
+        r[.connect] = "\(c.sessions)"
+        r[.uweight] = "\(uweight)"
+        r[.dash] = "-"
+        r.zero(moduleFields)
         return r
     }
 

@@ -55,4 +55,8 @@ int ballast_errno_eagain(void);
 // Names the calling thread (visible in top -H, ps -L, /proc/PID/task/TID/comm).
 void ballast_set_thread_name(const char *name);
 
+/// Keeps large short-lived buffers (runtime API replies) in the heap: mmap threshold and trim
+/// threshold raised, so they are not mapped and faulted in afresh each time.
+void ballast_tune_malloc(void);
+
 #endif
