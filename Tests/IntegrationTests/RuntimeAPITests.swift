@@ -395,10 +395,12 @@ enum StatsClient {
         #expect(fe["stot"] == "\(n)" && fe["conn_tot"] == "\(n)")
         #expect(fe["bin"] == "\(n * size)" && fe["bout"] == "\(n * size)")
         #expect(be["stot"] == "\(n)" && be["lbtot"] == "\(n)" && be["bin"] == "\(n * size)" && be["bout"] == "\(n * size)")
-        #expect(s1["stot"] == "\(n / 2)" && s2["stot"] == "\(n / 2)", "roundrobin 1:1")
-        #expect(s1["lbtot"] == "\(n / 2)" && s2["lbtot"] == "\(n / 2)")
-        #expect(Int(s1["bin"]!)! + Int(s2["bin"]!)! == n * size)
-        #expect(s1["bout"] == "\(n / 2 * size)")
+        // Two workers, each with its own round robin: the split is near 1:1, the sums are exact.
+        let st1 = Int(s1["stot"] ?? "") ?? -1, st2 = Int(s2["stot"] ?? "") ?? -1
+        #expect(st1 + st2 == n && abs(st1 - st2) <= 2, "\(st1) + \(st2)")
+        #expect(s1["lbtot"] == "\(st1)" && s2["lbtot"] == "\(st2)")
+        #expect(s1["bin"] == "\(st1 * size)" && s2["bin"] == "\(st2 * size)")
+        #expect(s1["bout"] == "\(st1 * size)" && s2["bout"] == "\(st2 * size)")
         #expect(fe["scur"] == "0" && s1["scur"] == "0" && s1["smax"] == "1")
         #expect(s1["econ"] == "0" && s1["lastsess"] != "-1")
         // show info agrees, and `clear counters all` starts over.
