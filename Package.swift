@@ -30,6 +30,16 @@ let package = Package(
             name: "BallastProxy",
             dependencies: ["BallastCore", "BallastIO", "CLinux", .product(name: "Logging", package: "swift-log")]
         ),
+        // libnftnl + libmnl (system libraries, via pkg-config) for nat mode.
+        .systemLibrary(
+            name: "CNftables", pkgConfig: "libnftnl libmnl",
+            providers: [.apt(["libnftnl-dev", "libmnl-dev"])]
+        ),
+        // nat mode: nftables NAT rules and maps programmed over netlink in atomic batches.
+        .target(
+            name: "BallastNat",
+            dependencies: ["BallastCore", "CNftables", "CLinux", .product(name: "Logging", package: "swift-log")]
+        ),
         // Active health checks on one event loop of their own.
         .target(
             name: "BallastHealth",
@@ -39,7 +49,7 @@ let package = Package(
         .target(
             name: "BallastRuntime",
             dependencies: [
-                "BallastCore", "BallastIO", "BallastProxy", "BallastHealth", "CLinux",
+                "BallastCore", "BallastIO", "BallastProxy", "BallastHealth", "BallastNat", "CLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ]

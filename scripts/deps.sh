@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Ballast's build, tests, demo and benchmarks use.
 set -euo pipefail
-pkgs=(redis-server redis-tools mariadb-server mariadb-client haproxy iperf3 libnftnl-dev libmnl-dev pkg-config util-linux procps socat curl)
+pkgs=(redis-server redis-tools mariadb-server mariadb-client haproxy iperf3 libnftnl-dev libmnl-dev pkg-config util-linux procps socat curl nftables conntrack iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -154,12 +154,14 @@ public struct GlobalConfig: Sendable, Equatable {
     /// Runtime server state (admin state, weight, forced health) is saved here on every change
     /// and restored at start.
     public var stateFile: String?
+    /// nat mode: leave the kernel rules in place at exit, so a restart does not interrupt traffic.
+    public var natKeepOnExit = false
     public init() {}
 
     public static func == (a: GlobalConfig, b: GlobalConfig) -> Bool {
         a.workers == b.workers && a.maxconn == b.maxconn && a.log == b.log && a.pipeSize == b.pipeSize && a.grace == b.grace
             && a.user?.uid == b.user?.uid && a.user?.gid == b.user?.gid && a.group?.gid == b.group?.gid
-            && a.stats == b.stats && a.metrics == b.metrics && a.stateFile == b.stateFile
+            && a.stats == b.stats && a.metrics == b.metrics && a.stateFile == b.stateFile && a.natKeepOnExit == b.natKeepOnExit
     }
 }
 
@@ -201,8 +203,28 @@ public struct ServerConfig: Sendable, Equatable {
     }
 }
 
+/// nat mode: how the kernel rewrites a connection's source.
+public enum SNATMode: Sendable, Equatable, CustomStringConvertible {
+    /// DNAT only: servers route replies back through the balancer.
+    case none
+    /// Full NAT with the outgoing interface's address.
+    case masquerade
+    /// Full NAT with this address.
+    case address(SocketAddress)
+
+    public var description: String {
+        switch self {
+        case .none: return "none"
+        case .masquerade: return "masquerade"
+        case .address(let a): return a.hostText
+        }
+    }
+}
+
 public struct ServiceConfig: Sendable, Equatable {
     public var name: String
+    /// nat mode only: source NAT.
+    public var snat = SNATMode.none
     public var mode = Defaults.mode
     public var binds: [BindConfig] = []
     public var balance = Defaults.balance

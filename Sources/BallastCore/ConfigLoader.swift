@@ -11,7 +11,11 @@ import Musl
 public enum ConfigLoader {
     /// Keys accepted at each level; anything else is an error (a typo must not be silently ignored).
     public static let topKeys = ["global", "defaults", "services"]
-    public static let globalKeys = ["workers", "maxconn", "log", "pipe_size", "grace", "user", "group", "stats", "metrics", "state_file"]
+    public static let globalKeys = [
+        "workers", "maxconn", "log", "pipe_size", "grace", "user", "group", "stats", "metrics", "state_file", "nat",
+    ]
+    public static let globalNatKeys = ["keep_on_exit"]
+    public static let serviceNatKeys = ["snat"]
     public static let statsKeys = ["sockets", "timeout", "maxconn"]
     public static let statsSocketKeys = ["path", "address", "mode", "owner", "group", "level"]
     public static let metricsKeys = ["address"]
@@ -24,14 +28,10 @@ public enum ConfigLoader {
     public static let timeoutKeys = ["connect", "client", "server", "queue"]
     public static let serviceKeys = [
         "name", "mode", "bind", "balance", "hash_key", "hash_table_size", "allbackups", "slowstart", "timeout",
-        "retries", "maxqueue", "check", "observe", "on_marked_down", "on_marked_up", "servers",
+        "retries", "maxqueue", "check", "observe", "on_marked_down", "on_marked_up", "servers", "nat",
     ]
     public static let serverKeys = ["name", "address", "weight", "maxconn", "backup", "slowstart", "state", "check", "send_proxy"]
     public static let bindKeys = ["address", "accept_proxy"]
-    /// Keys from DESIGN.md that a later release implements: named so the error says so instead of "unknown".
-    static let plannedKeys: [String: String] = [
-        "nat": "nat mode is not implemented in this version",
-    ]
 
     public static func load(path: String, contents: String) throws(ConfigError) -> Config {
         var parser = Parser(file: path)
@@ -126,9 +126,6 @@ public enum ConfigLoader {
                 guard case .scalar(let ks) = k else { throw fail(k, "keys must be plain words") }
                 let key = ks.string
                 if !allowed.contains(key) {
-                    if let why = ConfigLoader.plannedKeys[key] {
-                        throw fail(k, "key '\(key)' in \(what) is not supported: \(why)")
-                    }
                     let hint = suggestion(key, allowed).map { " (did you mean '\($0)'?)" } ?? ""
                     throw fail(
                         k, "unknown key '\(key)' in \(what)\(hint); expected one of: \(allowed.joined(separator: ", "))")
@@ -260,6 +257,10 @@ public enum ConfigLoader {
                 guard let a = mm["address"] else { throw fail(e.value, "global.metrics: missing required key 'address'") }
                 g.metrics = try loopbackAddress(a.value, "global.metrics.address")
                 g.metricsLocation = loc(a.value)
+            }
+            if let e = m["nat"] {
+                let nm = try mapping(e.value, "global.nat", allowed: ConfigLoader.globalNatKeys)
+                if let k = nm["keep_on_exit"] { g.natKeepOnExit = try bool(k.value, "global.nat.keep_on_exit") }
             }
             if let e = m["state_file"] {
                 let path = try string(e.value, "global.state_file")
@@ -450,9 +451,6 @@ public enum ConfigLoader {
             var svc = ServiceConfig(name: name, timeouts: config.timeouts, retries: config.retries, location: loc(node))
             if let e = m["mode"] {
                 svc.mode = try enumValue(e.value, "\(what): mode", ServiceMode.self)
-                if svc.mode == .nat {
-                    throw fail(e.value, "\(what): mode 'nat' is not implemented in this version; use mode: proxy")
-                }
             }
             if let e = m["balance"] { svc.balance = try enumValue(e.value, "\(what): balance", Balance.self) }
             if let e = m["hash_key"] {
@@ -528,6 +526,9 @@ public enum ConfigLoader {
                 }
                 svc.servers.append(server)
             }
+            if svc.mode == .nat { try validateNat(&svc, m, node) } else if let e = m["nat"] {
+                throw fail(e.key, "\(what): 'nat' applies to mode: nat services")
+            }
             if svc.balance == .source, let e = m["hash_table_size"] ?? m["balance"],
                 svc.hashTableSize < 10 * svc.servers.count
             {
@@ -536,6 +537,56 @@ public enum ConfigLoader {
                     "\(what): hash_table_size \(svc.hashTableSize) is too small for \(svc.servers.count) servers (Maglev needs at least 10 slots per server; try \(ConfigLoader.nextPrime(100 * svc.servers.count)))")
             }
             return svc
+        }
+
+        /// What the kernel can and cannot do for a `mode: nat` service, said at load time.
+        func validateNat(_ svc: inout ServiceConfig, _ m: [String: Entry], _ node: Node) throws(ConfigError) {
+            let what = "service '\(svc.name)'"
+            if svc.balance == .leastconn || svc.balance == .first {
+                throw fail(
+                    m["balance"]!.value,
+                    "\(what): balance \(svc.balance.rawValue) is not possible in nat mode (the kernel does not count connections per server); use roundrobin or random (weighted), source (Maglev, the same table as proxy mode), or mode: proxy")
+            }
+            if let e = m["nat"] {
+                let nm = try mapping(e.value, "\(what) nat", allowed: ConfigLoader.serviceNatKeys)
+                if let sn = nm["snat"] {
+                    let v = try string(sn.value, "\(what) nat.snat")
+                    switch v {
+                    case "none": svc.snat = .none
+                    case "masquerade": svc.snat = .masquerade
+                    default:
+                        let text = v.contains(":") ? "[\(v)]:0" : "\(v):0"
+                        guard let a = try? SocketAddress(parsing: text) else {
+                            throw fail(sn.value, "\(what) nat.snat: '\(v)' is not none, masquerade or a numeric IPv4/IPv6 address")
+                        }
+                        svc.snat = .address(a)
+                    }
+                }
+            }
+            if let e = m["slowstart"] { throw fail(e.key, "\(what): slowstart is not possible in nat mode (the kernel map has fixed weights)") }
+            if let e = m["maxqueue"] { throw fail(e.key, "\(what): maxqueue is not possible in nat mode (the kernel does not queue)") }
+            if let e = m["observe"] { throw fail(e.key, "\(what): observe is not possible in nat mode (the kernel's connects are not seen); use an active check") }
+            if let e = m["timeout"] { throw fail(e.key, "\(what): timeouts do not apply in nat mode (conntrack's timeouts do)") }
+            let family = svc.binds.first?.address.family
+            for b in svc.binds {
+                if b.address.port == 0 || b.address.hostText == "0.0.0.0" || b.address.hostText == "::" {
+                    throw ConfigError(b.location, "\(what): a nat bind needs an explicit address and port (the service address the kernel matches), not \(b.address)")
+                }
+                if b.acceptProxy { throw ConfigError(b.location, "\(what): accept_proxy is not possible in nat mode (the kernel forwards packets, it reads no header)") }
+                if b.address.family != family { throw ConfigError(b.location, "\(what): a nat service is IPv4 or IPv6, not both (make two services)") }
+            }
+            if case .address(let a) = svc.snat, a.family != family {
+                throw fail(m["nat"]!.value, "\(what): nat.snat \(a.hostText) is not the same family as the service address")
+            }
+            for s in svc.servers {
+                if s.address.family != family {
+                    throw ConfigError(s.location, "\(what): server \(s.name) \(s.address) is not the same family as the service address")
+                }
+                if s.maxconn > 0 { throw ConfigError(s.location, "\(what): server \(s.name): maxconn is not possible in nat mode (the kernel does not count connections per server)") }
+                if s.sendProxy != nil { throw ConfigError(s.location, "\(what): server \(s.name): send_proxy is not possible in nat mode (the kernel forwards packets unchanged)") }
+                if s.slowstart.value > 0 { throw ConfigError(s.location, "\(what): server \(s.name): slowstart is not possible in nat mode") }
+            }
+            if svc.servers.count > 4095 { throw fail(node, "\(what): nat mode takes at most 4095 servers per service") }
         }
 
         func parseServer(

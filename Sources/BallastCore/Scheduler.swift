@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 import Synchronization
 
 /// How a service picks a server for a new connection (`balance:`).
@@ -102,7 +107,17 @@ public protocol Scheduler: AnyObject {
 /// precompute (Maglev) rebuild when it moves.
 public enum ServerStateClock {
     public static let version = Atomic<UInt64>(1)
-    public static func bump() { version.wrappingAdd(1, ordering: .releasing) }
+    /// An eventfd to kick on every change (nat mode reprograms the kernel then); -1: none.
+    public static let notifyFd = Atomic<Int32>(-1)
+
+    public static func bump() {
+        version.wrappingAdd(1, ordering: .releasing)
+        let fd = notifyFd.load(ordering: .relaxed)
+        if fd >= 0 {
+            var one: UInt64 = 1
+            _ = write(fd, &one, 8)
+        }
+    }
 }
 
 public func makeScheduler(_ balance: Balance, servers: [ServerConfig], tableSize: Int, seed: UInt64) -> Scheduler {

@@ -1,6 +1,7 @@
 import BallastCore
 import BallastHealth
 import BallastIO
+import BallastNat
 import BallastProxy
 import CLinux
 import Logging
@@ -91,6 +92,8 @@ public final class Runtime {
     /// The runtime API and /metrics.
     private var admin: AdminServer?
     private var adminContext: AdminContext?
+    /// nat mode: the kernel's rules and maps.
+    private var nat: NatController?
 
     public static func bootstrapLogging(_ config: LogConfig) {
         LogState.set(config)
@@ -132,7 +135,7 @@ public final class Runtime {
 
         // Bind everything before any thread starts: a bind error stops start-up whole.
         do {
-            for svc in config.services {
+            for svc in config.services where svc.mode == .proxy {
                 for b in svc.binds {
                     listeners[listenerKey(b, svc.name)] = try openListeners(b, service: svc.name, count: workerCount)
                 }
@@ -158,14 +161,31 @@ public final class Runtime {
             return 1
         }
 
-        if !dropPrivileges() {
-            admin?.stop()
-            return 1
-        }
-
         // Runtime server state saved by the last run (drain, maint, weights, forced health).
         if let path = config.global.stateFile, let text = readFile(path) {
             for line in StateFile.restore(text, into: table) { logger.info("\(line)") }
+        }
+
+        // nat mode: program the kernel before anything serves; a failure names the object and
+        // leaves nothing half-applied (one atomic batch per family).
+        if config.services.contains(where: { $0.mode == .nat }) {
+            do {
+                let n = try NatController(logger: logger)
+                try n.apply(table)
+                nat = n
+                logger.info("nat: programmed table ip/ip6 \(NatController.tableName) for \(NatController.natServices(config).count) services")
+            } catch {
+                for l in listeners.values { for fd in l.fds { Sys.close(fd) } }
+                admin?.stop()
+                logger.critical("nat: \(error)\(geteuid() != 0 && ballast_has_net_admin() == 0 ? " (nat mode needs CAP_NET_ADMIN: start Ballast as root, with global.user to drop to)" : "")")
+                return 1
+            }
+        }
+
+        if !dropPrivileges() {
+            admin?.stop()
+            nat?.remove()
+            return 1
         }
 
         let settings = WorkerSettings(
@@ -185,8 +205,15 @@ public final class Runtime {
         let workers = self.workers
         let actions = self.actions
         // What a service does when a server goes down or comes back (checks, CLI, passive).
+        let nat = self.nat
         let transition: @Sendable (String, Server, Bool) -> Void = { service, server, up in
             guard let (down, upAction) = actions.map.withLock({ $0[service] }) else { return }
+            if !up && down == .shutdownSessions, let nat, nat.isNat(service) {
+                // The map drops the server first (the state change woke the nat thread); then
+                // its flows go, so their clients get a reset instead of hanging.
+                nat.sync()
+                nat.flush(service: service, server: server)
+            }
             if !up && down == .shutdownSessions {
                 for w in workers { w.send(.shutdownSessions(server)) }
             } else if up && upAction == .shutdownBackupSessions {
@@ -214,7 +241,13 @@ public final class Runtime {
             for n in admin.names { logger.info("\(n) ready") }
         }
         ctx.saveState()
-        for svc in config.services {
+        ctx.nat = nat
+        nat?.start()
+        for svc in config.services where svc.mode == .nat {
+            logger.info(
+                "service \(svc.name) (nat) on \(svc.binds.map(\.address.description).joined(separator: ", ")), \(svc.servers.count) servers, balance \(svc.balance.rawValue), snat \(svc.snat)")
+        }
+        for svc in config.services where svc.mode == .proxy {
             let binds = svc.binds.map { listeners[listenerKey($0, svc.name)]!.actual.description }.joined(separator: ", ")
             logger.info(
                 "service \(svc.name) listening on \(binds), \(svc.servers.count) servers, balance \(svc.balance.rawValue)")
@@ -271,7 +304,7 @@ public final class Runtime {
     private func publish() {
         for (k, w) in workers.enumerated() {
             var specs: [ListenerSpec] = []
-            for svc in config.services {
+            for svc in config.services where svc.mode == .proxy {
                 for b in svc.binds {
                     guard let l = listeners[listenerKey(b, svc.name)], k < l.fds.count else { continue }
                     specs.append(ListenerSpec(fd: l.fds[k], serviceName: svc.name, address: l.actual, acceptProxy: b.acceptProxy))
@@ -299,7 +332,7 @@ public final class Runtime {
         var opened: [String: BoundListener] = [:]
         var kept: [String: BoundListener] = [:]
         do {
-            for svc in next.services {
+            for svc in next.services where svc.mode == .proxy {
                 for b in svc.binds {
                     let key = listenerKey(b, svc.name)
                     if var l = listeners[key] {
@@ -336,6 +369,18 @@ public final class Runtime {
         publish()
         setActions(next)
         checker?.update(table)
+        if next.services.contains(where: { $0.mode == .nat }) || nat != nil {
+            do {
+                if nat == nil { nat = try NatController(logger: logger) }
+                try nat!.apply(table)
+                if adminContext?.nat == nil {
+                    adminContext?.nat = nat
+                    nat!.start()
+                }
+            } catch {
+                logger.error("nat: reload could not program the kernel, the previous rules stay: \(error)")
+            }
+        }
         if let ctx = adminContext {
             ctx.table = table
             ctx.stateFile.withLock { $0 = next.global.stateFile }
@@ -344,7 +389,7 @@ public final class Runtime {
             // Servers that left the config lose their saved state.
             ctx.saveState()
         }
-        for svc in next.services {
+        for svc in next.services where svc.mode == .proxy {
             for b in svc.binds {
                 if let l = opened[listenerKey(b, svc.name)] { logger.info("service \(svc.name) listening on \(l.actual)") }
             }
@@ -377,6 +422,14 @@ public final class Runtime {
         checker?.stop()
         for w in workers { w.send(.exit) }
         for t in threads { pthread_join(t, nil) }
+        if let nat {
+            nat.stop()
+            if config.global.natKeepOnExit {
+                logger.info("nat: table \(NatController.tableName) kept (global.nat.keep_on_exit); the kernel goes on forwarding")
+            } else {
+                nat.remove()
+            }
+        }
         admin?.stop()
         logger.info("stopped")
         return 0
@@ -400,6 +453,11 @@ public final class Runtime {
             return false
         }
         var groups = [gid]
+        let keepNetAdmin = nat != nil && user.uid != 0
+        if keepNetAdmin && ballast_keep_caps_across_setuid() != 0 {
+            logger.critical("cannot keep CAP_NET_ADMIN for nat mode: \(String(cString: strerror(errno)))")
+            return false
+        }
         guard setgroups(1, &groups) == 0, setgid(gid) == 0, setuid(user.uid) == 0 else {
             logger.critical("cannot switch to user \(user.name) (uid \(user.uid), gid \(gid)): \(String(cString: strerror(errno)))")
             return false
@@ -408,6 +466,14 @@ public final class Runtime {
         guard user.uid == 0 || (setuid(0) != 0 && geteuid() == user.uid) else {
             logger.critical("privileges were not dropped")
             return false
+        }
+        if keepNetAdmin {
+            guard ballast_only_net_admin() == 0 else {
+                logger.critical("cannot keep CAP_NET_ADMIN for nat mode: \(String(cString: strerror(errno)))")
+                return false
+            }
+            logger.info("running as user \(user.name) (uid \(user.uid), gid \(gid)) with CAP_NET_ADMIN only (nat mode)")
+            return true
         }
         logger.info("running as user \(user.name) (uid \(user.uid), gid \(gid))")
         return true
@@ -463,7 +529,7 @@ private func startThread(_ worker: Worker) -> pthread_t {
 /// Tries to bind every listener once (and closes it), so `ballast check` reports an address that
 /// cannot be bound with its config location.
 public func checkBinds(_ config: Config) throws(ConfigError) {
-    for svc in config.services {
+    for svc in config.services where svc.mode == .proxy {
         for b in svc.binds {
             let l = try openListeners(b, service: svc.name, count: 1)
             for fd in l.fds { Sys.close(fd) }

@@ -1,5 +1,9 @@
 #define _GNU_SOURCE
 #include <malloc.h>
+#include <string.h>
+#include <linux/capability.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include "CLinux.h"
 
 #include <errno.h>
@@ -102,4 +106,25 @@ void ballast_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 
 void ballast_tune_malloc(void) {
     mallopt(M_MMAP_THRESHOLD, 16 << 20);
     mallopt(M_TRIM_THRESHOLD, 64 << 20);
+}
+
+int ballast_keep_caps_across_setuid(void) {
+    return prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0);
+}
+
+int ballast_only_net_admin(void) {
+    struct __user_cap_header_struct h = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct d[2];
+    memset(d, 0, sizeof d);
+    d[0].effective = d[0].permitted = (1u << CAP_NET_ADMIN);
+    if (syscall(SYS_capset, &h, d) != 0) return -1;
+    return prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0);
+}
+
+int ballast_has_net_admin(void) {
+    struct __user_cap_header_struct h = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct d[2];
+    memset(d, 0, sizeof d);
+    if (syscall(SYS_capget, &h, d) != 0) return 0;
+    return (d[0].effective >> CAP_NET_ADMIN) & 1;
 }

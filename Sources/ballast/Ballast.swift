@@ -14,7 +14,7 @@ struct Ballast: ParsableCommand {
         commandName: "ballast",
         abstract: "A Layer-4 TCP load balancer for Linux.",
         version: "ballast \(BallastVersion.string) (\(BallastVersion.build))",
-        subcommands: [Run.self, Check.self, CtlCommand.self, Debug.self]
+        subcommands: [Run.self, Check.self, CtlCommand.self, Nft.self, Debug.self]
     )
 }
 
@@ -110,6 +110,43 @@ struct CtlCommand: ParsableCommand {
         if let error = Ctl.main(target: target, command: command) {
             writeStderr("ballast: \(error)")
             throw ExitCode(1)
+        }
+    }
+}
+
+struct Nft: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "nat mode's nftables ruleset.", subcommands: [Show.self])
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Print the ruleset Ballast owns (tables ip/ip6 ballast) in nft syntax: live from a running Ballast through its stats socket, or what a config would program with every server up.")
+
+        @Option(help: "Ask the running Ballast on this stats socket (Unix path or loopback ip:port).")
+        var socket: String?
+
+        @Option(name: [.short, .customLong("config")], help: "Render from this configuration file instead.")
+        var config: String?
+
+        func validate() throws {
+            if (socket == nil) == (config == nil) { throw ValidationError("give --socket (live) or -c FILE (from a config)") }
+        }
+
+        func run() throws {
+            if let socket {
+                if let error = Ctl.main(target: socket, command: ["show", "nft"]) {
+                    writeStderr("ballast: \(error)")
+                    throw ExitCode(1)
+                }
+                return
+            }
+            do {
+                let c = try loadConfig(path: config!)
+                print(NatRendering.render(c), terminator: "")
+            } catch {
+                writeStderr("ballast: \(error)")
+                throw ExitCode(1)
+            }
         }
     }
 }

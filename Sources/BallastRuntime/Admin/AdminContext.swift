@@ -1,5 +1,6 @@
 import BallastCore
 import BallastHealth
+import BallastNat
 import BallastProxy
 import Logging
 import Synchronization
@@ -27,6 +28,12 @@ final class AdminContext: @unchecked Sendable {
     let listeners = Atomic<Int>(0)
     /// Saves runtime server state after a change (set by the runtime when `state_file` is set).
     let stateFile = Mutex<String?>(nil)
+    /// nat mode's kernel programming, when some service uses it.
+    var nat: NatController? {
+        get { natBox.withLock { $0 } }
+        set { natBox.withLock { $0 = newValue } }
+    }
+    private let natBox = Mutex<NatController?>(nil)
     /// What each service does on health transitions (shared with the checker's callback).
     let onTransition: @Sendable (String, Server, Bool) -> Void
 

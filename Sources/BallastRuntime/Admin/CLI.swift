@@ -43,6 +43,7 @@ struct CLI {
         Command(words: ["show", "backend"], usage: "show backend", help: "list backends in the current running config", level: .user),
         Command(words: ["show", "cli", "level"], usage: "show cli level", help: "display the level of the current CLI session", level: .user),
         Command(words: ["show", "info"], usage: "show info [desc|json|typed|float]*", help: "report information about the running process", level: .user),
+        Command(words: ["show", "nft"], usage: "show nft", help: "print the nftables ruleset of the nat services, in nft syntax", level: .user),
         Command(words: ["show", "servers", "state"], usage: "show servers state [<backend>]", help: "dump volatile server information (all or for a single backend)", level: .user),
         Command(words: ["show", "sess"], usage: "show sess [id]", help: "report the list of current sessions or dump this exact session", level: .operator),
         Command(words: ["show", "stat"], usage: "show stat [desc|json|no-maint|typed|up]*", help: "report counters for each proxy and server", level: .user),
@@ -164,6 +165,7 @@ struct CLI {
             if wanted > session.level { return "Permission denied\n\n" }
             session.level = wanted
             return "\n"
+        case "show nft": return (ctx.nat?.render() ?? "") + "\n"
         case "show cli level": return "\(session.level.rawValue)\n\n"
         case "show version": return "\(BallastVersion.string)\n\n"
         case "show backend": return "# name\n" + ctx.table.services.map { $0.name + "\n" }.joined() + "\n"

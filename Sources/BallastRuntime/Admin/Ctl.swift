@@ -275,3 +275,10 @@ final class LineEditor {
         return nil
     }
 }
+
+import BallastNat
+
+/// `ballast nft show -c FILE`: the ruleset a config would program.
+public enum NatRendering {
+    public static func render(_ config: Config) -> String { NatController.render(config: config) }
+}

@@ -59,4 +59,11 @@ void ballast_set_thread_name(const char *name);
 /// threshold raised, so they are not mapped and faulted in afresh each time.
 void ballast_tune_malloc(void);
 
+/// Privilege drop for nat mode: keep the permitted capabilities across setuid (call before it),
+/// then reduce them to CAP_NET_ADMIN, effective (call after it). 0 on success, else -1 and errno.
+int ballast_keep_caps_across_setuid(void);
+int ballast_only_net_admin(void);
+/// 1 when the calling thread has CAP_NET_ADMIN in its effective set.
+int ballast_has_net_admin(void);
+
 #endif

@@ -1,0 +1,465 @@
+import CNftables
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A failure talking to the kernel, naming the object that failed.
+public struct NatError: Error, CustomStringConvertible, Sendable {
+    public var message: String
+    public init(_ m: String) { message = m }
+    public var description: String { message }
+}
+
+/// One nftables transaction: libnftnl objects serialized into an nfnetlink batch
+/// (`BATCH_BEGIN … BATCH_END`), which the kernel applies all or nothing.
+final class NftBatch {
+    private let batch: OpaquePointer
+    private(set) var seq: UInt32
+    let family: UInt16
+    /// What each message does, by sequence number, for error messages.
+    private(set) var what: [UInt32: String] = [:]
+    private(set) var messages = 0
+    private var nextSetID: UInt32 = 1
+    private var setIDs: [String: UInt32] = [:]
+
+    init(family: UInt16, seq: UInt32) {
+        self.family = family
+        self.seq = seq
+        batch = nftnl_batch_alloc(UInt32(getpagesize()), UInt32(1 << 20))
+        nftnl_batch_begin(buffer, next())
+        _ = nftnl_batch_update(batch)
+    }
+
+    deinit { nftnl_batch_free(batch) }
+
+    private var buffer: UnsafeMutablePointer<CChar> { nftnl_batch_buffer(batch).assumingMemoryBound(to: CChar.self) }
+
+    private func next() -> UInt32 {
+        defer { seq &+= 1 }
+        return seq
+    }
+
+    private func header(_ type: UInt32, _ flags: Int32, _ description: String) -> UnsafeMutablePointer<nlmsghdr> {
+        let s = next()
+        what[s] = description
+        messages += 1
+        return nftnl_nlmsg_build_hdr(buffer, UInt16(type), family, UInt16(flags | NLM_F_ACK), s)
+    }
+
+    func finish() {
+        nftnl_batch_end(buffer, next())
+        _ = nftnl_batch_update(batch)
+    }
+
+    // MARK: Tables and chains
+
+    func table(_ name: String, _ type: UInt32, flags: Int32 = NLM_F_CREATE) {
+        let t = nftnl_table_alloc()!
+        defer { nftnl_table_free(t) }
+        nftnl_table_set_u32(t, UInt16(NFTNL_TABLE_FAMILY.rawValue), UInt32(family))
+        nftnl_table_set_str(t, UInt16(NFTNL_TABLE_NAME.rawValue), name)
+        let verb = type == NFT_MSG_DELTABLE.rawValue ? "delete" : "create"
+        nftnl_table_nlmsg_build_payload(header(type, flags, "\(verb) table \(familyName) \(name)"), t)
+        _ = nftnl_batch_update(batch)
+    }
+
+    var familyName: String { family == UInt16(NFPROTO_IPV6) ? "ip6" : "ip" }
+
+    /// A base chain (with a hook) when `hook` is given, else a regular chain.
+    func chain(_ table: String, _ name: String, hook: UInt32? = nil, priority: Int32 = 0) {
+        let c = nftnl_chain_alloc()!
+        defer { nftnl_chain_free(c) }
+        nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_FAMILY.rawValue), UInt32(family))
+        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue), table)
+        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue), name)
+        if let hook {
+            nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TYPE.rawValue), "nat")
+            nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_HOOKNUM.rawValue), hook)
+            nftnl_chain_set_s32(c, UInt16(NFTNL_CHAIN_PRIO.rawValue), priority)
+            nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_POLICY.rawValue), UInt32(NF_ACCEPT))
+        }
+        nftnl_chain_nlmsg_build_payload(header(NFT_MSG_NEWCHAIN.rawValue, NLM_F_CREATE, "create chain \(table) \(name)"), c)
+        _ = nftnl_batch_update(batch)
+    }
+
+    /// Deletes every rule of a chain (DELRULE naming only the chain).
+    func flushChain(_ table: String, _ name: String) {
+        let r = nftnl_rule_alloc()!
+        defer { nftnl_rule_free(r) }
+        nftnl_rule_set_u32(r, UInt16(NFTNL_RULE_FAMILY.rawValue), UInt32(family))
+        nftnl_rule_set_str(r, UInt16(NFTNL_RULE_TABLE.rawValue), table)
+        nftnl_rule_set_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue), name)
+        nftnl_rule_nlmsg_build_payload(header(NFT_MSG_DELRULE.rawValue, 0, "flush chain \(table) \(name)"), r)
+        _ = nftnl_batch_update(batch)
+    }
+
+    func deleteChain(_ table: String, _ name: String) {
+        let c = nftnl_chain_alloc()!
+        defer { nftnl_chain_free(c) }
+        nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_FAMILY.rawValue), UInt32(family))
+        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue), table)
+        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue), name)
+        nftnl_chain_nlmsg_build_payload(header(NFT_MSG_DELCHAIN.rawValue, 0, "delete chain \(table) \(name)"), c)
+        _ = nftnl_batch_update(batch)
+    }
+
+    // MARK: Sets and maps
+
+    /// A map `type mark : <data>` (`interval` for weighted ranges).
+    func map(_ table: String, _ name: String, interval: Bool, dataType: UInt32, dataLen: UInt32, size: UInt32 = 0) {
+        let s = nftnl_set_alloc()!
+        defer { nftnl_set_free(s) }
+        let id = nextSetID
+        nextSetID += 1
+        setIDs[name] = id
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FAMILY.rawValue), UInt32(family))
+        nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table)
+        nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), UInt32(NFT_SET_MAP.rawValue) | (interval ? UInt32(NFT_SET_INTERVAL.rawValue) : 0))
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), 19)  // mark
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), 4)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_DATA_TYPE.rawValue), dataType)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_DATA_LEN.rawValue), dataLen)
+        if size > 0 { nftnl_set_set_u32(s, UInt16(NFTNL_SET_DESC_SIZE.rawValue), size) }
+        // Byte-order hints for `nft list` (they change nothing in the kernel): interval keys
+        // come from numgen through hton (big-endian); marks are host-endian.
+        var udata: [UInt8] = [0, 4] + withUnsafeBytes(of: UInt32(interval ? 2 : 1).littleEndian) { Array($0) }
+        if dataType == 19 { udata += [1, 4] + withUnsafeBytes(of: UInt32(1).littleEndian) { Array($0) } }
+        udata.withUnsafeBytes { nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), $0.baseAddress, UInt32($0.count)) }
+        nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET.rawValue, NLM_F_CREATE, "create map \(table) \(name)"), s)
+        _ = nftnl_batch_update(batch)
+    }
+
+    func deleteMap(_ table: String, _ name: String) {
+        let s = nftnl_set_alloc()!
+        defer { nftnl_set_free(s) }
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FAMILY.rawValue), UInt32(family))
+        nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table)
+        nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
+        nftnl_set_nlmsg_build_payload(header(NFT_MSG_DELSET.rawValue, 0, "delete map \(table) \(name)"), s)
+        _ = nftnl_batch_update(batch)
+    }
+
+    struct Element {
+        var key: [UInt8]
+        var data: [UInt8]?
+        var intervalEnd = false
+    }
+
+    /// Adds (or, with `delete`, removes) elements, at most 1024 per message (attribute lengths
+    /// are 16 bits). `delete` with no elements flushes the map.
+    func elements(_ table: String, _ name: String, _ elems: [Element], delete: Bool = false) {
+        var start = 0
+        repeat {
+            let chunk = elems[start..<min(elems.count, start + 1024)]
+            let s = nftnl_set_alloc()!
+            nftnl_set_set_u32(s, UInt16(NFTNL_SET_FAMILY.rawValue), UInt32(family))
+            nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table)
+            nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
+            if let id = setIDs[name] { nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id) }
+            for e in chunk {
+                let el = nftnl_set_elem_alloc()!
+                e.key.withUnsafeBytes { _ = nftnl_set_elem_set(el, UInt16(NFTNL_SET_ELEM_KEY), $0.baseAddress, UInt32($0.count)) }
+                if let d = e.data {
+                    d.withUnsafeBytes { _ = nftnl_set_elem_set(el, UInt16(NFTNL_SET_ELEM_DATA), $0.baseAddress, UInt32($0.count)) }
+                }
+                if e.intervalEnd { nftnl_set_elem_set_u32(el, UInt16(NFTNL_SET_ELEM_FLAGS), UInt32(NFT_SET_ELEM_INTERVAL_END.rawValue)) }
+                nftnl_set_elem_add(s, el)
+            }
+            let type = delete ? NFT_MSG_DELSETELEM.rawValue : NFT_MSG_NEWSETELEM.rawValue
+            let verb = delete ? (elems.isEmpty ? "flush" : "delete elements of") : "add elements to"
+            nftnl_set_elems_nlmsg_build_payload(header(type, delete ? 0 : NLM_F_CREATE, "\(verb) map \(table) \(name)"), s)
+            _ = nftnl_batch_update(batch)
+            nftnl_set_free(s)
+            start += 1024
+        } while start < elems.count
+    }
+
+    // MARK: Rules
+
+    func rule(_ table: String, _ chain: String, _ exprs: [OpaquePointer], _ description: String) {
+        let r = nftnl_rule_alloc()!
+        defer { nftnl_rule_free(r) }
+        nftnl_rule_set_u32(r, UInt16(NFTNL_RULE_FAMILY.rawValue), UInt32(family))
+        nftnl_rule_set_str(r, UInt16(NFTNL_RULE_TABLE.rawValue), table)
+        nftnl_rule_set_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue), chain)
+        for e in exprs { nftnl_rule_add_expr(r, e) }  // the rule owns them now
+        nftnl_rule_nlmsg_build_payload(
+            header(NFT_MSG_NEWRULE.rawValue, NLM_F_CREATE | NLM_F_APPEND, "add rule \(table) \(chain) (\(description))"), r)
+        _ = nftnl_batch_update(batch)
+    }
+
+    func setID(_ name: String) -> UInt32? { setIDs[name] }
+
+    /// The batch as iovecs, for sendmsg.
+    func withIovecs<R>(_ body: (UnsafeMutablePointer<iovec>, Int) -> R) -> R {
+        let n = Int(nftnl_batch_iovec_len(batch))
+        let iov = UnsafeMutablePointer<iovec>.allocate(capacity: max(1, n))
+        defer { iov.deallocate() }
+        nftnl_batch_iovec(batch, iov, UInt32(n))
+        return body(iov, n)
+    }
+}
+
+/// Expression builders (the bytecode `nft --debug=netlink` shows).
+enum Expr {
+    static let reg1 = UInt32(NFT_REG_1.rawValue)
+    static let reg2 = UInt32(NFT_REG_2.rawValue)
+
+    static func reg32(_ n: UInt32) -> UInt32 { UInt32(NFT_REG32_00.rawValue) + n }
+
+    private static func make(_ name: String) -> OpaquePointer { nftnl_expr_alloc(name)! }
+
+    static func payload(network: Bool, offset: UInt32, len: UInt32, dreg: UInt32) -> OpaquePointer {
+        let e = make("payload")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_BASE), network ? UInt32(NFT_PAYLOAD_NETWORK_HEADER.rawValue) : UInt32(NFT_PAYLOAD_TRANSPORT_HEADER.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_OFFSET), offset)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_LEN), len)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_DREG), dreg)
+        return e
+    }
+
+    static func cmpEq(_ sreg: UInt32, _ data: [UInt8]) -> OpaquePointer {
+        let e = make("cmp")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CMP_SREG), sreg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CMP_OP), UInt32(NFT_CMP_EQ.rawValue))
+        data.withUnsafeBytes { _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_CMP_DATA), $0.baseAddress, UInt32($0.count)) }
+        return e
+    }
+
+    static func metaL4proto(_ dreg: UInt32) -> OpaquePointer {
+        let e = make("meta")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_KEY), UInt32(NFT_META_L4PROTO.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_DREG), dreg)
+        return e
+    }
+
+    static func numgen(random: Bool, modulus: UInt32, dreg: UInt32) -> OpaquePointer {
+        let e = make("numgen")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NG_DREG), dreg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NG_TYPE), random ? UInt32(NFT_NG_RANDOM.rawValue) : UInt32(NFT_NG_INCREMENTAL.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NG_MODULUS), modulus)
+        return e
+    }
+
+    static func jhash(sreg: UInt32, len: UInt32, modulus: UInt32, seed: UInt32, dreg: UInt32) -> OpaquePointer {
+        let e = make("hash")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_HASH_TYPE), UInt32(NFT_HASH_JENKINS.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_HASH_SREG), sreg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_HASH_DREG), dreg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_HASH_LEN), len)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_HASH_MODULUS), modulus)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_HASH_SEED), seed)
+        return e
+    }
+
+    static func hton(_ reg: UInt32) -> OpaquePointer {
+        let e = make("byteorder")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_BYTEORDER_SREG), reg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_BYTEORDER_DREG), reg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_BYTEORDER_OP), UInt32(NFT_BYTEORDER_HTON.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_BYTEORDER_LEN), 4)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_BYTEORDER_SIZE), 4)
+        return e
+    }
+
+    static func lookup(_ set: String, setID: UInt32?, sreg: UInt32, dreg: UInt32) -> OpaquePointer {
+        let e = make("lookup")
+        nftnl_expr_set_str(e, UInt16(NFTNL_EXPR_LOOKUP_SET), set)
+        if let setID { nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_SET_ID), setID) }
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_SREG), sreg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_DREG), dreg)
+        return e
+    }
+
+    static func ctMarkSet(_ sreg: UInt32) -> OpaquePointer {
+        let e = make("ct")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_KEY), UInt32(NFT_CT_MARK.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_SREG), sreg)
+        return e
+    }
+
+    static func ctMarkLoad(_ dreg: UInt32) -> OpaquePointer {
+        let e = make("ct")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_KEY), UInt32(NFT_CT_MARK.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_DREG), dreg)
+        return e
+    }
+
+    static func and(_ reg: UInt32, mask: UInt32) -> OpaquePointer {
+        let e = make("bitwise")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_BITWISE_SREG), reg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_BITWISE_DREG), reg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_BITWISE_LEN), 4)
+        var m = mask
+        var x: UInt32 = 0
+        withUnsafeBytes(of: &m) { _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_BITWISE_MASK), $0.baseAddress, 4) }
+        withUnsafeBytes(of: &x) { _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_BITWISE_XOR), $0.baseAddress, 4) }
+        return e
+    }
+
+    static func dnat(family: UInt32, addrReg: UInt32, protoReg: UInt32) -> OpaquePointer {
+        let e = make("nat")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NAT_TYPE), UInt32(NFT_NAT_DNAT.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NAT_FAMILY), family)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NAT_REG_ADDR_MIN), addrReg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NAT_REG_ADDR_MAX), addrReg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NAT_REG_PROTO_MIN), protoReg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NAT_REG_PROTO_MAX), protoReg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NAT_FLAGS), 0x3)  // NF_NAT_RANGE_MAP_IPS | PROTO_SPECIFIED
+        return e
+    }
+
+    static func snat(family: UInt32, addrReg: UInt32) -> OpaquePointer {
+        let e = make("nat")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NAT_TYPE), UInt32(NFT_NAT_SNAT.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NAT_FAMILY), family)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NAT_REG_ADDR_MIN), addrReg)
+        return e
+    }
+
+    static func masquerade() -> OpaquePointer { make("masq") }
+
+    static func immediate(_ dreg: UInt32, _ data: [UInt8]) -> OpaquePointer {
+        let e = make("immediate")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_IMM_DREG), dreg)
+        data.withUnsafeBytes { _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_IMM_DATA), $0.baseAddress, UInt32($0.count)) }
+        return e
+    }
+
+    static func goto(_ chain: String) -> OpaquePointer {
+        let e = make("immediate")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_IMM_DREG), UInt32(NFT_REG_VERDICT.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_IMM_VERDICT), UInt32(bitPattern: NFT_GOTO.rawValue))
+        nftnl_expr_set_str(e, UInt16(NFTNL_EXPR_IMM_CHAIN), chain)
+        return e
+    }
+
+    static func counter() -> OpaquePointer { make("counter") }
+}
+
+/// A NETLINK_NETFILTER socket: sends nftables batches and ctnetlink requests, reads every ACK.
+final class NetlinkSocket {
+    private let nl: OpaquePointer
+    private let portID: UInt32
+    private(set) var seq: UInt32
+
+    init() throws(NatError) {
+        guard let nl = mnl_socket_open(NETLINK_NETFILTER) else {
+            throw NatError("cannot open a netfilter netlink socket: \(String(cString: strerror(errno)))")
+        }
+        guard mnl_socket_bind(nl, 0, pid_t(MNL_SOCKET_AUTOPID)) == 0 else {
+            let e = String(cString: strerror(errno))
+            mnl_socket_close(nl)
+            throw NatError("cannot bind a netfilter netlink socket: \(e)")
+        }
+        self.nl = nl
+        portID = mnl_socket_get_portid(nl)
+        seq = UInt32(truncatingIfNeeded: time(nil))
+        // Big batches (a 65537-slot Maglev map) and one ACK per message.
+        var size: Int32 = 16 << 20
+        let fd = mnl_socket_get_fd(nl)
+        if setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, 4) != 0 { _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, 4) }
+        if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, 4) != 0 { _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, 4) }
+        var one: Int32 = 1
+        _ = setsockopt(fd, Int32(SOL_NETLINK), Int32(NETLINK_EXT_ACK), &one, 4)
+    }
+
+    deinit { mnl_socket_close(nl) }
+
+    func newBatch(family: UInt16) -> NftBatch {
+        let b = NftBatch(family: family, seq: seq)
+        return b
+    }
+
+    /// Sends a finished batch and reads the answer to every message. The batch is applied all or
+    /// nothing; any error names the first message that failed.
+    func send(_ batch: NftBatch) throws(NatError) {
+        seq = batch.seq &+ 1
+        let fd = mnl_socket_get_fd(nl)
+        let sent = batch.withIovecs { iov, n -> Int in
+            var addr = sockaddr_nl()
+            addr.nl_family = sa_family_t(AF_NETLINK)
+            return withUnsafeMutablePointer(to: &addr) { a -> Int in
+                var msg = msghdr()
+                msg.msg_name = UnsafeMutableRawPointer(a)
+                msg.msg_namelen = socklen_t(MemoryLayout<sockaddr_nl>.size)
+                msg.msg_iov = iov
+                msg.msg_iovlen = n
+                return sendmsg(fd, &msg, 0)
+            }
+        }
+        guard sent >= 0 else { throw NatError("cannot send to the kernel: \(String(cString: strerror(errno)))") }
+        try readAcks(expected: batch.messages) { seq in batch.what[seq] ?? "message \(seq)" }
+    }
+
+    /// Reads ACKs until `expected` arrived; the first error is thrown with its description.
+    private func readAcks(expected: Int, describe: (UInt32) -> String) throws(NatError) {
+        var buf = [UInt8](repeating: 0, count: 1 << 16)
+        var acked = 0
+        var failure: NatError?
+        let fd = mnl_socket_get_fd(nl)
+        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        while acked < expected {
+            let n = buf.withUnsafeMutableBytes { mnl_socket_recvfrom(nl, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw failure ?? NatError("no answer from the kernel: \(String(cString: strerror(errno)))")
+            }
+            var off = 0
+            while off + MemoryLayout<nlmsghdr>.size <= n {
+                let (len, type, seq, err) = buf.withUnsafeBytes { raw -> (Int, UInt16, UInt32, Int32) in
+                    let h = raw.loadUnaligned(fromByteOffset: off, as: nlmsghdr.self)
+                    var e: Int32 = 0
+                    if h.nlmsg_type == UInt16(NLMSG_ERROR) {
+                        e = raw.loadUnaligned(fromByteOffset: off + MemoryLayout<nlmsghdr>.size, as: Int32.self)
+                    }
+                    return (Int(h.nlmsg_len), h.nlmsg_type, h.nlmsg_seq, e)
+                }
+                if len < MemoryLayout<nlmsghdr>.size { break }
+                if type == UInt16(NLMSG_ERROR) {
+                    acked += 1
+                    if err != 0 && failure == nil {
+                        failure = NatError("\(describe(seq)): \(String(cString: strerror(-err)))")
+                    }
+                }
+                off += (len + 3) & ~3
+            }
+            if failure != nil { break }
+        }
+        if let failure { throw failure }
+    }
+
+    /// Deletes every conntrack entry with this mark (ctnetlink `IPCTNL_MSG_CT_DELETE` with only
+    /// CTA_MARK/CTA_MARK_MASK: the kernel flushes matches itself). Their next packets are
+    /// balanced anew; on another server they get a reset, so clients fail fast.
+    func flushConntrack(mark: UInt32, family: UInt8) throws(NatError) {
+        var buf = [UInt8](repeating: 0, count: 256)
+        let s = seq
+        seq &+= 1
+        buf.withUnsafeMutableBytes { raw in
+            let nlh = mnl_nlmsg_put_header(raw.baseAddress)!
+            nlh.pointee.nlmsg_type = UInt16((NFNL_SUBSYS_CTNETLINK << 8) | Int32(IPCTNL_MSG_CT_DELETE.rawValue))
+            nlh.pointee.nlmsg_flags = UInt16(NLM_F_REQUEST | NLM_F_ACK)
+            nlh.pointee.nlmsg_seq = s
+            let nfg = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<nfgenmsg>.size)!.assumingMemoryBound(to: nfgenmsg.self)
+            nfg.pointee.nfgen_family = family
+            nfg.pointee.version = UInt8(NFNETLINK_V0)
+            nfg.pointee.res_id = 0
+            mnl_attr_put_u32(nlh, UInt16(CTA_MARK.rawValue), mark.bigEndian)
+            mnl_attr_put_u32(nlh, UInt16(CTA_MARK_MASK.rawValue), UInt32(0xffff_ffff).bigEndian)
+            _ = mnl_socket_sendto(nl, nlh, Int(nlh.pointee.nlmsg_len))
+        }
+        do {
+            try readAcks(expected: 1) { _ in "flush conntrack mark 0x\(String(mark, radix: 16))" }
+        } catch {
+            // ENOENT: no entry had this mark.
+            if !error.message.hasSuffix(String(cString: strerror(ENOENT))) { throw error }
+        }
+    }
+}
