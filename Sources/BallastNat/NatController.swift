@@ -123,6 +123,11 @@ public final class NatController: @unchecked Sendable {
         b.chain(t, "prerouting", hook: UInt32(NF_INET_PRE_ROUTING.rawValue), priority: -100)
         b.chain(t, "output", hook: UInt32(NF_INET_LOCAL_OUT.rawValue), priority: -100)
         b.chain(t, "postrouting", hook: UInt32(NF_INET_POST_ROUTING.rawValue), priority: 100)
+        // Flows Ballast did not balance are none of postrouting's business. The rule also keeps
+        // a conntrack expression in the table at all times: the kernel turns conntrack off in
+        // a namespace when the last one goes, and established flows would lose their NAT the
+        // moment a service's chain is emptied (no usable server).
+        b.rule(t, "postrouting", [Expr.ctMarkLoad(Expr.reg1), Expr.and(Expr.reg1, mask: 0xffff_0000), Expr.cmpEq(Expr.reg1, [0, 0, 0, 0]), Expr.accept()], "not balanced by Ballast")
         for st in list {
             let v6 = st.family == UInt16(NFPROTO_IPV6)
             b.chain(t, st.chain)
@@ -414,11 +419,12 @@ public final class NatController: @unchecked Sendable {
                 out += "\t}\n"
             }
             out += "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
+            out += "\t\tct mark & 0xffff0000 == 0x00000000 accept\n"
             for st in sv {
                 switch st.config.snat {
                 case .none: break
-                case .masquerade: out += "\t\tct mark & 0xffff0000 == 0x\(hex8(st.id << 16)) masquerade\n"
-                case .address(let a): out += "\t\tct mark & 0xffff0000 == 0x\(hex8(st.id << 16)) snat \(ip) to \(a.hostText)\n"
+                case .masquerade: out += "\t\tct mark 0x\(hex8(st.id << 16))/16 masquerade\n"
+                case .address(let a): out += "\t\tct mark 0x\(hex8(st.id << 16))/16 snat \(ip) to \(a.hostText)\n"
                 }
             }
             out += "\t}\n"

@@ -25,10 +25,14 @@ final class NftBatch {
     private var nextSetID: UInt32 = 1
     private var setIDs: [String: UInt32] = [:]
 
+    private let beginSeq: UInt32
+
     init(family: UInt16, seq: UInt32) {
         self.family = family
         self.seq = seq
-        batch = nftnl_batch_alloc(UInt32(getpagesize()), UInt32(1 << 20))
+        beginSeq = seq
+        // A page must hold the largest message (an element chunk under 64 KiB) or libnftnl drops it.
+        batch = nftnl_batch_alloc(UInt32(1 << 18), UInt32(1 << 17))
         nftnl_batch_begin(buffer, next())
         _ = nftnl_batch_update(batch)
     }
@@ -45,6 +49,8 @@ final class NftBatch {
     private func header(_ type: UInt32, _ flags: Int32, _ description: String) -> UnsafeMutablePointer<nlmsghdr> {
         let s = next()
         what[s] = description
+        // A refused transaction (no CAP_NET_ADMIN) fails at its first message: name that.
+        if messages == 0 { what[beginSeq] = description }
         messages += 1
         return nftnl_nlmsg_build_hdr(buffer, UInt16(type), family, UInt16(flags | NLM_F_ACK), s)
     }
@@ -340,6 +346,13 @@ enum Expr {
     }
 
     static func counter() -> OpaquePointer { make("counter") }
+
+    static func accept() -> OpaquePointer {
+        let e = make("immediate")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_IMM_DREG), UInt32(NFT_REG_VERDICT.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_IMM_VERDICT), UInt32(NF_ACCEPT))
+        return e
+    }
 }
 
 /// A NETLINK_NETFILTER socket: sends nftables batches and ctnetlink requests, reads every ACK.
@@ -409,7 +422,7 @@ final class NetlinkSocket {
             let n = buf.withUnsafeMutableBytes { mnl_socket_recvfrom(nl, $0.baseAddress, $0.count) }
             if n < 0 {
                 if errno == EINTR { continue }
-                throw failure ?? NatError("no answer from the kernel: \(String(cString: strerror(errno)))")
+                throw failure ?? NatError("no answer from the kernel after \(acked) of \(expected) acknowledgements: \(String(cString: strerror(errno)))")
             }
             var off = 0
             while off + MemoryLayout<nlmsghdr>.size <= n {

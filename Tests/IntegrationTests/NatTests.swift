@@ -1,0 +1,411 @@
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A throw-away network: client, balancer and servers in namespaces of their own, joined by
+/// veth pairs. The balancer routes; servers answer on port 80 with their name (and echo),
+/// or with the peer address they see.
+final class NatLab {
+    let prefix: String
+    let servers: [String]
+    var procs: [Process] = []
+    static let ip = "/usr/sbin/ip"
+    let vip4 = "10.77.1.100"
+    let vip6 = "fd77:1::100"
+
+    var client: String { "\(prefix)-c" }
+    var balancer: String { "\(prefix)-b" }
+    func ns(_ server: String) -> String { "\(prefix)-\(server)" }
+    /// Server k's IPv4 and IPv6 addresses.
+    func addr4(_ k: Int) -> String { "10.77.\(k + 2).2" }
+    func addr6(_ k: Int) -> String { "fd77:\(k + 2)::2" }
+
+    static var available: Bool {
+        geteuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/sbin/nft")
+            && FileManager.default.isExecutableFile(atPath: ip) && FileManager.default.isExecutableFile(atPath: "/usr/bin/socat")
+    }
+
+    @discardableResult
+    static func sh(_ args: [String]) throws -> String {
+        let (s, out, err) = try runCommand(args[0], Array(args.dropFirst()), timeout: 30)
+        guard s == 0 else { throw Net.Failure("\(args.joined(separator: " ")): \(err)") }
+        return out
+    }
+
+    init(servers: [String] = ["s1", "s2"], reply: String = "name") throws {
+        prefix = "bn\(Int.random(in: 100...999))"
+        self.servers = servers
+        let ip = NatLab.ip
+        for n in [client, balancer] + servers.map(ns) {
+            try NatLab.sh([ip, "netns", "add", n])
+            try NatLab.sh([ip, "-n", n, "link", "set", "lo", "up"])
+        }
+        try link(client, "\(prefix)c0", "10.77.1.2/24", "fd77:1::2/64", balancer, "\(prefix)b0", "10.77.1.1/24", "fd77:1::1/64")
+        try NatLab.sh([ip, "-n", balancer, "addr", "add", "\(vip4)/24", "dev", "\(prefix)b0"])
+        try NatLab.sh([ip, "-n", balancer, "addr", "add", "\(vip6)/64", "dev", "\(prefix)b0", "nodad"])
+        for k in 2...9 { try NatLab.sh([ip, "-n", client, "addr", "add", "10.77.1.\(10 + k)/24", "dev", "\(prefix)c0"]) }
+        try NatLab.sh([ip, "-n", client, "route", "add", "default", "via", "10.77.1.1"])
+        try NatLab.sh([ip, "-n", client, "-6", "route", "add", "default", "via", "fd77:1::1"])
+        for (k, s) in servers.enumerated() {
+            try link(ns(s), "\(prefix)\(s)", "\(addr4(k))/24", "\(addr6(k))/64", balancer, "\(prefix)b\(k + 2)", "10.77.\(k + 2).1/24", "fd77:\(k + 2)::1/64")
+            try NatLab.sh([ip, "-n", ns(s), "route", "add", "default", "via", "10.77.\(k + 2).1"])
+            try NatLab.sh([ip, "-n", ns(s), "-6", "route", "add", "default", "via", "fd77:\(k + 2)::1"])
+        }
+        try NatLab.sh([ip, "netns", "exec", balancer, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        try NatLab.sh([ip, "netns", "exec", balancer, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        for s in servers { try startServer(s, reply: reply) }
+        usleep(300_000)  // IPv6 addresses (nodad) and listeners
+    }
+
+    private func link(_ a: String, _ ia: String, _ a4: String, _ a6: String, _ b: String, _ ib: String, _ b4: String, _ b6: String) throws {
+        let ip = NatLab.ip
+        try NatLab.sh([ip, "link", "add", ia, "type", "veth", "peer", "name", ib])
+        try NatLab.sh([ip, "link", "set", ia, "netns", a])
+        try NatLab.sh([ip, "link", "set", ib, "netns", b])
+        try NatLab.sh([ip, "-n", a, "addr", "add", a4, "dev", ia])
+        try NatLab.sh([ip, "-n", a, "addr", "add", a6, "dev", ia, "nodad"])
+        try NatLab.sh([ip, "-n", b, "addr", "add", b4, "dev", ib])
+        try NatLab.sh([ip, "-n", b, "addr", "add", b6, "dev", ib, "nodad"])
+        try NatLab.sh([ip, "-n", a, "link", "set", ia, "up"])
+        try NatLab.sh([ip, "-n", b, "link", "set", ib, "up"])
+    }
+
+    /// socat on port 80 (IPv4 and IPv6): answers its name (or the client address it sees), then echoes.
+    func startServer(_ s: String, reply: String) throws {
+        let answer = reply == "name" ? "echo \(s); cat" : "echo $SOCAT_PEERADDR; cat"
+        for listen in ["TCP4-LISTEN:80,fork,reuseaddr", "TCP6-LISTEN:80,fork,reuseaddr,ipv6only=1"] {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: NatLab.ip)
+            p.arguments = ["netns", "exec", ns(s), "/usr/bin/socat", listen, "SYSTEM:\(answer)"]
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            procs.append(p)
+        }
+    }
+
+    /// `n` connections from the client namespace (optionally from `source`); each line is what
+    /// the server answered first, or `ERR …`.
+    func connect(_ vip: String, _ port: Int = 80, count n: Int, source: String? = nil) throws -> [String] {
+        let script = """
+            import socket, sys
+            vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+            src = sys.argv[4] if len(sys.argv) > 4 else None
+            for i in range(n):
+                s = socket.socket(socket.AF_INET6 if ':' in vip else socket.AF_INET)
+                s.settimeout(3)
+                try:
+                    if src: s.bind((src, 0))
+                    s.connect((vip, port))
+                    print(s.recv(200).decode().strip())
+                except Exception as e:
+                    print("ERR", e)
+                s.close()
+            """
+        var args = [NatLab.ip, "netns", "exec", client, "python3", "-c", script, vip, "\(port)", "\(n)"]
+        if let source { args.append(source) }
+        return try NatLab.sh(args).split(separator: "\n").map(String.init)
+    }
+
+    func nft(_ args: String...) throws -> String { try NatLab.sh([NatLab.ip, "netns", "exec", balancer, "/usr/sbin/nft"] + args) }
+
+    func ballast(_ yaml: String, extra: [String] = []) throws -> BallastProcess {
+        try BallastProcess(config: yaml, prefix: [NatLab.ip, "netns", "exec", balancer])
+    }
+
+    /// A nat service config in front of the lab's servers.
+    func config(
+        balance: String = "roundrobin", weights: [Int]? = nil, v6: Bool = false, extra: String = "", global: String = "workers: 1",
+        check: String = "check: { type: tcp, interval: 200ms, timeout: 200ms, rise: 1, fall: 1 }", dir: TempDir? = nil
+    ) -> String {
+        var s = "  - name: web\n    mode: nat\n    bind: \"\(v6 ? "[\(vip6)]" : vip4):80\"\n    balance: \(balance)\n"
+        if !check.isEmpty { s += "    \(check)\n" }
+        for line in extra.split(separator: "\n") { s += "    \(line)\n" }
+        s += "    servers:\n"
+        for (k, n) in servers.enumerated() {
+            let a = v6 ? "[\(addr6(k))]:80" : "\(addr4(k)):80"
+            s += "      - { name: \(n), address: \"\(a)\", weight: \(weights?[k] ?? 1) }\n"
+        }
+        var g = global
+        if let dir { g += "\nstats:\n  sockets: [{ path: \(dir.file("admin.sock")), level: admin }]" }
+        return configYAML(global: g, services: [s])
+    }
+
+    deinit {
+        // Not waited for: Foundation's reaper collects them (a server killed by a test may be gone already).
+        for p in procs { kill(p.processIdentifier, SIGKILL) }
+        // Server processes live inside their namespaces: end them before the namespaces go.
+        for n in [client, balancer] + servers.map(ns) {
+            if let pids = try? NatLab.sh([NatLab.ip, "netns", "pids", n]) {
+                for p in pids.split(separator: "\n") { if let pid = Int32(p) { kill(pid, SIGKILL) } }
+            }
+            _ = try? NatLab.sh([NatLab.ip, "netns", "del", n])
+        }
+    }
+}
+
+/// nat mode against the real kernel, in namespaces built here (root only).
+@Suite(.serialized) struct NatTests {
+    static let skip = "nat-mode tests need root, iproute2, nft and socat (they build network namespaces)"
+
+    func counts(_ answers: [String]) -> [String: Int] { answers.reduce(into: [:]) { $0[$1, default: 0] += 1 } }
+
+    @Test("roundrobin: weighted shares; the table has the expected shape; other tables are untouched", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func weightedShares() throws {
+        let lab = try NatLab()
+        // A table of someone else's, which Ballast must leave alone.
+        try NatLab.sh([NatLab.ip, "netns", "exec", lab.balancer, "/usr/sbin/nft", "add table ip keepme ; add chain ip keepme c { type filter hook input priority 0 ; }"])
+        let b = try lab.ballast(lab.config(weights: [2, 1]))
+        let answers = try lab.connect(lab.vip4, count: 30)
+        #expect(counts(answers) == ["s1": 20, "s2": 10], "\(answers)")
+        let table = try lab.nft("list", "table", "ip", "ballast")
+        #expect(table.contains("map be-web {") && table.contains("type mark : ipv4_addr . inet_service"))
+        #expect(table.contains("elements = { 0x00010001 : 10.77.2.2 . 80, 0x00010002 : 10.77.3.2 . 80 }"))
+        #expect(table.contains("elements = { 0x00000000/31 : 0x00010001, 0x00000002 : 0x00010002 }"))
+        #expect(table.contains("ip daddr 10.77.1.100 tcp dport 80 goto svc-web"))
+        #expect(table.contains("ct mark set numgen inc mod 3 map @rr-web"))
+        #expect(table.contains("meta l4proto tcp dnat ip to ct mark map @be-web"))
+        #expect(b.log.contains("nat: programmed table"))
+        b.stop()
+        // Stopped: our table is gone, theirs is not.
+        let after = try lab.nft("list", "tables")
+        #expect(!after.contains("table ip ballast") && after.contains("table ip keepme"), "\(after)")
+    }
+
+    @Test("source: a client sticks to one server, the same one proxy mode's Maglev table names", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func sourceMatchesProxyMode() throws {
+        let lab = try NatLab(servers: ["s1", "s2", "s3"])
+        // The same servers behind a proxy-mode service on the balancer (port 81).
+        var yaml = lab.config(balance: "source")
+        yaml += "  - name: proxied\n    bind: \"10.77.1.1:81\"\n    balance: source\n    servers:\n"
+        for (k, s) in lab.servers.enumerated() { yaml += "      - { name: \(s), address: \"\(lab.addr4(k)):80\" }\n" }
+        let b = try lab.ballast(yaml)
+        defer { b.stop() }
+        var distinct = Set<String>()
+        for k in 2...9 {
+            let src = "10.77.1.\(10 + k)"
+            let nat = try lab.connect(lab.vip4, count: 4, source: src)
+            #expect(Set(nat).count == 1, "\(src) moved: \(nat)")
+            let proxied = try lab.connect("10.77.1.1", 81, count: 1, source: src)
+            #expect(nat.first == proxied.first, "\(src): kernel \(nat.first ?? "?") vs proxy \(proxied.first ?? "?")")
+            distinct.insert(nat.first ?? "")
+        }
+        #expect(distinct.count >= 2, "eight clients all on one server: \(distinct)")
+        let table = try lab.nft("list", "chain", "ip", "ballast", "svc-web")
+        #expect(table.contains("jhash ip saddr mod 65537 seed 0xb411a57"), "\(table)")
+    }
+
+    @Test("a killed server leaves the map within fall × interval + interval; established flows keep their server", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func killedServerAndLiveFlows() throws {
+        let lab = try NatLab()
+        let dir = TempDir()
+        let b = try lab.ballast(lab.config(dir: dir))
+        defer { b.stop() }
+        // A long-lived flow to s1 (found by asking), then s2 dies and s1 is drained: the flow goes on.
+        let keep = Process()
+        keep.executableURL = URL(fileURLWithPath: NatLab.ip)
+        let script = """
+            import socket, sys, time
+            s = socket.create_connection(("\(lab.vip4)", 80), timeout=5)
+            print(s.recv(100).decode().strip(), flush=True)
+            sys.stdin.readline()
+            s.sendall(b"still here\\n")
+            print(s.recv(100).decode().strip(), flush=True)
+            """
+        keep.arguments = ["netns", "exec", lab.client, "python3", "-c", script]
+        let inPipe = Pipe(), outPipe = Pipe()
+        keep.standardInput = inPipe
+        keep.standardOutput = outPipe
+        try keep.run()
+        defer { if keep.isRunning { kill(keep.processIdentifier, SIGKILL) } }
+        let first = String(decoding: outPipe.fileHandleForReading.availableData, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(["s1", "s2"].contains(first))
+        let other = first == "s1" ? 1 : 0  // index of the server to kill
+        let otherName = lab.servers[other]
+        // Kill the other server: the listener's namespace loses its process.
+        let t0 = Date()
+        for p in try NatLab.sh([NatLab.ip, "netns", "pids", lab.ns(otherName)]).split(separator: "\n") { kill(Int32(p)!, SIGKILL) }
+        let line = try #require(b.waitForLog("Server web/\(otherName) is DOWN", timeout: 3))
+        _ = line
+        // Within fall (1) × interval (200 ms) + interval: allow scheduling slack.
+        var gone = false
+        while Date().timeIntervalSince(t0) < 2 {
+            let map = try lab.nft("list", "map", "ip", "ballast", "rr-web")
+            if !map.contains(String(format: "0x%08x", 0x10001 + other)) { gone = true; break }
+            usleep(20_000)
+        }
+        #expect(gone)
+        #expect(Date().timeIntervalSince(t0) < 0.2 + 0.2 + 0.6, "took \(Date().timeIntervalSince(t0)) s")
+        #expect(try lab.connect(lab.vip4, count: 4) == Array(repeating: first, count: 4))
+        // Drain the flow's own server: new connections have nowhere to go, the old flow stays.
+        #expect(try StatsClient.ask(dir.file("admin.sock"), "set server web/\(first) state drain") == "\n")
+        usleep(100_000)
+        inPipe.fileHandleForWriting.write("go\n".data(using: .utf8)!)
+        keep.waitUntilExit()
+        let rest = String(decoding: outPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(rest.contains("still here"), "the established flow broke: \(rest)")
+    }
+
+    @Test("on_marked_down: shutdown-sessions: a dead server's clients get a reset, not a hang", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func shutdownSessionsFlushesConntrack() throws {
+        let lab = try NatLab()
+        let b = try lab.ballast(lab.config(weights: [1, 0], extra: "on_marked_down: shutdown-sessions"))
+        defer { b.stop() }
+        let script = """
+            import socket, sys, time
+            s = socket.create_connection(("\(lab.vip4)", 80), timeout=5)
+            print(s.recv(100).decode().strip(), flush=True)
+            sys.stdin.readline()
+            t = time.time()
+            try:
+                for i in range(20):
+                    s.sendall(b"x\\n")
+                    d = s.recv(100)
+                    if not d:
+                        print("EOF", round(time.time() - t, 2), flush=True); break
+                    time.sleep(0.1)
+                else:
+                    print("ALIVE", flush=True)
+            except Exception as e:
+                print("RESET" if isinstance(e, ConnectionResetError) else "ERR " + str(e), round(time.time() - t, 2), flush=True)
+            """
+        // Weight 0 on s2 at first so the flow lands on s1; then s2 gets weight and s1 dies.
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: NatLab.ip)
+        p.arguments = ["netns", "exec", lab.client, "python3", "-c", script]
+        let inPipe = Pipe(), outPipe = Pipe()
+        p.standardInput = inPipe
+        p.standardOutput = outPipe
+        try p.run()
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        #expect(String(decoding: outPipe.fileHandleForReading.availableData, as: UTF8.self).hasPrefix("s1"))
+        _ = b.reload(lab.config(weights: [1, 1], extra: "on_marked_down: shutdown-sessions"))
+        // s1 becomes unreachable: its link goes down, the check times out, the server is DOWN.
+        try NatLab.sh([NatLab.ip, "-n", lab.ns("s1"), "link", "set", "\(lab.prefix)s1", "down"])
+        #expect(b.waitForLog("Server web/s1 is DOWN", timeout: 5) != nil)
+        #expect(b.waitForLog("nat: flushed the connections of web/s1", timeout: 3) != nil)
+        inPipe.fileHandleForWriting.write("go\n".data(using: .utf8)!)
+        p.waitUntilExit()
+        let out = String(decoding: outPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(out.hasPrefix("RESET") || out.hasPrefix("EOF"), "the client did not get a reset: \(out)")
+    }
+
+    @Test("DNAT only keeps the client's address; masquerade and snat rewrite it; IPv4 and IPv6", .enabled(if: NatLab.available, Comment(rawValue: skip)), arguments: [false, true])
+    func snatModes(v6: Bool) throws {
+        let lab = try NatLab(servers: ["s1"], reply: "peer")
+        let vip = v6 ? lab.vip6 : lab.vip4
+        var b = try lab.ballast(lab.config(v6: v6))
+        // socat prints IPv6 peers in full: compare that way.
+        func full(_ a: String) -> String {
+            guard a.contains(":") else { return a }
+            var parts = a.components(separatedBy: "::")
+            let head = parts[0].split(separator: ":").map(String.init), tail = parts.count > 1 ? parts[1].split(separator: ":").map(String.init) : []
+            parts = head + Array(repeating: "0", count: 8 - head.count - tail.count) + tail
+            return parts.map { String(repeating: "0", count: 4 - $0.count) + $0 }.joined(separator: ":")
+        }
+        var seen = try lab.connect(vip, count: 1).first ?? ""
+        #expect(seen.contains(full(v6 ? "fd77:1::2" : "10.77.1.2")), "DNAT only: the server saw \(seen)")
+        b.stop()
+        b = try lab.ballast(lab.config(v6: v6, extra: "nat: { snat: masquerade }"))
+        seen = try lab.connect(vip, count: 1).first ?? ""
+        #expect(seen.contains(full(v6 ? "fd77:2::1" : "10.77.2.1")), "masquerade: the server saw \(seen)")
+        let table = try lab.nft("list", "table", v6 ? "ip6" : "ip", "ballast")
+        #expect(table.contains("ct mark 0x00010000/16 masquerade"), "\(table)")
+        b.stop()
+        if !v6 {
+            try NatLab.sh([NatLab.ip, "-n", lab.balancer, "addr", "add", "10.77.2.9/24", "dev", "\(lab.prefix)b2"])
+            b = try lab.ballast(lab.config(extra: "nat: { snat: 10.77.2.9 }"))
+            seen = try lab.connect(vip, count: 1).first ?? ""
+            #expect(seen.contains("10.77.2.9"), "snat to: the server saw \(seen)")
+            b.stop()
+        }
+    }
+
+    @Test("restart after kill -9 reconciles without duplicates; keep_on_exit leaves the kernel forwarding", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func reconcileAndKeep() throws {
+        let lab = try NatLab()
+        var b = try lab.ballast(lab.config(global: "workers: 1\nnat: { keep_on_exit: true }"))
+        b.signal(SIGKILL)
+        _ = b.waitExit()
+        // The kernel goes on forwarding without Ballast.
+        #expect(counts(try lab.connect(lab.vip4, count: 4)) == ["s1": 2, "s2": 2])
+        b = try lab.ballast(lab.config(global: "workers: 1\nnat: { keep_on_exit: true }"))
+        let table = try lab.nft("list", "table", "ip", "ballast")
+        #expect(table.components(separatedBy: "goto svc-web").count - 1 == 2, "one rule in prerouting, one in output: \(table)")
+        #expect(table.components(separatedBy: "map be-web {").count - 1 == 1)
+        b.stop()
+        #expect(b.log.contains("nat: table ballast kept"))
+        #expect(try lab.nft("list", "tables").contains("table ip ballast"))
+        // A normal stop removes it.
+        b = try lab.ballast(lab.config())
+        b.stop()
+        #expect(!(try lab.nft("list", "tables").contains("table ip ballast")))
+    }
+
+    @Test("as another user: CAP_NET_ADMIN only, and the kernel still follows health", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func privilegeDropKeepsNetAdmin() throws {
+        let lab = try NatLab()
+        let yaml = lab.config(global: "workers: 1").replacingOccurrences(of: "  user: root\n", with: "  user: nobody\n")
+        let b = try lab.ballast(yaml)
+        defer { b.stop() }
+        #expect(b.log.contains("with CAP_NET_ADMIN only (nat mode)"), "\(b.log)")
+        // The ballast process itself is the child of `ip netns exec`.
+        let pid = try #require(Int32(try NatLab.sh(["/usr/bin/pgrep", "-f", "-n", "ballast run -c \(b.configPath)"]).trimmingCharacters(in: .whitespacesAndNewlines)))
+        let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+        let uid = status.split(separator: "\n").first { $0.hasPrefix("Uid:") } ?? ""
+        #expect(uid.split(separator: "\t").dropFirst().allSatisfy { $0 == "65534" }, "\(uid)")
+        let capEff = status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }?.split(separator: "\t").last ?? ""
+        #expect(capEff == "0000000000001000", "CapEff \(capEff)")
+        for p in try NatLab.sh([NatLab.ip, "netns", "pids", lab.ns("s2")]).split(separator: "\n") { kill(Int32(p)!, SIGKILL) }
+        #expect(b.waitForLog("Server web/s2 is DOWN", timeout: 3) != nil)
+        usleep(200_000)
+        #expect(!(try lab.nft("list", "map", "ip", "ballast", "rr-web")).contains("0x00010002"))
+        #expect(try lab.connect(lab.vip4, count: 3) == ["s1", "s1", "s1"])
+    }
+
+    @Test("without CAP_NET_ADMIN: a clear error naming the object, nothing applied", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func withoutNetAdmin() throws {
+        let lab = try NatLab()
+        let yaml = lab.config(global: "workers: 1", check: "").replacingOccurrences(of: "  user: root\n", with: "")
+        let dir = TempDir()
+        let path = dir.write("nat.yaml", yaml)
+        chmod(dir.path, 0o755)
+        chmod(path, 0o644)
+        let (status, _, err) = try runCommand(
+            NatLab.ip, ["netns", "exec", lab.balancer, "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", Repo.ballast, "run", "-c", path], timeout: 20)
+        #expect(status == 1)
+        #expect(err.contains("nat: create table ip ballast: Operation not permitted"), "\(err)")
+        #expect(err.contains("nat mode needs CAP_NET_ADMIN"), "\(err)")
+        #expect(!(try lab.nft("list", "tables").contains("ballast")))
+    }
+
+    @Test("config errors: leastconn and first are not possible in the kernel")
+    func configErrors() throws {
+        let yaml = """
+            services:
+              - name: web
+                mode: nat
+                bind: 10.0.0.1:80
+                balance: leastconn
+                servers: [{ name: a, address: 10.0.0.2:80 }]
+            """
+        #expect(throws: (any Error).self) { try BallastCoreLoad.load(yaml) }
+        do { _ = try BallastCoreLoad.load(yaml) } catch {
+            #expect("\(error)".contains("balance leastconn is not possible in nat mode"), "\(error)")
+            #expect("\(error)".contains("use roundrobin or random (weighted), source (Maglev"))
+        }
+    }
+}
+
+/// Loads a config through the real binary's `check` command (the tests link no Ballast module).
+enum BallastCoreLoad {
+    static func load(_ yaml: String) throws {
+        let dir = TempDir()
+        let path = dir.write("c.yaml", yaml)
+        let (s, _, err) = try runCommand(Repo.ballast, ["check", "-c", path])
+        if s != 0 { throw Net.Failure(err) }
+    }
+}
