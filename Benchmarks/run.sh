@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command: Ballast beside HAProxy (splice forced and without splice) and beside a direct
-# connection, interleaved, on this machine; health-check costs; show stat with 1,000 servers. Prints a markdown table (also saved under
+# connection, interleaved, on this machine; health-check costs; show stat with 1,000 servers;
+# nat mode in network namespaces (root). Prints a markdown table (also saved under
 # Benchmarks/results/). Knobs: ROUNDS (3), SECONDS_PER_RUN (5), THREADS (1), IDLE_CONNECTIONS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +18,11 @@ out="Benchmarks/results/$(date +%Y%m%d-%H%M%S).md"
     python3 Benchmarks/health.py
     echo
     python3 Benchmarks/statlat.py
+    if [ "$(id -u)" -eq 0 ]; then
+        echo
+        python3 Benchmarks/natbench.py
+    else
+        echo; echo "(nat mode benchmark skipped: it needs root to build network namespaces)"
+    fi
 } | tee "$out"
 echo "saved to $out" >&2

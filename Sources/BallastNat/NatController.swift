@@ -56,6 +56,8 @@ public final class NatController: @unchecked Sendable {
     private let stopping = Atomic<Bool>(false)
     /// Milliseconds the last state change took to reach the kernel (for logs and benchmarks).
     public let lastApplyMicros = Atomic<Int>(0)
+    /// Microseconds the last whole-table programming took (start, reload).
+    public let lastFullApplyMicros = Atomic<Int>(0)
 
     /// Opens the netlink socket (before privileges are dropped: the kernel checks the opener).
     public init(logger: Logger) throws(NatError) {
@@ -75,6 +77,13 @@ public final class NatController: @unchecked Sendable {
     /// was there (a crashed run's leftovers included). Established flows keep their server:
     /// NAT rules see only the first packet of a connection.
     public func apply(_ table: ServiceTable) throws(NatError) {
+        var t1 = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t1)
+        defer {
+            var t2 = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &t2)
+            lastFullApplyMicros.store(Int(t2.tv_sec - t1.tv_sec) * 1_000_000 + Int(t2.tv_nsec - t1.tv_nsec) / 1000, ordering: .relaxed)
+        }
         try lock.withLock { (_: inout Void) throws(NatError) in
             var next: [String: ServiceState] = [:]
             for (k, svc) in table.services.enumerated() where svc.config.mode == .nat {
@@ -270,9 +279,9 @@ public final class NatController: @unchecked Sendable {
     /// service. Roundrobin/random replace their ranges and rule; source replaces only the
     /// Maglev slots that changed.
     public func sync() {
-        let t0 = monotonicMillis()
         var t1 = timespec()
         clock_gettime(CLOCK_MONOTONIC, &t1)
+        var changed = false
         lock.withLock { _ in
             guard let table else { return }
             for svc in table.services where svc.config.mode == .nat {
@@ -280,6 +289,7 @@ public final class NatController: @unchecked Sendable {
                 let before = st
                 desired(&st, svc)
                 if st.weights == before.weights && st.slots == before.slots { continue }
+                changed = true
                 let b = socket.newBatch(family: st.family)
                 let tn = NatController.tableName
                 if st.config.balance == .source {
@@ -307,11 +317,11 @@ public final class NatController: @unchecked Sendable {
                 }
             }
         }
+        guard changed else { return }
         var t2 = timespec()
         clock_gettime(CLOCK_MONOTONIC, &t2)
         let us = Int(t2.tv_sec - t1.tv_sec) * 1_000_000 + Int(t2.tv_nsec - t1.tv_nsec) / 1000
         lastApplyMicros.store(us, ordering: .relaxed)
-        _ = t0
     }
 
     /// `on_marked_down: shutdown-sessions` for a nat server: its conntrack entries go, so its
@@ -379,7 +389,11 @@ public final class NatController: @unchecked Sendable {
 
     /// The ruleset Ballast owns, in `nft` syntax, as it is programmed now.
     public func render() -> String {
-        lock.withLock { _ in NatController.render(Array(services.values)) }
+        let us = lastApplyMicros.load(ordering: .relaxed)
+        let full = lastFullApplyMicros.load(ordering: .relaxed)
+        return lock.withLock { _ in
+            "# last full programming: \(full) us; last state change applied in \(us) us\n" + NatController.render(Array(services.values))
+        }
     }
 
     static func render(_ list: [ServiceState]) -> String {

@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""nat mode on this machine, in network namespaces built here (root only).
+
+client ns ── veth ── balancer ns ── veth ── server ns (iperf3 -s)
+
+iperf3 (one stream, SECONDS each, ROUNDS interleaved rounds, medians) from the client to:
+  routing        the server's own address: plain forwarding through the balancer, no NAT
+  nft-dnat       the service address, with a hand-written one-line nft DNAT rule (kernel NAT's limit)
+  ballast-nat    the service address, Ballast nat mode (its table, maps and ct marks)
+  ballast-proxy  Ballast proxy mode on the balancer (splice relay)
+Then, with Ballast nat mode: the time one server's state change takes to reach the kernel
+(`set server … state drain` / `ready`, measured inside Ballast around the netlink batch), and
+the time to program a whole table with a 65,537-slot Maglev map (balance: source).
+Everything stops by PID and the namespaces are deleted at the end.
+"""
+import json
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import BALLAST, Procs  # noqa: E402
+
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+SECONDS = int(os.environ.get("SECONDS_PER_RUN", "5"))
+P = f"nb{random.randint(100, 999)}"
+NS = {k: f"{P}-{k}" for k in ("c", "b", "s")}
+VIP = "10.78.1.100"
+SERVER = "10.78.2.2"
+
+
+def sh(*args, check=True):
+    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
+
+
+def ns(n, *args, **kw):
+    return sh("ip", "netns", "exec", NS[n], *args, **kw)
+
+
+def topology():
+    for n in NS.values():
+        sh("ip", "netns", "add", n)
+        sh("ip", "-n", n, "link", "set", "lo", "up")
+    for (a, b, net) in (("c", "b", 1), ("s", "b", 2)):
+        ia, ib = f"{P}{a}{net}", f"{P}{b}{net}"
+        sh("ip", "link", "add", ia, "type", "veth", "peer", "name", ib)
+        sh("ip", "link", "set", ia, "netns", NS[a])
+        sh("ip", "link", "set", ib, "netns", NS[b])
+        sh("ip", "-n", NS[a], "addr", "add", f"10.78.{net}.2/24", "dev", ia)
+        sh("ip", "-n", NS[b], "addr", "add", f"10.78.{net}.1/24", "dev", ib)
+        sh("ip", "-n", NS[a], "link", "set", ia, "up")
+        sh("ip", "-n", NS[b], "link", "set", ib, "up")
+        sh("ip", "-n", NS[a], "route", "add", "default", "via", f"10.78.{net}.1")
+    sh("ip", "-n", NS["b"], "addr", "add", f"{VIP}/24", "dev", f"{P}b1")
+    ns("b", "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+
+def teardown():
+    for n in NS.values():
+        pids = sh("ip", "netns", "pids", n, check=False).split()
+        for p in pids:
+            try:
+                os.kill(int(p), 9)
+            except OSError:
+                pass
+        sh("ip", "netns", "del", n, check=False)
+
+
+def iperf(host, port):
+    out = ns("c", "iperf3", "-c", host, "-p", str(port), "-t", str(SECONDS), "-J", check=False)
+    data = json.loads(out)
+    if "error" in data:
+        raise RuntimeError(data["error"])
+    return data["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def ask(path, line):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(line.encode() + b"\n")
+    out = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        out += d
+    s.close()
+    return out.decode()
+
+
+def start_ballast(procs, tmp, name, yaml):
+    path = os.path.join(tmp, name + ".yaml")
+    with open(path, "w") as f:
+        f.write(yaml)
+    log = open(path + ".log", "w+")
+    p = procs.start(["ip", "netns", "exec", NS["b"], BALLAST, "run", "-c", path], stderr=log)
+    for _ in range(200):
+        time.sleep(0.05)
+        log.seek(0)
+        text = log.read()
+        if "started" in text:
+            return p
+        if p.poll() is not None:
+            sys.exit(f"ballast did not start:\n{text}")
+    sys.exit("ballast did not start")
+
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit("natbench needs root (it builds network namespaces)")
+    tmp = tempfile.mkdtemp(prefix="ballast-natbench-")
+    procs = Procs()
+    topology()
+    try:
+        procs.start(["ip", "netns", "exec", NS["s"], "iperf3", "-s", "-p", "5201"])
+        time.sleep(0.5)
+        user = "  user: root\n"
+        sock = os.path.join(tmp, "admin.sock")
+        nat_yaml = f"""global:
+  workers: 1
+{user}  stats:
+    sockets: [{{ path: {sock}, level: admin }}]
+services:
+  - name: bench
+    mode: nat
+    bind: "{VIP}:5201"
+    servers:
+      - {{ name: s1, address: "{SERVER}:5201" }}
+      - {{ name: s2, address: "{SERVER}:5201", weight: 1 }}
+  - name: proxied
+    bind: "10.78.1.1:5202"
+    servers:
+      - {{ name: s1, address: "{SERVER}:5201" }}
+"""
+        results = {k: [] for k in ("routing", "nft-dnat", "ballast-nat", "ballast-proxy")}
+        for r in range(ROUNDS):
+            print(f"round {r + 1}/{ROUNDS}", file=sys.stderr)
+            results["routing"].append(iperf(SERVER, 5201))
+            ns("b", "nft", f"add table ip hand ; add chain ip hand pre {{ type nat hook prerouting priority dstnat ; }} ; "
+               f"add rule ip hand pre ip daddr {VIP} tcp dport 5201 dnat to {SERVER}:5201")
+            results["nft-dnat"].append(iperf(VIP, 5201))
+            ns("b", "nft", "delete table ip hand")
+            b = start_ballast(procs, tmp, f"nat{r}", nat_yaml)
+            results["ballast-nat"].append(iperf(VIP, 5201))
+            results["ballast-proxy"].append(iperf("10.78.1.1", 5202))
+            procs.stop(b)
+        # Reaction time: one server's state change, measured inside Ballast around the batch.
+        b = start_ballast(procs, tmp, "react", nat_yaml)
+        changes = []
+        for i in range(20):
+            state = "drain" if i % 2 == 0 else "ready"
+            ask(sock, f"set server bench/s2 state {state}")
+            time.sleep(0.05)
+            m = re.search(r"last state change applied in (\d+) us", ask(sock, "show nft"))
+            changes.append(int(m.group(1)))
+        procs.stop(b)
+        # A whole table with a 65,537-slot Maglev map.
+        maglev_yaml = nat_yaml.replace("    mode: nat\n", "    mode: nat\n    balance: source\n")
+        fulls = []
+        for i in range(3):
+            b = start_ballast(procs, tmp, f"maglev{i}", maglev_yaml)
+            m = re.search(r"last full programming: (\d+) us", ask(sock, "show nft"))
+            fulls.append(int(m.group(1)))
+            # And one server's change on that table (only the changed slots move).
+            ask(sock, "set server bench/s2 state drain")
+            time.sleep(0.3)
+            m2 = re.search(r"last state change applied in (\d+) us", ask(sock, "show nft"))
+            fulls.append(-int(m2.group(1)))
+            procs.stop(b)
+        maglev_full = [x for x in fulls if x > 0]
+        maglev_change = [-x for x in fulls if x < 0]
+        med = {k: statistics.median(v) for k, v in results.items()}
+        print(f"nat mode, iperf3 one stream through a balancer namespace ({ROUNDS} rounds × {SECONDS} s, medians, Gbit/s)")
+        print()
+        print("| path | Gbit/s | vs routing | vs nft-dnat | runs |")
+        print("|---|---:|---:|---:|---|")
+        for k in ("routing", "nft-dnat", "ballast-nat", "ballast-proxy"):
+            runs = ", ".join(f"{x:.2f}" for x in results[k])
+            print(f"| {k} | {med[k]:.2f} | {med[k] / med['routing']:.2f}× | {med[k] / med['nft-dnat']:.2f}× | {runs} |")
+        print()
+        print(f"| kernel programming | median | max | target |")
+        print("|---|---:|---:|---|")
+        print(f"| one server's state change (roundrobin map and rule, 20 changes) | {statistics.median(changes) / 1000:.2f} ms | {max(changes) / 1000:.2f} ms | < 5 ms |")
+        print(f"| one server's state change on a 65,537-slot Maglev map (changed slots only) | {statistics.median(maglev_change) / 1000:.1f} ms | {max(maglev_change) / 1000:.1f} ms | |")
+        print(f"| whole table with a 65,537-slot Maglev map (start) | {statistics.median(maglev_full) / 1000:.0f} ms | {max(maglev_full) / 1000:.0f} ms | < 250 ms |")
+    finally:
+        procs.stop_all()
+        teardown()
+
+
+if __name__ == "__main__":
+    main()
