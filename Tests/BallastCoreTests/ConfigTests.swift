@@ -67,7 +67,7 @@ struct ConfigTests {
         ("services: [", "bad.yaml:2:1: invalid YAML: while parsing a flow node did not find expected node content"),
         (
             "global: { workrs: 2 }\nservices: []\n",
-            "bad.yaml:1:11: unknown key 'workrs' in global (did you mean 'workers'?); expected one of: workers, maxconn, log, pipe_size, grace, user, group, stats, metrics, state_file"
+            "bad.yaml:1:11: unknown key 'workrs' in global (did you mean 'workers'?); expected one of: workers, maxconn, log, pipe_size, grace, user, group, stats, metrics, state_file, nat"
         ),
         (
             "global:\n  stats:\n    sockets:\n      - { address: 10.1.2.3:9999 }\nservices:\n" + svc("a", "127.0.0.1:1"),
@@ -96,6 +96,22 @@ struct ConfigTests {
         (
             "global:\n  metrics: { address: 0.0.0.0:9100 }\nservices:\n" + svc("a", "127.0.0.1:1"),
             "bad.yaml:2:23: global.metrics.address: 0.0.0.0:9100 is not a loopback address; the runtime API and metrics have no authentication, so they listen on 127.0.0.0/8 or ::1 only"
+        ),
+        (
+            "services:\n  - name: n\n    mode: nat\n    bind: 10.0.0.1:80\n    balance: first\n    servers: [{ name: a, address: 10.0.0.2:80 }]\n",
+            "bad.yaml:5:14: service 'n': balance first is not possible in nat mode (the kernel does not count connections per server); use roundrobin or random (weighted), source (Maglev, the same table as proxy mode), or mode: proxy"
+        ),
+        (
+            "services:\n  - name: n\n    mode: nat\n    bind: 10.0.0.1:80\n    servers: [{ name: a, address: 10.0.0.2:80, maxconn: 5 }]\n",
+            "bad.yaml:5:15: service 'n': server a: maxconn is not possible in nat mode (the kernel does not count connections per server)"
+        ),
+        (
+            "services:\n  - name: n\n    mode: nat\n    bind: 0.0.0.0:80\n    servers: [{ name: a, address: 10.0.0.2:80 }]\n",
+            "bad.yaml:4:11: service 'n': a nat bind needs an explicit address and port (the service address the kernel matches), not 0.0.0.0:80"
+        ),
+        (
+            "services:\n  - name: n\n    mode: nat\n    bind: 10.0.0.1:80\n    servers: [{ name: a, address: \"[::1]:80\" }]\n",
+            "bad.yaml:5:15: service 'n': server a [::1]:80 is not the same family as the service address"
         ),
         (
             "global:\n  state_file: state.txt\nservices:\n" + svc("a", "127.0.0.1:1"),
@@ -303,7 +319,7 @@ struct ConfigTests {
             ("defaults", ConfigLoader.defaultsKeys), ("timeout", ConfigLoader.timeoutKeys),
             ("service", ConfigLoader.serviceKeys), ("server", ConfigLoader.serverKeys), ("bind", ConfigLoader.bindKeys),
             ("check", ConfigLoader.checkKeys), ("stats", ConfigLoader.statsKeys), ("stats socket", ConfigLoader.statsSocketKeys),
-            ("metrics", ConfigLoader.metricsKeys),
+            ("metrics", ConfigLoader.metricsKeys), ("global nat", ConfigLoader.globalNatKeys), ("service nat", ConfigLoader.serviceNatKeys),
         ]
         for (section, keys) in lists {
             for key in keys {
