@@ -140,6 +140,8 @@ public struct GlobalConfig: Sendable, Equatable {
     /// nil: one worker per core.
     public var workers: Int?
     public var maxconn = Defaults.maxconn
+    /// `maxconn` was written in the file (then an unreachable descriptor limit stops the start).
+    public var maxconnExplicit = false
     public var log = LogConfig()
     public var pipeSize = Defaults.pipeSize
     public var grace = Defaults.grace

@@ -231,7 +231,10 @@ public enum ConfigLoader {
                     g.workers = try integer(e.value, "global.workers (a number or auto)", min: 1, max: 256)
                 }
             }
-            if let e = m["maxconn"] { g.maxconn = try integer(e.value, "global.maxconn", min: 1, max: 10_000_000) }
+            if let e = m["maxconn"] {
+                g.maxconn = try integer(e.value, "global.maxconn", min: 1, max: 10_000_000)
+                g.maxconnExplicit = true
+            }
             if let e = m["grace"] { g.grace = try duration(e.value, "global.grace") }
             if let e = m["pipe_size"] {
                 let v = try size(e.value, "global.pipe_size")

@@ -131,7 +131,7 @@ public final class Runtime {
             logger.critical("cannot receive signals: \(error)")
             return 1
         }
-        raiseFileLimit()
+        if !raiseFileLimit() { return 1 }
 
         // Bind everything before any thread starts: a bind error stops start-up whole.
         do {
@@ -481,9 +481,9 @@ public final class Runtime {
 
     /// Raises the descriptor limit for maxconn: every connection needs two sockets. Pipes (two
     /// more while bulk data moves) are optional: without a descriptor for one, a direction copies.
-    private func raiseFileLimit() {
+    private func raiseFileLimit() -> Bool {
         var rl = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) == 0 else { return }
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) == 0 else { return true }
         let needed = rlim_t(config.global.maxconn * 2 + 1024)
         let old = rl.rlim_cur
         if rl.rlim_cur < needed {
@@ -497,9 +497,16 @@ public final class Runtime {
         }
         if rl.rlim_cur != old { logger.info("raised the open file limit from \(old) to \(rl.rlim_cur)") }
         if rl.rlim_cur < needed {
+            if config.global.maxconnExplicit {
+                // Above fs.nr_open not even root can raise it. As HAProxy does for an explicit maxconn: a promise that cannot be kept stops the start.
+                logger.critical(
+                    "global.maxconn \(config.global.maxconn) needs \(needed) open files (2 per connection + 1024) but the limit is \(rl.rlim_cur) and cannot be raised (hard limit \(rl.rlim_max)); raise it (LimitNOFILE=\(needed) in the unit, ulimit -n) or lower global.maxconn to \(max(1, (Int(rl.rlim_cur) - 1024) / 2))")
+                return false
+            }
             logger.warning(
-                "open file limit is \(rl.rlim_cur) but maxconn \(config.global.maxconn) may need \(needed); accept pauses when descriptors run out")
+                "open file limit is \(rl.rlim_cur) but the default maxconn \(config.global.maxconn) may need \(needed); accept pauses when descriptors run out (set global.maxconn to make the limit a start condition)")
         }
+        return true
     }
 }
 

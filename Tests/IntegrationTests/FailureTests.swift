@@ -243,6 +243,18 @@ import Glibc
         close(c)
     }
 
+    @Test("an explicit maxconn the descriptor limit cannot carry stops the start, naming the number")
+    func maxconnAboveFileLimit() throws {
+        let echo = try TestServer.echo()
+        defer { echo.stop() }
+        let dir = TempDir()
+        let path = dir.write("b.yaml", configYAML(global: "workers: 1\nmaxconn: 1000000", services: [serviceYAML(servers: [("e1", echo.port)])]))
+        let (status, _, err) = try runCommand("/usr/bin/prlimit", ["--nofile=2000:2000", Repo.ballast, "run", "-c", path], timeout: 20)
+        #expect(status == 1)
+        #expect(err.contains("global.maxconn 1000000 needs 2001024 open files (2 per connection + 1024) but the limit is 2000 and cannot be raised (hard limit 2000)"), "\(err)")
+        #expect(err.contains("lower global.maxconn to 488"), "\(err)")
+    }
+
     @Test("out of descriptors: the listener pauses without spinning and serves again afterwards")
     func emfile() throws {
         let echo = try TestServer.echo()
