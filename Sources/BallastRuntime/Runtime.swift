@@ -448,7 +448,15 @@ public final class Runtime {
         }
         let gid = config.global.group?.gid ?? user.gid
         if geteuid() != 0 {
-            if geteuid() == user.uid { return true }
+            if geteuid() == user.uid {
+                // Already that user; a different group still has to be reachable.
+                if getegid() != gid && setgid(gid) != 0 {
+                    logger.critical(
+                        "cannot switch to group \(config.global.group?.name ?? "\(gid)") (gid \(gid)) as user \(user.name): \(String(cString: strerror(errno))); start Ballast as root to switch user and group")
+                    return false
+                }
+                return true
+            }
             logger.critical("global.user \(user.name) needs Ballast started as root (running as uid \(geteuid()))")
             return false
         }

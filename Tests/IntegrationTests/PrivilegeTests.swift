@@ -32,6 +32,22 @@ import Glibc
         #expect(Net.readExactly(fd, 13) == Array("still serving".utf8))
     }
 
+    @Test("a group the user cannot switch to: a clear message, no partial start", .enabled(if: root, "needs root to start as another user"))
+    func groupNotReachable() throws {
+        let echo = try TestServer.echo()
+        defer { echo.stop() }
+        let dir = TempDir()
+        chmod(dir.path, 0o755)
+        let path = dir.write("b.yaml", configYAML(global: "workers: 1\nuser: nobody\ngroup: root", services: [serviceYAML(servers: [("e", echo.port)])]))
+        chmod(path, 0o644)
+        // Started as nobody (not as root): it cannot take group root.
+        let (status, _, err) = try runCommand(
+            "/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", Repo.ballast, "run", "-c", path], timeout: 20)
+        #expect(status == 1)
+        #expect(err.contains("cannot switch to group root (gid 0) as user nobody: Operation not permitted; start Ballast as root to switch user and group"), "\(err)")
+        #expect(!err.contains("started"))
+    }
+
     @Test("unknown user or group: a config error with file:line:column")
     func unknownUser() throws {
         let dir = TempDir()
