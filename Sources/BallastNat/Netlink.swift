@@ -135,7 +135,7 @@ final class NftBatch {
         // come from numgen through hton (big-endian); marks are host-endian.
         var udata: [UInt8] = [0, 4] + withUnsafeBytes(of: UInt32(interval ? 2 : 1).littleEndian) { Array($0) }
         if dataType == 19 { udata += [1, 4] + withUnsafeBytes(of: UInt32(1).littleEndian) { Array($0) } }
-        udata.withUnsafeBytes { nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), $0.baseAddress, UInt32($0.count)) }
+        _ = udata.withUnsafeBytes { nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), $0.baseAddress, UInt32($0.count)) }
         nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET.rawValue, NLM_F_CREATE, "create map \(table) \(name)"), s)
         _ = nftnl_batch_update(batch)
     }

@@ -52,7 +52,7 @@ enum ShowInfo {
             ("SslFrontendSessionReuse_pct", u32, "0"), ("SslBackendKeyRate", u32, "0"), ("SslBackendMaxKeyRate", u32, "0"),
             ("SslCacheLookups", u32, "0"), ("SslCacheMisses", u32, "0"), ("CompressBpsIn", u32, "0"), ("CompressBpsOut", u32, "0"),
             ("CompressBpsRateLim", u32, "0"), ("Tasks", u32, "\(cur)"), ("Run_queue", u32, "0"), ("Idle_pct", u32, "100"),
-            ("node", str, String(cString: host)), ("Stopping", u32, ctx.stopping.load(ordering: .relaxed) ? "1" : "0"),
+            ("node", str, String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)), ("Stopping", u32, ctx.stopping.load(ordering: .relaxed) ? "1" : "0"),
             ("Jobs", u32, "\(cur + ctx.listeners.load(ordering: .relaxed))"), ("Unstoppable Jobs", u32, "0"),
             ("Listeners", u32, "\(ctx.listeners.load(ordering: .relaxed))"), ("ActivePeers", u32, "0"), ("ConnectedPeers", u32, "0"),
             ("DroppedLogs", u32, "0"), ("BusyPolling", u32, "0"), ("FailedResolutions", u32, "0"), ("TotalBytesOut", u64, "\(bytesOut)"),
