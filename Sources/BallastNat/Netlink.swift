@@ -102,16 +102,6 @@ final class NftBatch {
         _ = nftnl_batch_update(batch)
     }
 
-    func deleteChain(_ table: String, _ name: String) {
-        let c = nftnl_chain_alloc()!
-        defer { nftnl_chain_free(c) }
-        nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_FAMILY.rawValue), UInt32(family))
-        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue), table)
-        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue), name)
-        nftnl_chain_nlmsg_build_payload(header(NFT_MSG_DELCHAIN.rawValue, 0, "delete chain \(table) \(name)"), c)
-        _ = nftnl_batch_update(batch)
-    }
-
     // MARK: Sets and maps
 
     /// A map `type mark : <data>` (`interval` for weighted ranges).
@@ -137,16 +127,6 @@ final class NftBatch {
         if dataType == 19 { udata += [1, 4] + withUnsafeBytes(of: UInt32(1).littleEndian) { Array($0) } }
         _ = udata.withUnsafeBytes { nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), $0.baseAddress, UInt32($0.count)) }
         nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET.rawValue, NLM_F_CREATE, "create map \(table) \(name)"), s)
-        _ = nftnl_batch_update(batch)
-    }
-
-    func deleteMap(_ table: String, _ name: String) {
-        let s = nftnl_set_alloc()!
-        defer { nftnl_set_free(s) }
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FAMILY.rawValue), UInt32(family))
-        nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table)
-        nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
-        nftnl_set_nlmsg_build_payload(header(NFT_MSG_DELSET.rawValue, 0, "delete map \(table) \(name)"), s)
         _ = nftnl_batch_update(batch)
     }
 
@@ -344,8 +324,6 @@ enum Expr {
         nftnl_expr_set_str(e, UInt16(NFTNL_EXPR_IMM_CHAIN), chain)
         return e
     }
-
-    static func counter() -> OpaquePointer { make("counter") }
 
     static func accept() -> OpaquePointer {
         let e = make("immediate")

@@ -384,24 +384,6 @@ enum StatTable {
         return "{\"origin\":\"\(origin[c[0]] ?? "Unknown")\",\"nature\":\"\(nature[c[1]] ?? "Unknown")\",\"scope\":\"\(scope[c[2]] ?? "Unknown")\"}"
     }
 
-    static func jsonString(_ s: String) -> String {
-        var out = "\""
-        for ch in s.unicodeScalars {
-            switch ch {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if ch.value < 0x20 {
-                    let h = String(ch.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - h.count) + h
-                } else {
-                    out.unicodeScalars.append(ch)
-                }
-            }
-        }
-        return out + "\""
-    }
+    /// JSON string literal (the log handler's encoder: one implementation in the module).
+    static func jsonString(_ s: String) -> String { LineLogHandler.jsonString(s) }
 }
