@@ -338,6 +338,33 @@ public final class NatController: @unchecked Sendable {
         }
     }
 
+    /// The kernel's view of one nat server: its live flows (conntrack entries with its mark) and,
+    /// with conntrack accounting on, their packets and bytes. Read at most once a second.
+    public func flowStats(service: String, server: Int) -> FlowStats {
+        lock.withLock { _ in
+            let now = monotonicMillis()
+            if now - flowStatsAt > 1000 {
+                var all: [UInt32: FlowStats] = [:]
+                for fam in families {
+                    if let m = try? socket.conntrackByMark(family: fam == UInt16(NFPROTO_IPV6) ? UInt8(AF_INET6) : UInt8(AF_INET)) {
+                        all.merge(m) { a, b in
+                            var x = a
+                            x.add(b)
+                            return x
+                        }
+                    }
+                }
+                flowStatsCache = all
+                flowStatsAt = now
+            }
+            guard let st = services[service], server < st.marks.count else { return FlowStats() }
+            return flowStatsCache[st.marks[server]] ?? FlowStats()
+        }
+    }
+
+    private var flowStatsCache: [UInt32: FlowStats] = [:]
+    private var flowStatsAt: Int64 = 0
+
     public func isNat(_ service: String) -> Bool { lock.withLock { _ in services[service] != nil } }
 
     // MARK: - Thread

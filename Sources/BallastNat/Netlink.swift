@@ -6,6 +6,25 @@ import Glibc
 import Musl
 #endif
 
+/// What conntrack knows of one server's flows (bytes and packets need conntrack accounting).
+public struct FlowStats: Sendable, Equatable {
+    public var flows = 0
+    public var packetsIn: UInt64 = 0
+    public var packetsOut: UInt64 = 0
+    public var bytesIn: UInt64 = 0
+    public var bytesOut: UInt64 = 0
+
+    public init(flows: Int = 0) { self.flows = flows }
+
+    mutating func add(_ o: FlowStats) {
+        flows += o.flows
+        packetsIn &+= o.packetsIn
+        packetsOut &+= o.packetsOut
+        bytesIn &+= o.bytesIn
+        bytesOut &+= o.bytesOut
+    }
+}
+
 /// A failure talking to the kernel, naming the object that failed.
 public struct NatError: Error, CustomStringConvertible, Sendable {
     public var message: String
@@ -424,6 +443,79 @@ final class NetlinkSocket {
             if failure != nil { break }
         }
         if let failure { throw failure }
+    }
+
+    /// Per conntrack mark: flows, and packets/bytes each way when conntrack accounting is on
+    /// (`net.netfilter.nf_conntrack_acct=1`). One ctnetlink dump.
+    func conntrackByMark(family: UInt8) throws(NatError) -> [UInt32: FlowStats] {
+        var req = [UInt8](repeating: 0, count: 64)
+        let s = seq
+        seq &+= 1
+        let sent = req.withUnsafeMutableBytes { raw -> Int in
+            let nlh = mnl_nlmsg_put_header(raw.baseAddress)!
+            nlh.pointee.nlmsg_type = UInt16((NFNL_SUBSYS_CTNETLINK << 8) | Int32(IPCTNL_MSG_CT_GET.rawValue))
+            nlh.pointee.nlmsg_flags = UInt16(NLM_F_REQUEST | NLM_F_DUMP)
+            nlh.pointee.nlmsg_seq = s
+            let nfg = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<nfgenmsg>.size)!.assumingMemoryBound(to: nfgenmsg.self)
+            nfg.pointee.nfgen_family = family
+            nfg.pointee.version = UInt8(NFNETLINK_V0)
+            return mnl_socket_sendto(nl, nlh, Int(nlh.pointee.nlmsg_len))
+        }
+        guard sent > 0 else { throw NatError("cannot ask conntrack: \(String(cString: strerror(errno)))") }
+        var out: [UInt32: FlowStats] = [:]
+        var buf = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let n = buf.withUnsafeMutableBytes { mnl_socket_recvfrom(nl, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw NatError("conntrack dump: \(String(cString: strerror(errno)))")
+            }
+            var off = 0
+            var done = false
+            buf.withUnsafeBytes { raw in
+                while off + 16 <= n {
+                    let len = Int(raw.loadUnaligned(fromByteOffset: off, as: UInt32.self))
+                    let type = raw.loadUnaligned(fromByteOffset: off + 4, as: UInt16.self)
+                    if len < 16 { done = true; return }
+                    if type == UInt16(NLMSG_DONE) || type == UInt16(NLMSG_ERROR) { done = true; return }
+                    // nlmsghdr (16) + nfgenmsg (4), then attributes.
+                    var a = off + 20
+                    var mark: UInt32 = 0
+                    var stats = FlowStats(flows: 1)
+                    func u64be(_ o: Int) -> UInt64 { UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt64.self)) }
+                    while a + 4 <= off + len {
+                        let alen = Int(raw.loadUnaligned(fromByteOffset: a, as: UInt16.self))
+                        let atype = raw.loadUnaligned(fromByteOffset: a + 2, as: UInt16.self) & 0x3fff
+                        if alen < 4 { break }
+                        if atype == UInt16(CTA_MARK.rawValue) && alen >= 8 {
+                            mark = UInt32(bigEndian: raw.loadUnaligned(fromByteOffset: a + 4, as: UInt32.self))
+                        } else if atype == UInt16(CTA_COUNTERS_ORIG.rawValue) || atype == UInt16(CTA_COUNTERS_REPLY.rawValue) {
+                            var c = a + 4
+                            while c + 4 <= a + alen {
+                                let clen = Int(raw.loadUnaligned(fromByteOffset: c, as: UInt16.self))
+                                let ctype = raw.loadUnaligned(fromByteOffset: c + 2, as: UInt16.self) & 0x3fff
+                                if clen < 4 { break }
+                                if clen >= 12 {
+                                    let v = u64be(c + 4)
+                                    let orig = atype == UInt16(CTA_COUNTERS_ORIG.rawValue)
+                                    if ctype == UInt16(CTA_COUNTERS_PACKETS.rawValue) {
+                                        if orig { stats.packetsIn = v } else { stats.packetsOut = v }
+                                    } else if ctype == UInt16(CTA_COUNTERS_BYTES.rawValue) {
+                                        if orig { stats.bytesIn = v } else { stats.bytesOut = v }
+                                    }
+                                }
+                                c += (clen + 3) & ~3
+                            }
+                        }
+                        a += (alen + 3) & ~3
+                    }
+                    if mark & 0xffff_0000 != 0 { out[mark, default: FlowStats()].add(stats) }
+                    off += (len + 3) & ~3
+                }
+            }
+            if done { break }
+        }
+        return out
     }
 
     /// Deletes every conntrack entry with this mark (ctnetlink `IPCTNL_MSG_CT_DELETE` with only

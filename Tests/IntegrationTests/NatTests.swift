@@ -382,6 +382,45 @@ final class NatLab {
         #expect(!(try lab.nft("list", "tables").contains("ballast")))
     }
 
+    @Test("show stat rows of a nat service carry the kernel's counters (flows; bytes with conntrack accounting)", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func kernelCounters() throws {
+        let lab = try NatLab()
+        try NatLab.sh([NatLab.ip, "netns", "exec", lab.balancer, "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1"])
+        let dir = TempDir()
+        let b = try lab.ballast(lab.config(dir: dir))
+        defer { b.stop() }
+        // Three held connections, 1000 bytes each way on each.
+        let script = """
+            import socket, sys
+            socks = [socket.create_connection(("\(lab.vip4)", 80), timeout=5) for _ in range(3)]
+            for s in socks:
+                s.recv(10); s.sendall(b"x" * 1000)
+                got = 0
+                while got < 1000: got += len(s.recv(2000))
+            print("ready", flush=True)
+            sys.stdin.readline()
+            """
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: NatLab.ip)
+        p.arguments = ["netns", "exec", lab.client, "python3", "-c", script]
+        let inPipe = Pipe(), outPipe = Pipe()
+        p.standardInput = inPipe
+        p.standardOutput = outPipe
+        try p.run()
+        defer {
+            inPipe.fileHandleForWriting.write("done\n".data(using: .utf8)!)
+            p.waitUntilExit()
+        }
+        #expect(String(decoding: outPipe.fileHandleForReading.availableData, as: UTF8.self).hasPrefix("ready"))
+        let rows = try StatsClient.stat(dir.file("admin.sock"))
+        let s1 = StatsClient.row(rows, "s1"), s2 = StatsClient.row(rows, "s2"), fe = StatsClient.row(rows, "FRONTEND")
+        #expect(s1["scur"] == "2" && s2["scur"] == "1", "\(s1["scur"] ?? "?") / \(s2["scur"] ?? "?")")
+        #expect(fe["scur"] == "3")
+        // IP bytes (headers included) each way: above the 3000 payload bytes.
+        #expect((Int(fe["bin"] ?? "") ?? 0) > 3000 && (Int(fe["bout"] ?? "") ?? 0) > 3000, "\(fe["bin"] ?? "?") / \(fe["bout"] ?? "?")")
+        #expect((Int(s1["bin"] ?? "") ?? 0) > 2000)
+    }
+
     @Test("config errors: leastconn and first are not possible in the kernel")
     func configErrors() throws {
         let yaml = """

@@ -1,5 +1,6 @@
 import BallastCore
 import BallastHealth
+import BallastNat
 import BallastProxy
 
 /// `show stat` as HAProxy 2.6 writes it: the same 128 column names in the same order (fields
@@ -117,15 +118,40 @@ enum StatTable {
         var out: [Row] = []
         for (k, svc) in table.services.enumerated() where filter == nil || filter === svc {
             let iid = k + 1
-            if kinds & Kind.frontend.mask != 0 && (sid == -1 || sid == 0) { out.append(frontend(ctx, svc, iid)) }
+            // nat services: the kernel's counters (conntrack by server mark), not the workers'.
+            let flows: [FlowStats]? = svc.config.mode == .nat
+                ? ctx.nat.map { nat in svc.servers.indices.map { nat.flowStats(service: svc.name, server: $0) } } : nil
+            let total = flows?.reduce(into: FlowStats()) { acc, f in
+                acc.flows += f.flows
+                acc.bytesIn &+= f.bytesIn
+                acc.bytesOut &+= f.bytesOut
+            }
+            if kinds & Kind.frontend.mask != 0 && (sid == -1 || sid == 0) {
+                var r = frontend(ctx, svc, iid)
+                if let total { kernel(&r, total) }
+                out.append(r)
+            }
             if kinds & Kind.server.mask != 0 {
                 for (j, s) in svc.servers.enumerated() where sid == -1 || sid == j + 1 {
-                    out.append(server(ctx, svc, s, j, iid, now))
+                    var r = server(ctx, svc, s, j, iid, now)
+                    if let flows { kernel(&r, flows[j]) }
+                    out.append(r)
                 }
             }
-            if kinds & Kind.backend.mask != 0 && (sid == -1 || sid == 0) { out.append(backend(ctx, svc, iid, now)) }
+            if kinds & Kind.backend.mask != 0 && (sid == -1 || sid == 0) {
+                var r = backend(ctx, svc, iid, now)
+                if let total { kernel(&r, total) }
+                out.append(r)
+            }
         }
         return out
+    }
+
+    /// Current flows and (with conntrack accounting) bytes of a nat row.
+    static func kernel(_ r: inout Row, _ f: FlowStats) {
+        r[.scur] = "\(f.flows)"
+        r[.bin] = "\(f.bytesIn)"
+        r[.bout] = "\(f.bytesOut)"
     }
 
     static func frontend(_ ctx: AdminContext, _ svc: Service, _ iid: Int) -> Row {
