@@ -132,6 +132,24 @@ public final class NatController: @unchecked Sendable {
         b.chain(t, "prerouting", hook: UInt32(NF_INET_PRE_ROUTING.rawValue), priority: -100)
         b.chain(t, "output", hook: UInt32(NF_INET_LOCAL_OUT.rawValue), priority: -100)
         b.chain(t, "postrouting", hook: UInt32(NF_INET_POST_ROUTING.rawValue), priority: 100)
+        // Per-server traffic counters on the forward path: `ct mark vmap @traffic` jumps to the
+        // server's chain, which counts new connections and bytes each way (one map lookup and
+        // three cheap rules per packet, whatever the number of servers).
+        b.chain(t, "forward", hook: UInt32(NF_INET_FORWARD.rawValue), priority: 0, type: "filter")
+        var jumps: [NftBatch.Element] = []
+        for st in list {
+            for j in st.config.servers.indices {
+                let chain = "srv-\(st.name)-\(j + 1)"
+                b.chain(t, chain)
+                b.rule(t, chain, Expr.ctStateNew(Expr.reg1) + [Expr.counter()], "\(chain): new connections")
+                b.rule(t, chain, Expr.ctDirection(Expr.reg1, reply: false) + [Expr.counter()], "\(chain): client to server")
+                b.rule(t, chain, Expr.ctDirection(Expr.reg1, reply: true) + [Expr.counter()], "\(chain): server to client")
+                jumps.append(NftBatch.Element(key: le(st.marks[j]), data: nil, jump: chain))
+            }
+        }
+        b.verdictMap(t, "traffic")
+        if !jumps.isEmpty { b.elements(t, "traffic", jumps) }
+        b.rule(t, "forward", [Expr.ctMarkLoad(Expr.reg1), Expr.vmap("traffic", setID: b.setID("traffic"), sreg: Expr.reg1)], "per-server counters")
         // Flows Ballast did not balance are none of postrouting's business. The rule also keeps
         // a conntrack expression in the table at all times: the kernel turns conntrack off in
         // a namespace when the last one goes, and established flows would lose their NAT the
@@ -346,11 +364,27 @@ public final class NatController: @unchecked Sendable {
             if now - flowStatsAt > 1000 {
                 var all: [UInt32: FlowStats] = [:]
                 for fam in families {
+                    // Live flows from conntrack; cumulative connections and bytes from the counters.
                     if let m = try? socket.conntrackByMark(family: fam == UInt16(NFPROTO_IPV6) ? UInt8(AF_INET6) : UInt8(AF_INET)) {
-                        all.merge(m) { a, b in
-                            var x = a
-                            x.add(b)
-                            return x
+                        for (mark, f) in m { all[mark, default: FlowStats()].flows += f.flows }
+                    }
+                    guard let rules = try? socket.ruleCounters(family: fam, table: NatController.tableName) else { continue }
+                    for st in services.values where st.family == fam {
+                        for j in st.marks.indices {
+                            var f = all[st.marks[j]] ?? FlowStats()
+                            for (kind, packets, bytes) in rules["srv-\(st.name)-\(j + 1)"] ?? [] {
+                                switch kind {
+                                case "new": f.newConnections = packets
+                                case "original":
+                                    f.packetsIn = packets
+                                    f.bytesIn = bytes
+                                case "reply":
+                                    f.packetsOut = packets
+                                    f.bytesOut = bytes
+                                default: break
+                                }
+                            }
+                            all[st.marks[j]] = f
                         }
                     }
                 }
@@ -459,8 +493,16 @@ public final class NatController: @unchecked Sendable {
                 }
                 out += "\t}\n"
             }
+            let jumps = sv.flatMap { st in st.config.servers.indices.map { "0x\(hex8(st.marks[$0])) : jump srv-\(st.name)-\($0 + 1)" } }
+            out += "\tmap traffic {\n\t\ttype mark : verdict\n\t\telements = { \(jumps.joined(separator: ", ")) }\n\t}\n"
+            out += "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct mark vmap @traffic\n\t}\n"
+            for st in sv {
+                for j in st.config.servers.indices {
+                    out += "\tchain srv-\(st.name)-\(j + 1) {\n\t\tct state new counter\n\t\tct direction original counter\n\t\tct direction reply counter\n\t}\n"
+                }
+            }
             out += "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
-            out += "\t\tct mark & 0xffff0000 == 0x00000000 accept\n"
+            out += "\t\tct mark 0x00000000/16 accept\n"
             for st in sv {
                 switch st.config.snat {
                 case .none: break

@@ -9,6 +9,8 @@ import Musl
 /// What conntrack knows of one server's flows (bytes and packets need conntrack accounting).
 public struct FlowStats: Sendable, Equatable {
     public var flows = 0
+    /// Connections balanced to the server since its table was programmed (nft counter).
+    public var newConnections: UInt64 = 0
     public var packetsIn: UInt64 = 0
     public var packetsOut: UInt64 = 0
     public var bytesIn: UInt64 = 0
@@ -16,8 +18,9 @@ public struct FlowStats: Sendable, Equatable {
 
     public init(flows: Int = 0) { self.flows = flows }
 
-    mutating func add(_ o: FlowStats) {
+    public mutating func add(_ o: FlowStats) {
         flows += o.flows
+        newConnections &+= o.newConnections
         packetsIn &+= o.packetsIn
         packetsOut &+= o.packetsOut
         bytesIn &+= o.bytesIn
@@ -94,14 +97,14 @@ final class NftBatch {
     var familyName: String { family == UInt16(NFPROTO_IPV6) ? "ip6" : "ip" }
 
     /// A base chain (with a hook) when `hook` is given, else a regular chain.
-    func chain(_ table: String, _ name: String, hook: UInt32? = nil, priority: Int32 = 0) {
+    func chain(_ table: String, _ name: String, hook: UInt32? = nil, priority: Int32 = 0, type: String = "nat") {
         let c = nftnl_chain_alloc()!
         defer { nftnl_chain_free(c) }
         nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_FAMILY.rawValue), UInt32(family))
         nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue), table)
         nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue), name)
         if let hook {
-            nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TYPE.rawValue), "nat")
+            nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TYPE.rawValue), type)
             nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_HOOKNUM.rawValue), hook)
             nftnl_chain_set_s32(c, UInt16(NFTNL_CHAIN_PRIO.rawValue), priority)
             nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_POLICY.rawValue), UInt32(NF_ACCEPT))
@@ -153,6 +156,29 @@ final class NftBatch {
         var key: [UInt8]
         var data: [UInt8]?
         var intervalEnd = false
+        /// A verdict map's value: jump to this chain.
+        var jump: String?
+    }
+
+    /// A verdict map `type mark : verdict`.
+    func verdictMap(_ table: String, _ name: String) {
+        let s = nftnl_set_alloc()!
+        defer { nftnl_set_free(s) }
+        let id = nextSetID
+        nextSetID += 1
+        setIDs[name] = id
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FAMILY.rawValue), UInt32(family))
+        nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table)
+        nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), UInt32(NFT_SET_MAP.rawValue))
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), 19)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), 4)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_DATA_TYPE.rawValue), NFT_DATA_VERDICT.rawValue)
+        let udata: [UInt8] = [0, 4] + withUnsafeBytes(of: UInt32(1).littleEndian) { Array($0) }
+        _ = udata.withUnsafeBytes { nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), $0.baseAddress, UInt32($0.count)) }
+        nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET.rawValue, NLM_F_CREATE, "create map \(table) \(name)"), s)
+        _ = nftnl_batch_update(batch)
     }
 
     /// Adds (or, with `delete`, removes) elements, at most 1024 per message (attribute lengths
@@ -173,6 +199,10 @@ final class NftBatch {
                     d.withUnsafeBytes { _ = nftnl_set_elem_set(el, UInt16(NFTNL_SET_ELEM_DATA), $0.baseAddress, UInt32($0.count)) }
                 }
                 if e.intervalEnd { nftnl_set_elem_set_u32(el, UInt16(NFTNL_SET_ELEM_FLAGS), UInt32(NFT_SET_ELEM_INTERVAL_END.rawValue)) }
+                if let chain = e.jump {
+                    nftnl_set_elem_set_u32(el, UInt16(NFTNL_SET_ELEM_VERDICT), UInt32(bitPattern: NFT_JUMP.rawValue))
+                    nftnl_set_elem_set_str(el, UInt16(NFTNL_SET_ELEM_CHAIN), chain)
+                }
                 nftnl_set_elem_add(s, el)
             }
             let type = delete ? NFT_MSG_DELSETELEM.rawValue : NFT_MSG_NEWSETELEM.rawValue
@@ -280,6 +310,45 @@ enum Expr {
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_DREG), dreg)
         return e
     }
+
+    /// `ct mark vmap @set`: the map's verdict goes straight to the verdict register.
+    static func vmap(_ set: String, setID: UInt32?, sreg: UInt32) -> OpaquePointer {
+        let e = make("lookup")
+        nftnl_expr_set_str(e, UInt16(NFTNL_EXPR_LOOKUP_SET), set)
+        if let setID { nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_SET_ID), setID) }
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_SREG), sreg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_DREG), UInt32(NFT_REG_VERDICT.rawValue))
+        return e
+    }
+
+    /// `ct state new` (state bits & NEW != 0) or `ct direction original|reply`.
+    static func ctStateNew(_ reg: UInt32) -> [OpaquePointer] {
+        let e = make("ct")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_KEY), UInt32(NFT_CT_STATE.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_DREG), reg)
+        let b = make("bitwise")
+        nftnl_expr_set_u32(b, UInt16(NFTNL_EXPR_BITWISE_SREG), reg)
+        nftnl_expr_set_u32(b, UInt16(NFTNL_EXPR_BITWISE_DREG), reg)
+        nftnl_expr_set_u32(b, UInt16(NFTNL_EXPR_BITWISE_LEN), 4)
+        var m: UInt32 = 8  // NF_CT_STATE_BIT(IP_CT_NEW)
+        var x: UInt32 = 0
+        withUnsafeBytes(of: &m) { _ = nftnl_expr_set(b, UInt16(NFTNL_EXPR_BITWISE_MASK), $0.baseAddress, 4) }
+        withUnsafeBytes(of: &x) { _ = nftnl_expr_set(b, UInt16(NFTNL_EXPR_BITWISE_XOR), $0.baseAddress, 4) }
+        let c = make("cmp")
+        nftnl_expr_set_u32(c, UInt16(NFTNL_EXPR_CMP_SREG), reg)
+        nftnl_expr_set_u32(c, UInt16(NFTNL_EXPR_CMP_OP), UInt32(NFT_CMP_NEQ.rawValue))
+        withUnsafeBytes(of: &x) { _ = nftnl_expr_set(c, UInt16(NFTNL_EXPR_CMP_DATA), $0.baseAddress, 4) }
+        return [e, b, c]
+    }
+
+    static func ctDirection(_ reg: UInt32, reply: Bool) -> [OpaquePointer] {
+        let e = make("ct")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_KEY), UInt32(NFT_CT_DIRECTION.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_DREG), reg)
+        return [e, cmpEq(reg, [reply ? 1 : 0])]
+    }
+
+    static func counter() -> OpaquePointer { make("counter") }
 
     static func ctMarkSet(_ sreg: UInt32) -> OpaquePointer {
         let e = make("ct")
@@ -514,6 +583,72 @@ final class NetlinkSocket {
                 }
             }
             if done { break }
+        }
+        return out
+    }
+
+    /// Every rule's counters in a table, by chain: `[chain: [(has a ct expression, packets, bytes)]]`.
+    func ruleCounters(family: UInt16, table: String) throws(NatError) -> [String: [(String, UInt64, UInt64)]] {
+        var req = [UInt8](repeating: 0, count: 512)
+        let s = seq
+        seq &+= 1
+        let sent = req.withUnsafeMutableBytes { raw -> Int in
+            let nlh = nftnl_nlmsg_build_hdr(raw.baseAddress!.assumingMemoryBound(to: CChar.self), UInt16(NFT_MSG_GETRULE.rawValue), family, UInt16(NLM_F_DUMP), s)!
+            let r = nftnl_rule_alloc()!
+            nftnl_rule_set_str(r, UInt16(NFTNL_RULE_TABLE.rawValue), table)
+            nftnl_rule_nlmsg_build_payload(nlh, r)
+            nftnl_rule_free(r)
+            return mnl_socket_sendto(nl, nlh, Int(nlh.pointee.nlmsg_len))
+        }
+        guard sent > 0 else { throw NatError("cannot list rules: \(String(cString: strerror(errno)))") }
+        var out: [String: [(String, UInt64, UInt64)]] = [:]
+        var buf = [UInt8](repeating: 0, count: 1 << 16)
+        var done = false
+        while !done {
+            let n = buf.withUnsafeMutableBytes { mnl_socket_recvfrom(nl, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw NatError("rule dump: \(String(cString: strerror(errno)))")
+            }
+            buf.withUnsafeMutableBytes { raw in
+                var off = 0
+                while off + 16 <= n {
+                    let nlh = (raw.baseAddress! + off).assumingMemoryBound(to: nlmsghdr.self)
+                    let len = Int(nlh.pointee.nlmsg_len)
+                    if len < 16 || nlh.pointee.nlmsg_type == UInt16(NLMSG_DONE) || nlh.pointee.nlmsg_type == UInt16(NLMSG_ERROR) {
+                        done = true
+                        return
+                    }
+                    let r = nftnl_rule_alloc()!
+                    if nftnl_rule_nlmsg_parse(nlh, r) >= 0, let chainC = nftnl_rule_get_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue)) {
+                        let chain = String(cString: chainC)
+                        var kind = ""
+                        var packets: UInt64 = 0, bytes: UInt64 = 0
+                        var counted = false
+                        let it = nftnl_expr_iter_create(r)!
+                        while let e = nftnl_expr_iter_next(it) {
+                            let name = String(cString: nftnl_expr_get_str(e, UInt16(NFTNL_EXPR_NAME)))
+                            if name == "ct" {
+                                let key = nftnl_expr_get_u32(e, UInt16(NFTNL_EXPR_CT_KEY))
+                                kind = key == UInt32(NFT_CT_STATE.rawValue) ? "new" : "dir"
+                            } else if name == "cmp" && kind == "dir" {
+                                var len: UInt32 = 0
+                                if let d = nftnl_expr_get(e, UInt16(NFTNL_EXPR_CMP_DATA), &len), len >= 1 {
+                                    kind = d.load(as: UInt8.self) == 1 ? "reply" : "original"
+                                }
+                            } else if name == "counter" {
+                                packets = nftnl_expr_get_u64(e, UInt16(NFTNL_EXPR_CTR_PACKETS))
+                                bytes = nftnl_expr_get_u64(e, UInt16(NFTNL_EXPR_CTR_BYTES))
+                                counted = true
+                            }
+                        }
+                        nftnl_expr_iter_destroy(it)
+                        if counted { out[chain, default: []].append((kind, packets, bytes)) }
+                    }
+                    nftnl_rule_free(r)
+                    off += (len + 3) & ~3
+                }
+            }
         }
         return out
     }

@@ -121,11 +121,7 @@ enum StatTable {
             // nat services: the kernel's counters (conntrack by server mark), not the workers'.
             let flows: [FlowStats]? = svc.config.mode == .nat
                 ? ctx.nat.map { nat in svc.servers.indices.map { nat.flowStats(service: svc.name, server: $0) } } : nil
-            let total = flows?.reduce(into: FlowStats()) { acc, f in
-                acc.flows += f.flows
-                acc.bytesIn &+= f.bytesIn
-                acc.bytesOut &+= f.bytesOut
-            }
+            let total = flows?.reduce(into: FlowStats()) { $0.add($1) }
             if kinds & Kind.frontend.mask != 0 && (sid == -1 || sid == 0) {
                 var r = frontend(ctx, svc, iid)
                 if let total { kernel(&r, total) }
@@ -147,11 +143,19 @@ enum StatTable {
         return out
     }
 
-    /// Current flows and (with conntrack accounting) bytes of a nat row.
+    /// A nat row's traffic as the kernel counts it: live flows (conntrack), connections and
+    /// bytes each way (the table's per-server counters).
     static func kernel(_ r: inout Row, _ f: FlowStats) {
         r[.scur] = "\(f.flows)"
         r[.bin] = "\(f.bytesIn)"
         r[.bout] = "\(f.bytesOut)"
+        r[.stot] = "\(f.newConnections)"
+        if r.kind == .frontend {
+            r[.conn_tot] = "\(f.newConnections)"
+        } else {
+            r[.lbtot] = "\(f.newConnections)"
+            r[.connect] = "\(f.newConnections)"
+        }
     }
 
     static func frontend(_ ctx: AdminContext, _ svc: Service, _ iid: Int) -> Row {
