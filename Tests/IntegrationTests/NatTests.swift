@@ -386,7 +386,7 @@ final class NatLab {
     func kernelCounters() throws {
         let lab = try NatLab()
         let dir = TempDir()
-        let b = try lab.ballast(lab.config(dir: dir))
+        let b = try lab.ballast(lab.config(global: "workers: 1\nmetrics: { address: \"127.0.0.1:9109\" }", dir: dir))
         defer { b.stop() }
         // Three held connections, 1000 bytes each way on each.
         let script = """
@@ -419,6 +419,10 @@ final class NatLab {
         // IP bytes (headers included) each way: above the 3000 payload bytes.
         #expect((Int(fe["bin"] ?? "") ?? 0) > 3000 && (Int(fe["bout"] ?? "") ?? 0) > 3000, "\(fe["bin"] ?? "?") / \(fe["bout"] ?? "?")")
         #expect((Int(s1["bin"] ?? "") ?? 0) > 2000)
+        // /metrics (inside the balancer's namespace) carries the same numbers.
+        let metrics = try NatLab.sh([NatLab.ip, "netns", "exec", lab.balancer, "/usr/bin/curl", "-s", "http://127.0.0.1:9109/metrics"])
+        #expect(metrics.contains("ballast_server_sessions_total{proxy=\"web\",server=\"s1\"} 2"), "\(metrics.prefix(400))")
+        #expect(metrics.contains("ballast_server_current_sessions{proxy=\"web\",server=\"s2\"} 1.0"))
     }
 
     @Test("config errors: leastconn and first are not possible in the kernel")

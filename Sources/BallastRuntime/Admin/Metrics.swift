@@ -76,11 +76,21 @@ final class MetricsExporter: @unchecked Sendable {
             gauge("backend", "active_servers", "", "Usable active servers", p, Double(act))
             gauge("backend", "backup_servers", "", "Usable backup servers", p, Double(bck))
             gauge("backend", "status", "", "1 when some server can take connections", p, act + bck > 0 ? 1 : 0)
-            for s in svc.servers {
+            for (j, s) in svc.servers.enumerated() {
                 let l = [("proxy", svc.name), ("server", s.name)]
-                let sc = s.counters.raw()
+                var sc = s.counters.raw()
+                var current = s.active.load(ordering: .relaxed)
+                if svc.config.mode == .nat, let nat = ctx.nat {
+                    // nat servers: what the kernel counted (the workers never see their traffic).
+                    let f = nat.flowStats(service: svc.name, server: j)
+                    sc.sessions = f.newConnections
+                    sc.picks = f.newConnections
+                    sc.bytesIn = f.bytesIn
+                    sc.bytesOut = f.bytesOut
+                    current = f.flows
+                }
                 traffic("server", l, sc)
-                gauge("server", "current_sessions", "", "Connections to the server", l, Double(s.active.load(ordering: .relaxed)))
+                gauge("server", "current_sessions", "", "Connections to the server", l, Double(current))
                 gauge("server", "max_sessions", "", "Most connections to the server at once", l, Double(s.activeMax.load(ordering: .relaxed)))
                 gauge("server", "limit_sessions", "", "The server's maxconn (0: none)", l, Double(s.maxconn))
                 gauge("server", "weight", "", "Effective weight", l, Double(s.effectiveWeight(now: now)))
