@@ -85,6 +85,7 @@ public final class NatController: @unchecked Sendable {
             lastFullApplyMicros.store(Int(t2.tv_sec - t1.tv_sec) * 1_000_000 + Int(t2.tv_nsec - t1.tv_nsec) / 1000, ordering: .relaxed)
         }
         try lock.withLock { (_: inout Void) throws(NatError) in
+            flowStatsAt = 0  // the next read asks the kernel again
             var next: [String: ServiceState] = [:]
             for (k, svc) in table.services.enumerated() where svc.config.mode == .nat {
                 let id = UInt32(k + 1)
@@ -95,6 +96,17 @@ public final class NatController: @unchecked Sendable {
                 next[svc.name] = st
             }
             let fams = Set(next.values.map(\.family))
+            // Reload with the nat services unchanged: nothing to reprogram (the counters and the
+            // maps stay as they are); only the table's server objects are followed from now on.
+            if self.table != nil && fams == families && next.count == services.count
+                && next.allSatisfy({ name, st in
+                    guard let old = services[name] else { return false }
+                    return old.id == st.id && old.family == st.family && old.config == st.config
+                })
+            {
+                self.table = table
+                return
+            }
             for fam in fams.union(families) {
                 let b = socket.newBatch(family: fam)
                 // Replace: create (so delete cannot fail), delete, create again.

@@ -425,6 +425,25 @@ final class NatLab {
         #expect(metrics.contains("ballast_server_current_sessions{proxy=\"web\",server=\"s2\"} 1.0"))
     }
 
+    @Test("reload: an unchanged nat service is left as it is (counters go on); a changed one is reprogrammed", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func reloadDifference() throws {
+        let lab = try NatLab()
+        let dir = TempDir()
+        let b = try lab.ballast(lab.config(dir: dir))
+        defer { b.stop() }
+        #expect(counts(try lab.connect(lab.vip4, count: 4)) == ["s1": 2, "s2": 2])
+        let same = try String(contentsOfFile: b.configPath, encoding: .utf8)
+        #expect(b.reload(same)?.contains("reloaded") == true)
+        var fe = StatsClient.row(try StatsClient.stat(dir.file("admin.sock")), "FRONTEND")
+        #expect(fe["stot"] == "4", "the counters restarted: \(fe["stot"] ?? "?")")
+        // Weights 3:1 in the file: the map follows.
+        #expect(b.reload(lab.config(weights: [3, 1], dir: dir))?.contains("reloaded") == true)
+        #expect(try lab.nft("list", "map", "ip", "ballast", "rr-web").contains("0x00000000-0x00000002 : 0x00010001"))
+        #expect(counts(try lab.connect(lab.vip4, count: 8)) == ["s1": 6, "s2": 2])
+        fe = StatsClient.row(try StatsClient.stat(dir.file("admin.sock")), "FRONTEND")
+        #expect(fe["stot"] == "8")
+    }
+
     @Test("config errors: leastconn and first are not possible in the kernel")
     func configErrors() throws {
         let yaml = """
