@@ -28,25 +28,46 @@ public enum Socket {
         return fd
     }
 
-    /// Creates a nonblocking listening Unix stream socket at `path`. A stale socket file left by
-    /// a process that is gone is replaced; one that still answers is in use (EADDRINUSE).
-    public static func listenUnix(_ path: String, backlog: Int32) throws(SysError) -> Int32 {
+    /// `sockaddr_un` for a filesystem path; nil when the path is too long for one.
+    static func unixAddress(_ path: String) -> sockaddr_un? {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw SysError("bind", ENAMETOOLONG) }
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return nil }
         withUnsafeMutableBytes(of: &addr.sun_path) { dst in
             for (k, b) in bytes.enumerated() { dst[k] = b }
             dst[bytes.count] = 0
         }
+        return addr
+    }
+
+    /// Connects a blocking, close-on-exec Unix stream socket to `path`.
+    public static func connectUnix(_ path: String) throws(SysError) -> Int32 {
+        guard var addr = unixAddress(path) else { throw SysError("connect", ENAMETOOLONG) }
+        let fd = Int32(try Sys.checkBlocking("socket") { Int(Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)) })
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if r != 0 {
+            let e = errno
+            Sys.close(fd)
+            throw SysError("connect", e)
+        }
+        return fd
+    }
+
+    /// Creates a nonblocking listening Unix stream socket at `path`. A stale socket file left by
+    /// a process that is gone is replaced; one that still answers is in use (EADDRINUSE).
+    public static func listenUnix(_ path: String, backlog: Int32) throws(SysError) -> Int32 {
+        guard var addr = unixAddress(path) else { throw SysError("bind", ENAMETOOLONG) }
         let len = socklen_t(MemoryLayout<sockaddr_un>.size)
         var st = stat()
         if lstat(path, &st) == 0 {
             guard st.st_mode & S_IFMT == S_IFSOCK else { throw SysError("bind", EEXIST) }
-            let probe = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            let live = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(probe, $0, len) } } == 0
-            Glibc.close(probe)
-            if live { throw SysError("bind", EADDRINUSE) }
+            if let live = try? connectUnix(path) {
+                Sys.close(live)
+                throw SysError("bind", EADDRINUSE)
+            }
             unlink(path)
         }
         let fd = Int32(try Sys.checkBlocking("socket") { Int(ballast_socket_nonblock(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)) })

@@ -159,7 +159,7 @@ public final class NatController: @unchecked Sendable {
                 jumps.append(NftBatch.Element(key: le(st.marks[j]), data: nil, jump: chain))
             }
         }
-        b.verdictMap(t, "traffic")
+        b.map(t, "traffic", dataType: NFT_DATA_VERDICT.rawValue)
         if !jumps.isEmpty { b.elements(t, "traffic", jumps) }
         b.rule(t, "forward", [Expr.ctMarkLoad(Expr.reg1), Expr.vmap("traffic", setID: b.setID("traffic"), sreg: Expr.reg1)], "per-server counters")
         // Flows Ballast did not balance are none of postrouting's business. The rule also keeps

@@ -126,8 +126,9 @@ final class NftBatch {
 
     // MARK: Sets and maps
 
-    /// A map `type mark : <data>` (`interval` for weighted ranges).
-    func map(_ table: String, _ name: String, interval: Bool, dataType: UInt32, dataLen: UInt32, size: UInt32 = 0) {
+    /// A map `type mark : <data>` (`interval` for weighted ranges; `dataType`
+    /// `NFT_DATA_VERDICT` makes a verdict map, whose data needs no length).
+    func map(_ table: String, _ name: String, interval: Bool = false, dataType: UInt32, dataLen: UInt32? = nil, size: UInt32 = 0) {
         let s = nftnl_set_alloc()!
         defer { nftnl_set_free(s) }
         let id = nextSetID
@@ -141,7 +142,7 @@ final class NftBatch {
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), 19)  // mark
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), 4)
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_DATA_TYPE.rawValue), dataType)
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_DATA_LEN.rawValue), dataLen)
+        if let dataLen { nftnl_set_set_u32(s, UInt16(NFTNL_SET_DATA_LEN.rawValue), dataLen) }
         if size > 0 { nftnl_set_set_u32(s, UInt16(NFTNL_SET_DESC_SIZE.rawValue), size) }
         // Byte-order hints for `nft list` (they change nothing in the kernel): interval keys
         // come from numgen through hton (big-endian); marks are host-endian.
@@ -158,27 +159,6 @@ final class NftBatch {
         var intervalEnd = false
         /// A verdict map's value: jump to this chain.
         var jump: String?
-    }
-
-    /// A verdict map `type mark : verdict`.
-    func verdictMap(_ table: String, _ name: String) {
-        let s = nftnl_set_alloc()!
-        defer { nftnl_set_free(s) }
-        let id = nextSetID
-        nextSetID += 1
-        setIDs[name] = id
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FAMILY.rawValue), UInt32(family))
-        nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table)
-        nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id)
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), UInt32(NFT_SET_MAP.rawValue))
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), 19)
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), 4)
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_DATA_TYPE.rawValue), NFT_DATA_VERDICT.rawValue)
-        let udata: [UInt8] = [0, 4] + withUnsafeBytes(of: UInt32(1).littleEndian) { Array($0) }
-        _ = udata.withUnsafeBytes { nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), $0.baseAddress, UInt32($0.count)) }
-        nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET.rawValue, NLM_F_CREATE, "create map \(table) \(name)"), s)
-        _ = nftnl_batch_update(batch)
     }
 
     /// Adds (or, with `delete`, removes) elements, at most 1024 per message (attribute lengths

@@ -110,6 +110,19 @@ final class NatLab {
         return try NatLab.sh(args).split(separator: "\n").map(String.init)
     }
 
+    /// A long-lived client: a Python script in the client namespace, fed through stdin and
+    /// read through stdout by the test.
+    func clientScript(_ script: String) throws -> (process: Process, input: FileHandle, output: FileHandle) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: NatLab.ip)
+        p.arguments = ["netns", "exec", client, "python3", "-c", script]
+        let inPipe = Pipe(), outPipe = Pipe()
+        p.standardInput = inPipe
+        p.standardOutput = outPipe
+        try p.run()
+        return (p, inPipe.fileHandleForWriting, outPipe.fileHandleForReading)
+    }
+
     func nft(_ args: String...) throws -> String { try NatLab.sh([NatLab.ip, "netns", "exec", balancer, "/usr/sbin/nft"] + args) }
 
     func ballast(_ yaml: String, extra: [String] = []) throws -> BallastProcess {
@@ -205,8 +218,6 @@ final class NatLab {
         let b = try lab.ballast(lab.config(dir: dir))
         defer { b.stop() }
         // A long-lived flow to s1 (found by asking), then s2 dies and s1 is drained: the flow goes on.
-        let keep = Process()
-        keep.executableURL = URL(fileURLWithPath: NatLab.ip)
         let script = """
             import socket, sys, time
             s = socket.create_connection(("\(lab.vip4)", 80), timeout=5)
@@ -215,13 +226,9 @@ final class NatLab {
             s.sendall(b"still here\\n")
             print(s.recv(100).decode().strip(), flush=True)
             """
-        keep.arguments = ["netns", "exec", lab.client, "python3", "-c", script]
-        let inPipe = Pipe(), outPipe = Pipe()
-        keep.standardInput = inPipe
-        keep.standardOutput = outPipe
-        try keep.run()
+        let (keep, input, output) = try lab.clientScript(script)
         defer { if keep.isRunning { kill(keep.processIdentifier, SIGKILL) } }
-        let first = String(decoding: outPipe.fileHandleForReading.availableData, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        let first = String(decoding: output.availableData, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(["s1", "s2"].contains(first))
         let other = first == "s1" ? 1 : 0  // index of the server to kill
         let otherName = lab.servers[other]
@@ -243,9 +250,9 @@ final class NatLab {
         // Drain the flow's own server: new connections have nowhere to go, the old flow stays.
         #expect(try StatsClient.ask(dir.file("admin.sock"), "set server web/\(first) state drain") == "\n")
         usleep(100_000)
-        inPipe.fileHandleForWriting.write("go\n".data(using: .utf8)!)
+        input.write("go\n".data(using: .utf8)!)
         keep.waitUntilExit()
-        let rest = String(decoding: outPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let rest = String(decoding: output.readDataToEndOfFile(), as: UTF8.self)
         #expect(rest.contains("still here"), "the established flow broke: \(rest)")
     }
 
@@ -273,23 +280,17 @@ final class NatLab {
                 print("RESET" if isinstance(e, ConnectionResetError) else "ERR " + str(e), round(time.time() - t, 2), flush=True)
             """
         // Weight 0 on s2 at first so the flow lands on s1; then s2 gets weight and s1 dies.
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: NatLab.ip)
-        p.arguments = ["netns", "exec", lab.client, "python3", "-c", script]
-        let inPipe = Pipe(), outPipe = Pipe()
-        p.standardInput = inPipe
-        p.standardOutput = outPipe
-        try p.run()
+        let (p, input, output) = try lab.clientScript(script)
         defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
-        #expect(String(decoding: outPipe.fileHandleForReading.availableData, as: UTF8.self).hasPrefix("s1"))
+        #expect(String(decoding: output.availableData, as: UTF8.self).hasPrefix("s1"))
         _ = b.reload(lab.config(weights: [1, 1], extra: "on_marked_down: shutdown-sessions"))
         // s1 becomes unreachable: its link goes down, the check times out, the server is DOWN.
         try NatLab.sh([NatLab.ip, "-n", lab.ns("s1"), "link", "set", "\(lab.prefix)s1", "down"])
         #expect(b.waitForLog("Server web/s1 is DOWN", timeout: 5) != nil)
         #expect(b.waitForLog("nat: flushed the connections of web/s1", timeout: 3) != nil)
-        inPipe.fileHandleForWriting.write("go\n".data(using: .utf8)!)
+        input.write("go\n".data(using: .utf8)!)
         p.waitUntilExit()
-        let out = String(decoding: outPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let out = String(decoding: output.readDataToEndOfFile(), as: UTF8.self)
         #expect(out.hasPrefix("RESET") || out.hasPrefix("EOF"), "the client did not get a reset: \(out)")
     }
 
@@ -399,18 +400,12 @@ final class NatLab {
             print("ready", flush=True)
             sys.stdin.readline()
             """
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: NatLab.ip)
-        p.arguments = ["netns", "exec", lab.client, "python3", "-c", script]
-        let inPipe = Pipe(), outPipe = Pipe()
-        p.standardInput = inPipe
-        p.standardOutput = outPipe
-        try p.run()
+        let (p, input, output) = try lab.clientScript(script)
         defer {
-            inPipe.fileHandleForWriting.write("done\n".data(using: .utf8)!)
+            input.write("done\n".data(using: .utf8)!)
             p.waitUntilExit()
         }
-        #expect(String(decoding: outPipe.fileHandleForReading.availableData, as: UTF8.self).hasPrefix("ready"))
+        #expect(String(decoding: output.availableData, as: UTF8.self).hasPrefix("ready"))
         let rows = try StatsClient.stat(dir.file("admin.sock"))
         let s1 = StatsClient.row(rows, "s1"), s2 = StatsClient.row(rows, "s2"), fe = StatsClient.row(rows, "FRONTEND")
         #expect(s1["scur"] == "2" && s2["scur"] == "1", "\(s1["scur"] ?? "?") / \(s2["scur"] ?? "?")")

@@ -110,13 +110,6 @@ struct CLI {
         return commands
     }
 
-    /// Runs one request line and returns what to write back.
-    func run(line: String, session: inout CLISession) -> String {
-        var out: [UInt8] = []
-        run(line: line, session: &session, into: &out)
-        return String(decoding: out, as: UTF8.self)
-    }
-
     /// Runs one request line, appending the reply to `out` (the connection's output buffer:
     /// a large `show stat` is written there directly, never copied).
     func run(line: String, session: inout CLISession, into out: inout [UInt8]) {
@@ -170,10 +163,6 @@ struct CLI {
         case "show version": return "\(BallastVersion.string)\n\n"
         case "show backend": return "# name\n" + ctx.table.services.map { $0.name + "\n" }.joined() + "\n"
         case "show info": return ShowInfo.render(ctx, typed: args.contains("typed"), json: args.contains("json"))
-        case "show stat":
-            var out: [UInt8] = []
-            showStat(args, into: &out)
-            return String(decoding: out, as: UTF8.self)
         case "show servers state":
             if let name = args.first {
                 guard let svc = ctx.service(name) else { return "Can't find backend.\n\n" }

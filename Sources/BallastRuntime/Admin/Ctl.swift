@@ -1,4 +1,5 @@
 import BallastCore
+import BallastIO
 
 #if canImport(Glibc)
 import Glibc
@@ -22,23 +23,9 @@ public enum Ctl {
     /// Connects to a Unix socket path, or to `ip:port` over TCP.
     public static func connect(_ target: String) throws(Failure) -> Int32 {
         if target.hasPrefix("/") || target.hasPrefix(".") || !target.contains(":") {
-            var addr = sockaddr_un()
-            addr.sun_family = sa_family_t(AF_UNIX)
-            let bytes = Array(target.utf8)
-            guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw Failure(description: "\(target): path too long") }
-            withUnsafeMutableBytes(of: &addr.sun_path) { dst in
-                for (k, b) in bytes.enumerated() { dst[k] = b }
+            do { return try Socket.connectUnix(target) } catch {
+                throw Failure(description: "cannot connect to \(target): \(String(cString: strerror(error.errno)))")
             }
-            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            let r = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            if r != 0 {
-                let e = String(cString: strerror(errno))
-                close(fd)
-                throw Failure(description: "cannot connect to \(target): \(e)")
-            }
-            return fd
         }
         let address: SocketAddress
         do { address = try SocketAddress(parsing: target) } catch { throw Failure(description: "\(target): \(error)") }
