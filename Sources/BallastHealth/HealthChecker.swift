@@ -369,8 +369,9 @@ public final class HealthChecker: @unchecked Sendable {
         do {
             try Epoll.add(epfd, fd, events: Epoll.in | Epoll.out | Epoll.rdhup, data: token(index, t))
         } catch {
-            finish(t, CheckResult(status: .sockError, code: nil, detail: "\(error)", durationMs: 0), now)
+            return finish(t, CheckResult(status: .sockError, code: nil, detail: "\(error)", durationMs: 0), now)
         }
+        publish(t)  // `show stat` marks a check under way with `* `, as HAProxy does
     }
 
     static func request(for c: CheckConfig) -> [UInt8] {

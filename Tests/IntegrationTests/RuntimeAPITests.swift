@@ -602,6 +602,25 @@ enum StatsClient {
         #expect(String(decoding: resp, as: UTF8.self).hasPrefix("HTTP/1.1 404 Not Found\r\n"))
     }
 
+    @Test("a check under way shows as `* ` before its status, as in HAProxy")
+    func checkInProgress() throws {
+        // Listening but never answering: the HTTP check stays under way until its timeout.
+        let (silent, port) = try Net.listen()
+        defer { close(silent) }
+        let dir = TempDir()
+        let b = try Self.start(
+            [("s1", port)], extra: "check: { type: http, interval: 3s, timeout: 2500ms, rise: 1, fall: 1 }", dir: dir)
+        defer { b.stop() }
+        var seen = ""
+        let deadline = Date().addingTimeInterval(4)
+        while Date() < deadline {
+            seen = StatsClient.row(try StatsClient.stat(dir.file("user.sock")), "s1")["check_status"] ?? ""
+            if seen.hasPrefix("* ") { break }
+            usleep(50_000)
+        }
+        #expect(seen == "* INI", "check_status \(seen)")
+    }
+
     @Test("show stat typed and json are well formed; filters select rows")
     func typedJSONAndFilters() throws {
         let echo = try TestServer.echo()
