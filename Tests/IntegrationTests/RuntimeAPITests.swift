@@ -379,6 +379,10 @@ enum StatsClient {
             let (back, _) = Net.readAll(fd)
             #expect(back.count == size)
             close(fd)
+            // One at a time from the proxy's side too (its close can trail the client's), so the
+            // maximum of concurrent connections is exactly 1.
+            let settle = Date().addingTimeInterval(2)
+            while Date() < settle, StatsClient.row(try StatsClient.stat(dir.file("user.sock")), "FRONTEND")["scur"] != "0" { usleep(2_000) }
         }
         // Counters are added when bytes move and when connections end; the last close is async.
         var fe: [String: String] = [:], be: [String: String] = [:], s1: [String: String] = [:], s2: [String: String] = [:]
