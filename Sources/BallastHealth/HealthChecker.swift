@@ -262,11 +262,26 @@ public final class HealthChecker: @unchecked Sendable {
     private func loop() {
         let events = UnsafeMutablePointer<ballast_epoll_event>.allocate(capacity: 256)
         defer { events.deallocate() }
-        while !stopping.load(ordering: .relaxed) {
+        // At stop, MySQL checks under way are let finish (up to their own timeout, at most a
+        // second): closing one mid-handshake counts as an aborted connect on the server, and
+        // enough of those block the host (`max_connect_errors`). Other checks just close.
+        var drainUntil: Int64?
+        while true {
             var now = monotonic()
+            if stopping.load(ordering: .relaxed) {
+                if drainUntil == nil {
+                    drainUntil = now + 1000
+                    for case let t? in tasks where t.fd >= 0 && t.mysql == nil { hangUp(t) }
+                }
+                if now >= drainUntil! || !tasks.contains(where: { $0.map { $0.fd >= 0 } ?? false }) { break }
+            }
             var timeout: Int64 = 1000
             for t in tasks {
                 guard let t else { continue }
+                if drainUntil != nil {
+                    if t.fd >= 0 { timeout = min(timeout, max(0, min(t.deadline, drainUntil!) - now)) }
+                    continue
+                }
                 guard t.enabled || t.fd >= 0 else { continue }
                 timeout = min(timeout, max(0, (t.fd >= 0 ? t.deadline : t.nextDue) - now))
             }
@@ -294,7 +309,7 @@ public final class HealthChecker: @unchecked Sendable {
                 guard let t else { continue }
                 if t.fd >= 0 {
                     if now >= t.deadline { timedOut(t, now) }
-                } else if t.enabled && now >= t.nextDue {
+                } else if t.enabled && drainUntil == nil && now >= t.nextDue {
                     begin(t, now)
                 }
             }

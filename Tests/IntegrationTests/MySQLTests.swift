@@ -83,6 +83,59 @@ import Glibc
         #expect(try db.sql("SELECT 1") == "1\n")
     }
 
+    /// A relay in front of the server that holds each greeting back for `delay`, so a check is
+    /// certainly in flight for that long. A client that hangs up meanwhile makes the relay hang up
+    /// on the server too, as a direct connection would.
+    static func slowGreetingRelay(to port: UInt16, delay: useconds_t) throws -> TestServer {
+        try TestServer(name: "relay") { c, _ in
+            guard let u = try? Net.connect(port) else { return }
+            let back = TestThread {
+                var buf = [UInt8](repeating: 0, count: 16384)
+                var first = true
+                while true {
+                    let n = buf.withUnsafeMutableBytes { recv(u, $0.baseAddress!, $0.count, 0) }
+                    if n <= 0 { break }
+                    if first { usleep(delay); first = false }
+                    if buf.withUnsafeBytes({ send(c, $0.baseAddress!, n, Int32(MSG_NOSIGNAL)) }) != n { break }
+                }
+                shutdown(c, Int32(SHUT_WR))
+            }
+            var buf = [UInt8](repeating: 0, count: 16384)
+            while true {
+                let n = buf.withUnsafeMutableBytes { recv(c, $0.baseAddress!, $0.count, 0) }
+                if n <= 0 { break }
+                if buf.withUnsafeBytes({ send(u, $0.baseAddress!, n, Int32(MSG_NOSIGNAL)) }) != n { break }
+            }
+            shutdown(u, Int32(SHUT_RDWR))
+            back.join(timeout: 10)
+            close(u)
+        }
+    }
+
+    @Test("stopping while a check waits for the greeting lets it finish: no aborted connect", .enabled(if: haveMariaDB))
+    func stopMidCheck() throws {
+        let db = try MariaDB()
+        let relay = try Self.slowGreetingRelay(to: db.port, delay: 300_000)
+        defer { relay.stop() }
+        let before = try db.status("Aborted_connects")
+        let connections = try db.status("Connections")
+        for round in 1...3 {
+            let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
+                serviceYAML(name: "db", servers: [("m", relay.port)],
+                            extra: "check: { type: mysql, interval: 1s, timeout: 1s, fall: 1, rise: 1, user: check, password: s3cret }")
+            ]))
+            let deadline = Date().addingTimeInterval(3)
+            while relay.connections < round && Date() < deadline { usleep(5_000) }
+            #expect(relay.connections == round, "no check started")
+            usleep(50_000)  // the check now waits for its greeting
+            #expect(p.stop() == 0)
+        }
+        usleep(200_000)
+        #expect(try db.status("Connections") - connections >= 3, "the checks did not reach the server")
+        #expect(try db.status("Aborted_connects") == before)
+        #expect(try db.status("Aborted_clients") == 0)
+    }
+
     @Test("a wrong password fails with the server's error in the detail", .enabled(if: haveMariaDB))
     func wrongPassword() throws {
         let db = try MariaDB()
