@@ -17,15 +17,23 @@ import Musl
 /// Shape (per family):
 /// ```
 /// table ip ballast {
+///   map services { type ipv4_addr . inet_service : verdict }      bind → goto svc-<svc>
+///   map source-nat { type mark : verdict }                          service mark → jump snat-<svc>
+///   map traffic  { type mark : verdict }                          server mark → jump srv-<svc>-<n>
 ///   map be-<svc> { type mark : ipv4_addr . inet_service }          server mark → address . port
 ///   map rr-<svc> { type mark : mark; flags interval }              roundrobin/random: weight ranges → mark
 ///   map mg-<svc> { type mark : mark }                              source: Maglev slot → mark
-///   chain prerouting { type nat hook prerouting priority dstnat; ip daddr V tcp dport P goto svc-<svc> }
-///   chain output     { type nat hook output priority dstnat;     (the same, for the host's own clients) }
-///   chain postrouting { type nat hook postrouting priority srcnat; ct mark & 0xffff0000 == S masquerade }
-///   chain svc-<svc>  { ct mark set numgen inc mod W map @rr-<svc> dnat to ct mark map @be-<svc> }
+///   chain prerouting  { type nat hook prerouting priority dstnat; ip daddr . tcp dport vmap @services }
+///   chain output      { type nat hook output priority dstnat;     (the same, for the host's own clients) }
+///   chain postrouting { type nat hook postrouting priority srcnat; ct mark & 0xffff0000 vmap @source-nat }
+///   chain forward     { type filter hook forward priority filter; ct mark vmap @traffic }
+///   chain svc-<svc>   { ct mark set numgen inc mod W map @rr-<svc>; dnat to ct mark map @be-<svc> }
+///   chain snat-<svc>  { masquerade }                              (or snat to an address; none: no chain)
+///   chain srv-<svc>-<n> { ct state new counter; ct direction original counter; … reply counter }
 /// }
 /// ```
+/// The base chains never change after start: a service is its own chains and maps plus its
+/// elements in the three shared maps, so a reload adds and removes exactly those.
 /// Every connection is tagged with its server's mark (service id << 16 | server id), so a dead
 /// server's flows can be flushed from conntrack by mark.
 public final class NatController: @unchecked Sendable {
@@ -41,6 +49,10 @@ public final class NatController: @unchecked Sendable {
         var weights: [Int] = []
         var slots: [Int32] = []
         var chain: String { "svc-\(name)" }
+        var snatChain: String { "snat-\(name)" }
+        func serverChain(_ j: Int) -> String { "srv-\(name)-\(j + 1)" }
+        /// The same objects in the kernel (what is loaded aside).
+        func same(as o: ServiceState) -> Bool { id == o.id && family == o.family && config == o.config }
         var backends: String { "be-\(name)" }
         var sched: String { config.balance == .source ? "mg-\(name)" : "rr-\(name)" }
     }
@@ -73,9 +85,12 @@ public final class NatController: @unchecked Sendable {
 
     // MARK: - Whole tables
 
-    /// Start and reload: replaces each family's `ballast` table in one atomic batch, whatever
-    /// was there (a crashed run's leftovers included). Established flows keep their server:
-    /// NAT rules see only the first packet of a connection.
+    /// Start: replaces each family's `ballast` table in one atomic batch, whatever was there (a
+    /// crashed run's leftovers included). Reload: one atomic batch per family with the difference
+    /// only: a removed service's objects go, a new one's come, a changed one is rebuilt (its
+    /// servers that kept their name and address keep their counters), and the others are not
+    /// touched. Established flows keep their server either way: NAT rules see only the first
+    /// packet of a connection.
     public func apply(_ table: ServiceTable) throws(NatError) {
         var t1 = timespec()
         clock_gettime(CLOCK_MONOTONIC, &t1)
@@ -86,43 +101,90 @@ public final class NatController: @unchecked Sendable {
         }
         try lock.withLock { (_: inout Void) throws(NatError) in
             flowStatsAt = 0  // the next read asks the kernel again
+            let start = self.table == nil
+            if start { highestId = 0 }
+            // A service keeps its id (the high half of its flows' marks) across reloads, so live
+            // flows and counters keep their meaning; a new one takes an id not used before.
             var next: [String: ServiceState] = [:]
+            var taken = Set(services.values.map(\.id))
             for (k, svc) in table.services.enumerated() where svc.config.mode == .nat {
-                let id = UInt32(k + 1)
+                let fam = NatController.family(svc.config)
+                let id: UInt32
+                if !start, let old = services[svc.name], old.family == fam {
+                    id = old.id
+                } else if start {
+                    id = UInt32(k + 1)  // as `ballast nft show -c` numbers them
+                } else if highestId < 0xFFFF {
+                    id = highestId + 1
+                } else {
+                    id = (1...UInt32(0xFFFF)).first { !taken.contains($0) } ?? 0xFFFF
+                }
+                highestId = max(highestId, id)
+                taken.insert(id)
                 var st = ServiceState(
-                    name: svc.name, id: id, family: NatController.family(svc.config), config: svc.config,
+                    name: svc.name, id: id, family: fam, config: svc.config,
                     marks: svc.servers.indices.map { (id << 16) | UInt32($0 + 1) })
-                desired(&st, svc)
+                if !start, let old = services[svc.name], old.same(as: st) {
+                    st = old  // what is loaded stays; sync() follows the new table's state
+                } else {
+                    desired(&st, svc)
+                }
                 next[svc.name] = st
             }
             let fams = Set(next.values.map(\.family))
-            // Reload with the nat services unchanged: nothing to reprogram (the counters and the
-            // maps stay as they are); only the table's server objects are followed from now on.
-            if self.table != nil && fams == families && next.count == services.count
-                && next.allSatisfy({ name, st in
-                    guard let old = services[name] else { return false }
-                    return old.id == st.id && old.family == st.family && old.config == st.config
-                })
-            {
-                self.table = table
-                return
-            }
-            for fam in fams.union(families) {
+            let tn = NatController.tableName
+            var changes: [String] = []
+            for fam in fams.union(families).sorted() {
                 let b = socket.newBatch(family: fam)
-                // Replace: create (so delete cannot fail), delete, create again.
-                b.table(NatController.tableName, NFT_MSG_NEWTABLE.rawValue)
-                b.table(NatController.tableName, NFT_MSG_DELTABLE.rawValue)
-                if fams.contains(fam) {
-                    b.table(NatController.tableName, NFT_MSG_NEWTABLE.rawValue)
-                    build(b, next.values.filter { $0.family == fam }.sorted { $0.id < $1.id })
+                let mine = next.values.filter { $0.family == fam }.sorted { $0.id < $1.id }
+                if start || !families.contains(fam) {
+                    // Replace: create (so delete cannot fail), delete, create again.
+                    b.table(tn, NFT_MSG_NEWTABLE.rawValue)
+                    b.table(tn, NFT_MSG_DELTABLE.rawValue)
+                    b.table(tn, NFT_MSG_NEWTABLE.rawValue)
+                    build(b, mine)
+                    if !start { changes.append("table \(b.familyName) \(tn) created") }
+                } else if !fams.contains(fam) {
+                    b.table(tn, NFT_MSG_NEWTABLE.rawValue)
+                    b.table(tn, NFT_MSG_DELTABLE.rawValue)
+                    changes.append("table \(b.familyName) \(tn) removed")
+                } else {
+                    let before = changes.count
+                    for old in services.values.filter({ $0.family == fam }).sorted(by: { $0.id < $1.id }) {
+                        if let st = next[old.name], st.same(as: old) { continue }
+                        removeService(b, old, keeping: NatController.keptServers(old, next[old.name]))
+                        if next[old.name]?.family != fam { changes.append("\(old.name) removed") }
+                    }
+                    for st in mine {
+                        let old = services[st.name]
+                        if let old, old.same(as: st) { continue }
+                        addService(b, st, keeping: NatController.keptServers(old, st))
+                        changes.append(old?.family == fam ? "\(st.name) rebuilt" : "\(st.name) added")
+                    }
+                    if changes.count == before { continue }  // nothing of this family changed
                 }
                 b.finish()
                 try socket.send(b)
+            }
+            if !start {
+                let unchanged = next.values.filter { st in services[st.name].map { $0.same(as: st) } ?? false }.count
+                logger.info("nat: reload: \(changes.isEmpty ? "no change" : changes.joined(separator: ", ")); \(unchanged) services untouched")
             }
             services = next
             families = fams
             self.table = table
         }
+    }
+
+    /// The id this run gave last (new services on reload take the next one).
+    private var highestId: UInt32 = 0
+
+    /// Servers of a rebuilt service whose per-server chain (and so its counters) can stay: same
+    /// service id, same position, same name and address.
+    static func keptServers(_ old: ServiceState?, _ new: ServiceState?) -> Set<Int> {
+        guard let old, let new, old.id == new.id, old.family == new.family else { return [] }
+        let a = old.config.servers, b = new.config.servers
+        return Set((0..<min(a.count, b.count)).filter { a[$0].name == b[$0].name && a[$0].address == b[$0].address })
     }
 
     /// Removes the tables (stop), unless they are to outlive the process.
@@ -139,8 +201,10 @@ public final class NatController: @unchecked Sendable {
         }
     }
 
+    /// The shared part of a family's table, then every service's objects.
     private func build(_ b: NftBatch, _ list: [ServiceState]) {
         let t = NatController.tableName
+        let v6 = b.family == UInt16(NFPROTO_IPV6)
         b.chain(t, "prerouting", hook: UInt32(NF_INET_PRE_ROUTING.rawValue), priority: -100)
         b.chain(t, "output", hook: UInt32(NF_INET_LOCAL_OUT.rawValue), priority: -100)
         b.chain(t, "postrouting", hook: UInt32(NF_INET_POST_ROUTING.rawValue), priority: 100)
@@ -148,54 +212,93 @@ public final class NatController: @unchecked Sendable {
         // server's chain, which counts new connections and bytes each way (one map lookup and
         // three cheap rules per packet, whatever the number of servers).
         b.chain(t, "forward", hook: UInt32(NF_INET_FORWARD.rawValue), priority: 0, type: "filter")
-        var jumps: [NftBatch.Element] = []
-        for st in list {
-            for j in st.config.servers.indices {
-                let chain = "srv-\(st.name)-\(j + 1)"
-                b.chain(t, chain)
-                b.rule(t, chain, Expr.ctStateNew(Expr.reg1) + [Expr.counter()], "\(chain): new connections")
-                b.rule(t, chain, Expr.ctDirection(Expr.reg1, reply: false) + [Expr.counter()], "\(chain): client to server")
-                b.rule(t, chain, Expr.ctDirection(Expr.reg1, reply: true) + [Expr.counter()], "\(chain): server to client")
-                jumps.append(NftBatch.Element(key: le(st.marks[j]), data: nil, jump: chain))
-            }
-        }
+        // Services are found by one lookup of `daddr . dport` (whatever their number), and each
+        // service's objects are its own: a reload adds or removes elements, never base rules.
+        b.map(t, "services", keyType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), keyLen: v6 ? 20 : 8, dataType: NFT_DATA_VERDICT.rawValue)
+        b.map(t, "source-nat", dataType: NFT_DATA_VERDICT.rawValue)
         b.map(t, "traffic", dataType: NFT_DATA_VERDICT.rawValue)
-        if !jumps.isEmpty { b.elements(t, "traffic", jumps) }
+        for chain in ["prerouting", "output"] {
+            b.rule(
+                t, chain,
+                [
+                    Expr.metaL4proto(Expr.reg1), Expr.cmpEq(Expr.reg1, [UInt8(IPPROTO_TCP)]),
+                    Expr.payload(network: true, offset: v6 ? 24 : 16, len: v6 ? 16 : 4, dreg: Expr.reg1),
+                    Expr.payload(network: false, offset: 2, len: 2, dreg: Expr.reg32(v6 ? 4 : 1)),
+                    Expr.vmap("services", setID: b.setID("services"), sreg: Expr.reg1),
+                ], "daddr . dport → service")
+        }
         b.rule(t, "forward", [Expr.ctMarkLoad(Expr.reg1), Expr.vmap("traffic", setID: b.setID("traffic"), sreg: Expr.reg1)], "per-server counters")
         // Flows Ballast did not balance are none of postrouting's business. The rule also keeps
         // a conntrack expression in the table at all times: the kernel turns conntrack off in
         // a namespace when the last one goes, and established flows would lose their NAT the
         // moment a service's chain is emptied (no usable server).
         b.rule(t, "postrouting", [Expr.ctMarkLoad(Expr.reg1), Expr.and(Expr.reg1, mask: 0xffff_0000), Expr.cmpEq(Expr.reg1, [0, 0, 0, 0]), Expr.accept()], "not balanced by Ballast")
-        for st in list {
-            let v6 = st.family == UInt16(NFPROTO_IPV6)
-            b.chain(t, st.chain)
-            b.map(t, st.backends, interval: false, dataType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), dataLen: v6 ? 20 : 8)
-            b.elements(t, st.backends, st.config.servers.enumerated().map { j, s in
-                NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData(s.address))
-            })
-            if st.config.balance == .source {
-                b.map(t, st.sched, interval: false, dataType: 19, dataLen: 4, size: UInt32(st.config.hashTableSize))
-                b.elements(t, st.sched, slotElements(st, Array(st.slots.indices)))
-            } else {
-                b.map(t, st.sched, interval: true, dataType: 19, dataLen: 4)
-                b.elements(t, st.sched, rangeElements(st))
-            }
-            schedRule(b, st)
-            for bind in st.config.binds {
-                for chain in ["prerouting", "output"] {
-                    b.rule(t, chain, matchRule(bind.address) + [Expr.goto(st.chain)], "\(bind.address) → \(st.chain)")
-                }
-            }
-            switch st.config.snat {
-            case .none: break
-            case .masquerade:
-                b.rule(t, "postrouting", markMatch(st) + [Expr.masquerade()], "\(st.name): masquerade")
-            case .address(let a):
-                let nfproto = UInt32(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4)
-                b.rule(t, "postrouting", markMatch(st) + [Expr.immediate(Expr.reg1, NatController.hostBytes(a)), Expr.snat(family: nfproto, addrReg: Expr.reg1)], "\(st.name): snat to \(a.hostText)")
-            }
+        b.rule(t, "postrouting", [Expr.ctMarkLoad(Expr.reg1), Expr.and(Expr.reg1, mask: 0xffff_0000), Expr.vmap("source-nat", setID: b.setID("source-nat"), sreg: Expr.reg1)], "service → its source NAT")
+        for st in list { addService(b, st, keeping: []) }
+    }
+
+    /// A service's own objects: its chain and maps, its servers' counter chains, its source-NAT
+    /// chain, and its elements in the shared maps. `keeping`: servers whose chain exists already.
+    private func addService(_ b: NftBatch, _ st: ServiceState, keeping: Set<Int>) {
+        let t = NatController.tableName
+        let v6 = st.family == UInt16(NFPROTO_IPV6)
+        b.chain(t, st.chain)
+        b.map(t, st.backends, interval: false, dataType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), dataLen: v6 ? 20 : 8)
+        b.elements(t, st.backends, st.config.servers.enumerated().map { j, s in
+            NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData(s.address))
+        })
+        if st.config.balance == .source {
+            b.map(t, st.sched, interval: false, dataType: 19, dataLen: 4, size: UInt32(st.config.hashTableSize))
+            let slots = slotElements(st, Array(st.slots.indices))
+            if !slots.isEmpty { b.elements(t, st.sched, slots) }
+        } else {
+            b.map(t, st.sched, interval: true, dataType: 19, dataLen: 4)
+            let ranges = rangeElements(st)
+            if !ranges.isEmpty { b.elements(t, st.sched, ranges) }
         }
+        schedRule(b, st)
+        let fresh = st.config.servers.indices.filter { !keeping.contains($0) }
+        for j in fresh {
+            let chain = st.serverChain(j)
+            b.chain(t, chain)
+            b.rule(t, chain, Expr.ctStateNew(Expr.reg1) + [Expr.counter()], "\(chain): new connections")
+            b.rule(t, chain, Expr.ctDirection(Expr.reg1, reply: false) + [Expr.counter()], "\(chain): client to server")
+            b.rule(t, chain, Expr.ctDirection(Expr.reg1, reply: true) + [Expr.counter()], "\(chain): server to client")
+        }
+        if !fresh.isEmpty { b.elements(t, "traffic", fresh.map { NftBatch.Element(key: le(st.marks[$0]), data: nil, jump: st.serverChain($0)) }) }
+        switch st.config.snat {
+        case .none: break
+        case .masquerade:
+            b.chain(t, st.snatChain)
+            b.rule(t, st.snatChain, [Expr.masquerade()], "\(st.name): masquerade")
+        case .address(let a):
+            b.chain(t, st.snatChain)
+            let nfproto = UInt32(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4)
+            b.rule(t, st.snatChain, [Expr.immediate(Expr.reg1, NatController.hostBytes(a)), Expr.snat(family: nfproto, addrReg: Expr.reg1)], "\(st.name): snat to \(a.hostText)")
+        }
+        if st.config.snat != .none { b.elements(t, "source-nat", [NftBatch.Element(key: le(st.id << 16), data: nil, jump: st.snatChain)]) }
+        b.elements(t, "services", st.config.binds.map { NftBatch.Element(key: NatController.addressData($0.address), data: nil, jump: st.chain, goto: true) })
+    }
+
+    /// Takes a service's objects out (the reverse order of `addService`: references first).
+    private func removeService(_ b: NftBatch, _ st: ServiceState, keeping: Set<Int>) {
+        let t = NatController.tableName
+        b.elements(t, "services", st.config.binds.map { NftBatch.Element(key: NatController.addressData($0.address), data: nil) }, delete: true)
+        if st.config.snat != .none {
+            b.elements(t, "source-nat", [NftBatch.Element(key: le(st.id << 16), data: nil)], delete: true)
+            b.flushChain(t, st.snatChain)
+            b.deleteChain(t, st.snatChain)
+        }
+        let gone = st.config.servers.indices.filter { !keeping.contains($0) }
+        if !gone.isEmpty { b.elements(t, "traffic", gone.map { NftBatch.Element(key: le(st.marks[$0]), data: nil) }, delete: true) }
+        for j in gone {
+            b.flushChain(t, st.serverChain(j))
+            b.deleteChain(t, st.serverChain(j))
+        }
+        b.flushChain(t, st.chain)
+        b.deleteChain(t, st.chain)
+        b.deleteMap(t, st.backends)
+        b.deleteMap(t, st.sched)
     }
 
     // MARK: - Expressions
@@ -211,11 +314,6 @@ public final class NatController: @unchecked Sendable {
             Expr.payload(network: false, offset: 2, len: 2, dreg: Expr.reg1),
             Expr.cmpEq(Expr.reg1, [UInt8(a.port >> 8), UInt8(a.port & 0xff)]),
         ]
-    }
-
-    /// `ct mark & 0xffff0000 == service id << 16`.
-    private func markMatch(_ st: ServiceState) -> [OpaquePointer] {
-        [Expr.ctMarkLoad(Expr.reg1), Expr.and(Expr.reg1, mask: 0xffff_0000), Expr.cmpEq(Expr.reg1, le(st.id << 16))]
     }
 
     /// The service chain's one rule: pick a server mark, tag the flow, DNAT to that server.
@@ -477,15 +575,31 @@ public final class NatController: @unchecked Sendable {
             let v6 = fam == UInt16(NFPROTO_IPV6)
             let ip = v6 ? "ip6" : "ip"
             let addrType = v6 ? "ipv6_addr" : "ipv4_addr"
+            func map(_ name: String, _ type: String, _ elements: [String], extra: String = "", typeof: String? = nil) -> String {
+                var m = "\tmap \(name) {\n\t\t\(typeof.map { "typeof \($0)" } ?? "type \(type)")\n\(extra)"
+                if !elements.isEmpty { m += "\t\telements = { \(elements.joined(separator: ", ")) }\n" }
+                return m + "\t}\n"
+            }
             out += "table \(ip) \(tableName) {\n"
+            out += map("services", "\(addrType) . inet_service : verdict", sv.flatMap { st in
+                st.config.binds.map { "\($0.address.hostText) . \($0.address.port) : goto \(st.chain)" }
+            })
+            out += map("source-nat", "mark : verdict", sv.filter { $0.config.snat != .none }.map { "0x\(hex8($0.id << 16)) : jump \($0.snatChain)" })
+            out += map("traffic", "mark : verdict", sv.flatMap { st in st.config.servers.indices.map { "0x\(hex8(st.marks[$0])) : jump \(st.serverChain($0))" } })
             for st in sv {
-                let elems = st.config.servers.enumerated().map { j, s in
+                out += map(st.backends, "mark : \(addrType) . inet_service", st.config.servers.enumerated().map { j, s in
                     "0x\(hex8(st.marks[j])) : \(s.address.hostText) . \(s.address.port)"
-                }
-                out += "\tmap \(st.backends) {\n\t\ttype mark : \(addrType) . inet_service\n\t\telements = { \(elems.joined(separator: ", ")) }\n\t}\n"
+                })
+                // `typeof` (not `type mark : mark`): nft reads a map keyed by a hash or a
+                // counter back only when told which expression fills the key.
+                let total = st.weights.reduce(0, +)
                 if st.config.balance == .source {
                     let used = st.slots.filter { $0 >= 0 }.count
-                    out += "\tmap \(st.sched) {\n\t\ttype mark : mark\n\t\tsize \(st.config.hashTableSize)\n\t\t# \(used) Maglev slots\n\t}\n"
+                    let key = st.config.hashKey == .sourcePort ? "\(ip) saddr . tcp sport" : "\(ip) saddr"
+                    out += map(
+                        st.sched, "", [],
+                        extra: "\t\tsize \(st.config.hashTableSize)\n\t\t# \(used) Maglev slots\n",
+                        typeof: "jhash \(key) mod \(st.config.hashTableSize) seed 0x\(hex8(SourceHash.seed)) : ct mark")
                 } else {
                     var lo = 0
                     var ranges: [String] = []
@@ -493,36 +607,17 @@ public final class NatController: @unchecked Sendable {
                         ranges.append(w == 1 ? "\(lo) : 0x\(hex8(st.marks[j]))" : "\(lo)-\(lo + w - 1) : 0x\(hex8(st.marks[j]))")
                         lo += w
                     }
-                    out += "\tmap \(st.sched) {\n\t\ttype mark : mark\n\t\tflags interval\n"
-                    if !ranges.isEmpty { out += "\t\telements = { \(ranges.joined(separator: ", ")) }\n" }
-                    out += "\t}\n"
+                    let gen = st.config.balance == .random ? "random" : "inc"
+                    out += map(st.sched, "", ranges, extra: "\t\tflags interval\n", typeof: "numgen \(gen) mod \(max(1, total)) : ct mark")
                 }
             }
-            for (hook, prio) in [("prerouting", "dstnat"), ("output", "dstnat")] {
-                out += "\tchain \(hook) {\n\t\ttype nat hook \(hook == "output" ? "output" : "prerouting") priority \(prio); policy accept;\n"
-                for st in sv {
-                    for b in st.config.binds { out += "\t\t\(ip) daddr \(b.address.hostText) tcp dport \(b.address.port) goto \(st.chain)\n" }
-                }
-                out += "\t}\n"
-            }
-            let jumps = sv.flatMap { st in st.config.servers.indices.map { "0x\(hex8(st.marks[$0])) : jump srv-\(st.name)-\($0 + 1)" } }
-            out += "\tmap traffic {\n\t\ttype mark : verdict\n\t\telements = { \(jumps.joined(separator: ", ")) }\n\t}\n"
-            out += "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct mark vmap @traffic\n\t}\n"
-            for st in sv {
-                for j in st.config.servers.indices {
-                    out += "\tchain srv-\(st.name)-\(j + 1) {\n\t\tct state new counter\n\t\tct direction original counter\n\t\tct direction reply counter\n\t}\n"
-                }
+            for hook in ["prerouting", "output"] {
+                out += "\tchain \(hook) {\n\t\ttype nat hook \(hook) priority \(hook == "output" ? "-100" : "dstnat"); policy accept;\n"
+                out += "\t\tmeta l4proto tcp \(ip) daddr . tcp dport vmap @services\n\t}\n"
             }
             out += "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
-            out += "\t\tct mark 0x00000000/16 accept\n"
-            for st in sv {
-                switch st.config.snat {
-                case .none: break
-                case .masquerade: out += "\t\tct mark 0x\(hex8(st.id << 16))/16 masquerade\n"
-                case .address(let a): out += "\t\tct mark 0x\(hex8(st.id << 16))/16 snat \(ip) to \(a.hostText)\n"
-                }
-            }
-            out += "\t}\n"
+            out += "\t\tct mark 0x00000000/16 accept\n\t\tct mark & 0xffff0000 vmap @source-nat\n\t}\n"
+            out += "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct mark vmap @traffic\n\t}\n"
             for st in sv {
                 out += "\tchain \(st.chain) {\n"
                 let total = st.weights.reduce(0, +)
@@ -535,6 +630,14 @@ public final class NatController: @unchecked Sendable {
                     out += "\t\tmeta l4proto tcp dnat \(ip) to ct mark map @\(st.backends)\n"
                 }
                 out += "\t}\n"
+                switch st.config.snat {
+                case .none: break
+                case .masquerade: out += "\tchain \(st.snatChain) {\n\t\tmasquerade\n\t}\n"
+                case .address(let a): out += "\tchain \(st.snatChain) {\n\t\tsnat \(ip) to \(a.hostText)\n\t}\n"
+                }
+                for j in st.config.servers.indices {
+                    out += "\tchain \(st.serverChain(j)) {\n\t\tct state new counter\n\t\tct direction original counter\n\t\tct direction reply counter\n\t}\n"
+                }
             }
             out += "}\n"
         }

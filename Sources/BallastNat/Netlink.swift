@@ -124,11 +124,37 @@ final class NftBatch {
         _ = nftnl_batch_update(batch)
     }
 
+    /// Deletes a regular chain (flush it first in the same batch: a chain with rules is busy).
+    func deleteChain(_ table: String, _ name: String) {
+        let c = nftnl_chain_alloc()!
+        defer { nftnl_chain_free(c) }
+        nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_FAMILY.rawValue), UInt32(family))
+        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue), table)
+        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue), name)
+        nftnl_chain_nlmsg_build_payload(header(NFT_MSG_DELCHAIN.rawValue, 0, "delete chain \(table) \(name)"), c)
+        _ = nftnl_batch_update(batch)
+    }
+
     // MARK: Sets and maps
+
+    /// Deletes a map (no rule may refer to it once the batch is applied).
+    func deleteMap(_ table: String, _ name: String) {
+        let s = nftnl_set_alloc()!
+        defer { nftnl_set_free(s) }
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FAMILY.rawValue), UInt32(family))
+        nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table)
+        nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
+        nftnl_set_nlmsg_build_payload(header(NFT_MSG_DELSET.rawValue, 0, "delete map \(table) \(name)"), s)
+        _ = nftnl_batch_update(batch)
+        setIDs[name] = nil
+    }
 
     /// A map `type mark : <data>` (`interval` for weighted ranges; `dataType`
     /// `NFT_DATA_VERDICT` makes a verdict map, whose data needs no length).
-    func map(_ table: String, _ name: String, interval: Bool = false, dataType: UInt32, dataLen: UInt32? = nil, size: UInt32 = 0) {
+    func map(
+        _ table: String, _ name: String, interval: Bool = false, keyType: UInt32 = 19, keyLen: UInt32 = 4, dataType: UInt32, dataLen: UInt32? = nil,
+        size: UInt32 = 0
+    ) {
         let s = nftnl_set_alloc()!
         defer { nftnl_set_free(s) }
         let id = nextSetID
@@ -139,16 +165,19 @@ final class NftBatch {
         nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id)
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), UInt32(NFT_SET_MAP.rawValue) | (interval ? UInt32(NFT_SET_INTERVAL.rawValue) : 0))
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), 19)  // mark
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), 4)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), keyType)  // 19: mark
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), keyLen)
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_DATA_TYPE.rawValue), dataType)
         if let dataLen { nftnl_set_set_u32(s, UInt16(NFTNL_SET_DATA_LEN.rawValue), dataLen) }
         if size > 0 { nftnl_set_set_u32(s, UInt16(NFTNL_SET_DESC_SIZE.rawValue), size) }
         // Byte-order hints for `nft list` (they change nothing in the kernel): interval keys
-        // come from numgen through hton (big-endian); marks are host-endian.
-        var udata: [UInt8] = [0, 4] + withUnsafeBytes(of: UInt32(interval ? 2 : 1).littleEndian) { Array($0) }
+        // come from numgen through hton (big-endian); marks are host-endian; a concatenation of
+        // header fields (address . port) is network order, which nft assumes when told nothing.
+        var udata: [UInt8] = keyType == 19 ? [0, 4] + withUnsafeBytes(of: UInt32(interval ? 2 : 1).littleEndian) { Array($0) } : []
         if dataType == 19 { udata += [1, 4] + withUnsafeBytes(of: UInt32(1).littleEndian) { Array($0) } }
-        _ = udata.withUnsafeBytes { nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), $0.baseAddress, UInt32($0.count)) }
+        if !udata.isEmpty {
+            _ = udata.withUnsafeBytes { nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), $0.baseAddress, UInt32($0.count)) }
+        }
         nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET.rawValue, NLM_F_CREATE, "create map \(table) \(name)"), s)
         _ = nftnl_batch_update(batch)
     }
@@ -157,8 +186,9 @@ final class NftBatch {
         var key: [UInt8]
         var data: [UInt8]?
         var intervalEnd = false
-        /// A verdict map's value: jump to this chain.
+        /// A verdict map's value: jump to this chain (or go to it, with `goto`).
         var jump: String?
+        var goto = false
     }
 
     /// Adds (or, with `delete`, removes) elements, at most 1024 per message (attribute lengths
@@ -180,7 +210,7 @@ final class NftBatch {
                 }
                 if e.intervalEnd { nftnl_set_elem_set_u32(el, UInt16(NFTNL_SET_ELEM_FLAGS), UInt32(NFT_SET_ELEM_INTERVAL_END.rawValue)) }
                 if let chain = e.jump {
-                    nftnl_set_elem_set_u32(el, UInt16(NFTNL_SET_ELEM_VERDICT), UInt32(bitPattern: NFT_JUMP.rawValue))
+                    nftnl_set_elem_set_u32(el, UInt16(NFTNL_SET_ELEM_VERDICT), UInt32(bitPattern: e.goto ? NFT_GOTO.rawValue : NFT_JUMP.rawValue))
                     nftnl_set_elem_set_str(el, UInt16(NFTNL_SET_ELEM_CHAIN), chain)
                 }
                 nftnl_set_elem_add(s, el)

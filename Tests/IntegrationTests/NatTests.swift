@@ -123,6 +123,17 @@ final class NatLab {
         return (p, inPipe.fileHandleForWriting, outPipe.fileHandleForReading)
     }
 
+    /// `ballast nft show -c` for a config, checked by nft itself (`nft -c`: parsed and
+    /// validated by the kernel, not applied). Returns what Ballast printed.
+    func checkShown(_ configPath: String) throws -> String {
+        let (status, shown, err) = try runCommand(Repo.ballast, ["nft", "show", "-c", configPath])
+        guard status == 0 else { throw Net.Failure("ballast nft show: \(err)") }
+        let tmp = TempDir()
+        let file = tmp.write("shown.nft", shown)
+        _ = try NatLab.sh([NatLab.ip, "netns", "exec", balancer, "/usr/sbin/nft", "-c", "-f", file])
+        return shown
+    }
+
     func nft(_ args: String...) throws -> String { try NatLab.sh([NatLab.ip, "netns", "exec", balancer, "/usr/sbin/nft"] + args) }
 
     func ballast(_ yaml: String, extra: [String] = []) throws -> BallastProcess {
@@ -178,7 +189,8 @@ final class NatLab {
         #expect(table.contains("map be-web {") && table.contains("type mark : ipv4_addr . inet_service"))
         #expect(table.contains("elements = { 0x00010001 : 10.77.2.2 . 80, 0x00010002 : 10.77.3.2 . 80 }"))
         #expect(table.contains("elements = { 0x00000000/31 : 0x00010001, 0x00000002 : 0x00010002 }"))
-        #expect(table.contains("ip daddr 10.77.1.100 tcp dport 80 goto svc-web"))
+        #expect(table.contains("elements = { 10.77.1.100 . 80 : goto svc-web }"), "\(table)")
+        #expect(table.components(separatedBy: "ip daddr . tcp dport vmap @services").count - 1 == 2, "prerouting and output: \(table)")
         #expect(table.contains("ct mark set numgen inc mod 3 map @rr-web"))
         #expect(table.contains("meta l4proto tcp dnat ip to ct mark map @be-web"))
         #expect(b.log.contains("nat: programmed table"))
@@ -186,6 +198,8 @@ final class NatLab {
         // Stopped: our table is gone, theirs is not.
         let after = try lab.nft("list", "tables")
         #expect(!after.contains("table ip ballast") && after.contains("table ip keepme"), "\(after)")
+        let shown = try lab.checkShown(b.configPath)
+        #expect(shown.contains("10.77.1.100 . 80 : goto svc-web") && shown.contains("vmap @services"), "\(shown)")
     }
 
     @Test("source: a client sticks to one server, the same one proxy mode's Maglev table names", .enabled(if: NatLab.available, Comment(rawValue: skip)))
@@ -209,6 +223,12 @@ final class NatLab {
         #expect(distinct.count >= 2, "eight clients all on one server: \(distinct)")
         let table = try lab.nft("list", "chain", "ip", "ballast", "svc-web")
         #expect(table.contains("jhash ip saddr mod 65537 seed 0xb411a57"), "\(table)")
+        b.stop()
+        // `ballast nft show` for source hashing (address, and address . port) reads back in nft.
+        let tmp = TempDir()
+        #expect(try lab.checkShown(b.configPath).contains("typeof jhash ip saddr mod 65537"))
+        let withPort = tmp.write("port.yaml", lab.config(balance: "source", extra: "hash_key: source-port"))
+        #expect(try lab.checkShown(withPort).contains("typeof jhash ip saddr . tcp sport mod 65537"))
     }
 
     @Test("a killed server leaves the map within fall × interval + interval; established flows keep their server", .enabled(if: NatLab.available, Comment(rawValue: skip)))
@@ -315,7 +335,9 @@ final class NatLab {
         seen = try lab.connect(vip, count: 1).first ?? ""
         #expect(seen.contains(full(v6 ? "fd77:2::1" : "10.77.2.1")), "masquerade: the server saw \(seen)")
         let table = try lab.nft("list", "table", v6 ? "ip6" : "ip", "ballast")
-        #expect(table.contains("ct mark 0x00010000/16 masquerade"), "\(table)")
+        #expect(table.contains("ct mark & 0xffff0000 vmap @source-nat"), "\(table)")
+        #expect(table.contains("elements = { 0x00010000 : jump snat-web }"), "\(table)")
+        #expect(table.contains("chain snat-web {\n\t\tmasquerade\n\t}"), "\(table)")
         b.stop()
         if !v6 {
             try NatLab.sh([NatLab.ip, "-n", lab.balancer, "addr", "add", "10.77.2.9/24", "dev", "\(lab.prefix)b2"])
@@ -324,6 +346,8 @@ final class NatLab {
             #expect(seen.contains("10.77.2.9"), "snat to: the server saw \(seen)")
             b.stop()
         }
+        // `ballast nft show` with a source NAT chain (ip: to an address; ip6: masquerade) reads back in nft.
+        #expect(try lab.checkShown(b.configPath).contains(v6 ? "chain snat-web {\n\t\tmasquerade" : "chain snat-web {\n\t\tsnat ip to 10.77.2.9"))
     }
 
     @Test("restart after kill -9 reconciles without duplicates; keep_on_exit leaves the kernel forwarding", .enabled(if: NatLab.available, Comment(rawValue: skip)))
@@ -336,7 +360,8 @@ final class NatLab {
         #expect(counts(try lab.connect(lab.vip4, count: 4)) == ["s1": 2, "s2": 2])
         b = try lab.ballast(lab.config(global: "workers: 1\nnat: { keep_on_exit: true }"))
         let table = try lab.nft("list", "table", "ip", "ballast")
-        #expect(table.components(separatedBy: "goto svc-web").count - 1 == 2, "one rule in prerouting, one in output: \(table)")
+        #expect(table.components(separatedBy: "goto svc-web").count - 1 == 1, "one element in the services map: \(table)")
+        #expect(table.components(separatedBy: "vmap @services").count - 1 == 2, "one rule in prerouting, one in output: \(table)")
         #expect(table.components(separatedBy: "map be-web {").count - 1 == 1)
         b.stop()
         #expect(b.log.contains("nat: table ballast kept"))
@@ -421,23 +446,73 @@ final class NatLab {
         #expect(metrics.contains("ballast_server_current_sessions{proxy=\"web\",server=\"s2\"} 1.0"))
     }
 
-    @Test("reload: an unchanged nat service is left as it is (counters go on); a changed one is reprogrammed", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    @Test("reload applies the difference: untouched services keep their rules and counters; a changed, added or removed one alone changes", .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func reloadDifference() throws {
         let lab = try NatLab()
         let dir = TempDir()
-        let b = try lab.ballast(lab.config(dir: dir))
+        // web on :80 and api on :81, in front of the same two servers.
+        func yaml(web: [Int], api: Bool = true, apiExtra: String = "") -> String {
+            var y = lab.config(weights: web, dir: dir)
+            guard api else { return y }
+            y += "  - name: api\n    mode: nat\n    bind: \"\(lab.vip4):81\"\n"
+            if !apiExtra.isEmpty { y += "    \(apiExtra)\n" }
+            y += "    servers:\n"
+            for (k, n) in lab.servers.enumerated() { y += "      - { name: \(n), address: \"\(lab.addr4(k)):80\" }\n" }
+            return y
+        }
+        func rows() throws -> [[String]] { try StatsClient.stat(dir.file("admin.sock")) }
+        func stot(_ rows: [[String]], _ proxy: String, _ sv: String) -> String {
+            guard let r = rows.first(where: { $0.count > 7 && $0[0] == proxy && $0[1] == sv }) else { return "?" }
+            return r[7]
+        }
+        /// A chain as the kernel lists it with rule handles: equal text means the same rules.
+        func handles(_ chain: String) throws -> String { try lab.nft("-a", "list", "chain", "ip", "ballast", chain) }
+
+        let b = try lab.ballast(yaml(web: [1, 1]))
         defer { b.stop() }
         #expect(counts(try lab.connect(lab.vip4, count: 4)) == ["s1": 2, "s2": 2])
-        let same = try String(contentsOfFile: b.configPath, encoding: .utf8)
-        #expect(b.reload(same)?.contains("reloaded") == true)
-        var fe = StatsClient.row(try StatsClient.stat(dir.file("admin.sock")), "FRONTEND")
-        #expect(fe["stot"] == "4", "the counters restarted: \(fe["stot"] ?? "?")")
-        // Weights 3:1 in the file: the map follows.
-        #expect(b.reload(lab.config(weights: [3, 1], dir: dir))?.contains("reloaded") == true)
+        #expect(counts(try lab.connect(lab.vip4, 81, count: 4)) == ["s1": 2, "s2": 2])
+        let api = try handles("svc-api"), apiServer = try handles("srv-api-1"), webServer = try handles("srv-web-1")
+
+        // The same file: nothing is sent to the kernel.
+        #expect(b.reload(yaml(web: [1, 1]))?.contains("reloaded") == true)
+        #expect(b.log.contains("nat: reload: no change; 2 services untouched"), "\(b.log)")
+
+        // web's weights change: web alone is rebuilt; its servers (same names and addresses)
+        // keep their counter chains; api is not touched at all.
+        #expect(b.reload(yaml(web: [3, 1]))?.contains("reloaded") == true)
+        #expect(b.log.contains("nat: reload: web rebuilt; 1 services untouched"), "\(b.log)")
+        #expect(try handles("svc-api") == api)
+        #expect(try handles("srv-api-1") == apiServer)
+        #expect(try handles("srv-web-1") == webServer)
         #expect(try lab.nft("list", "map", "ip", "ballast", "rr-web").contains("0x00000000-0x00000002 : 0x00010001"))
         #expect(counts(try lab.connect(lab.vip4, count: 8)) == ["s1": 6, "s2": 2])
-        fe = StatsClient.row(try StatsClient.stat(dir.file("admin.sock")), "FRONTEND")
-        #expect(fe["stot"] == "8")
+        usleep(1_100_000)  // the kernel counters are read at most once a second
+        var r = try rows()
+        #expect(stot(r, "web", "s1") == "8" && stot(r, "web", "s2") == "4", "web's counters restarted: \(r)")
+        #expect(stot(r, "api", "s1") == "2" && stot(r, "api", "s2") == "2", "api's counters restarted: \(r)")
+
+        // api removed: its objects go, web's stay.
+        let web = try handles("svc-web")
+        #expect(b.reload(yaml(web: [3, 1], api: false))?.contains("reloaded") == true)
+        #expect(b.log.contains("nat: reload: api removed; 1 services untouched"), "\(b.log)")
+        var table = try lab.nft("list", "table", "ip", "ballast")
+        #expect(!table.contains("api"), "\(table)")
+        #expect(try handles("svc-web") == web)
+        #expect(try lab.connect(lab.vip4, 81, count: 1).first?.hasPrefix("ERR") == true)
+        #expect(counts(try lab.connect(lab.vip4, count: 4)) == ["s1": 3, "s2": 1])
+
+        // api back, now with masquerade: added with its own source-NAT chain.
+        #expect(b.reload(yaml(web: [3, 1], apiExtra: "nat: { snat: masquerade }"))?.contains("reloaded") == true)
+        #expect(b.log.contains("nat: reload: api added; 1 services untouched"), "\(b.log)")
+        table = try lab.nft("list", "table", "ip", "ballast")
+        #expect(table.contains("chain snat-api {") && table.contains("10.77.1.100 . 81 : goto svc-api"), "\(table)")
+        #expect(try handles("svc-web") == web)
+        #expect(counts(try lab.connect(lab.vip4, 81, count: 2)) == ["s1": 1, "s2": 1])
+        usleep(1_100_000)
+        r = try rows()
+        #expect(stot(r, "web", "s1") == "11", "\(r)")
+        #expect(stot(r, "api", "s1") == "1", "a new service counts from zero: \(r)")
     }
 
     @Test("config errors: leastconn and first are not possible in the kernel")
