@@ -51,8 +51,15 @@ public final class NatController: @unchecked Sendable {
         var chain: String { "svc-\(name)" }
         var snatChain: String { "snat-\(name)" }
         func serverChain(_ j: Int) -> String { "srv-\(name)-\(j + 1)" }
-        /// The same objects in the kernel (what is loaded aside).
-        func same(as o: ServiceState) -> Bool { id == o.id && family == o.family && config == o.config }
+        /// The same objects in the kernel: what the chains, maps and shared-map elements are
+        /// built from. Weights, backups, checks and the like only change what the maps hold
+        /// (`updateMaps`); where the service sits in the file changes nothing.
+        func same(as o: ServiceState) -> Bool {
+            let a = config, b = o.config
+            return id == o.id && family == o.family && a.binds.map(\.address) == b.binds.map(\.address) && a.balance == b.balance
+                && a.hashKey == b.hashKey && a.hashTableSize == b.hashTableSize && a.snat == b.snat
+                && a.servers.map(\.name) == b.servers.map(\.name) && a.servers.map(\.address) == b.servers.map(\.address)
+        }
         var backends: String { "be-\(name)" }
         var sched: String { config.balance == .source ? "mg-\(name)" : "rr-\(name)" }
     }
@@ -100,6 +107,7 @@ public final class NatController: @unchecked Sendable {
             lastFullApplyMicros.store(Int(t2.tv_sec - t1.tv_sec) * 1_000_000 + Int(t2.tv_nsec - t1.tv_nsec) / 1000, ordering: .relaxed)
         }
         try lock.withLock { (_: inout Void) throws(NatError) in
+            defer { held = false }
             flowStatsAt = 0  // the next read asks the kernel again
             let start = self.table == nil
             if start { highestId = 0 }
@@ -124,11 +132,7 @@ public final class NatController: @unchecked Sendable {
                 var st = ServiceState(
                     name: svc.name, id: id, family: fam, config: svc.config,
                     marks: svc.servers.indices.map { (id << 16) | UInt32($0 + 1) })
-                if !start, let old = services[svc.name], old.same(as: st) {
-                    st = old  // what is loaded stays; sync() follows the new table's state
-                } else {
-                    desired(&st, svc)
-                }
+                desired(&st, svc)
                 next[svc.name] = st
             }
             let fams = Set(next.values.map(\.family))
@@ -157,7 +161,11 @@ public final class NatController: @unchecked Sendable {
                     }
                     for st in mine {
                         let old = services[st.name]
-                        if let old, old.same(as: st) { continue }
+                        if let old, old.same(as: st) {
+                            // Same objects: only the maps' contents may differ (weights, backups).
+                            if updateMaps(b, st, loaded: old) { changes.append("\(st.name) maps updated") }
+                            continue
+                        }
                         addService(b, st, keeping: NatController.keptServers(old, st))
                         changes.append(old?.family == fam ? "\(st.name) rebuilt" : "\(st.name) added")
                     }
@@ -167,7 +175,9 @@ public final class NatController: @unchecked Sendable {
                 try socket.send(b)
             }
             if !start {
-                let unchanged = next.values.filter { st in services[st.name].map { $0.same(as: st) } ?? false }.count
+                let unchanged = next.values.filter { st in
+                    services[st.name].map { $0.same(as: st) && $0.weights == st.weights && $0.slots == st.slots } ?? false
+                }.count
                 logger.info("nat: reload: \(changes.isEmpty ? "no change" : changes.joined(separator: ", ")); \(unchanged) services untouched")
             }
             services = next
@@ -175,6 +185,12 @@ public final class NatController: @unchecked Sendable {
             self.table = table
         }
     }
+
+    /// Reload: the next table's servers may already carry new weights while the controller
+    /// still follows the old table; state changes wait for `apply`, which takes them all in
+    /// its one batch (and says so in its log line).
+    public func holdSync() { lock.withLock { _ in held = true } }
+    private var held = false
 
     /// The id this run gave last (new services on reload take the next one).
     private var highestId: UInt32 = 0
@@ -403,6 +419,31 @@ public final class NatController: @unchecked Sendable {
         }
     }
 
+    /// Brings one service's maps from what is loaded to what `st` wants. Roundrobin/random
+    /// replace their ranges and rule; source replaces only the Maglev slots that changed.
+    /// False when there is nothing to change.
+    private func updateMaps(_ b: NftBatch, _ st: ServiceState, loaded before: ServiceState) -> Bool {
+        if st.weights == before.weights && st.slots == before.slots { return false }
+        let tn = NatController.tableName
+        if st.config.balance == .source {
+            var changed: [Int] = []
+            for k in st.slots.indices where k >= before.slots.count || st.slots[k] != before.slots[k] { changed.append(k) }
+            let removed = changed.filter { $0 < before.slots.count && before.slots[$0] >= 0 }
+            if !removed.isEmpty {
+                b.elements(tn, st.sched, removed.map { NftBatch.Element(key: le(UInt32($0)), data: nil) }, delete: true)
+            }
+            let added = slotElements(st, changed)
+            if !added.isEmpty { b.elements(tn, st.sched, added) }
+        } else {
+            b.flushChain(tn, st.chain)
+            b.elements(tn, st.sched, [], delete: true)
+            let ranges = rangeElements(st)
+            if !ranges.isEmpty { b.elements(tn, st.sched, ranges) }
+            schedRule(b, st)
+        }
+        return true
+    }
+
     /// Brings the maps in step with health and admin state: one atomic batch per changed
     /// service. Roundrobin/random replace their ranges and rule; source replaces only the
     /// Maglev slots that changed.
@@ -411,7 +452,7 @@ public final class NatController: @unchecked Sendable {
         clock_gettime(CLOCK_MONOTONIC, &t1)
         var changed = false
         lock.withLock { _ in
-            guard let table else { return }
+            guard let table, !held else { return }
             for svc in table.services where svc.config.mode == .nat {
                 guard var st = services[svc.name] else { continue }
                 let before = st
@@ -419,23 +460,7 @@ public final class NatController: @unchecked Sendable {
                 if st.weights == before.weights && st.slots == before.slots { continue }
                 changed = true
                 let b = socket.newBatch(family: st.family)
-                let tn = NatController.tableName
-                if st.config.balance == .source {
-                    var changed: [Int] = []
-                    for k in st.slots.indices where st.slots[k] != before.slots[k] { changed.append(k) }
-                    let removed = changed.filter { before.slots[$0] >= 0 }
-                    if !removed.isEmpty {
-                        b.elements(tn, st.sched, removed.map { NftBatch.Element(key: le(UInt32($0)), data: nil) }, delete: true)
-                    }
-                    let added = slotElements(st, changed)
-                    if !added.isEmpty { b.elements(tn, st.sched, added) }
-                } else {
-                    b.flushChain(tn, st.chain)
-                    b.elements(tn, st.sched, [], delete: true)
-                    let ranges = rangeElements(st)
-                    if !ranges.isEmpty { b.elements(tn, st.sched, ranges) }
-                    schedRule(b, st)
-                }
+                _ = updateMaps(b, st, loaded: before)
                 b.finish()
                 do {
                     try socket.send(b)

@@ -361,6 +361,7 @@ public final class Runtime {
         let removed = listeners.filter { kept[$0.key] == nil }.map(\.value)
         config = next
         generation += 1
+        nat?.holdSync()
         table = ServiceTable.build(config: next, generation: generation, previous: table, now: monotonicMillis())
         listeners = kept.merging(opened) { a, _ in a }
         shared.maxconn.store(min(next.global.maxconn, startMaxconn), ordering: .relaxed)

@@ -465,23 +465,28 @@ final class NatLab {
             guard let r = rows.first(where: { $0.count > 7 && $0[0] == proxy && $0[1] == sv }) else { return "?" }
             return r[7]
         }
-        /// A chain as the kernel lists it with rule handles: equal text means the same rules.
-        func handles(_ chain: String) throws -> String { try lab.nft("-a", "list", "chain", "ip", "ballast", chain) }
+        /// A chain's rule handles as the kernel lists them (`# handle N`): the same handles, the
+        /// same rules (a rebuilt chain gets new ones; counters are not compared).
+        func handles(_ chain: String) throws -> [String] {
+            try lab.nft("-a", "list", "chain", "ip", "ballast", chain).split(separator: "\n")
+                .compactMap { line in line.range(of: "# handle ").map { String(line[$0.upperBound...]) } }
+        }
 
         let b = try lab.ballast(yaml(web: [1, 1]))
         defer { b.stop() }
         #expect(counts(try lab.connect(lab.vip4, count: 4)) == ["s1": 2, "s2": 2])
         #expect(counts(try lab.connect(lab.vip4, 81, count: 4)) == ["s1": 2, "s2": 2])
         let api = try handles("svc-api"), apiServer = try handles("srv-api-1"), webServer = try handles("srv-web-1")
+        #expect(api.count == 3 && apiServer.count == 4, "the chain and its rules: \(api) \(apiServer)")
 
         // The same file: nothing is sent to the kernel.
         #expect(b.reload(yaml(web: [1, 1]))?.contains("reloaded") == true)
         #expect(b.log.contains("nat: reload: no change; 2 services untouched"), "\(b.log)")
 
-        // web's weights change: web alone is rebuilt; its servers (same names and addresses)
-        // keep their counter chains; api is not touched at all.
+        // web's weights change: only web's maps change (no object is rebuilt, its counters go
+        // on); api is not touched at all.
         #expect(b.reload(yaml(web: [3, 1]))?.contains("reloaded") == true)
-        #expect(b.log.contains("nat: reload: web rebuilt; 1 services untouched"), "\(b.log)")
+        #expect(b.log.contains("nat: reload: web maps updated; 1 services untouched"), "\(b.log)")
         #expect(try handles("svc-api") == api)
         #expect(try handles("srv-api-1") == apiServer)
         #expect(try handles("srv-web-1") == webServer)
@@ -513,6 +518,20 @@ final class NatLab {
         r = try rows()
         #expect(stot(r, "web", "s1") == "11", "\(r)")
         #expect(stot(r, "api", "s1") == "1", "a new service counts from zero: \(r)")
+        let apiNow = try handles("svc-api")
+
+        // web's balance changes: web is rebuilt, but its servers (same names and addresses) keep
+        // their counter chains.
+        #expect(b.reload(yaml(web: [3, 1], apiExtra: "nat: { snat: masquerade }").replacingOccurrences(of: "balance: roundrobin", with: "balance: random"))?.contains("reloaded") == true)
+        #expect(b.log.contains("nat: reload: web rebuilt; 1 services untouched"), "\(b.log)")
+        #expect(try lab.nft("list", "chain", "ip", "ballast", "svc-web").contains("numgen random mod 4"))
+        #expect(try handles("srv-web-1") == webServer)
+        #expect(try handles("svc-api") == apiNow)
+        let spread = counts(try lab.connect(lab.vip4, count: 4))
+        #expect(spread["s1", default: 0] + spread["s2", default: 0] == 4, "\(spread)")
+        usleep(1_100_000)
+        r = try rows()
+        #expect((Int(stot(r, "web", "s1")) ?? 0) + (Int(stot(r, "web", "s2")) ?? 0) == 20, "web's counters restarted: \(r)")
     }
 
     @Test("config errors: leastconn and first are not possible in the kernel")
