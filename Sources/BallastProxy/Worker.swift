@@ -68,6 +68,8 @@ public final class Worker: @unchecked Sendable {
     private static let maxEvents: Int32 = 256
     /// Bytes one direction may move per wake-up before yielding to other connections.
     private static let budget = 4 << 20
+    /// Room a pipe needs for a read between two partial flushes to be worth it.
+    private static let minRoom = 64 << 10
     private static let maxIdlePipes = 256
     private static let maxIdleBuffers = 1024
 
@@ -808,8 +810,15 @@ public final class Worker: @unchecked Sendable {
                 touch(c, dstIsClient: !up)
                 withDir(c, up) { $0.inPipe -= n }
                 if n < inPipe {
-                    setDstWritable(c, up, false)
-                    return .blocked
+                    // The socket took what fitted. Its buffer drains as ACKs arrive, often before
+                    // the next call: with room in the pipe and more to read, read on and flush
+                    // again (as HAProxy does); only EAGAIN, a full pipe or nothing to read means
+                    // waiting for EPOLLOUT (the short write armed it).
+                    let room = pipeCapacity - (inPipe - n)
+                    if room < Worker.minRoom || !srcReadable(c, up) || withDir(c, up, { $0.eof }) || moved >= Worker.budget {
+                        setDstWritable(c, up, false)
+                        return .blocked
+                    }
                 }
             }
             // 2. Source finished and everything delivered: pass the FIN on.
