@@ -97,6 +97,9 @@ public final class HealthChecker: @unchecked Sendable {
         var enabled = true
         var running = false
         var last: CheckResult?
+        /// Left behind by a reload that changed its check mid-conversation (MySQL only): it is
+        /// driven to its end so the server sees a clean `COM_QUIT`, and its result is dropped.
+        var retired = false
 
         init(service: String, server: Server, config: CheckConfig, initialWeight: Int, now: Int64) {
             self.service = service
@@ -123,6 +126,11 @@ public final class HealthChecker: @unchecked Sendable {
     private let pending = Mutex<[(String, Server, CheckConfig, Int)]?>(nil)
     private let stopping = Atomic<Bool>(false)
     private var tasks: [Task?] = []
+    /// Checks a reload replaced while they were talking to a MySQL server, by their own id
+    /// (epoll token `retiredBase + id`), until they end.
+    private var retiring: [UInt32: Task] = [:]
+    private var nextRetiredId: UInt32 = 0
+    private static let retiredBase: UInt32 = 1 << 30
     private var thread: pthread_t?
     private let views = Mutex<[ObjectIdentifier: CheckView]>([:])
     private let requests = Mutex<[@Sendable (HealthChecker) -> Void]>([])
@@ -273,9 +281,10 @@ public final class HealthChecker: @unchecked Sendable {
                     drainUntil = now + 1000
                     for case let t? in tasks where t.fd >= 0 && t.mysql == nil { hangUp(t) }
                 }
-                if now >= drainUntil! || !tasks.contains(where: { $0.map { $0.fd >= 0 } ?? false }) { break }
+                if now >= drainUntil! || (!tasks.contains(where: { $0.map { $0.fd >= 0 } ?? false }) && retiring.isEmpty) { break }
             }
             var timeout: Int64 = 1000
+            for t in retiring.values { timeout = min(timeout, max(0, t.deadline - now)) }
             for t in tasks {
                 guard let t else { continue }
                 if drainUntil != nil {
@@ -302,6 +311,10 @@ public final class HealthChecker: @unchecked Sendable {
                 }
                 let index = Int(data & 0xFFFF_FFFF)
                 let gen = UInt32(data >> 32)
+                if index >= Int(HealthChecker.retiredBase) {
+                    if let t = retiring[UInt32(index) - HealthChecker.retiredBase], t.generation == gen, t.fd >= 0 { progress(t, events[k].events, now) }
+                    continue
+                }
                 guard index < tasks.count, let t = tasks[index], t.generation == gen, t.fd >= 0 else { continue }
                 progress(t, events[k].events, now)
             }
@@ -313,8 +326,13 @@ public final class HealthChecker: @unchecked Sendable {
                     begin(t, now)
                 }
             }
+            if !retiring.isEmpty {
+                for t in retiring.values where t.fd >= 0 && now >= t.deadline { hangUp(t) }
+                retiring = retiring.filter { $0.value.fd >= 0 }
+            }
         }
         for case let t? in tasks where t.fd >= 0 { hangUp(t) }
+        for t in retiring.values { hangUp(t) }
         Sys.close(wakeFd)
         Sys.close(epfd)
     }
@@ -337,14 +355,32 @@ public final class HealthChecker: @unchecked Sendable {
             old[ObjectIdentifier(t.server)] = t
         }
         var next: [Task?] = []
+        // Checks that end here: servers that left the config, and checks whose settings changed.
+        var ended: [Task] = []
         for (service, server, config, weight) in list {
-            if let t = old.removeValue(forKey: ObjectIdentifier(server)), t.config == config, t.initialWeight == weight {
+            let previous = old.removeValue(forKey: ObjectIdentifier(server))
+            if let t = previous, t.config == config, t.initialWeight == weight {
                 next.append(t)
             } else {
+                if let t = previous { ended.append(t) }
                 next.append(Task(service: service, server: server, config: config, initialWeight: weight, now: now))
             }
         }
-        for t in old.values where t.fd >= 0 { hangUp(t) }
+        ended += old.values
+        for t in ended where t.fd >= 0 {
+            // A MySQL conversation under way is finished, not cut: cutting it counts as an
+            // aborted connection on the server.
+            guard t.mysql != nil else {
+                hangUp(t)
+                continue
+            }
+            t.retired = true
+            let id = nextRetiredId
+            nextRetiredId = (nextRetiredId + 1) % HealthChecker.retiredBase
+            retiring[id] = t
+            t.generation &+= 1
+            try? Epoll.modify(epfd, t.fd, events: Epoll.in | Epoll.out | Epoll.rdhup, data: UInt64(HealthChecker.retiredBase + id) | (UInt64(t.generation) << 32))
+        }
         tasks = next
         views.withLock { $0.removeAll() }
         for case let t? in tasks { publish(t) }
@@ -543,6 +579,7 @@ public final class HealthChecker: @unchecked Sendable {
     private func finish(_ t: Task, _ r: CheckResult, _ now: Int64) {
         hangUp(t)
         t.running = false
+        if t.retired { return }  // its server now has a new check; this result means nothing
         t.last = r
         defer { publish(t) }
         // As in HAProxy, an agent that cannot be reached changes nothing: it is not a failure.

@@ -293,6 +293,33 @@ import Glibc
         #expect(try LifecycleTests.whoAnswers(p.port("svc")) == "alive")
     }
 
+    @Test("a reload that changes a check under way closes that check's connection at once")
+    func reloadClosesReplacedCheck() throws {
+        // A server that takes the check's connection and never answers; it notes when the
+        // checker hangs up.
+        let closedAt = Locked<Date?>(nil)
+        let silent = try TestServer(name: "silent") { c, _ in
+            _ = Net.readAll(c, limit: 1 << 20)
+            closedAt.value.withLock { $0 = Date() }
+        }
+        defer { silent.stop() }
+        func yaml(_ path: String) -> String {
+            Self.config([("silent", silent.port)], check: "{ type: http, path: \(path), interval: 5s, timeout: 5s }")
+        }
+        let p = try BallastProcess(config: yaml("/a"))
+        defer { p.stop() }
+        let deadline = Date().addingTimeInterval(7)
+        while silent.connections < 1 && Date() < deadline { usleep(10_000) }
+        #expect(silent.connections >= 1, "no check started")
+        usleep(100_000)
+        let reloaded = Date()
+        #expect(p.reload(yaml("/b"))?.contains("reloaded") == true)
+        let closeDeadline = Date().addingTimeInterval(2)
+        while closedAt.value.withLock({ $0 }) == nil && Date() < closeDeadline { usleep(10_000) }
+        let closed = try #require(closedAt.value.withLock { $0 }, "the replaced check's connection stayed open")
+        #expect(closed.timeIntervalSince(reloaded) < 1.5)
+    }
+
     @Test("on_marked_up: shutdown-backup-sessions moves clients off the backup when an active server returns")
     func shutdownBackupSessions() throws {
         let spare = try TestServer.namedEcho("spare")

@@ -136,6 +136,32 @@ import Glibc
         #expect(try db.status("Aborted_clients") == 0)
     }
 
+    @Test("a reload that changes the check while one waits for the greeting lets it finish: no aborted connect", .enabled(if: haveMariaDB))
+    func reloadMidCheck() throws {
+        let db = try MariaDB()
+        let relay = try Self.slowGreetingRelay(to: db.port, delay: 300_000)
+        defer { relay.stop() }
+        let before = try db.status("Aborted_connects")
+        func yaml(_ interval: String) -> String {
+            configYAML(global: "workers: 1", services: [
+                serviceYAML(name: "db", servers: [("m", relay.port)],
+                            extra: "check: { type: mysql, interval: \(interval), timeout: 1s, fall: 1, rise: 1, user: check, password: s3cret }")
+            ])
+        }
+        let p = try BallastProcess(config: yaml("2s"))
+        let deadline = Date().addingTimeInterval(3)
+        while relay.connections < 1 && Date() < deadline { usleep(5_000) }
+        #expect(relay.connections == 1, "no check started")
+        usleep(50_000)  // the check now waits for its greeting; the reload replaces it
+        #expect(p.reload(yaml("1500ms"))?.contains("reloaded") == true)
+        usleep(600_000)  // the old conversation ends with COM_QUIT; the new check has not started yet, or runs
+        #expect(p.stop() == 0)
+        usleep(200_000)
+        #expect(!p.log.contains("is DOWN"), "\(p.log)")
+        #expect(try db.status("Aborted_connects") == before, "\(p.log)")
+        #expect(try db.status("Aborted_clients") == 0)
+    }
+
     @Test("a wrong password fails with the server's error in the detail", .enabled(if: haveMariaDB))
     func wrongPassword() throws {
         let db = try MariaDB()
