@@ -112,6 +112,23 @@ import Glibc
         }
     }
 
+    /// A mysql check through the relay (timeout 1 s).
+    static func checkThrough(_ relay: TestServer, interval: String) -> String {
+        configYAML(global: "workers: 1", services: [
+            serviceYAML(name: "db", servers: [("m", relay.port)],
+                        extra: "check: { type: mysql, interval: \(interval), timeout: 1s, fall: 1, rise: 1, user: check, password: s3cret }")
+        ])
+    }
+
+    /// Waits until the relay has seen `count` checks, then a little more: the last one now waits
+    /// for its greeting.
+    static func waitForCheck(_ relay: TestServer, count: Int) {
+        let deadline = Date().addingTimeInterval(3)
+        while relay.connections < count && Date() < deadline { usleep(5_000) }
+        #expect(relay.connections == count, "no check started")
+        usleep(50_000)
+    }
+
     @Test("stopping while a check waits for the greeting lets it finish: no aborted connect", .enabled(if: haveMariaDB))
     func stopMidCheck() throws {
         let db = try MariaDB()
@@ -120,14 +137,8 @@ import Glibc
         let before = try db.status("Aborted_connects")
         let connections = try db.status("Connections")
         for round in 1...3 {
-            let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-                serviceYAML(name: "db", servers: [("m", relay.port)],
-                            extra: "check: { type: mysql, interval: 1s, timeout: 1s, fall: 1, rise: 1, user: check, password: s3cret }")
-            ]))
-            let deadline = Date().addingTimeInterval(3)
-            while relay.connections < round && Date() < deadline { usleep(5_000) }
-            #expect(relay.connections == round, "no check started")
-            usleep(50_000)  // the check now waits for its greeting
+            let p = try BallastProcess(config: Self.checkThrough(relay, interval: "1s"))
+            Self.waitForCheck(relay, count: round)
             #expect(p.stop() == 0)
         }
         usleep(200_000)
@@ -142,18 +153,9 @@ import Glibc
         let relay = try Self.slowGreetingRelay(to: db.port, delay: 300_000)
         defer { relay.stop() }
         let before = try db.status("Aborted_connects")
-        func yaml(_ interval: String) -> String {
-            configYAML(global: "workers: 1", services: [
-                serviceYAML(name: "db", servers: [("m", relay.port)],
-                            extra: "check: { type: mysql, interval: \(interval), timeout: 1s, fall: 1, rise: 1, user: check, password: s3cret }")
-            ])
-        }
-        let p = try BallastProcess(config: yaml("2s"))
-        let deadline = Date().addingTimeInterval(3)
-        while relay.connections < 1 && Date() < deadline { usleep(5_000) }
-        #expect(relay.connections == 1, "no check started")
-        usleep(50_000)  // the check now waits for its greeting; the reload replaces it
-        #expect(p.reload(yaml("1500ms"))?.contains("reloaded") == true)
+        let p = try BallastProcess(config: Self.checkThrough(relay, interval: "2s"))
+        Self.waitForCheck(relay, count: 1)  // the reload replaces it
+        #expect(p.reload(Self.checkThrough(relay, interval: "1500ms"))?.contains("reloaded") == true)
         usleep(600_000)  // the old conversation ends with COM_QUIT; the new check has not started yet, or runs
         #expect(p.stop() == 0)
         usleep(200_000)
