@@ -89,6 +89,14 @@ public struct PickView {
         }
     }
 
+    /// The weight set for the server (runtime API, agent), ignoring slow start; 0 outside the
+    /// tier or not usable.
+    @inline(__always)
+    public func setWeight(_ i: Int) -> Int {
+        guard backup[i] == tier else { return 0 }
+        return servers[i]._withUnsafeGuaranteedRef { $0.usable ? $0.weight : 0 }
+    }
+
     /// Active connections on all workers.
     @inline(__always)
     public func load(_ i: Int) -> Int { servers[i]._withUnsafeGuaranteedRef { $0.active.load(ordering: .relaxed) } }
@@ -120,9 +128,16 @@ public enum ServerStateClock {
     }
 }
 
-public func makeScheduler(_ balance: Balance, servers: [ServerConfig], tableSize: Int, seed: UInt64) -> Scheduler {
+/// A service's place in its round-robin order, shared by all workers (one atomic increment
+/// per pick).
+public final class SharedTurn: Sendable {
+    public let value = Atomic<Int>(0)
+    public init() {}
+}
+
+public func makeScheduler(_ balance: Balance, servers: [ServerConfig], tableSize: Int, seed: UInt64, turn: SharedTurn? = nil) -> Scheduler {
     switch balance {
-    case .roundrobin: return SmoothWeightedRoundRobin(count: servers.count)
+    case .roundrobin: return SmoothWeightedRoundRobin(count: servers.count, turn: turn)
     case .leastconn: return LeastConnections(count: servers.count)
     case .source: return MaglevScheduler(names: servers.map(\.name), tableSize: tableSize)
     case .random: return PowerOfTwoChoices(count: servers.count, seed: seed)
@@ -135,20 +150,70 @@ public func makeScheduler(_ balance: Balance, servers: [ServerConfig], tableSize
 /// a a b a c a a — spread out, never a burst of one server — and over any window of
 /// sum(weights) picks each server gets exactly its weight. A weight change takes effect at the
 /// next pick without resetting the other scores, so it shifts the share without a burst.
+///
+/// With a `SharedTurn` (the proxy's workers), the order is global, as in HAProxy with several
+/// threads: each worker derives the same sequence (one period of the smooth order above, built
+/// again after a state or weight change, never per connection) and every pick takes the next
+/// position with one atomic increment, so the service's picks across all workers follow the
+/// weights exactly, with no lock. While a server ramps up (`slowstart`), or when one period
+/// would be very long (sum of weights × servers over 2^20), each worker runs the smooth order
+/// on its own instead (exact per worker; across workers within one pick per worker and server).
 public final class SmoothWeightedRoundRobin: Scheduler {
     // A raw buffer, not an array: no uniqueness or exclusivity checks in the loop.
     private let current: UnsafeMutablePointer<Int>
     private let count: Int
+    private let turn: SharedTurn?
+    /// One period of the smooth order for a tier, and what it was built from.
+    struct Order {
+        var sequence = UnsafeMutableBufferPointer<Int32>(start: nil, count: 0)
+        var valid = false
+        var version: UInt64 = 0
+        var weights: [Int] = []
+    }
+    /// Per tier (active, backup); raw memory, as `current`.
+    private let orders: UnsafeMutablePointer<Order>
 
-    public init(count: Int) {
+    public init(count: Int, turn: SharedTurn? = nil) {
         self.count = count
+        self.turn = turn
         current = .allocate(capacity: max(count, 1))
         current.initialize(repeating: 0, count: max(count, 1))
+        orders = .allocate(capacity: 2)
+        orders.initialize(repeating: Order(), count: 2)
     }
 
-    deinit { current.deallocate() }
+    deinit {
+        current.deallocate()
+        orders[0].sequence.deallocate()
+        orders[1].sequence.deallocate()
+        orders.deinitialize(count: 2)
+        orders.deallocate()
+    }
 
     public func pick(_ view: PickView) -> Int? {
+        if let turn {
+            let order = orders + (view.tier ? 1 : 0)
+            let version = ServerStateClock.version.load(ordering: .acquiring)
+            if version != order.pointee.version { rebuild(view, order, version) }
+            if order.pointee.valid { return pickShared(view, order.pointee.sequence, turn) }
+        }
+        return pickLocal(view)
+    }
+
+    private func pickShared(_ view: PickView, _ seq: UnsafeMutableBufferPointer<Int32>, _ turn: SharedTurn) -> Int? {
+        let n = seq.count
+        guard n > 0 else { return nil }
+        var k = Int(UInt(bitPattern: turn.value.wrappingAdd(1, ordering: .relaxed).oldValue) % UInt(n))
+        // Past servers that cannot take this connection right now (full, excluded).
+        for _ in 0..<n {
+            let i = Int(seq[k])
+            if view.eligible(i) { return i }
+            k = k + 1 == n ? 0 : k + 1
+        }
+        return nil
+    }
+
+    private func pickLocal(_ view: PickView) -> Int? {
         var total = 0
         var best = -1
         var bestScore = Int.min
@@ -166,6 +231,51 @@ public final class SmoothWeightedRoundRobin: Scheduler {
         guard best >= 0 else { return nil }
         current[best] &-= total
         return best
+    }
+
+    /// One period of the smooth order for the weights usable now (divided by their greatest
+    /// common divisor). Runs after a state or weight change; during a slow start it only finds
+    /// that the shared order cannot be used yet, and looks again at the next pick.
+    private func rebuild(_ view: PickView, _ order: UnsafeMutablePointer<Order>, _ version: UInt64) {
+        var weights = [Int](repeating: 0, count: count)
+        for i in 0..<count {
+            let w = view.weight(i)
+            if w != view.setWeight(i) {
+                order.pointee.valid = false
+                order.pointee.version = 0  // ramping: look again next time
+                return
+            }
+            weights[i] = w
+        }
+        order.pointee.version = version
+        if order.pointee.valid && weights == order.pointee.weights { return }
+        order.pointee.weights = weights
+        var g = 0
+        for w in weights where w > 0 {
+            var (a, b) = (g, w)
+            while b != 0 { (a, b) = (b, a % b) }
+            g = a
+        }
+        let scaled = g > 0 ? weights.map { $0 / g } : weights
+        let period = scaled.reduce(0, +)
+        guard period.multipliedReportingOverflow(by: max(count, 1)).partialValue <= 1 << 20 else {
+            order.pointee.valid = false
+            return
+        }
+        order.pointee.sequence.deallocate()
+        let seq = UnsafeMutableBufferPointer<Int32>.allocate(capacity: period)
+        var score = [Int](repeating: 0, count: count)
+        for k in 0..<period {
+            var best = -1
+            for i in 0..<count where scaled[i] > 0 {
+                score[i] += scaled[i]
+                if best < 0 || score[i] > score[best] { best = i }
+            }
+            score[best] -= period
+            seq[k] = Int32(best)
+        }
+        order.pointee.sequence = seq
+        order.pointee.valid = true
     }
 }
 

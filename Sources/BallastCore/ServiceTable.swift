@@ -180,6 +180,8 @@ public final class Service: Sendable {
     /// The same servers without reference counting, for `PickView` (kept alive by `servers`).
     public let handles: [Unmanaged<Server>]
     public let backupFlags: [Bool]
+    /// Round robin's place in its order, shared by the workers.
+    public let turn = SharedTurn()
 
     public init(config: ServiceConfig, stats: ServiceStats = ServiceStats(), servers: [Server]) {
         self.config = config

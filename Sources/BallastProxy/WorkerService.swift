@@ -25,7 +25,7 @@ public final class WorkerService {
     init(service: Service, seed: UInt64) {
         self.service = service
         let c = service.config
-        scheduler = makeScheduler(c.balance, servers: c.servers, tableSize: c.hashTableSize, seed: seed)
+        scheduler = makeScheduler(c.balance, servers: c.servers, tableSize: c.hashTableSize, seed: seed, turn: service.turn)
         connectMs = c.timeouts.connect.value
         clientMs = c.timeouts.client.value
         serverMs = c.timeouts.server.value

@@ -60,6 +60,44 @@ struct SchedulerTests {
         #expect(counts == weights.map { $0 * 1000 })
     }
 
+    @Test("roundrobin with a shared turn: two workers' picks, interleaved at random, follow one smooth order", arguments: weightSets)
+    func sharedTurn(weights: [Int]) {
+        let pool = Pool(weights: weights)
+        let turn = SharedTurn()
+        let workers = [SmoothWeightedRoundRobin(count: weights.count, turn: turn), SmoothWeightedRoundRobin(count: weights.count, turn: turn)]
+        let total = weights.reduce(0, +)
+        var state: UInt64 = 0x9E37_79B9_7F4A_7C15
+        var merged: [Int] = []
+        for _ in 0..<total * 100 {
+            state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            merged.append(pool.pick(workers[Int(state >> 63)])!)
+        }
+        var counts = [Int](repeating: 0, count: weights.count)
+        for i in merged { counts[i] += 1 }
+        #expect(counts == weights.map { $0 * 100 })
+        // The very order one scheduler alone would give.
+        let alone = SmoothWeightedRoundRobin(count: weights.count)
+        #expect(merged == (0..<merged.count).map { _ in pool.pick(alone)! })
+    }
+
+    @Test("roundrobin with a shared turn follows state and weight changes at the next pick")
+    func sharedTurnChanges() {
+        let pool = Pool(weights: [1, 1, 1], backups: [2])
+        let turn = SharedTurn()
+        let a = SmoothWeightedRoundRobin(count: 3, turn: turn), b = SmoothWeightedRoundRobin(count: 3, turn: turn)
+        #expect([pool.pick(a), pool.pick(b), pool.pick(a), pool.pick(b)] == [0, 1, 0, 1])
+        pool.servers[1].setWeight(3, now: 1)
+        var counts = [0, 0, 0]
+        for k in 0..<400 { counts[pool.pick(k % 3 == 0 ? a : b)!] += 1 }
+        #expect(counts == [100, 300, 0])
+        pool.servers[0].setAdmin(.drain, now: 1)
+        #expect((0..<10).map { _ in pool.pick(a)! } == Array(repeating: 1, count: 10))
+        pool.servers[1].setAdmin(.maint, now: 1)
+        #expect(pool.pick(b) == nil)  // active tier empty
+        #expect(pool.pick(b, tier: true) == 2)
+        #expect(pool.pick(a, tier: true, exclude: 2) == nil)  // redispatch away from the only backup
+    }
+
     @Test("leastconn with long connections: shares follow weights", arguments: weightSets)
     func leastconnShares(weights: [Int]) {
         let pool = Pool(weights: weights)

@@ -55,6 +55,29 @@ import Glibc
         Self.release(held + more)
     }
 
+    @Test("roundrobin with two workers: one global order, so every period of 6 connections gives 3/2/1 exactly")
+    func roundrobinAcrossWorkers() throws {
+        let s = try Self.servers(["a", "b", "c"])
+        defer { s.forEach { $0.stop() } }
+        let p = try BallastProcess(config: configYAML(global: "workers: 2", services: [
+            serviceYAML(servers: s.map { ($0.name, $0.port) }, serverExtra: ["a": "weight: 3", "b": "weight: 2", "c": "weight: 1"])
+        ]))
+        defer { p.stop() }
+        let port = p.port("svc")
+        var order: [String] = []
+        for _ in 0..<60 {
+            let h = try Self.open(port)
+            order.append(h.server)
+            close(h.fd)
+        }
+        // SO_REUSEPORT spreads these connections over both workers' listeners (by the client's
+        // port); the order is still the smooth weighted one, period after period.
+        for k in stride(from: 0, to: 60, by: 6) {
+            #expect(Self.tally(order[k..<k + 6].map { Held(fd: -1, server: $0) }) == ["a": 3, "b": 2, "c": 1], "\(order)")
+        }
+        #expect(s.map(\.connections) == [30, 20, 10])
+    }
+
     @Test("random (power of two choices): long connections spread by count")
     func random() throws {
         let s = try Self.servers(["a", "b", "c"])

@@ -34,7 +34,8 @@ func measure(_ policy: Balance, servers n: Int) -> Result {
     let (servers, configs) = pool(n)
     let backup = [Bool](repeating: false, count: n)
     let handles = servers.map { Unmanaged.passUnretained($0) }
-    let scheduler = makeScheduler(policy, servers: configs, tableSize: MaglevTable.defaultSize, seed: 1)
+    // The shared turn, as the proxy gives every service (roundrobin reads it).
+    let scheduler = makeScheduler(policy, servers: configs, tableSize: MaglevTable.defaultSize, seed: 1, turn: SharedTurn())
     // Loads as a busy service would have them, so leastconn and random compare real numbers.
     for (i, s) in servers.enumerated() { s.active.store((i * 7) % 13, ordering: .relaxed) }
     let picks = n >= 1000 ? 20_000 : 1_000_000
