@@ -135,55 +135,84 @@ public final class NatController: @unchecked Sendable {
                 desired(&st, svc)
                 next[svc.name] = st
             }
-            let fams = Set(next.values.map(\.family))
-            let tn = NatController.tableName
-            var changes: [String] = []
-            for fam in fams.union(families).sorted() {
-                let b = socket.newBatch(family: fam)
-                let mine = next.values.filter { $0.family == fam }.sorted { $0.id < $1.id }
-                if start || !families.contains(fam) {
-                    // Replace: create (so delete cannot fail), delete, create again.
-                    b.table(tn, NFT_MSG_NEWTABLE.rawValue)
-                    b.table(tn, NFT_MSG_DELTABLE.rawValue)
-                    b.table(tn, NFT_MSG_NEWTABLE.rawValue)
-                    build(b, mine)
-                    if !start { changes.append("table \(b.familyName) \(tn) created") }
-                } else if !fams.contains(fam) {
-                    b.table(tn, NFT_MSG_NEWTABLE.rawValue)
-                    b.table(tn, NFT_MSG_DELTABLE.rawValue)
-                    changes.append("table \(b.familyName) \(tn) removed")
-                } else {
-                    let before = changes.count
-                    for old in services.values.filter({ $0.family == fam }).sorted(by: { $0.id < $1.id }) {
-                        if let st = next[old.name], st.same(as: old) { continue }
-                        removeService(b, old, keeping: NatController.keptServers(old, next[old.name]))
-                        if next[old.name]?.family != fam { changes.append("\(old.name) removed") }
-                    }
-                    for st in mine {
-                        let old = services[st.name]
-                        if let old, old.same(as: st) {
-                            // Same objects: only the maps' contents may differ (weights, backups).
-                            if updateMaps(b, st, loaded: old) { changes.append("\(st.name) maps updated") }
-                            continue
-                        }
-                        addService(b, st, keeping: NatController.keptServers(old, st))
-                        changes.append(old?.family == fam ? "\(st.name) rebuilt" : "\(st.name) added")
-                    }
-                    if changes.count == before { continue }  // nothing of this family changed
+            let unchanged = next.values.filter { st in
+                services[st.name].map { $0.same(as: st) && $0.weights == st.weights && $0.slots == st.slots } ?? false
+            }.count
+            var changes: [String]
+            do throws(NatError) {
+                changes = try program(next, whole: start || drifted)
+            } catch {
+                guard !start && !drifted else {
+                    drifted = true
+                    throw error
                 }
-                b.finish()
-                try socket.send(b)
+                // The kernel refused the difference: its tables are not what Ballast loaded
+                // (someone flushed the ruleset, deleted a chain). Replace them whole instead.
+                logger.warning("nat: the kernel refused the difference (\(error)); replacing the tables whole")
+                do throws(NatError) {
+                    changes = try program(next, whole: true)
+                } catch {
+                    drifted = true
+                    throw error
+                }
             }
+            drifted = false
             if !start {
-                let unchanged = next.values.filter { st in
-                    services[st.name].map { $0.same(as: st) && $0.weights == st.weights && $0.slots == st.slots } ?? false
-                }.count
                 logger.info("nat: reload: \(changes.isEmpty ? "no change" : changes.joined(separator: ", ")); \(unchanged) services untouched")
             }
             services = next
-            families = fams
             self.table = table
         }
+    }
+
+    /// Sends `next` to the kernel, one atomic batch per family: the tables whole (`whole`, and
+    /// for a family new to the kernel), or the difference from what is loaded. Returns what
+    /// changed, for the log. Call with the lock held.
+    private func program(_ next: [String: ServiceState], whole: Bool) throws(NatError) -> [String] {
+        let fams = Set(next.values.map(\.family))
+        let tn = NatController.tableName
+        var changes: [String] = []
+        for fam in fams.union(families).sorted() {
+            let b = socket.newBatch(family: fam)
+            let mine = next.values.filter { $0.family == fam }.sorted { $0.id < $1.id }
+            if !fams.contains(fam) {
+                b.table(tn, NFT_MSG_NEWTABLE.rawValue)
+                b.table(tn, NFT_MSG_DELTABLE.rawValue)
+                changes.append("table \(b.familyName) \(tn) removed")
+            } else if whole || !families.contains(fam) {
+                // Replace: create (so delete cannot fail), delete, create again.
+                b.table(tn, NFT_MSG_NEWTABLE.rawValue)
+                b.table(tn, NFT_MSG_DELTABLE.rawValue)
+                b.table(tn, NFT_MSG_NEWTABLE.rawValue)
+                build(b, mine)
+                changes.append("table \(b.familyName) \(tn) \(families.contains(fam) ? "replaced" : "created")")
+            } else {
+                let before = changes.count
+                for old in services.values.filter({ $0.family == fam }).sorted(by: { $0.id < $1.id }) {
+                    if let st = next[old.name], st.same(as: old) { continue }
+                    removeService(b, old, keeping: NatController.keptServers(old, next[old.name]))
+                    if next[old.name]?.family != fam { changes.append("\(old.name) removed") }
+                }
+                for st in mine {
+                    let old = services[st.name]
+                    if let old, old.same(as: st) {
+                        // Same objects: only the maps' contents may differ (weights, backups).
+                        if updateMaps(b, st, loaded: old) { changes.append("\(st.name) maps updated") }
+                        continue
+                    }
+                    addService(b, st, keeping: NatController.keptServers(old, st))
+                    changes.append(old?.family == fam ? "\(st.name) rebuilt" : "\(st.name) added")
+                }
+                if changes.count == before { continue }  // nothing of this family changed
+            }
+            b.finish()
+            try socket.send(b)
+            // Sent: this family now holds `next` (a later family's failure does not undo it).
+            if fams.contains(fam) { families.insert(fam) } else { families.remove(fam) }
+            for (name, st) in services where st.family == fam && next[name]?.family != fam { services[name] = nil }
+            for st in mine { services[st.name] = st }
+        }
+        return changes
     }
 
     /// Reload: the next table's servers may already carry new weights while the controller
@@ -191,6 +220,9 @@ public final class NatController: @unchecked Sendable {
     /// its one batch (and says so in its log line).
     public func holdSync() { lock.withLock { _ in held = true } }
     private var held = false
+
+    /// A reload failed part-way: the next apply replaces the tables instead of diffing.
+    private var drifted = false
 
     /// The id this run gave last (new services on reload take the next one).
     private var highestId: UInt32 = 0
@@ -453,6 +485,11 @@ public final class NatController: @unchecked Sendable {
         var changed = false
         lock.withLock { _ in
             guard let table, !held else { return }
+            if drifted {  // the last attempt failed: try again (this runs at least once a second)
+                changed = true
+                reprogramWhole(table)
+                return
+            }
             for svc in table.services where svc.config.mode == .nat {
                 guard var st = services[svc.name] else { continue }
                 let before = st
@@ -466,7 +503,11 @@ public final class NatController: @unchecked Sendable {
                     try socket.send(b)
                     services[svc.name] = st
                 } catch {
-                    logger.error("nat: cannot update service \(svc.name): \(error); the kernel keeps the previous map")
+                    // The kernel's tables are not what Ballast loaded (a flushed ruleset, a
+                    // deleted chain): put them back whole, with every service as it should be now.
+                    logger.warning("nat: the kernel refused the update of service \(svc.name) (\(error)); replacing the tables whole")
+                    reprogramWhole(table)
+                    return
                 }
             }
         }
@@ -475,6 +516,25 @@ public final class NatController: @unchecked Sendable {
         clock_gettime(CLOCK_MONOTONIC, &t2)
         let us = Int(t2.tv_sec - t1.tv_sec) * 1_000_000 + Int(t2.tv_nsec - t1.tv_nsec) / 1000
         lastApplyMicros.store(us, ordering: .relaxed)
+    }
+
+    /// Programs every table whole with each service as health and admin state want it now.
+    /// Call with the lock held.
+    private func reprogramWhole(_ table: ServiceTable) {
+        var next = services
+        for svc in table.services where svc.config.mode == .nat {
+            guard var st = next[svc.name] else { continue }
+            desired(&st, svc)
+            next[svc.name] = st
+        }
+        do throws(NatError) {
+            _ = try program(next, whole: true)
+            logger.notice("nat: tables \(NatController.tableName) programmed again")
+            drifted = false
+        } catch {
+            if !drifted { logger.error("nat: cannot program the kernel: \(error); trying again every second") }
+            drifted = true
+        }
     }
 
     /// `on_marked_down: shutdown-sessions` for a nat server: its conntrack entries go, so its
@@ -557,6 +617,7 @@ public final class NatController: @unchecked Sendable {
 
     private func loop() {
         var pfd = pollfd(fd: wakeFd, events: Int16(POLLIN), revents: 0)
+        var verified = monotonicMillis()
         while !stopping.load(ordering: .relaxed) {
             let r = poll(&pfd, 1, 1000)
             if r > 0 {
@@ -565,6 +626,25 @@ public final class NatController: @unchecked Sendable {
             }
             if stopping.load(ordering: .relaxed) { break }
             sync()
+            let now = monotonicMillis()
+            if now - verified >= 1000 {
+                verified = now
+                verify()
+            }
+        }
+    }
+
+    /// Once a second: a table another tool removed (`nft flush ruleset` in a firewall reload)
+    /// is programmed again at once, not at the next change.
+    func verify() {
+        lock.withLock { _ in
+            guard let table, !held, !drifted else { return }
+            for fam in families.sorted() {
+                guard let exists = try? socket.tableExists(family: fam, name: NatController.tableName), !exists else { continue }
+                logger.warning("nat: table \(fam == UInt16(NFPROTO_IPV6) ? "ip6" : "ip") \(NatController.tableName) is gone from the kernel (flushed by another tool?); programming it again")
+                reprogramWhole(table)
+                return
+            }
         }
     }
 

@@ -47,7 +47,7 @@ final class NftBatch {
     private var nextSetID: UInt32 = 1
     private var setIDs: [String: UInt32] = [:]
 
-    private let beginSeq: UInt32
+    let beginSeq: UInt32
 
     init(family: UInt16, seq: UInt32) {
         self.family = family
@@ -483,11 +483,55 @@ final class NetlinkSocket {
             }
         }
         guard sent >= 0 else { throw NatError("cannot send to the kernel: \(String(cString: strerror(errno)))") }
-        try readAcks(expected: batch.messages) { seq in batch.what[seq] ?? "message \(seq)" }
+        try readAcks(expected: batch.messages, from: batch.beginSeq, count: batch.seq &- batch.beginSeq) { seq in batch.what[seq] ?? "message \(seq)" }
+    }
+
+    /// True when the kernel has table `name` in `family` (one GETTABLE request).
+    func tableExists(family: UInt16, name: String) throws(NatError) -> Bool {
+        var req = [UInt8](repeating: 0, count: 256)
+        let s = seq
+        seq &+= 1
+        let sent = req.withUnsafeMutableBytes { raw -> Int in
+            let nlh = nftnl_nlmsg_build_hdr(raw.baseAddress!.assumingMemoryBound(to: CChar.self), UInt16(NFT_MSG_GETTABLE.rawValue), family, UInt16(NLM_F_ACK), s)!
+            let t = nftnl_table_alloc()!
+            nftnl_table_set_str(t, UInt16(NFTNL_TABLE_NAME.rawValue), name)
+            nftnl_table_nlmsg_build_payload(nlh, t)
+            nftnl_table_free(t)
+            return mnl_socket_sendto(nl, nlh, Int(nlh.pointee.nlmsg_len))
+        }
+        guard sent > 0 else { throw NatError("cannot ask for table \(name): \(String(cString: strerror(errno)))") }
+        var buf = [UInt8](repeating: 0, count: 1 << 14)
+        var found = false
+        while true {
+            let n = buf.withUnsafeMutableBytes { mnl_socket_recvfrom(nl, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw NatError("no answer about table \(name): \(String(cString: strerror(errno)))")
+            }
+            var off = 0
+            while off + MemoryLayout<nlmsghdr>.size <= n {
+                let (len, type, mseq, err) = buf.withUnsafeBytes { raw -> (Int, UInt16, UInt32, Int32) in
+                    let h = raw.loadUnaligned(fromByteOffset: off, as: nlmsghdr.self)
+                    let e = h.nlmsg_type == UInt16(NLMSG_ERROR) ? raw.loadUnaligned(fromByteOffset: off + MemoryLayout<nlmsghdr>.size, as: Int32.self) : 0
+                    return (Int(h.nlmsg_len), h.nlmsg_type, h.nlmsg_seq, e)
+                }
+                if len < MemoryLayout<nlmsghdr>.size { break }
+                off += (len + 3) & ~3
+                guard mseq == s else { continue }  // a stale answer to something earlier
+                if type == UInt16(NLMSG_ERROR) {
+                    if err == 0 { return found }
+                    if -err == ENOENT { return false }
+                    throw NatError("table \(name): \(String(cString: strerror(-err)))")
+                }
+                if type == UInt16(NFNL_SUBSYS_NFTABLES) << 8 | UInt16(NFT_MSG_NEWTABLE.rawValue) { found = true }
+            }
+        }
     }
 
     /// Reads ACKs until `expected` arrived; the first error is thrown with its description.
-    private func readAcks(expected: Int, describe: (UInt32) -> String) throws(NatError) {
+    /// Only answers to sequence numbers `from ..< from + count` count: a batch that failed leaves
+    /// the answers to its later messages behind, which are not this batch's.
+    private func readAcks(expected: Int, from: UInt32, count: UInt32, describe: (UInt32) -> String) throws(NatError) {
         var buf = [UInt8](repeating: 0, count: 1 << 16)
         var acked = 0
         var failure: NatError?
@@ -511,7 +555,7 @@ final class NetlinkSocket {
                     return (Int(h.nlmsg_len), h.nlmsg_type, h.nlmsg_seq, e)
                 }
                 if len < MemoryLayout<nlmsghdr>.size { break }
-                if type == UInt16(NLMSG_ERROR) {
+                if type == UInt16(NLMSG_ERROR) && seq &- from < count {
                     acked += 1
                     if err != 0 && failure == nil {
                         failure = NatError("\(describe(seq)): \(String(cString: strerror(-err)))")
@@ -684,7 +728,7 @@ final class NetlinkSocket {
             _ = mnl_socket_sendto(nl, nlh, Int(nlh.pointee.nlmsg_len))
         }
         do {
-            try readAcks(expected: 1) { _ in "flush conntrack mark 0x\(String(mark, radix: 16))" }
+            try readAcks(expected: 1, from: s, count: 1) { _ in "flush conntrack mark 0x\(String(mark, radix: 16))" }
         } catch {
             // ENOENT: no entry had this mark.
             if !error.message.hasSuffix(String(cString: strerror(ENOENT))) { throw error }

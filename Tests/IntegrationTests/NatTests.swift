@@ -534,6 +534,37 @@ final class NatLab {
         #expect((Int(stot(r, "web", "s1")) ?? 0) + (Int(stot(r, "web", "s2")) ?? 0) == 20, "web's counters restarted: \(r)")
     }
 
+    @Test("a ruleset flushed or edited by another tool is programmed again: at once when the table is gone, at the next change or reload otherwise", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func repairsTheKernel() throws {
+        let lab = try NatLab()
+        let dir = TempDir()
+        let b = try lab.ballast(lab.config(dir: dir))
+        defer { b.stop() }
+        #expect(counts(try lab.connect(lab.vip4, count: 2)) == ["s1": 1, "s2": 1])
+
+        // A firewall reload flushes the whole ruleset: the table is back within about a second.
+        _ = try lab.nft("flush", "ruleset")
+        #expect(b.waitForLog("nat: table ip ballast is gone from the kernel", timeout: 3) != nil, "\(b.log)")
+        #expect(b.waitForLog("nat: tables ballast programmed again", timeout: 2) != nil, "\(b.log)")
+        #expect(counts(try lab.connect(lab.vip4, count: 4)) == ["s1": 2, "s2": 2])
+
+        // Someone deletes the service's chain; the next state change cannot be applied as a
+        // difference, so the tables are replaced whole, with the change in.
+        _ = try lab.nft("delete element ip ballast services { 10.77.1.100 . 80 } ; flush chain ip ballast svc-web ; delete chain ip ballast svc-web")
+        #expect(try lab.connect(lab.vip4, count: 1).first?.hasPrefix("ERR") == true)
+        _ = try StatsClient.ask(dir.file("admin.sock"), "set server web/s2 state drain")
+        #expect(b.waitForLog("nat: the kernel refused the update of service web", timeout: 3) != nil, "\(b.log)")
+        #expect(counts(try lab.connect(lab.vip4, count: 3)) == ["s1": 3])
+
+        // And a reload whose difference no longer applies (an element it would delete is gone)
+        // replaces the tables whole.
+        _ = try lab.nft("delete element ip ballast services { 10.77.1.100 . 80 }")
+        #expect(b.reload(lab.config(balance: "random", dir: dir))?.contains("reloaded") == true)
+        #expect(b.log.contains("nat: the kernel refused the difference"), "\(b.log)")
+        #expect(b.log.contains("nat: reload: table ip ballast replaced"), "\(b.log)")
+        #expect(counts(try lab.connect(lab.vip4, count: 3)) == ["s1": 3])  // still drained (state kept across the reload)
+    }
+
     @Test("config errors: leastconn and first are not possible in the kernel")
     func configErrors() throws {
         let yaml = """
