@@ -46,7 +46,8 @@ enum StateFile {
         if let v = check {
             let isAgent = v.type == .agent
             status = v.last.map { number($0.status) } ?? 1
-            result = v.last.map { $0.status.passed ? 3 : 2 } ?? 0
+            // As HAProxy: the result is unknown (0) while a check is under way.
+            result = v.running ? 0 : v.last.map { $0.status.passed ? 3 : 2 } ?? 0
             health = v.health
             let bits = 0x2 | (v.enabled ? 0x4 : 0) | (v.running ? 0x1 : 0)
             if isAgent { agent = bits | 0x10 } else { state = bits }
