@@ -600,6 +600,11 @@ final class NetlinkSocket {
                     let len = Int(raw.loadUnaligned(fromByteOffset: off, as: UInt32.self))
                     let type = raw.loadUnaligned(fromByteOffset: off + 4, as: UInt16.self)
                     if len < 16 { done = true; return }
+                    // An answer left over from an earlier request (a failed batch's) is not ours.
+                    if raw.loadUnaligned(fromByteOffset: off + 8, as: UInt32.self) != s {
+                        off += (len + 3) & ~3
+                        continue
+                    }
                     if type == UInt16(NLMSG_DONE) || type == UInt16(NLMSG_ERROR) { done = true; return }
                     // nlmsghdr (16) + nfgenmsg (4), then attributes.
                     var a = off + 20
@@ -669,6 +674,10 @@ final class NetlinkSocket {
                 while off + 16 <= n {
                     let nlh = (raw.baseAddress! + off).assumingMemoryBound(to: nlmsghdr.self)
                     let len = Int(nlh.pointee.nlmsg_len)
+                    if len >= 16 && nlh.pointee.nlmsg_seq != s {  // left over from an earlier request
+                        off += (len + 3) & ~3
+                        continue
+                    }
                     if len < 16 || nlh.pointee.nlmsg_type == UInt16(NLMSG_DONE) || nlh.pointee.nlmsg_type == UInt16(NLMSG_ERROR) {
                         done = true
                         return
