@@ -169,12 +169,15 @@ public final class Runtime {
         // nat mode: program the kernel before anything serves; a failure names the object and
         // leaves nothing half-applied (one atomic batch per family).
         if config.services.contains(where: { $0.mode == .nat }) {
+            var created: NatController?
             do {
                 let n = try NatController(logger: logger)
+                created = n
                 try n.apply(table)
                 nat = n
                 logger.info("nat: programmed table ip/ip6 \(NatController.tableName) for \(NatController.natServices(config).count) services")
             } catch {
+                created?.remove()  // a family programmed before another failed goes too
                 for l in listeners.values { for fd in l.fds { Sys.close(fd) } }
                 admin?.stop()
                 logger.critical("nat: \(error)\(geteuid() != 0 && ballast_has_net_admin() == 0 ? " (nat mode needs CAP_NET_ADMIN: start Ballast as root, with global.user to drop to)" : "")")
