@@ -279,7 +279,10 @@ public final class HealthChecker: @unchecked Sendable {
             if stopping.load(ordering: .relaxed) {
                 if drainUntil == nil {
                     drainUntil = now + 1000
-                    for case let t? in tasks where t.fd >= 0 && t.mysql == nil { hangUp(t) }
+                    for case let t? in tasks where t.fd >= 0 {
+                        // Results that arrive now change nothing: no transition while stopping.
+                        if t.mysql == nil { hangUp(t) } else { t.retired = true }
+                    }
                 }
                 if now >= drainUntil! || (!tasks.contains(where: { $0.map { $0.fd >= 0 } ?? false }) && retiring.isEmpty) { break }
             }
