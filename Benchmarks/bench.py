@@ -18,6 +18,7 @@ Everything listens on 127.0.0.1 only, every process is started here and stopped 
 """
 import json
 import os
+import shutil
 import resource
 import signal
 import socket
@@ -269,6 +270,7 @@ def main():
                 record("idle", name, run_idle(redis, name, idle_count))
     finally:
         procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def m(key, name, field):
         if name not in results[key]:

@@ -7,6 +7,7 @@
    answered by the other server, and the log line that marks it DOWN.
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -136,10 +137,13 @@ def main():
         print(f"| `type: {check}` | {pct:.1f} | {us:.1f} | {downs} |")
     print("\n| redis check, server killed (SIGKILL) | first new connection on the other server | marked DOWN |")
     print("|---|---:|---:|")
-    for interval, fall in ((1000, 3), (200, 2)):
-        first_b, down = failover(tmp, interval, fall)
-        fmt = lambda x: "—" if x is None else f"{x * 1000:.0f} ms"
-        print(f"| interval {interval} ms, fastinterval {max(interval // 5, 20)} ms, fall {fall} | {fmt(first_b)} | {fmt(down)} |")
+    try:
+        for interval, fall in ((1000, 3), (200, 2)):
+            first_b, down = failover(tmp, interval, fall)
+            fmt = lambda x: "—" if x is None else f"{x * 1000:.0f} ms"
+            print(f"| interval {interval} ms, fastinterval {max(interval // 5, 20)} ms, fall {fall} | {fmt(first_b)} | {fmt(down)} |")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Everything stops by PID and the namespaces are deleted at the end.
 """
 import json
 import os
+import shutil
 import random
 import re
 import socket
@@ -205,7 +206,7 @@ services:
             runs = ", ".join(f"{x:.2f}" for x in results[k])
             print(f"| {k} | {med[k]:.2f} | {med[k] / med['routing']:.2f}× | {med[k] / med['nft-dnat']:.2f}× | {runs} |")
         print()
-        print(f"| kernel programming | median | max | target |")
+        print("| kernel programming | median | max | target |")
         print("|---|---:|---:|---|")
         print(f"| one server's state change (roundrobin map and rule, 20 changes) | {statistics.median(changes) / 1000:.2f} ms | {max(changes) / 1000:.2f} ms | < 5 ms |")
         print(f"| one server's state change on a 65,537-slot Maglev map (changed slots only) | {statistics.median(maglev_change) / 1000:.1f} ms | {max(maglev_change) / 1000:.1f} ms | |")
@@ -215,6 +216,7 @@ services:
     finally:
         procs.stop_all()
         teardown()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

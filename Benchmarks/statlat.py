@@ -13,6 +13,7 @@ For each proxy and round:
 Everything on 127.0.0.1, started here and stopped by PID.
 """
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -159,6 +160,7 @@ listen svc
         print(f"| direct | | | | | {statistics.median(direct):,.0f} | |")
     finally:
         procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
