@@ -38,7 +38,7 @@ let package = Package(
         // nat mode: nftables NAT rules and maps programmed over netlink in atomic batches.
         .target(
             name: "BallastNat",
-            dependencies: ["BallastCore", "CNftables", "CLinux", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["BallastCore", "BallastIO", "CNftables", "CLinux", .product(name: "Logging", package: "swift-log")]
         ),
         // Active health checks on one event loop of their own.
         .target(

@@ -245,17 +245,7 @@ public final class HealthChecker: @unchecked Sendable {
     }
 
     public func start() {
-        let box = Unmanaged.passRetained(self).toOpaque()
-        var tid = pthread_t()
-        pthread_create(
-            &tid, nil,
-            { arg in
-                let checker = Unmanaged<HealthChecker>.fromOpaque(arg!).takeRetainedValue()
-                ballast_set_thread_name("ballast-checks")
-                checker.loop()
-                return nil
-            }, box)
-        thread = tid
+        thread = NamedThread.start("ballast-checks") { self.loop() }
     }
 
     public func stop() {

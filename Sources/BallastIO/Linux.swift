@@ -105,3 +105,32 @@ public enum SignalFd {
         return r > 0 ? r : nil
     }
 }
+
+/// A thread of Ballast's own (workers, checker, admin, nat): a pthread with a name `top -H` and
+/// `ps -L` show, running `body` to its end. The body keeps what it captures alive until then.
+public enum NamedThread {
+    private final class Box {
+        let name: String
+        let body: () -> Void
+        init(_ name: String, _ body: @escaping () -> Void) {
+            self.name = name
+            self.body = body
+        }
+    }
+
+    /// Starts the thread; returns its id, for `pthread_join`.
+    public static func start(_ name: String, _ body: @escaping () -> Void) -> pthread_t {
+        var tid = pthread_t()
+        let box = Unmanaged.passRetained(Box(name, body)).toOpaque()
+        let r = pthread_create(
+            &tid, nil,
+            { arg in
+                let box = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+                ballast_set_thread_name(box.name)
+                box.body()
+                return nil
+            }, box)
+        precondition(r == 0, "pthread_create failed: \(r)")
+        return tid
+    }
+}

@@ -1,4 +1,5 @@
 import BallastCore
+import BallastIO
 import CLinux
 import CNftables
 import Logging
@@ -602,17 +603,7 @@ public final class NatController: @unchecked Sendable {
     public func start() {
         wakeFd = ballast_eventfd(0)
         ServerStateClock.notifyFd.store(wakeFd, ordering: .relaxed)
-        let box = Unmanaged.passRetained(self).toOpaque()
-        var tid = pthread_t()
-        pthread_create(
-            &tid, nil,
-            { arg in
-                let c = Unmanaged<NatController>.fromOpaque(arg!).takeRetainedValue()
-                ballast_set_thread_name("ballast-nat")
-                c.loop()
-                return nil
-            }, box)
-        thread = tid
+        thread = NamedThread.start("ballast-nat") { self.loop() }
     }
 
     private func loop() {

@@ -98,11 +98,8 @@ final class NftBatch {
 
     /// A base chain (with a hook) when `hook` is given, else a regular chain.
     func chain(_ table: String, _ name: String, hook: UInt32? = nil, priority: Int32 = 0, type: String = "nat") {
-        let c = nftnl_chain_alloc()!
+        let c = chainObject(table, name)
         defer { nftnl_chain_free(c) }
-        nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_FAMILY.rawValue), UInt32(family))
-        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue), table)
-        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue), name)
         if let hook {
             nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TYPE.rawValue), type)
             nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_HOOKNUM.rawValue), hook)
@@ -115,22 +112,16 @@ final class NftBatch {
 
     /// Deletes every rule of a chain (DELRULE naming only the chain).
     func flushChain(_ table: String, _ name: String) {
-        let r = nftnl_rule_alloc()!
+        let r = ruleObject(table, name)
         defer { nftnl_rule_free(r) }
-        nftnl_rule_set_u32(r, UInt16(NFTNL_RULE_FAMILY.rawValue), UInt32(family))
-        nftnl_rule_set_str(r, UInt16(NFTNL_RULE_TABLE.rawValue), table)
-        nftnl_rule_set_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue), name)
         nftnl_rule_nlmsg_build_payload(header(NFT_MSG_DELRULE.rawValue, 0, "flush chain \(table) \(name)"), r)
         _ = nftnl_batch_update(batch)
     }
 
     /// Deletes a regular chain (flush it first in the same batch: a chain with rules is busy).
     func deleteChain(_ table: String, _ name: String) {
-        let c = nftnl_chain_alloc()!
+        let c = chainObject(table, name)
         defer { nftnl_chain_free(c) }
-        nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_FAMILY.rawValue), UInt32(family))
-        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue), table)
-        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue), name)
         nftnl_chain_nlmsg_build_payload(header(NFT_MSG_DELCHAIN.rawValue, 0, "delete chain \(table) \(name)"), c)
         _ = nftnl_batch_update(batch)
     }
@@ -139,11 +130,8 @@ final class NftBatch {
 
     /// Deletes a map (no rule may refer to it once the batch is applied).
     func deleteMap(_ table: String, _ name: String) {
-        let s = nftnl_set_alloc()!
+        let s = setObject(table, name)
         defer { nftnl_set_free(s) }
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FAMILY.rawValue), UInt32(family))
-        nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table)
-        nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
         nftnl_set_nlmsg_build_payload(header(NFT_MSG_DELSET.rawValue, 0, "delete map \(table) \(name)"), s)
         _ = nftnl_batch_update(batch)
         setIDs[name] = nil
@@ -155,15 +143,11 @@ final class NftBatch {
         _ table: String, _ name: String, interval: Bool = false, keyType: UInt32 = 19, keyLen: UInt32 = 4, dataType: UInt32, dataLen: UInt32? = nil,
         size: UInt32 = 0
     ) {
-        let s = nftnl_set_alloc()!
-        defer { nftnl_set_free(s) }
         let id = nextSetID
         nextSetID += 1
         setIDs[name] = id
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FAMILY.rawValue), UInt32(family))
-        nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table)
-        nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id)
+        let s = setObject(table, name)  // names the new set by its id too
+        defer { nftnl_set_free(s) }
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), UInt32(NFT_SET_MAP.rawValue) | (interval ? UInt32(NFT_SET_INTERVAL.rawValue) : 0))
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), keyType)  // 19: mark
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), keyLen)
@@ -197,11 +181,7 @@ final class NftBatch {
         var start = 0
         repeat {
             let chunk = elems[start..<min(elems.count, start + 1024)]
-            let s = nftnl_set_alloc()!
-            nftnl_set_set_u32(s, UInt16(NFTNL_SET_FAMILY.rawValue), UInt32(family))
-            nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table)
-            nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
-            if let id = setIDs[name] { nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id) }
+            let s = setObject(table, name)
             for e in chunk {
                 let el = nftnl_set_elem_alloc()!
                 e.key.withUnsafeBytes { _ = nftnl_set_elem_set(el, UInt16(NFTNL_SET_ELEM_KEY), $0.baseAddress, UInt32($0.count)) }
@@ -227,11 +207,8 @@ final class NftBatch {
     // MARK: Rules
 
     func rule(_ table: String, _ chain: String, _ exprs: [OpaquePointer], _ description: String) {
-        let r = nftnl_rule_alloc()!
+        let r = ruleObject(table, chain)
         defer { nftnl_rule_free(r) }
-        nftnl_rule_set_u32(r, UInt16(NFTNL_RULE_FAMILY.rawValue), UInt32(family))
-        nftnl_rule_set_str(r, UInt16(NFTNL_RULE_TABLE.rawValue), table)
-        nftnl_rule_set_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue), chain)
         for e in exprs { nftnl_rule_add_expr(r, e) }  // the rule owns them now
         nftnl_rule_nlmsg_build_payload(
             header(NFT_MSG_NEWRULE.rawValue, NLM_F_CREATE | NLM_F_APPEND, "add rule \(table) \(chain) (\(description))"), r)
@@ -239,6 +216,37 @@ final class NftBatch {
     }
 
     func setID(_ name: String) -> UInt32? { setIDs[name] }
+
+    // MARK: Objects (the caller frees them)
+
+    /// A chain naming `table`/`name` in this batch's family.
+    private func chainObject(_ table: String, _ name: String) -> OpaquePointer {
+        let c = nftnl_chain_alloc()!
+        nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_FAMILY.rawValue), UInt32(family))
+        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue), table)
+        nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue), name)
+        return c
+    }
+
+    /// A set naming `table`/`name` in this batch's family, and its id when this batch created it
+    /// (the kernel finds a set made in the same transaction by id).
+    private func setObject(_ table: String, _ name: String) -> OpaquePointer {
+        let s = nftnl_set_alloc()!
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FAMILY.rawValue), UInt32(family))
+        nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table)
+        nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
+        if let id = setIDs[name] { nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id) }
+        return s
+    }
+
+    /// A rule in `table`/`chain` in this batch's family.
+    private func ruleObject(_ table: String, _ chain: String) -> OpaquePointer {
+        let r = nftnl_rule_alloc()!
+        nftnl_rule_set_u32(r, UInt16(NFTNL_RULE_FAMILY.rawValue), UInt32(family))
+        nftnl_rule_set_str(r, UInt16(NFTNL_RULE_TABLE.rawValue), table)
+        nftnl_rule_set_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue), chain)
+        return r
+    }
 
     /// The batch as iovecs, for sendmsg.
     func withIovecs<R>(_ body: (UnsafeMutablePointer<iovec>, Int) -> R) -> R {

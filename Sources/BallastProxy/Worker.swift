@@ -114,7 +114,6 @@ public final class Worker: @unchecked Sendable {
 
     /// Runs the event loop on the calling thread until `.exit`.
     public func run() {
-        ballast_set_thread_name("ballast-w\(id)")
         while running {
             var timeout: Int32 = -1
             if let t = wheel.timeoutMs(now: now) { timeout = t }

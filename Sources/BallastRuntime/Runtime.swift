@@ -203,7 +203,7 @@ public final class Runtime {
             return 1
         }
         publish()
-        for w in workers { threads.append(startThread(w)) }
+        for w in workers { threads.append(NamedThread.start("ballast-w\(w.id)") { w.run() }) }
         setActions(config)
         let workers = self.workers
         let actions = self.actions
@@ -524,25 +524,6 @@ public final class Runtime {
 
 final class ServiceActions: Sendable {
     let map = Mutex<[String: (MarkedDownAction, MarkedUpAction)]>([:])
-}
-
-private final class ThreadBox {
-    let worker: Worker
-    init(_ w: Worker) { worker = w }
-}
-
-private func startThread(_ worker: Worker) -> pthread_t {
-    var tid = pthread_t()
-    let box = Unmanaged.passRetained(ThreadBox(worker)).toOpaque()
-    let r = pthread_create(
-        &tid, nil,
-        { arg in
-            let box = Unmanaged<ThreadBox>.fromOpaque(arg!).takeRetainedValue()
-            box.worker.run()
-            return nil
-        }, box)
-    precondition(r == 0, "pthread_create failed: \(r)")
-    return tid
 }
 
 /// Tries to bind every listener once (and closes it), so `ballast check` reports an address that

@@ -128,17 +128,7 @@ final class AdminServer: @unchecked Sendable {
         for (k, l) in listeners.enumerated() {
             try? Epoll.add(epfd, l.fd, events: Epoll.in, data: UInt64(k) | (1 << 40))
         }
-        let box = Unmanaged.passRetained(self).toOpaque()
-        var tid = pthread_t()
-        pthread_create(
-            &tid, nil,
-            { arg in
-                let server = Unmanaged<AdminServer>.fromOpaque(arg!).takeRetainedValue()
-                ballast_set_thread_name("ballast-admin")
-                server.loop()
-                return nil
-            }, box)
-        thread = tid
+        thread = NamedThread.start("ballast-admin") { self.loop() }
     }
 
     func stop() {
