@@ -187,6 +187,22 @@ enum StatTable {
         return r
     }
 
+    /// The connection counters a server row and a backend row share (HAProxy fills them alike).
+    static func sessions(_ r: inout Row, _ c: CounterSlot, lastSession: Int64, now: Int64) {
+        r[.stot] = "\(c.sessions)"
+        r[.bin] = "\(c.bytesIn)"
+        r[.bout] = "\(c.bytesOut)"
+        r[.econ] = "\(c.connectErrors)"
+        r[.eresp] = "\(c.responseErrors)"
+        r[.wretr] = "\(c.retries)"
+        r[.wredis] = "\(c.redispatches)"
+        r[.lbtot] = "\(c.picks)"
+        r[.cli_abrt] = "\(c.clientAborts)"
+        r[.srv_abrt] = "\(c.serverAborts)"
+        r[.lastsess] = lastSession == 0 ? "-1" : "\(max(0, now - lastSession) / 1000)"
+        r[.connect] = "\(c.sessions)"
+    }
+
     static func common(_ r: inout Row, iid: Int, sid: Int, type: Int) {
         r[.pid] = "1"
         r[.iid] = "\(iid)"
@@ -223,13 +239,7 @@ enum StatTable {
         r[.scur] = "\(s.active.load(ordering: .relaxed))"
         r[.smax] = "\(s.activeMax.load(ordering: .relaxed))"
         if s.maxconn > 0 { r[.slim] = "\(s.maxconn)" }
-        r[.stot] = "\(c.sessions)"
-        r[.bin] = "\(c.bytesIn)"
-        r[.bout] = "\(c.bytesOut)"
-        r[.econ] = "\(c.connectErrors)"
-        r[.eresp] = "\(c.responseErrors)"
-        r[.wretr] = "\(c.retries)"
-        r[.wredis] = "\(c.redispatches)"
+        sessions(&r, c, lastSession: s.lastSession.load(ordering: .relaxed), now: now)
         r[.status] = status(s, check)
         r[.weight] = "\(s.effectiveWeight(now: now))"
         r[.act] = backup ? "0" : "1"
@@ -244,7 +254,6 @@ enum StatTable {
         let weight = s.weight
         let eff = s.effectiveWeight(now: now)
         if eff < weight && weight > 0 { r[.throttle] = "\(eff * 100 / weight)" }
-        r[.lbtot] = "\(c.picks)"
         r[.rate] = "\(rate)"
         r[.rate_max] = "\(rateMax)"
         if checked, let v = check {
@@ -262,13 +271,8 @@ enum StatTable {
             r[.check_fall] = "\(v.fall)"
             r[.check_health] = "\(v.health)"
         }
-        r[.cli_abrt] = "\(c.clientAborts)"
-        r[.srv_abrt] = "\(c.serverAborts)"
-        let last = s.lastSession.load(ordering: .relaxed)
-        r[.lastsess] = last == 0 ? "-1" : "\(max(0, now - last) / 1000)"
         r[.addr] = s.address.description
         r[.mode] = "tcp"
-        r[.connect] = "\(c.sessions)"
         r[.need_conn_est] = "0"
         r[.uweight] = "\(weight)"
         r[.dash] = "-"
@@ -308,16 +312,10 @@ enum StatTable {
         r[.scur] = "\(st.assigned.load(ordering: .relaxed) + queued)"
         r[.smax] = "\(st.assignedMax.load(ordering: .relaxed))"
         r[.slim] = "\((ctx.shared.maxconn.load(ordering: .relaxed) + 9) / 10)"
-        r[.stot] = "\(c.sessions)"
-        r[.bin] = "\(c.bytesIn)"
-        r[.bout] = "\(c.bytesOut)"
+        sessions(&r, c, lastSession: st.lastSession.load(ordering: .relaxed), now: now)
         r.zero([.dreq, .dresp, .comp_in, .comp_out, .comp_byp, .comp_rsp, .qtime, .ctime, .rtime, .ttime,
                 .wrew, .reuse, .qtime_max, .ctime_max, .rtime_max, .ttime_max, .eint,
                 .agg_server_status, .agg_server_check_status, .agg_check_status])
-        r[.econ] = "\(c.connectErrors)"
-        r[.eresp] = "\(c.responseErrors)"
-        r[.wretr] = "\(c.retries)"
-        r[.wredis] = "\(c.redispatches)"
         r[.status] = up ? "UP" : "DOWN"
         r[.weight] = "\(weight)"
         r[.act] = "\(act)"
@@ -326,16 +324,10 @@ enum StatTable {
         r[.lastchg] = "\(max(0, now - st.lastChange.load(ordering: .relaxed)) / 1000)"
         r[.downtime] = "\(st.downtime(now: now) / 1000)"
         common(&r, iid: iid, sid: 0, type: 1)
-        r[.lbtot] = "\(c.picks)"
         r[.rate] = "\(rate)"
         r[.rate_max] = "\(rateMax)"
-        r[.cli_abrt] = "\(c.clientAborts)"
-        r[.srv_abrt] = "\(c.serverAborts)"
-        let last = st.lastSession.load(ordering: .relaxed)
-        r[.lastsess] = last == 0 ? "-1" : "\(max(0, now - last) / 1000)"
         r[.mode] = "tcp"
         r[.algo] = svc.config.balance.rawValue
-        r[.connect] = "\(c.sessions)"
         r[.uweight] = "\(uweight)"
         r[.dash] = "-"
         r.zero(moduleFields)
