@@ -352,19 +352,6 @@ public final class NatController: @unchecked Sendable {
 
     // MARK: - Expressions
 
-    /// `ip daddr V tcp dport P` (or `ip6 daddr`).
-    private func matchRule(_ a: SocketAddress) -> [OpaquePointer] {
-        let v6 = a.family == AF_INET6
-        return [
-            Expr.payload(network: true, offset: v6 ? 24 : 16, len: v6 ? 16 : 4, dreg: Expr.reg1),
-            Expr.cmpEq(Expr.reg1, NatController.hostBytes(a)),
-            Expr.metaL4proto(Expr.reg1),
-            Expr.cmpEq(Expr.reg1, [UInt8(IPPROTO_TCP)]),
-            Expr.payload(network: false, offset: 2, len: 2, dreg: Expr.reg1),
-            Expr.cmpEq(Expr.reg1, [UInt8(a.port >> 8), UInt8(a.port & 0xff)]),
-        ]
-    }
-
     /// The service chain's one rule: pick a server mark, tag the flow, DNAT to that server.
     private func schedRule(_ b: NftBatch, _ st: ServiceState) {
         let t = NatController.tableName

@@ -508,70 +508,72 @@ final class NetlinkSocket {
             return mnl_socket_sendto(nl, nlh, Int(nlh.pointee.nlmsg_len))
         }
         guard sent > 0 else { throw NatError("cannot ask for table \(name): \(String(cString: strerror(errno)))") }
-        var buf = [UInt8](repeating: 0, count: 1 << 14)
         var found = false
+        var failure: Int32 = 0
+        try receive(answering: { $0 == s }, "no answer about table \(name)") { type, err, _ in
+            if type == UInt16(NLMSG_ERROR) {
+                failure = err
+                return true
+            }
+            if type == UInt16(NFNL_SUBSYS_NFTABLES) << 8 | UInt16(NFT_MSG_NEWTABLE.rawValue) { found = true }
+            return false
+        }
+        if failure == 0 { return found }
+        if -failure == ENOENT { return false }
+        throw NatError("table \(name): \(String(cString: strerror(-failure)))")
+    }
+
+    /// Reads until `body` says it has all it wants, handing it each message that answers a
+    /// request of ours (`answering` its sequence number; a failed batch leaves answers to its
+    /// later messages behind, which are skipped here): its type, the error code of an
+    /// NLMSG_ERROR (0: an acknowledgement), and its bytes from the netlink header on.
+    private func receive(
+        answering isOurs: (UInt32) -> Bool, _ what: @autoclosure () -> String,
+        _ body: (_ type: UInt16, _ error: Int32, _ message: UnsafeRawBufferPointer) -> Bool
+    ) throws(NatError) {
+        var buf = [UInt8](repeating: 0, count: 1 << 16)
+        let header = MemoryLayout<nlmsghdr>.size
         while true {
             let n = buf.withUnsafeMutableBytes { mnl_socket_recvfrom(nl, $0.baseAddress, $0.count) }
             if n < 0 {
                 if errno == EINTR { continue }
-                throw NatError("no answer about table \(name): \(String(cString: strerror(errno)))")
+                throw NatError("\(what()): \(String(cString: strerror(errno)))")
             }
-            var off = 0
-            while off + MemoryLayout<nlmsghdr>.size <= n {
-                let (len, type, mseq, err) = buf.withUnsafeBytes { raw -> (Int, UInt16, UInt32, Int32) in
+            let done = buf.withUnsafeBytes { raw -> Bool in
+                var off = 0
+                while off + header <= n {
                     let h = raw.loadUnaligned(fromByteOffset: off, as: nlmsghdr.self)
-                    let e = h.nlmsg_type == UInt16(NLMSG_ERROR) ? raw.loadUnaligned(fromByteOffset: off + MemoryLayout<nlmsghdr>.size, as: Int32.self) : 0
-                    return (Int(h.nlmsg_len), h.nlmsg_type, h.nlmsg_seq, e)
+                    let len = Int(h.nlmsg_len)
+                    if len < header || off + len > n { return false }  // malformed: read on
+                    defer { off += (len + 3) & ~3 }
+                    guard isOurs(h.nlmsg_seq) else { continue }
+                    let err = h.nlmsg_type == UInt16(NLMSG_ERROR) && len >= header + 4 ? raw.loadUnaligned(fromByteOffset: off + header, as: Int32.self) : 0
+                    if body(h.nlmsg_type, err, UnsafeRawBufferPointer(rebasing: raw[off..<off + len])) { return true }
                 }
-                if len < MemoryLayout<nlmsghdr>.size { break }
-                off += (len + 3) & ~3
-                guard mseq == s else { continue }  // a stale answer to something earlier
-                if type == UInt16(NLMSG_ERROR) {
-                    if err == 0 { return found }
-                    if -err == ENOENT { return false }
-                    throw NatError("table \(name): \(String(cString: strerror(-err)))")
-                }
-                if type == UInt16(NFNL_SUBSYS_NFTABLES) << 8 | UInt16(NFT_MSG_NEWTABLE.rawValue) { found = true }
+                return false
             }
+            if done { return }
         }
     }
 
-    /// Reads ACKs until `expected` arrived; the first error is thrown with its description.
     /// Only answers to sequence numbers `from ..< from + count` count: a batch that failed leaves
     /// the answers to its later messages behind, which are not this batch's.
     private func readAcks(expected: Int, from: UInt32, count: UInt32, describe: (UInt32) -> String) throws(NatError) {
-        var buf = [UInt8](repeating: 0, count: 1 << 16)
+        guard expected > 0 else { return }
         var acked = 0
         var failure: NatError?
         let fd = mnl_socket_get_fd(nl)
         var tv = timeval(tv_sec: 5, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        while acked < expected {
-            let n = buf.withUnsafeMutableBytes { mnl_socket_recvfrom(nl, $0.baseAddress, $0.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw failure ?? NatError("no answer from the kernel after \(acked) of \(expected) acknowledgements: \(String(cString: strerror(errno)))")
+        try receive(answering: { $0 &- from < count }, "no answer from the kernel after \(acked) of \(expected) acknowledgements") { type, err, message in
+            guard type == UInt16(NLMSG_ERROR) else { return false }
+            acked += 1
+            if err != 0 {
+                let seq = message.loadUnaligned(fromByteOffset: 8, as: UInt32.self)
+                failure = NatError("\(describe(seq)): \(String(cString: strerror(-err)))")
+                return true
             }
-            var off = 0
-            while off + MemoryLayout<nlmsghdr>.size <= n {
-                let (len, type, seq, err) = buf.withUnsafeBytes { raw -> (Int, UInt16, UInt32, Int32) in
-                    let h = raw.loadUnaligned(fromByteOffset: off, as: nlmsghdr.self)
-                    var e: Int32 = 0
-                    if h.nlmsg_type == UInt16(NLMSG_ERROR) {
-                        e = raw.loadUnaligned(fromByteOffset: off + MemoryLayout<nlmsghdr>.size, as: Int32.self)
-                    }
-                    return (Int(h.nlmsg_len), h.nlmsg_type, h.nlmsg_seq, e)
-                }
-                if len < MemoryLayout<nlmsghdr>.size { break }
-                if type == UInt16(NLMSG_ERROR) && seq &- from < count {
-                    acked += 1
-                    if err != 0 && failure == nil {
-                        failure = NatError("\(describe(seq)): \(String(cString: strerror(-err)))")
-                    }
-                }
-                off += (len + 3) & ~3
-            }
-            if failure != nil { break }
+            return acked >= expected
         }
         if let failure { throw failure }
     }
@@ -594,62 +596,41 @@ final class NetlinkSocket {
         }
         guard sent > 0 else { throw NatError("cannot ask conntrack: \(String(cString: strerror(errno)))") }
         var out: [UInt32: FlowStats] = [:]
-        var buf = [UInt8](repeating: 0, count: 1 << 16)
-        while true {
-            let n = buf.withUnsafeMutableBytes { mnl_socket_recvfrom(nl, $0.baseAddress, $0.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw NatError("conntrack dump: \(String(cString: strerror(errno)))")
-            }
-            var off = 0
-            var done = false
-            buf.withUnsafeBytes { raw in
-                while off + 16 <= n {
-                    let len = Int(raw.loadUnaligned(fromByteOffset: off, as: UInt32.self))
-                    let type = raw.loadUnaligned(fromByteOffset: off + 4, as: UInt16.self)
-                    if len < 16 { done = true; return }
-                    // An answer left over from an earlier request (a failed batch's) is not ours.
-                    if raw.loadUnaligned(fromByteOffset: off + 8, as: UInt32.self) != s {
-                        off += (len + 3) & ~3
-                        continue
-                    }
-                    if type == UInt16(NLMSG_DONE) || type == UInt16(NLMSG_ERROR) { done = true; return }
-                    // nlmsghdr (16) + nfgenmsg (4), then attributes.
-                    var a = off + 20
-                    var mark: UInt32 = 0
-                    var stats = FlowStats(flows: 1)
-                    func u64be(_ o: Int) -> UInt64 { UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt64.self)) }
-                    while a + 4 <= off + len {
-                        let alen = Int(raw.loadUnaligned(fromByteOffset: a, as: UInt16.self))
-                        let atype = raw.loadUnaligned(fromByteOffset: a + 2, as: UInt16.self) & 0x3fff
-                        if alen < 4 { break }
-                        if atype == UInt16(CTA_MARK.rawValue) && alen >= 8 {
-                            mark = UInt32(bigEndian: raw.loadUnaligned(fromByteOffset: a + 4, as: UInt32.self))
-                        } else if atype == UInt16(CTA_COUNTERS_ORIG.rawValue) || atype == UInt16(CTA_COUNTERS_REPLY.rawValue) {
-                            var c = a + 4
-                            while c + 4 <= a + alen {
-                                let clen = Int(raw.loadUnaligned(fromByteOffset: c, as: UInt16.self))
-                                let ctype = raw.loadUnaligned(fromByteOffset: c + 2, as: UInt16.self) & 0x3fff
-                                if clen < 4 { break }
-                                if clen >= 12 {
-                                    let v = u64be(c + 4)
-                                    let orig = atype == UInt16(CTA_COUNTERS_ORIG.rawValue)
-                                    if ctype == UInt16(CTA_COUNTERS_PACKETS.rawValue) {
-                                        if orig { stats.packetsIn = v } else { stats.packetsOut = v }
-                                    } else if ctype == UInt16(CTA_COUNTERS_BYTES.rawValue) {
-                                        if orig { stats.bytesIn = v } else { stats.bytesOut = v }
-                                    }
-                                }
-                                c += (clen + 3) & ~3
+        try receive(answering: { $0 == s }, "conntrack dump") { type, _, m in
+            if type == UInt16(NLMSG_DONE) || type == UInt16(NLMSG_ERROR) { return true }
+            // nlmsghdr (16) + nfgenmsg (4), then attributes.
+            var a = 20
+            var mark: UInt32 = 0
+            var stats = FlowStats(flows: 1)
+            func u64be(_ o: Int) -> UInt64 { UInt64(bigEndian: m.loadUnaligned(fromByteOffset: o, as: UInt64.self)) }
+            while a + 4 <= m.count {
+                let alen = Int(m.loadUnaligned(fromByteOffset: a, as: UInt16.self))
+                let atype = m.loadUnaligned(fromByteOffset: a + 2, as: UInt16.self) & 0x3fff
+                if alen < 4 { break }
+                if atype == UInt16(CTA_MARK.rawValue) && alen >= 8 {
+                    mark = UInt32(bigEndian: m.loadUnaligned(fromByteOffset: a + 4, as: UInt32.self))
+                } else if atype == UInt16(CTA_COUNTERS_ORIG.rawValue) || atype == UInt16(CTA_COUNTERS_REPLY.rawValue) {
+                    var c = a + 4
+                    while c + 4 <= a + alen {
+                        let clen = Int(m.loadUnaligned(fromByteOffset: c, as: UInt16.self))
+                        let ctype = m.loadUnaligned(fromByteOffset: c + 2, as: UInt16.self) & 0x3fff
+                        if clen < 4 { break }
+                        if clen >= 12 {
+                            let v = u64be(c + 4)
+                            let orig = atype == UInt16(CTA_COUNTERS_ORIG.rawValue)
+                            if ctype == UInt16(CTA_COUNTERS_PACKETS.rawValue) {
+                                if orig { stats.packetsIn = v } else { stats.packetsOut = v }
+                            } else if ctype == UInt16(CTA_COUNTERS_BYTES.rawValue) {
+                                if orig { stats.bytesIn = v } else { stats.bytesOut = v }
                             }
                         }
-                        a += (alen + 3) & ~3
+                        c += (clen + 3) & ~3
                     }
-                    if mark & 0xffff_0000 != 0 { out[mark, default: FlowStats()].add(stats) }
-                    off += (len + 3) & ~3
                 }
+                a += (alen + 3) & ~3
             }
-            if done { break }
+            if mark & 0xffff_0000 != 0 { out[mark, default: FlowStats()].add(stats) }
+            return false
         }
         return out
     }
@@ -669,57 +650,36 @@ final class NetlinkSocket {
         }
         guard sent > 0 else { throw NatError("cannot list rules: \(String(cString: strerror(errno)))") }
         var out: [String: [(String, UInt64, UInt64)]] = [:]
-        var buf = [UInt8](repeating: 0, count: 1 << 16)
-        var done = false
-        while !done {
-            let n = buf.withUnsafeMutableBytes { mnl_socket_recvfrom(nl, $0.baseAddress, $0.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw NatError("rule dump: \(String(cString: strerror(errno)))")
-            }
-            buf.withUnsafeMutableBytes { raw in
-                var off = 0
-                while off + 16 <= n {
-                    let nlh = (raw.baseAddress! + off).assumingMemoryBound(to: nlmsghdr.self)
-                    let len = Int(nlh.pointee.nlmsg_len)
-                    if len >= 16 && nlh.pointee.nlmsg_seq != s {  // left over from an earlier request
-                        off += (len + 3) & ~3
-                        continue
+        try receive(answering: { $0 == s }, "rule dump") { type, _, m in
+            if type == UInt16(NLMSG_DONE) || type == UInt16(NLMSG_ERROR) { return true }
+            let r = nftnl_rule_alloc()!
+            defer { nftnl_rule_free(r) }
+            guard nftnl_rule_nlmsg_parse(m.baseAddress!.assumingMemoryBound(to: nlmsghdr.self), r) >= 0,
+                let chainC = nftnl_rule_get_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue))
+            else { return false }
+            var kind = ""
+            var packets: UInt64 = 0, bytes: UInt64 = 0
+            var counted = false
+            let it = nftnl_expr_iter_create(r)!
+            while let e = nftnl_expr_iter_next(it) {
+                let name = String(cString: nftnl_expr_get_str(e, UInt16(NFTNL_EXPR_NAME)))
+                if name == "ct" {
+                    let key = nftnl_expr_get_u32(e, UInt16(NFTNL_EXPR_CT_KEY))
+                    kind = key == UInt32(NFT_CT_STATE.rawValue) ? "new" : "dir"
+                } else if name == "cmp" && kind == "dir" {
+                    var len: UInt32 = 0
+                    if let d = nftnl_expr_get(e, UInt16(NFTNL_EXPR_CMP_DATA), &len), len >= 1 {
+                        kind = d.load(as: UInt8.self) == 1 ? "reply" : "original"
                     }
-                    if len < 16 || nlh.pointee.nlmsg_type == UInt16(NLMSG_DONE) || nlh.pointee.nlmsg_type == UInt16(NLMSG_ERROR) {
-                        done = true
-                        return
-                    }
-                    let r = nftnl_rule_alloc()!
-                    if nftnl_rule_nlmsg_parse(nlh, r) >= 0, let chainC = nftnl_rule_get_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue)) {
-                        let chain = String(cString: chainC)
-                        var kind = ""
-                        var packets: UInt64 = 0, bytes: UInt64 = 0
-                        var counted = false
-                        let it = nftnl_expr_iter_create(r)!
-                        while let e = nftnl_expr_iter_next(it) {
-                            let name = String(cString: nftnl_expr_get_str(e, UInt16(NFTNL_EXPR_NAME)))
-                            if name == "ct" {
-                                let key = nftnl_expr_get_u32(e, UInt16(NFTNL_EXPR_CT_KEY))
-                                kind = key == UInt32(NFT_CT_STATE.rawValue) ? "new" : "dir"
-                            } else if name == "cmp" && kind == "dir" {
-                                var len: UInt32 = 0
-                                if let d = nftnl_expr_get(e, UInt16(NFTNL_EXPR_CMP_DATA), &len), len >= 1 {
-                                    kind = d.load(as: UInt8.self) == 1 ? "reply" : "original"
-                                }
-                            } else if name == "counter" {
-                                packets = nftnl_expr_get_u64(e, UInt16(NFTNL_EXPR_CTR_PACKETS))
-                                bytes = nftnl_expr_get_u64(e, UInt16(NFTNL_EXPR_CTR_BYTES))
-                                counted = true
-                            }
-                        }
-                        nftnl_expr_iter_destroy(it)
-                        if counted { out[chain, default: []].append((kind, packets, bytes)) }
-                    }
-                    nftnl_rule_free(r)
-                    off += (len + 3) & ~3
+                } else if name == "counter" {
+                    packets = nftnl_expr_get_u64(e, UInt16(NFTNL_EXPR_CTR_PACKETS))
+                    bytes = nftnl_expr_get_u64(e, UInt16(NFTNL_EXPR_CTR_BYTES))
+                    counted = true
                 }
             }
+            nftnl_expr_iter_destroy(it)
+            if counted { out[String(cString: chainC), default: []].append((kind, packets, bytes)) }
+            return false
         }
         return out
     }
