@@ -242,6 +242,8 @@ public struct ServiceConfig: Sendable, Equatable {
     public var observeFails = 0
     public var onMarkedDown = MarkedDownAction.none
     public var onMarkedUp = MarkedUpAction.none
+    /// Redis Sentinel names the master (services whose check requires `role: master`).
+    public var sentinel: SentinelConfig?
     public var servers: [ServerConfig] = []
     public var location: SourceLocation
 

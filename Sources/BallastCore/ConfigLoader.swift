@@ -24,11 +24,14 @@ public enum ConfigLoader {
     public static let checkKeys = [
         "type", "interval", "fastinterval", "downinterval", "timeout", "rise", "fall", "port", "address", "method", "path",
         "host", "expect", "body", "username", "user", "password", "password_file", "role", "require", "query", "send", "send_proxy",
+        "max_lag", "init_state",
     ]
+    public static let sentinelKeys = ["addresses", "master", "username", "password", "password_file", "interval", "timeout"]
     public static let timeoutKeys = ["connect", "client", "server", "queue"]
     public static let serviceKeys = [
         "name", "mode", "bind", "balance", "hash_key", "hash_table_size", "allbackups", "slowstart", "timeout",
         "retries", "maxqueue", "check", "observe", "on_marked_down", "on_marked_up", "servers", "nat",
+        "sentinel",
     ]
     public static let serverKeys = ["name", "address", "weight", "maxconn", "backup", "slowstart", "state", "check", "send_proxy"]
     public static let bindKeys = ["address", "accept_proxy"]
@@ -395,33 +398,95 @@ public enum ConfigLoader {
             }
             if let e = m["host"] { c.host = try string(e.value, "\(what).host") }
             if let e = m["body"] { c.body = try string(e.value, "\(what).body") }
-            if let e = m["expect"] { c.expect = try parseExpect(e.value, "\(what).expect") }
+            if let e = m["expect"] {
+                // mysql: the value the query must return; otherwise HTTP status codes.
+                if c.type == .mysql { c.queryExpect = try scalar(e.value, "\(what).expect") } else {
+                    c.expect = try parseExpect(e.value, "\(what).expect")
+                }
+            }
             if let e = m["username"] { c.username = try string(e.value, "\(what).username") }
             if m["password"] != nil && m["password_file"] != nil {
                 throw fail(m["password_file"]!.key, "\(what): give password or password_file, not both")
             }
             if let e = m["password"] { c.password = try scalar(e.value, "\(what).password") }
-            if let e = m["password_file"] {
-                let path = try string(e.value, "\(what).password_file")
-                // A relative path is relative to the config file's directory.
-                let dir = file.contains("/") ? String(file[..<file.lastIndex(of: "/")!]) : "."
-                let full = path.hasPrefix("/") ? path : dir + "/" + path
-                guard let text = ConfigLoader.readSmallFile(full) else {
-                    throw fail(e.value, "\(what).password_file: cannot read '\(full)'")
-                }
-                c.password = text.hasSuffix("\n") ? String(text.dropLast()) : text
-            }
+            if let e = m["password_file"] { c.password = try passwordFile(e.value, "\(what).password_file") }
             if let e = m["role"] { c.role = try enumValue(e.value, "\(what).role", RedisRole.self) }
             if let e = m["send"] { c.send = try scalar(e.value, "\(what).send") }
             if let e = m["user"] { c.username = try string(e.value, "\(what).user") }
             if let e = m["send_proxy"] { c.sendProxy = try proxyVersion(e.value, "\(what).send_proxy") }
             if let e = m["require"] { c.mysqlRequire = try enumValue(e.value, "\(what).require", MySQLRequire.self) }
             if let e = m["query"] { c.query = try string(e.value, "\(what).query") }
+            if let e = m["max_lag"] { c.maxLag = try duration(e.value, "\(what).max_lag") }
+            if let e = m["init_state"] { c.initState = try enumValue(e.value, "\(what).init_state", InitState.self) }
             if c.type == .mysql && c.password != nil && c.username == nil {
                 throw fail(node, "\(what): a mysql password needs a user")
             }
+            if c.type == .mysql, c.queryExpect != nil, c.query == nil {
+                throw fail(m["expect"]?.key ?? node, "\(what): expect needs a query whose first value it checks")
+            }
+            if c.type == .mysql, c.query != nil || c.mysqlRequire != .any, c.username == nil {
+                throw fail(m["query"]?.key ?? m["require"]?.key ?? node, "\(what): query and require need a user to log in as")
+            }
+            if c.maxLag != nil {
+                let replica = (c.type == .redis && c.role == .replica) || (c.type == .mysql && c.mysqlRequire == .replica)
+                guard replica else {
+                    throw fail(
+                        m["max_lag"]?.key ?? node,
+                        "\(what): max_lag applies to replica checks only (type: redis with role: replica, or type: mysql with require: replica), not to a \(c.type.rawValue) check")
+                }
+            }
+            if m["timeout"] != nil { c.timeoutSet = true }
+            // As HAProxy: with no timeout written, a check never outlasts its interval.
+            if !c.timeoutSet { c.timeout = min(Defaults.checkTimeout, c.interval) }
             if c.timeout > c.interval {
                 throw fail(m["timeout"]?.value ?? m["interval"]?.value ?? node, "\(what): timeout \(c.timeout) is above interval \(c.interval); a check must end before the next one starts")
+            }
+            return c
+        }
+
+        /// A secret kept in a file of its own (one line; relative to the config file's directory).
+        func passwordFile(_ node: Node, _ what: String) throws(ConfigError) -> String {
+            let path = try string(node, what)
+            let dir = file.contains("/") ? String(file[..<file.lastIndex(of: "/")!]) : "."
+            let full = path.hasPrefix("/") ? path : dir + "/" + path
+            guard let text = ConfigLoader.readSmallFile(full) else {
+                throw fail(node, "\(what): cannot read '\(full)'")
+            }
+            return text.hasSuffix("\n") ? String(text.dropLast()) : text
+        }
+
+        func parseSentinel(_ node: Node, _ what: String) throws(ConfigError) -> SentinelConfig {
+            let m = try mapping(node, what, allowed: ConfigLoader.sentinelKeys)
+            guard let a = m["addresses"] else { throw fail(node, "\(what): missing required key 'addresses'") }
+            let items: [Node]
+            switch a.value {
+            case .sequence(let seq): items = Array(seq)
+            case .scalar: items = [a.value]
+            default: throw fail(a.value, "\(what).addresses must be a list of ip:port")
+            }
+            guard !items.isEmpty else { throw fail(a.value, "\(what).addresses must list at least one Sentinel") }
+            var addrs: [SocketAddress] = []
+            for item in items {
+                let text = try string(item, "\(what).addresses")
+                let addr: SocketAddress
+                do { addr = try SocketAddress(parsing: text) } catch { throw fail(item, "\(what).addresses: '\(text)': \(error)") }
+                if addr.port == 0 { throw fail(item, "\(what).addresses: '\(text)': port 0 cannot be connected to") }
+                if addrs.contains(addr) { throw fail(item, "\(what).addresses: \(addr) is listed twice") }
+                addrs.append(addr)
+            }
+            guard let n = m["master"] else { throw fail(node, "\(what): missing required key 'master' (the name in 'sentinel monitor NAME …')") }
+            var c = SentinelConfig(addresses: addrs, master: try string(n.value, "\(what).master"), location: loc(node))
+            if let e = m["username"] { c.username = try string(e.value, "\(what).username") }
+            if m["password"] != nil && m["password_file"] != nil {
+                throw fail(m["password_file"]!.key, "\(what): give password or password_file, not both")
+            }
+            if let e = m["password"] { c.password = try scalar(e.value, "\(what).password") }
+            if let e = m["password_file"] { c.password = try passwordFile(e.value, "\(what).password_file") }
+            if let e = m["interval"] { c.interval = try duration(e.value, "\(what).interval") }
+            if let e = m["timeout"] { c.timeout = try duration(e.value, "\(what).timeout") }
+            if m["timeout"] == nil { c.timeout = Millis(min(c.timeout.value, c.interval.value)) }
+            if c.timeout > c.interval {
+                throw fail(m["timeout"]!.value, "\(what): timeout \(c.timeout) is above interval \(c.interval)")
             }
             return c
         }
@@ -484,6 +549,12 @@ public enum ConfigLoader {
                 guard serviceCheck != nil else {
                     throw fail(e.key, "\(what): observe needs an active check (check:) to bring a server back up")
                 }
+            }
+            if let e = m["sentinel"] {
+                guard let c = serviceCheck, c.type == .redis, c.role == .master else {
+                    throw fail(e.key, "\(what): sentinel needs the service's check to be 'type: redis, role: master' (Sentinel names the master; the check confirms it)")
+                }
+                svc.sentinel = try parseSentinel(e.value, "\(what) sentinel")
             }
             if let e = m["on_marked_down"] { svc.onMarkedDown = try enumValue(e.value, "\(what): on_marked_down", MarkedDownAction.self) }
             if let e = m["on_marked_up"] { svc.onMarkedUp = try enumValue(e.value, "\(what): on_marked_up", MarkedUpAction.self) }

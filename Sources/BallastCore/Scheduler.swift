@@ -35,6 +35,8 @@ public struct PickView {
     public let tier: Bool
     /// A server to skip (redispatch after a failed connect), or -1.
     public let exclude: Int
+    /// Servers this connection already failed to reach (bit i: server i, for i < 64), skipped too.
+    public let tried: UInt64
     public let now: Int64
     /// Static policies (source) ignore slow start, as HAProxy's static algorithms do.
     public let staticWeights: Bool
@@ -44,23 +46,24 @@ public struct PickView {
     /// Runs `body` with a view over `servers`; the view must not escape `body`.
     @inline(__always)
     public static func with<R>(
-        servers: [Unmanaged<Server>], backup: [Bool], tier: Bool, exclude: Int, now: Int64, staticWeights: Bool,
-        hash: UInt32, _ body: (PickView) -> R
+        servers: [Unmanaged<Server>], backup: [Bool], tier: Bool, exclude: Int, tried: UInt64 = 0, now: Int64,
+        staticWeights: Bool, hash: UInt32, _ body: (PickView) -> R
     ) -> R {
         servers.withUnsafeBufferPointer { sp in
             backup.withUnsafeBufferPointer { bp in
                 body(
                     PickView(
-                        servers: sp, backup: bp, tier: tier, exclude: exclude, now: now, staticWeights: staticWeights,
-                        hash: hash))
+                        servers: sp, backup: bp, tier: tier, exclude: exclude, tried: tried, now: now,
+                        staticWeights: staticWeights, hash: hash))
             }
         }
     }
 
     public init(
         servers: UnsafeBufferPointer<Unmanaged<Server>>, backup: UnsafeBufferPointer<Bool>, tier: Bool, exclude: Int,
-        now: Int64, staticWeights: Bool, hash: UInt32
+        tried: UInt64 = 0, now: Int64, staticWeights: Bool, hash: UInt32
     ) {
+        self.tried = tried
         self.servers = servers
         self.backup = backup
         self.tier = tier
@@ -75,7 +78,8 @@ public struct PickView {
     /// In the tier, usable (up, ready, weight > 0), below maxconn, not excluded.
     @inline(__always)
     public func eligible(_ i: Int) -> Bool {
-        i != exclude && backup[i] == tier && servers[i]._withUnsafeGuaranteedRef { $0.usable && $0.hasRoom }
+        i != exclude && (i >= 64 || tried & (1 << UInt64(i)) == 0) && backup[i] == tier
+            && servers[i]._withUnsafeGuaranteedRef { $0.usable && $0.hasRoom }
     }
 
     /// Current weight; 0 for servers outside the tier or not usable.

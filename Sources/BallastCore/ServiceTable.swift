@@ -57,7 +57,12 @@ public final class Server: Sendable {
         slowstartMs = Atomic(config.slowstart.value)
         sendProxy = Atomic(config.sendProxy?.rawValue ?? 0)
         admin.store(config.state.rawValue, ordering: .relaxed)
-        if config.state == .maint { downSince.store(monotonicMillis(), ordering: .relaxed) }
+        // `init_state: down|fully-down` (the default of role and require checks): no traffic
+        // before the first check has answered.
+        if let c = config.check, c.effectiveInitState == .down || c.effectiveInitState == .fullyDown {
+            up.store(false, ordering: .relaxed)
+        }
+        if config.state == .maint || !up.load(ordering: .relaxed) { downSince.store(monotonicMillis(), ordering: .relaxed) }
     }
 
     /// Out of service for statistics: DOWN by health, or in maintenance.

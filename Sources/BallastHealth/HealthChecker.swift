@@ -94,6 +94,10 @@ public final class HealthChecker: @unchecked Sendable {
         var successes = 0
         var failures = 0
         var generation: UInt32 = 0
+        /// Stable while the task lives (the master arbiter's key for this server).
+        let key: Int
+        /// No check has ended yet since start (`init_state` applies to the first result).
+        var checkedOnce = false
         var enabled = true
         var running = false
         var last: CheckResult?
@@ -101,7 +105,8 @@ public final class HealthChecker: @unchecked Sendable {
         /// driven to its end so the server sees a clean `COM_QUIT`, and its result is dropped.
         var retired = false
 
-        init(service: String, server: Server, config: CheckConfig, initialWeight: Int, now: Int64) {
+        init(service: String, server: Server, config: CheckConfig, initialWeight: Int, now: Int64, key: Int) {
+            self.key = key
             self.service = service
             self.server = server
             self.config = config
@@ -112,8 +117,10 @@ public final class HealthChecker: @unchecked Sendable {
             target = t
             // A server restored DOWN from the state file starts DOWN and needs `rise` passes.
             up = server.up.load(ordering: .relaxed)
-            // Spread the first checks over one interval so they do not fire in lockstep.
-            nextDue = now + Int64.random(in: 0...max(0, config.interval.value - 1))
+            // Spread the first checks over one interval so they do not fire in lockstep; a server
+            // that takes no traffic before its first answer is asked at once.
+            let initDown = config.effectiveInitState == .down || config.effectiveInitState == .fullyDown
+            nextDue = initDown && !up ? now : now + Int64.random(in: 0...max(0, config.interval.value - 1))
         }
     }
 
@@ -123,7 +130,7 @@ public final class HealthChecker: @unchecked Sendable {
     private let wakeFd: Int32
     private let logger: Logger
     private let onTransition: Transition
-    private let pending = Mutex<[(String, Server, CheckConfig, Int)]?>(nil)
+    private let pending = Mutex<([(String, Server, CheckConfig, Int)], [String: SentinelConfig])?>(nil)
     private let stopping = Atomic<Bool>(false)
     private var tasks: [Task?] = []
     /// Checks a reload replaced while they were talking to a MySQL server, by their own id
@@ -132,6 +139,11 @@ public final class HealthChecker: @unchecked Sendable {
     private var nextRetiredId: UInt32 = 0
     private static let retiredBase: UInt32 = 1 << 30
     private var thread: pthread_t?
+    private var nextKey = 0
+    /// `role: master` services: which claim takes the writes.
+    private var arbiters: [String: MasterArbiter] = [:]
+    /// Services with `sentinel:`, by name.
+    private var sentinels: [String: SentinelWatcher] = [:]
     private let views = Mutex<[ObjectIdentifier: CheckView]>([:])
     private let requests = Mutex<[@Sendable (HealthChecker) -> Void]>([])
 
@@ -147,7 +159,9 @@ public final class HealthChecker: @unchecked Sendable {
     /// keeps its state and counters; a server that lost its check is marked up.
     public func update(_ table: ServiceTable) {
         var list: [(String, Server, CheckConfig, Int)] = []
+        var sentinelConfigs: [String: SentinelConfig] = [:]
         for svc in table.services {
+            if let s = svc.config.sentinel { sentinelConfigs[svc.name] = s }
             for (k, s) in svc.servers.enumerated() {
                 if let c = svc.config.servers[k].check {
                     list.append((svc.name, s, c, svc.config.servers[k].weight))
@@ -156,7 +170,7 @@ public final class HealthChecker: @unchecked Sendable {
                 }
             }
         }
-        pending.withLock { $0 = list }
+        pending.withLock { $0 = (list, sentinelConfigs) }
         EventFd.signal(wakeFd)
     }
 
@@ -326,6 +340,8 @@ public final class HealthChecker: @unchecked Sendable {
         }
         for case let t? in tasks where t.fd >= 0 { hangUp(t) }
         for t in retiring.values { hangUp(t) }
+        for w in sentinels.values { w.stop() }
+        sentinels.removeAll()
         Sys.close(wakeFd)
         Sys.close(epfd)
     }
@@ -337,7 +353,7 @@ public final class HealthChecker: @unchecked Sendable {
     }
 
     private func applyPending(_ now: Int64) {
-        guard let list = pending.withLock({ p -> [(String, Server, CheckConfig, Int)]? in
+        guard let (list, sentinelConfigs) = pending.withLock({ p -> ([(String, Server, CheckConfig, Int)], [String: SentinelConfig])? in
             let l = p
             p = nil
             return l
@@ -356,9 +372,11 @@ public final class HealthChecker: @unchecked Sendable {
                 next.append(t)
             } else {
                 if let t = previous { ended.append(t) }
-                next.append(Task(service: service, server: server, config: config, initialWeight: weight, now: now))
+                nextKey += 1
+                next.append(Task(service: service, server: server, config: config, initialWeight: weight, now: now, key: nextKey))
             }
         }
+        updateArbiters(next, sentinelConfigs: sentinelConfigs)
         ended += old.values
         for t in ended where t.fd >= 0 {
             // A MySQL conversation under way is finished, not cut: cutting it counts as an
@@ -405,7 +423,7 @@ public final class HealthChecker: @unchecked Sendable {
             }
         } catch {
             let status: CheckStatus = error.errno == ECONNREFUSED ? .l4con : .sockError
-            return finish(t, CheckResult(status: status, code: nil, detail: String(cString: strerror(error.errno)), durationMs: 0), now)
+            return finish(t, Verdict(status, String(cString: strerror(error.errno))), now)
         }
         t.fd = fd
         t.generation &+= 1
@@ -413,7 +431,7 @@ public final class HealthChecker: @unchecked Sendable {
         do {
             try Epoll.add(epfd, fd, events: Epoll.in | Epoll.out | Epoll.rdhup, data: token(index, t))
         } catch {
-            return finish(t, CheckResult(status: .sockError, code: nil, detail: "\(error)", durationMs: 0), now)
+            return finish(t, Verdict(.sockError, "\(error)"), now)
         }
         publish(t)  // `show stat` marks a check under way with `* `, as HAProxy does
     }
@@ -437,12 +455,7 @@ public final class HealthChecker: @unchecked Sendable {
             cmds.append(["PING"])
             if c.role != .any { cmds.append(["INFO", "replication"]) }
             cmds.append(["QUIT"])
-            var out: [UInt8] = []
-            for cmd in cmds {
-                out += Array("*\(cmd.count)\r\n".utf8)
-                for a in cmd { out += Array("$\(a.utf8.count)\r\n\(a)\r\n".utf8) }
-            }
-            return out
+            return cmds.flatMap(RESP.command)
         }
     }
 
@@ -451,7 +464,7 @@ public final class HealthChecker: @unchecked Sendable {
             let err = Socket.pendingError(t.fd)
             if err != 0 {
                 let status: CheckStatus = err == ECONNREFUSED ? .l4con : err == ETIMEDOUT ? .l4timeout : .sockError
-                return finish(t, result(status, String(cString: strerror(err)), t, now), now)
+                return finish(t, Verdict(status, String(cString: strerror(err))), now)
             }
             guard ev & (Epoll.out | Epoll.in) != 0 else { return }
             t.connected = true
@@ -468,13 +481,13 @@ public final class HealthChecker: @unchecked Sendable {
                 }
                 t.request = Array(header[0..<n]) + t.request
             }
-            if t.config.type == .tcp && t.config.sendProxy == nil { return finish(t, result(.l4ok, "", t, now), now) }
+            if t.config.type == .tcp && t.config.sendProxy == nil { return finish(t, Verdict(.l4ok, ""), now) }
         }
         // Send what is left of the request.
         while t.sent < t.request.count {
             let r = try? t.request.withUnsafeBytes { try Sys.send(t.fd, $0.baseAddress! + t.sent, $0.count - t.sent) }
             guard case .done(let n)? = r else {
-                if r == nil { return finish(t, result(.l7response, "connection closed while sending the check", t, now), now) }
+                if r == nil { return finish(t, Verdict(.l7response, "connection closed while sending the check"), now) }
                 return
             }
             t.sent += n
@@ -507,33 +520,27 @@ public final class HealthChecker: @unchecked Sendable {
                     t.sent += n
                 }
             }
-            if let v = t.mysql!.verdict {
-                return finish(t, CheckResult(status: v.0, code: v.1, detail: v.2, durationMs: now - t.started), now)
-            }
-            if eof { return finish(t, result(.l7response, "connection closed by the server", t, now), now) }
+            if let v = t.mysql!.verdict { return finish(t, v, now) }
+            if eof { return finish(t, Verdict(.l7response, "connection closed by the server"), now) }
             if t.response.count >= HealthChecker.maxResponse {
-                return finish(t, result(.l7response, "answer too long", t, now), now)
+                return finish(t, Verdict(.l7response, "answer too long"), now)
             }
             return
         }
         let full = t.response.count >= HealthChecker.maxResponse
         if var verdict = judge(t, eof: eof || full) {
-            if full && !eof && verdict.2.hasPrefix("incomplete answer") {
-                verdict.2 = "answer exceeds \(HealthChecker.maxResponse >> 10) KiB without a complete reply"
+            if full && !eof && verdict.detail.hasPrefix("incomplete answer") {
+                verdict.detail = "answer exceeds \(HealthChecker.maxResponse >> 10) KiB without a complete reply"
             }
-            finish(t, CheckResult(status: verdict.0, code: verdict.1, detail: verdict.2, durationMs: now - t.started), now)
+            finish(t, verdict, now)
         }
     }
 
-    private func result(_ s: CheckStatus, _ detail: String, _ t: Task, _ now: Int64) -> CheckResult {
-        CheckResult(status: s, code: nil, detail: detail, durationMs: now - t.started)
-    }
-
     /// Decides from the bytes so far; nil: wait for more (until EOF or the timeout).
-    func judge(_ t: Task, eof: Bool) -> (CheckStatus, Int?, String)? {
+    func judge(_ t: Task, eof: Bool) -> Verdict? {
         switch t.config.type {
         case .tcp:
-            return (.l4ok, nil, "")  // reached after the PROXY header is sent
+            return Verdict(.l4ok, "")  // reached after the PROXY header is sent
         case .http:
             return HTTPJudge.judge(t.response, config: t.config, eof: eof)
         case .redis:
@@ -544,8 +551,8 @@ public final class HealthChecker: @unchecked Sendable {
             guard let line = AgentReply.line(t.response, eof: eof) else { return nil }
             let reply = AgentReply(line)
             applyAgent(reply, to: t)
-            if let down = reply.down { return (.l7status, nil, down.isEmpty ? line : down) }
-            return (.l7ok, nil, line)
+            if let down = reply.down { return Verdict(.l7status, down.isEmpty ? line : down) }
+            return Verdict(.l7ok, line)
         }
     }
 
@@ -553,9 +560,9 @@ public final class HealthChecker: @unchecked Sendable {
         let status: CheckStatus = t.connected ? .l7timeout : .l4timeout
         var detail = t.connected ? "no complete answer within \(t.config.timeout)" : "no connection within \(t.config.timeout)"
         if t.connected && t.config.type == .redis, let partial = RedisJudge.judge(t.response, config: t.config, eof: true) {
-            detail += " (\(partial.2))"
+            detail += " (\(partial.detail))"
         }
-        finish(t, CheckResult(status: status, code: nil, detail: detail, durationMs: now - t.started), now)
+        finish(t, Verdict(status, detail), now)
     }
 
     /// Closes a check's socket. A MySQL check cut short after the greeting (timeout, reload,
@@ -569,10 +576,16 @@ public final class HealthChecker: @unchecked Sendable {
         t.fd = -1
     }
 
-    private func finish(_ t: Task, _ r: CheckResult, _ now: Int64) {
+    private func finish(_ t: Task, _ verdict: Verdict, _ now: Int64) {
         hangUp(t)
         t.running = false
         if t.retired { return }  // its server now has a new check; this result means nothing
+        var v = verdict
+        var forceUp = false
+        if t.config.type == .redis && t.config.role == .master, arbiters[t.service] != nil {
+            forceUp = arbitrate(t, &v, now)
+        }
+        let r = CheckResult(status: v.status, code: v.code, detail: v.detail, durationMs: now - t.started)
         t.last = r
         defer { publish(t) }
         // As in HAProxy, an agent that cannot be reached changes nothing: it is not a failure.
@@ -586,19 +599,126 @@ public final class HealthChecker: @unchecked Sendable {
             t.up = false
             t.successes = 0
         }
+        // `init_state`: `down` comes up on the first pass, `up` goes down on the first failure.
+        let first = !t.checkedOnce
+        t.checkedOnce = true
+        let initState = t.config.effectiveInitState
         if r.status.passed {
             t.failures = 0
             t.successes += 1
-            if !t.up && t.successes >= t.config.rise { transition(t, up: true, r) }
+            let quick = forceUp || (first && initState == .down)
+            if !t.up && (t.successes >= t.config.rise || quick) { transition(t, up: true, r) }
         } else {
             t.successes = 0
             t.failures += 1
             if t.up { t.server.failedChecks.wrappingAdd(1, ordering: .relaxed) }
-            if t.up && t.failures >= t.config.fall { transition(t, up: false, r) }
+            // A definite answer (wrong role, read_only, replication stopped) acts at once.
+            let quick = v.definite || (first && initState == .up)
+            if t.up && (t.failures >= t.config.fall || quick) {
+                transition(t, up: false, r)
+            } else if first && !t.up {
+                // Started DOWN (`init_state`) and the first answer keeps it so: say why, once.
+                logger.warning("\(transitionLine(t, up: false, r, reason: nil)) (first check since start)")
+            }
         }
         let changing = (t.up && t.failures > 0) || (!t.up && t.successes > 0)
-        let wait = changing ? t.config.fast : (t.up ? t.config.interval : t.config.down)
-        t.nextDue = now + wait.value
+        var wait = (changing ? t.config.fast : (t.up ? t.config.interval : t.config.down)).value
+        // The master Sentinel named but not confirmed yet (a failover under way): ask it often,
+        // writes wait for its `role:master`.
+        if !t.up, let a = arbiters[t.service], a.usesSentinel, a.named == t.server.address { wait = min(wait, 100) }
+        t.nextDue = now + wait
+    }
+
+    /// A `role: master` check's answer goes through the service's arbiter: a master answer
+    /// that another master outranks becomes a refusal; one that takes over takes the others
+    /// down at once. True when the server should come UP on this answer.
+    private func arbitrate(_ t: Task, _ v: inout Verdict, _ now: Int64) -> Bool {
+        guard var arbiter = arbiters[t.service] else { return false }
+        defer { arbiters[t.service] = arbiter }
+        guard v.status.passed, let rep = v.replication, rep.isMaster else {
+            // Anything but a master answer; a timeout keeps the claim (one slow answer is noise).
+            if v.replication != nil || v.status == .l4con || v.status == .sockError || v.status == .l7response {
+                arbiter.noClaim(t.key)
+            }
+            return false
+        }
+        let claim = MasterArbiter.Claim(name: t.server.name, address: t.server.address, replid: rep.replid, replid2: rep.replid2)
+        switch arbiter.masterAnswer(t.key, claim) {
+        case .refuse(let reason):
+            v = Verdict(.l7response, reason, definite: true, replication: rep)
+            return false
+        case .accept(let takeover, let demote):
+            arbiters[t.service] = arbiter
+            demoteTasks(t.service, demote, now)
+            if takeover || arbiter.usesSentinel {
+                logger.notice("Service \(t.service): \(t.server.name) takes the writes (\(arbiter.usesSentinel ? "named by sentinel" : "replication history")).")
+            }
+            return takeover || (arbiter.usesSentinel && arbiter.named != nil)
+        }
+    }
+
+    /// Takes servers down at once on the arbiter's word (another server is the master).
+    private func demoteTasks(_ service: String, _ demote: [Int: String], _ now: Int64) {
+        for (key, reason) in demote {
+            guard let d = tasks.first(where: { $0?.key == key }) ?? nil, d.service == service else { continue }
+            let r = CheckResult(status: .l7response, code: nil, detail: reason, durationMs: 0)
+            d.last = r
+            if d.up { transition(d, up: false, r) }
+            // Ask again soon: the demoted server's next answer confirms or ends the conflict.
+            if d.fd < 0 { d.nextDue = min(d.nextDue, now + d.config.fast.value) }
+            publish(d)
+        }
+    }
+
+    /// Keeps one arbiter per `role: master` service and one Sentinel watcher per `sentinel:`.
+    private func updateArbiters(_ next: [Task?], sentinelConfigs: [String: SentinelConfig]) {
+        var keys: [String: Set<Int>] = [:]
+        for case let t? in next where t.config.type == .redis && t.config.role == .master {
+            keys[t.service, default: []].insert(t.key)
+        }
+        var fresh: [String: MasterArbiter] = [:]
+        for (service, live) in keys {
+            let usesSentinel = sentinelConfigs[service] != nil
+            var a = arbiters[service].flatMap { $0.usesSentinel == usesSentinel ? $0 : nil } ?? MasterArbiter(usesSentinel: usesSentinel)
+            for k in a.claims.keys where !live.contains(k) { a.forget(k) }
+            fresh[service] = a
+        }
+        arbiters = fresh
+        for (service, w) in sentinels where sentinelConfigs[service] != w.config || fresh[service] == nil {
+            w.stop()
+            sentinels[service] = nil
+        }
+        for (service, c) in sentinelConfigs where sentinels[service] == nil && fresh[service] != nil {
+            let w = SentinelWatcher(service: service, config: c, logger: logger) { [weak self] address in
+                self?.post { $0.sentinelNamed(service, address) }
+            }
+            w.start()
+            sentinels[service] = w
+        }
+    }
+
+    /// Sentinel named the master of `service` (a majority agreed, or `+switch-master`).
+    private func sentinelNamed(_ service: String, _ address: SocketAddress) {
+        guard var a = arbiters[service] else { return }
+        let changed = a.named != address
+        let demote = a.sentinelNamed(address)
+        arbiters[service] = a
+        let now = monotonic()
+        demoteTasks(service, demote, now)
+        // Ask the named server now (unless it is already UP): its answer brings it UP at once.
+        for case let t? in tasks where t.service == service && t.server.address == address && t.fd < 0 && t.enabled && !t.up {
+            t.nextDue = now
+        }
+        guard changed else { return }
+        if !tasks.contains(where: { $0?.service == service && $0?.server.address == address }) {
+            logger.warning("Service \(service): sentinel names \(address) the master, which is not a server of this service; no server takes writes.")
+        }
+    }
+
+    /// Runs `body` on the checker thread soon, without waiting for it.
+    private func post(_ body: @escaping @Sendable (HealthChecker) -> Void) {
+        requests.withLock { $0.append(body) }
+        EventFd.signal(wakeFd)
     }
 
     /// Applies an agent's words: weight relative to the configured one, maxconn, admin state.
@@ -625,17 +745,21 @@ public final class HealthChecker: @unchecked Sendable {
         }
         t.server.setUp(up)
         ServerStateClock.bump()
-        var line = "Server \(t.service)/\(t.server.name) is \(up ? "UP" : "DOWN")"
-        if let reason {
-            line += " (\(reason))."
-        } else {
-            line += ", reason: \(r.status.text)"
-            if r.code.map({ _ in true }) ?? false { line += ", code: \(r.code!)" }
-            if !r.detail.isEmpty { line += ", info: \"\(r.detail)\"" }
-            line += ", check duration: \(r.durationMs)ms."
-        }
+        let line = transitionLine(t, up: up, r, reason: reason)
         if up { logger.notice("\(line)") } else { logger.warning("\(line)") }
         onTransition(t.service, t.server, up)
+    }
+}
+
+extension HealthChecker {
+    /// HAProxy's transition line: `Server svc/s is DOWN, reason: …, info: "…", check duration: 1ms.`
+    fileprivate func transitionLine(_ t: Task, up: Bool, _ r: CheckResult, reason: String?) -> String {
+        var line = "Server \(t.service)/\(t.server.name) is \(up ? "UP" : "DOWN")"
+        if let reason { return line + " (\(reason))." }
+        line += ", reason: \(r.status.text)"
+        if let code = r.code { line += ", code: \(code)" }
+        if !r.detail.isEmpty { line += ", info: \"\(r.detail)\"" }
+        return line + ", check duration: \(r.durationMs)ms."
     }
 }
 

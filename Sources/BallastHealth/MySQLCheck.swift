@@ -1,8 +1,9 @@
 import BallastCore
 
 /// The MySQL/MariaDB check as a conversation over the classic protocol: read the greeting,
-/// log in with `mysql_native_password` (when a user is configured), optionally run one query and
-/// read `@@read_only`, and always end with `COM_QUIT`, so the server never counts an aborted
+/// log in with `mysql_native_password` (when a user is configured), then run in turn
+/// `SELECT @@read_only` (`require:`), `SHOW SLAVE STATUS` (`require: replica` with `max_lag`) and
+/// the configured `query` (reading each whole result: an ERR at any point fails), and always end with `COM_QUIT`, so the server never counts an aborted
 /// connection (the cause of `max_connect_errors` host blocking).
 ///
 /// Supported authentication: `mysql_native_password` (MariaDB's and MySQL 5.7's default), also
@@ -10,17 +11,20 @@ import BallastCore
 /// `caching_sha2_password`, `ed25519`, …) fails the check with a detail naming the plugin; the
 /// check still sends `COM_QUIT`.
 struct MySQLConversation {
-    enum Step { case greeting, auth, readOnlyResult, queryResult, done }
+    enum Step { case greeting, auth, result, done }
 
     let config: CheckConfig
     var step = Step.greeting
     var received: [UInt8] = []
     /// Packets to send next (each already framed).
     var outgoing: [UInt8] = []
-    var verdict: (CheckStatus, Int?, String)?
+    var verdict: Verdict?
     var serverVersion = ""
-    var readOnly: String?
-    var rowSeen = false
+    /// Statements still to run after login, the first one under way.
+    var queries: [Query] = []
+    var reader = ResultReader()
+    /// What passed so far, for the detail of a passing check.
+    var notes: [String] = []
 
     init(config: CheckConfig) { self.config = config }
 
@@ -65,8 +69,8 @@ struct MySQLConversation {
         return out
     }
 
-    private mutating func fail(_ status: CheckStatus, _ detail: String) -> [UInt8] {
-        verdict = (status, nil, detail)
+    private mutating func fail(_ status: CheckStatus, _ detail: String, definite: Bool = false) -> [UInt8] {
+        verdict = Verdict(status, detail, definite: definite)
         return MySQLConversation.quit
     }
 
@@ -74,15 +78,15 @@ struct MySQLConversation {
         guard let first = p.first else { return fail(.l7response, "empty packet") }
         switch step {
         case .greeting:
-            if first == 0xFF { verdict = (.l7response, nil, MySQLConversation.errorText(p)); return [] }
+            if first == 0xFF { verdict = Verdict(.l7response, MySQLConversation.errorText(p)); return [] }
             guard first == 10, let nul = p[1...].firstIndex(of: 0) else {
-                verdict = (.l7response, nil, "not a MySQL greeting (protocol \(first))")
+                verdict = Verdict(.l7response, "not a MySQL greeting (protocol \(first))")
                 return []
             }
             serverVersion = String(decoding: p[1..<nul], as: UTF8.self)
             var i = nul + 1 + 4  // connection id
             guard p.count >= i + 8 + 1 + 2 + 1 + 2 + 2 + 1 + 10 else {
-                verdict = (.l7response, nil, "truncated MySQL greeting")
+                verdict = Verdict(.l7response, "truncated MySQL greeting")
                 return []
             }
             var scramble = Array(p[i..<(i + 8)])
@@ -99,7 +103,7 @@ struct MySQLConversation {
             if i < p.count, let end = p[i...].firstIndex(of: 0) { plugin = String(decoding: p[i..<end], as: UTF8.self) }
             guard let user = config.username else {
                 // No user: the greeting is all we can judge. Quit politely.
-                verdict = (.l7ok, nil, "\(serverVersion)")
+                verdict = Verdict(.l7ok, "\(serverVersion)")
                 return MySQLConversation.quit
             }
             step = .auth
@@ -133,65 +137,208 @@ struct MySQLConversation {
             default:
                 return fail(.l7response, "unexpected answer to login (0x\(String(first, radix: 16)))")
             }
-        case .readOnlyResult, .queryResult:
-            if first == 0xFF { return fail(.l7response, MySQLConversation.errorText(p)) }
-            if step == .queryResult {
-                // Any result that is not an error will do; stop at the first packet.
-                verdict = (.l7ok, nil, "\(serverVersion), query ok")
-                return MySQLConversation.quit
-            }
-            // Column count, column definition, EOF, row, EOF: the row is a length-encoded string.
-            if first == 0xFE && p.count < 9 {
-                if rowSeen { return judgeReadOnly() }
+        case .result:
+            guard !queries.isEmpty else { return fail(.l7response, "unexpected packet after the last query") }
+            switch reader.feed(p) {
+            case .more:
                 return []
+            case .error(let text):
+                return fail(.l7response, "\(queries[0].what) failed: \(text)", definite: false)
+            case .done(let result):
+                let q = queries.removeFirst()
+                reader = ResultReader()
+                if let v = judge(q, result) { return v }
+                return nextQuery()
             }
-            if !rowSeen && readOnlyCandidate(p) { return [] }
-            return []
         case .done:
             return []
         }
     }
 
-    private var packetsInResult = 0
+    /// One statement of the check, and what its result means.
+    enum Query {
+        case readOnly, replicaStatus, user(String)
 
-    /// Counts packets of the `SELECT @@read_only` result; the 3rd non-EOF packet is the row.
-    private mutating func readOnlyCandidate(_ p: [UInt8]) -> Bool {
-        packetsInResult += 1
-        if packetsInResult == 3 {
-            // Row: length-encoded string.
-            let n = Int(p[0])
-            if n < 251 && p.count >= 1 + n {
-                readOnly = String(decoding: p[1..<(1 + n)], as: UTF8.self)
-                rowSeen = true
+        var sql: String {
+            switch self {
+            case .readOnly: return "SELECT @@read_only"
+            case .replicaStatus: return "SHOW SLAVE STATUS"
+            case .user(let q): return q
             }
         }
-        return true
-    }
 
-    private mutating func judgeReadOnly() -> [UInt8] {
-        let ro = readOnly == "1" || readOnly?.uppercased() == "ON"
-        switch config.mysqlRequire {
-        case .primary where ro:
-            return fail(.l7response, "read_only is ON, the check requires a primary")
-        case .replica where !ro:
-            return fail(.l7response, "read_only is OFF, the check requires a replica")
-        default:
-            verdict = (.l7ok, nil, "\(serverVersion), read_only \(ro ? "ON" : "OFF")")
-            return MySQLConversation.quit
+        var what: String {
+            switch self {
+            case .readOnly: return "SELECT @@read_only"
+            case .replicaStatus: return "SHOW SLAVE STATUS"
+            case .user: return "query"
+            }
         }
     }
 
     private mutating func afterLogin() -> [UInt8] {
-        if config.mysqlRequire != .any {
-            step = .readOnlyResult
-            packetsInResult = 0
-            return MySQLConversation.frame([0x03] + Array("SELECT @@read_only".utf8), seq: 0)
+        if config.mysqlRequire != .any { queries.append(.readOnly) }
+        if config.mysqlRequire == .replica && config.maxLag != nil { queries.append(.replicaStatus) }
+        if let q = config.query { queries.append(.user(q)) }
+        if queries.isEmpty {
+            verdict = Verdict(.l7ok, "\(serverVersion), login ok")
+            return MySQLConversation.quit
         }
-        if let q = config.query {
-            step = .queryResult
-            return MySQLConversation.frame([0x03] + Array(q.utf8), seq: 0)
-        }
-        verdict = (.l7ok, nil, "\(serverVersion), login ok")
-        return MySQLConversation.quit
+        return nextQuery()
     }
+
+    private mutating func nextQuery() -> [UInt8] {
+        guard let q = queries.first else {
+            verdict = Verdict(.l7ok, ([serverVersion] + notes).joined(separator: ", "))
+            return MySQLConversation.quit
+        }
+        step = .result
+        return MySQLConversation.frame([0x03] + Array(q.sql.utf8), seq: 0)
+    }
+
+    /// Judges one complete result; nil: go on with the next statement.
+    private mutating func judge(_ q: Query, _ r: ResultSet) -> [UInt8]? {
+        switch q {
+        case .readOnly:
+            let value = r.rows.first?.first ?? nil
+            let ro = value == "1" || value?.uppercased() == "ON"
+            switch config.mysqlRequire {
+            case .primary where ro:
+                return fail(.l7response, "read_only is ON, the check requires a primary", definite: true)
+            case .replica where !ro:
+                return fail(.l7response, "read_only is OFF, the check requires a replica", definite: true)
+            default:
+                notes.append("read_only \(ro ? "ON" : "OFF")")
+                return nil
+            }
+        case .replicaStatus:
+            guard let row = r.rows.first else {
+                return fail(.l7response, "not a replica (SHOW SLAVE STATUS is empty)", definite: true)
+            }
+            func column(_ name: String) -> String? {
+                guard let k = r.columns.firstIndex(where: { $0.caseInsensitiveCompare(name) }) else { return nil }
+                return k < row.count ? row[k] : nil
+            }
+            let io = column("Slave_IO_Running") ?? "No"
+            let sql = column("Slave_SQL_Running") ?? "No"
+            if sql != "Yes" {
+                let err = column("Last_SQL_Error").flatMap { $0.isEmpty ? nil : ": \($0)" } ?? ""
+                return fail(.l7response, "replication stopped (SQL thread not running\(err))", definite: true)
+            }
+            if io != "Yes" {
+                let err = column("Last_IO_Error").flatMap { $0.isEmpty ? nil : ": \($0)" } ?? ""
+                return fail(.l7response, "replication stopped (IO thread \(io == "Connecting" ? "connecting" : "not running")\(err))", definite: true)
+            }
+            guard let lagText = column("Seconds_Behind_Master"), let lag = Int64(lagText) else {
+                return fail(.l7response, "replication lag unknown (Seconds_Behind_Master is NULL)", definite: true)
+            }
+            if let limit = config.maxLag, lag * 1000 > limit.value {
+                return fail(.l7response, "replication lag \(lag) s > \(limit)", definite: true)
+            }
+            notes.append("replication lag \(lag) s")
+            return nil
+        case .user:
+            if let wanted = config.queryExpect {
+                guard let first = r.rows.first?.first else {
+                    return fail(.l7response, "query returned no value, expected '\(wanted)'")
+                }
+                guard first == wanted else {
+                    return fail(.l7response, "query returned '\(first ?? "NULL")', expected '\(wanted)'")
+                }
+            }
+            notes.append("query ok")
+            return nil
+        }
+    }
+}
+
+/// A query's result as the text protocol sends it.
+struct ResultSet: Equatable {
+    var columns: [String] = []
+    var rows: [[String?]] = []
+}
+
+/// Reads one COM_QUERY response packet by packet: an OK packet, an ERR packet, or a result set
+/// (column count, column definitions, EOF, rows, EOF), where an ERR may come at any point.
+struct ResultReader {
+    enum Progress: Equatable {
+        case more
+        case done(ResultSet)
+        case error(String)
+    }
+
+    private enum State { case start, columns(Int), columnsEnd, rows }
+    private var state = State.start
+    private var result = ResultSet()
+
+    static func isEOF(_ p: [UInt8]) -> Bool { p.first == 0xFE && p.count < 9 }
+
+    /// A length-encoded integer at `i`, and the index after it.
+    static func lenenc(_ p: [UInt8], _ i: Int) -> (Int, Int)? {
+        guard i < p.count else { return nil }
+        let b = p[i]
+        func le(_ n: Int) -> (Int, Int)? {
+            guard i + n < p.count else { return nil }
+            var v = 0
+            for k in 0..<n { v |= Int(p[i + 1 + k]) << (8 * k) }
+            return (v, i + 1 + n)
+        }
+        switch b {
+        case 0..<0xFB: return (Int(b), i + 1)
+        case 0xFC: return le(2)
+        case 0xFD: return le(3)
+        case 0xFE: return le(8)
+        default: return nil
+        }
+    }
+
+    /// A length-encoded string at `i` (nil value for NULL, 0xFB), and the index after it.
+    static func lenencString(_ p: [UInt8], _ i: Int) -> (String?, Int)? {
+        guard i < p.count else { return nil }
+        if p[i] == 0xFB { return (nil, i + 1) }
+        guard let (n, start) = lenenc(p, i), n >= 0, start + n <= p.count else { return nil }
+        return (String(decoding: p[start..<(start + n)], as: UTF8.self), start + n)
+    }
+
+    mutating func feed(_ p: [UInt8]) -> Progress {
+        if p.first == 0xFF { return .error(MySQLConversation.errorText(p)) }
+        switch state {
+        case .start:
+            if p.first == 0x00 { return .done(result) }  // OK: a statement without a result set
+            guard let (n, _) = Self.lenenc(p, 0), n > 0 else { return .error("malformed result (column count)") }
+            state = .columns(n)
+            return .more
+        case .columns(let left):
+            // catalog, schema, table, org_table, name, …
+            var i = 0
+            var name: String?
+            for _ in 0..<5 {
+                guard let (v, next) = Self.lenencString(p, i) else { return .error("malformed column definition") }
+                name = v
+                i = next
+            }
+            result.columns.append(name ?? "")
+            state = left > 1 ? .columns(left - 1) : .columnsEnd
+            return .more
+        case .columnsEnd:
+            guard Self.isEOF(p) else { return .error("malformed result (no EOF after the columns)") }
+            state = .rows
+            return .more
+        case .rows:
+            if Self.isEOF(p) { return .done(result) }
+            var row: [String?] = []
+            var i = 0
+            for _ in 0..<result.columns.count {
+                guard let (v, next) = Self.lenencString(p, i) else { return .error("malformed row") }
+                row.append(v)
+                i = next
+            }
+            result.rows.append(row)
+            return .more
+        }
+    }
+}
+
+extension String {
+    fileprivate func caseInsensitiveCompare(_ other: String) -> Bool { lowercased() == other.lowercased() }
 }

@@ -74,6 +74,9 @@ struct Conn {
     var serviceSlot: UnsafeMutablePointer<CounterSlot>?
     var serverSlot: UnsafeMutablePointer<CounterSlot>?
     var retriesLeft: Int32 = 0
+    /// Servers whose connect failed for this connection (bit i: server i < 64): a retry goes
+    /// to one not tried yet whenever one is usable.
+    var tried: UInt64 = 0
     var clientAddr = sockaddr_storage()
     var acceptedAt: Int64 = 0
     var phaseDeadline: Int64 = 0

@@ -366,6 +366,7 @@ public final class Worker: @unchecked Sendable {
             c.pointee.acceptedAt = now
             c.pointee.lastClientIO = now
             c.pointee.retriesLeft = l.service.retries
+            c.pointee.tried = 0
             c.pointee.state = .connecting  // provisional until assign() decides
             Socket.setNoDelay(fd)
             do {
@@ -422,20 +423,26 @@ public final class Worker: @unchecked Sendable {
 
     /// Chooses a server and starts connecting, or queues, or closes the client when no server can
     /// ever take it.
-    private func assign(_ i: Int32, exclude: Int32) {
+    /// `failedErr`: the errno of the failed connect to `exclude` this is a retry of (logged
+    /// with the server actually tried next).
+    private func assign(_ i: Int32, exclude: Int32, failedErr: Int32 = 0) {
         let c = table[i]
         guard let svc = c.pointee.service else { return finish(i, .noServer) }
         let hash = svc.balance == .source ? clientHash(c, svc) : 0
         var attempts = svc.service.servers.count + 1
         while attempts > 0 {
             attempts -= 1
-            guard let s = svc.pick(exclude: exclude, hash: hash, now: now) else { break }
+            guard let s = svc.pick(exclude: exclude, tried: c.pointee.tried, hash: hash, now: now) else { break }
             let server = svc.service.servers[Int(s)]
             // Another worker may have taken the last slot since the pick: pick again.
             guard server.tryAcquire() else { continue }
             if exclude >= 0 && s != exclude {
                 c.pointee.serviceSlot?.pointee.redispatches &+= 1
                 c.pointee.serverSlot?.pointee.redispatches &+= 1
+            }
+            if exclude >= 0 && settings.logConnections {
+                logger.info(
+                    "\(svc.name): connect to \(svc.service.servers[Int(exclude)].name) failed (\(String(cString: strerror(failedErr)))), retrying on \(s == exclude ? "the same server (no other is usable)" : server.name)")
             }
             attach(i, server, s, svc)
             startConnect(i)
@@ -601,13 +608,10 @@ public final class Worker: @unchecked Sendable {
             observeFailure(server, svc, err)
         }
         releaseServer(i)
+        if failed >= 0 && failed < 64 { c.pointee.tried |= 1 << UInt64(failed) }
         if c.pointee.retriesLeft > 0 {
             c.pointee.retriesLeft -= 1
-            if settings.logConnections, let svc = c.pointee.service {
-                logger.info(
-                    "\(svc.name): connect to \(svc.service.servers[Int(failed)].name) failed (\(String(cString: strerror(err)))), retrying on another server")
-            }
-            return assign(i, exclude: failed)
+            return assign(i, exclude: failed, failedErr: err)
         }
         finish(i, err == ETIMEDOUT ? .connectTimeout : .connectFailed)
     }

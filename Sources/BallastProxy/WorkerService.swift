@@ -44,36 +44,52 @@ public final class WorkerService {
     /// Picks a usable server with room, skipping `exclude` when another one qualifies
     /// (redispatch after a failed connect). Backups are used only when no active server is
     /// usable: the first one in config order, or all of them through the policy with `allbackups`.
-    func pick(exclude: Int32, hash: UInt32, now: Int64) -> Int32? {
+    func pick(exclude: Int32, tried: UInt64 = 0, hash: UInt32, now: Int64) -> Int32? {
         let ex = Int(exclude)
-        // Redispatch order: another active server, then a backup, and only then the one that failed.
-        if let i = pickTier(backup: false, exclude: ex, hash: hash, now: now) { return Int32(i) }
-        if !hasUsableActive(except: ex), let i = pickBackup(exclude: ex, hash: hash, now: now) { return Int32(i) }
+        // Redispatch order: an active server not tried yet, then a backup not tried yet, then
+        // one tried before (not the one that just failed), and only then the one that failed.
+        if let i = pickTier(backup: false, exclude: ex, tried: tried, hash: hash, now: now) { return Int32(i) }
+        if !hasUsableActive(except: ex, tried: tried), let i = pickBackup(exclude: ex, tried: tried, hash: hash, now: now) {
+            return Int32(i)
+        }
+        if tried != 0 {
+            if let i = pickTier(backup: false, exclude: ex, tried: 0, hash: hash, now: now) { return Int32(i) }
+            if !hasUsableActive(except: ex, tried: 0), let i = pickBackup(exclude: ex, tried: 0, hash: hash, now: now) {
+                return Int32(i)
+            }
+        }
         if ex >= 0 {
-            if let i = pickTier(backup: false, exclude: -1, hash: hash, now: now) { return Int32(i) }
-            if !hasUsableActive(except: -1), let i = pickBackup(exclude: -1, hash: hash, now: now) { return Int32(i) }
+            if let i = pickTier(backup: false, exclude: -1, tried: 0, hash: hash, now: now) { return Int32(i) }
+            if !hasUsableActive(except: -1, tried: 0), let i = pickBackup(exclude: -1, tried: 0, hash: hash, now: now) {
+                return Int32(i)
+            }
         }
         return nil
     }
 
-    private func pickBackup(exclude ex: Int, hash: UInt32, now: Int64) -> Int? {
-        if allbackups { return pickTier(backup: true, exclude: ex, hash: hash, now: now) }
+    private func pickBackup(exclude ex: Int, tried: UInt64, hash: UInt32, now: Int64) -> Int? {
+        if allbackups { return pickTier(backup: true, exclude: ex, tried: tried, hash: hash, now: now) }
         let servers = service.servers
-        for i in service.backupIndices where i != ex && servers[i].usable && servers[i].hasRoom { return i }
+        for i in service.backupIndices where i != ex && !Self.isTried(i, tried) && servers[i].usable && servers[i].hasRoom {
+            return i
+        }
         return nil
     }
 
-    private func pickTier(backup tier: Bool, exclude ex: Int, hash: UInt32, now: Int64) -> Int? {
+    private func pickTier(backup tier: Bool, exclude ex: Int, tried: UInt64, hash: UInt32, now: Int64) -> Int? {
         PickView.with(
-            servers: service.handles, backup: service.backupFlags, tier: tier, exclude: ex, now: now,
+            servers: service.handles, backup: service.backupFlags, tier: tier, exclude: ex, tried: tried, now: now,
             staticWeights: balance == .source, hash: hash
         ) { scheduler.pick($0) }
     }
 
-    private func hasUsableActive(except ex: Int) -> Bool {
-        for i in service.activeIndices where i != ex && service.servers[i].usable { return true }
+    private func hasUsableActive(except ex: Int, tried: UInt64) -> Bool {
+        for i in service.activeIndices where i != ex && !Self.isTried(i, tried) && service.servers[i].usable { return true }
         return false
     }
+
+    @inline(__always)
+    static func isTried(_ i: Int, _ tried: UInt64) -> Bool { i < 64 && tried & (1 << UInt64(i)) != 0 }
 
     /// True when some server could take connections but all are at maxconn: worth queueing.
     var anyUsable: Bool {

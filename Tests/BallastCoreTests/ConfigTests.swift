@@ -243,7 +243,52 @@ struct ConfigTests {
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { send_proxy: v9 }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
             "bad.yaml:4:26: service 'a' check.send_proxy: unknown value 'v9'; expected one of: v1, v2"
         ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: redis }\n    sentinel: { addresses: [\"127.0.0.1:26379\"], master: m }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:5:5: service 'a': sentinel needs the service's check to be 'type: redis, role: master' (Sentinel names the master; the check confirms it)"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: redis, role: master }\n    sentinel: { addresses: [\"127.0.0.1:26379\"] }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:5:15: service 'a' sentinel: missing required key 'master' (the name in 'sentinel monitor NAME …')"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: tcp, max_lag: 5s }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:25: service 'a' check: max_lag applies to replica checks only (type: redis with role: replica, or type: mysql with require: replica), not to a tcp check"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: mysql, user: u, require: replica, max_lag: -5s }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:63: service 'a' check.max_lag: '-5s' is not a duration (use a number with ms, s, m, h or d, such as 500ms or 2s)"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: mysql, user: u, expect: \"1\" }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:36: service 'a' check: expect needs a query whose first value it checks"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: redis, role: master, init_state: sideways }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:53: service 'a' check.init_state: unknown value 'sideways'; expected one of: fully-up, up, down, fully-down"
+        ),
     ]
+
+    @Test("a check without timeout never outlasts its interval (as HAProxy); role checks start DOWN")
+    func checkDefaults() throws {
+        let c = try ConfigLoader.load(
+            path: "c.yaml",
+            contents: """
+                services:
+                  - name: a
+                    bind: 127.0.0.1:1
+                    check: { type: redis, role: master, interval: 300ms }
+                    servers: [{ name: s, address: 127.0.0.1:2 }, { name: t, address: 127.0.0.1:3, check: { interval: 5s } }]
+                """)
+        let s = c.services[0].servers
+        #expect(s[0].check?.timeout == Millis(300))
+        #expect(s[1].check?.timeout == Defaults.checkTimeout)
+        #expect(s[0].check?.effectiveInitState == .down)
+        #expect(Server(config: s[0]).up.load(ordering: .relaxed) == false)
+        var plain = CheckConfig()
+        plain.type = .tcp
+        #expect(plain.effectiveInitState == .fullyUp)
+    }
 
     static func svc(_ name: String, _ bind: String) -> String {
         return "  - name: \(name)\n    bind: [\"\(bind)\"]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n"

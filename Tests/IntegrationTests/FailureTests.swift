@@ -71,8 +71,36 @@ import Glibc
         #expect(end == .eof)
         let line = b.waitForLog("end=connect-failed")
         #expect(line != nil)
-        // Three retries: four attempts, alternating servers rather than hammering one.
-        #expect(b.logLines.filter { $0.contains("retrying on another server") }.count == 3)
+        // Three retries: four attempts, alternating servers rather than hammering one, and each
+        // line names the server actually tried next.
+        let retries = b.logLines.filter { $0.contains("retrying on") }
+        #expect(retries.count == 3)
+        for line in retries {
+            let failed = line.contains("connect to a failed") ? "a" : "b"
+            #expect(line.contains("retrying on \(failed == "a" ? "b" : "a")"), "\(line)")
+        }
+    }
+
+    @Test("a retry goes to a server not tried yet (balance first: r1 and r2 refuse, r3 answers)")
+    func retryGoesToAnUntriedServer() throws {
+        let p1 = try Net.freePort()
+        let p2 = try Net.freePort()
+        let echo = try TestServer.named("r3")
+        defer { echo.stop() }
+        let b = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1\nlog: { connections: true }", defaults: "retries: 2",
+                services: [serviceYAML(servers: [("r1", p1), ("r2", p2), ("r3", echo.port)], extra: "balance: first")]))
+        defer { b.stop() }
+        for _ in 0..<3 {
+            let fd = try Net.connect(b.port("svc"), timeout: 5)
+            let (data, _) = Net.readAll(fd)
+            close(fd)
+            // Without the tried set, the second retry went back to r1 (first in order) and failed.
+            #expect(String(decoding: data, as: UTF8.self) == "r3\n")
+        }
+        #expect(b.waitForLog("connect to r1 failed (Connection refused), retrying on r2") != nil)
+        #expect(b.waitForLog("connect to r2 failed (Connection refused), retrying on r3") != nil)
     }
 
     @Test("connect timeout to a server that never answers")
