@@ -413,7 +413,7 @@ public final class HealthChecker: @unchecked Sendable {
         t.connected = false
         t.sent = 0
         t.response.removeAll(keepingCapacity: true)
-        t.request = Self.request(for: t.config)
+        t.request = Self.request(for: t.config, target: t.target)
         t.mysql = t.config.type == .mysql ? MySQLConversation(config: t.config) : nil
         t.consumed = 0
         let fd: Int32
@@ -436,13 +436,15 @@ public final class HealthChecker: @unchecked Sendable {
         publish(t)  // `show stat` marks a check under way with `* `, as HAProxy does
     }
 
-    static func request(for c: CheckConfig) -> [UInt8] {
+    static func request(for c: CheckConfig, target: SocketAddress) -> [UInt8] {
         switch c.type {
         case .tcp:
             return []
         case .http:
             var r = "\(c.method) \(c.path) HTTP/1.1\r\n"
-            if let h = c.host { r += "Host: \(h)\r\n" }
+            // HTTP/1.1 requires a Host header (nginx answers 400 without one): the configured
+            // name, else the address checked.
+            r += "Host: \(c.host ?? target.description)\r\n"
             r += "User-Agent: ballast-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
             return Array(r.utf8)
         case .agent:
@@ -650,7 +652,7 @@ public final class HealthChecker: @unchecked Sendable {
         case .accept(let takeover, let demote):
             arbiters[t.service] = arbiter
             demoteTasks(t.service, demote, now)
-            if takeover || arbiter.usesSentinel {
+            if takeover {
                 logger.notice("Service \(t.service): \(t.server.name) takes the writes (\(arbiter.usesSentinel ? "named by sentinel" : "replication history")).")
             }
             return takeover || (arbiter.usesSentinel && arbiter.named != nil)

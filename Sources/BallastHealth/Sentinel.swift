@@ -384,8 +384,17 @@ final class SentinelWatcher: @unchecked Sendable {
             onNamed(new)
         case "+selected-slave":
             guard words.count >= 8, words[0] == "slave", words[4] == "@", words[5] == config.master,
-                let chosen = Self.address(words[2], words[3])
+                let chosen = Self.address(words[2], words[3]), let old = Self.address(words[6], words[7])
             else { return }
+            // A Sentinel that has not heard of the last switch yet may start a failover of a master
+            // that is no longer the master: its replica is not promoted in the end (the newer
+            // configuration wins), so following it would send writes to a server about to be
+            // turned back into a replica.
+            if let agreed, old != agreed {
+                logger.warning(
+                    "Service \(service): \(from) starts a failover of \(old), which is not the master (\(agreed)); ignored until Sentinel switches.")
+                return
+            }
             failoverUntil = t + Self.failoverHold
             guard chosen != agreed else { return }
             logger.notice(

@@ -11,13 +11,14 @@ import Glibc
     static let haveMariaDB = FileManager.default.isExecutableFile(atPath: "/usr/sbin/mariadbd")
         && FileManager.default.isExecutableFile(atPath: "/usr/bin/mariadb-install-db")
 
-    final class MariaDB {
+    final class MariaDB: @unchecked Sendable {
         let dir = TempDir()
         let port: UInt16
         let process = Process()
         var socket: String { dir.file("mysql.sock") }
 
-        init() throws {
+        /// `extra`: more server options (replication: `--server-id=…`, `--log-bin=…`).
+        init(extra: [String] = []) throws {
             port = try Net.freePort()
             let (s, _, err) = try runCommand(
                 "/usr/bin/mariadb-install-db",
@@ -27,9 +28,9 @@ import Glibc
             process.executableURL = URL(fileURLWithPath: "/usr/sbin/mariadbd")
             process.arguments = [
                 "--no-defaults", "--datadir=\(dir.file("data"))", "--socket=\(socket)", "--port=\(port)",
-                "--bind-address=127.0.0.1", "--user=root", "--skip-log-bin", "--pid-file=\(dir.file("mysqld.pid"))",
+                "--bind-address=127.0.0.1", "--user=root", "--pid-file=\(dir.file("mysqld.pid"))",
                 "--innodb-buffer-pool-size=16M", "--max-connect-errors=3",
-            ]
+            ] + (extra.contains { $0.hasPrefix("--log-bin") } ? extra : ["--skip-log-bin"] + extra)
             process.standardOutput = FileHandle.nullDevice
             process.standardError = FileHandle.nullDevice
             try process.run()
