@@ -174,6 +174,16 @@ public final class HealthChecker: @unchecked Sendable {
         EventFd.signal(wakeFd)
     }
 
+    /// The Sentinel state of every service with `sentinel:` (`show sentinel`).
+    public func sentinelViews() -> [SentinelView] {
+        let list = Mutex<[SentinelView]>([])
+        _ = perform { c in
+            let v = c.sentinels.values.compactMap(\.view).sorted { $0.service < $1.service }
+            list.withLock { $0 = v }
+        }
+        return list.withLock { $0 }
+    }
+
     /// The last check result of `server`, if it is checked.
     public func result(_ server: Server) -> CheckResult? {
         views.withLock { $0[ObjectIdentifier(server)]?.last }

@@ -23,6 +23,21 @@ import Musl
 /// - `-failover-abort-*`: the hold ends; the next poll names the master again. When no Sentinel answers, or they
 /// disagree, the last agreed master stays (and that is logged once).
 ///
+/// What `show sentinel` prints for one service.
+public struct SentinelView: Sendable {
+    public var service: String
+    public var master: String
+    /// The master a majority last agreed on (or the last switch); nil: never.
+    public var agreed: SocketAddress?
+    /// A failover Sentinel announced is under way.
+    public var failover: Bool
+    /// Per Sentinel: its address, its last answer (`127.0.0.1:7301`, or why it failed), and
+    /// whether its event subscription is up.
+    public var sentinels: [(address: SocketAddress, answer: String, subscribed: Bool)]
+    /// The last problem of the polls (no answer, disagreement); nil when the last round agreed.
+    public var problem: String?
+}
+
 /// One thread and one epoll instance per watched service; it reports to the checker through
 /// `onNamed`, which must not block.
 final class SentinelWatcher: @unchecked Sendable {
@@ -34,6 +49,20 @@ final class SentinelWatcher: @unchecked Sendable {
     private let wakeFd: Int32
     private let epfd: Int32
     private var thread: pthread_t?
+    private let published = Mutex<SentinelView?>(nil)
+    private var lastAnswers: [String]
+    private var subscribed: [Bool]
+
+    /// The state as the runtime API shows it.
+    var view: SentinelView? { published.withLock { $0 } }
+
+    private func publish() {
+        let v = SentinelView(
+            service: service, master: config.master, agreed: agreed, failover: failoverUntil > now(),
+            sentinels: config.addresses.indices.map { (config.addresses[$0], lastAnswers[$0], subscribed[$0]) },
+            problem: lastRoundProblem)
+        published.withLock { $0 = v }
+    }
 
     /// One connection to a Sentinel: a query (ask, read, close) or the subscription (kept).
     final class Conn {
@@ -95,6 +124,8 @@ final class SentinelWatcher: @unchecked Sendable {
         subRetryAt = Array(repeating: 0, count: n)
         subFailureLogged = Array(repeating: false, count: n)
         answers = Array(repeating: nil, count: n)
+        lastAnswers = Array(repeating: "not asked yet", count: n)
+        subscribed = Array(repeating: false, count: n)
         // Both are checked: without them the watcher cannot run at all.
         epfd = (try? Epoll.create()) ?? -1
         wakeFd = (try? EventFd.create()) ?? -1
@@ -192,6 +223,7 @@ final class SentinelWatcher: @unchecked Sendable {
                 if let c = subs[k], !c.connected, t >= c.deadline { dropSubscription(k, "no connection within \(config.timeout)", t) }
             }
             if roundRunning && (t >= roundDeadline || !queries.contains(where: { $0 != nil })) { endRound(t) }
+            publish()
         }
     }
 
@@ -267,6 +299,17 @@ final class SentinelWatcher: @unchecked Sendable {
             return nil
         }
         if t < failoverUntil { return }  // Sentinel is promoting a replica: polls still name the old master
+        for k in answers.indices {
+            switch answers[k] {
+            case .master(let m)?: lastAnswers[k] = "\(m)"
+            case .failed(let w)?: lastAnswers[k] = w
+            case nil: lastAnswers[k] = "no answer"
+            }
+        }
+        let failures = zip(config.addresses, answers).compactMap { (addr, a) -> String? in
+            if case .failed(let w)? = a { return "\(addr): \(w)" }
+            return nil
+        }
         switch Self.majority(results) {
         case .agreed(let m):
             lastRoundProblem = nil
@@ -278,11 +321,11 @@ final class SentinelWatcher: @unchecked Sendable {
                 onNamed(m)
             }
         case .none:
-            let why = zip(config.addresses, answers).map { "\($0): \($1.map { a in if case .failed(let w) = a { return w } else { return "?" } } ?? "?")" }
-            problem("no sentinel answered (\(why.joined(separator: "; "))); keeping \(agreed.map { "the last agreed master \($0)" } ?? "no master")")
+            problem("no sentinel answered (\(failures.joined(separator: "; "))); keeping \(agreed.map { "the last agreed master \($0)" } ?? "no master")")
         case .disagree(let counts):
+            let failed = failures.isEmpty ? "" : "; no answer from \(failures.joined(separator: "; "))"
             problem(
-                "sentinels disagree (\(counts.map { "\($0.0): \($0.1)" }.joined(separator: ", "))); keeping \(agreed.map { "the last agreed master \($0)" } ?? "no master")")
+                "sentinels disagree (\(counts.map { "\($0.0): \($0.1)" }.joined(separator: ", "))\(failed)); keeping \(agreed.map { "the last agreed master \($0)" } ?? "no master")")
         }
     }
 
@@ -328,6 +371,7 @@ final class SentinelWatcher: @unchecked Sendable {
     }
 
     private func dropSubscription(_ k: Int, _ why: String, _ t: Int64) {
+        subscribed[k] = false
         if let c = subs[k] { close(c) }
         subs[k] = nil
         subRetryAt[k] = t + 1000
@@ -350,6 +394,7 @@ final class SentinelWatcher: @unchecked Sendable {
             case .array(let items):
                 guard items.count == 3, case .bulk(let kind) = items[0] else { continue }
                 if kind == "subscribe" {
+                    subscribed[k] = true
                     if subFailureLogged[k] {
                         subFailureLogged[k] = false
                         logger.notice("Service \(service): sentinel \(config.addresses[k]): subscribed to +switch-master again.")

@@ -128,4 +128,78 @@ import Glibc
         print("history failover: writes resumed \(String(format: "%.3f", resumed.timeIntervalSince(promoted))) s after the promotion, \(lost.count) acknowledged writes lost")
         #expect(resumed.timeIntervalSince(promoted) < 2.0)
     }
+
+    /// A stand-in Sentinel: answers `get-master-addr-by-name` with whatever `answer` holds
+    /// (a RESP reply, or garbage), and holds subscriptions open without events.
+    static func fakeSentinel(_ answer: Locked<String>) throws -> TestServer {
+        try TestServer(name: "sentinel") { c, _ in
+            var got: [UInt8] = []
+            var buf = [UInt8](repeating: 0, count: 4096)
+            while true {
+                let n = buf.withUnsafeMutableBytes { recv(c, $0.baseAddress!, $0.count, 0) }
+                if n <= 0 { return }
+                got += buf[0..<n]
+                let text = String(decoding: got, as: UTF8.self)
+                if text.contains("SUBSCRIBE") {
+                    try? Net.sendAll(c, "*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n")
+                    _ = Net.readAll(c, limit: 1 << 20)  // until Ballast hangs up
+                    return
+                }
+                if text.contains("QUIT") {
+                    try? Net.sendAll(c, answer.value.withLock { $0 })
+                    return
+                }
+            }
+        }
+    }
+
+    static func addrReply(_ port: UInt16) -> String {
+        "*2\r\n$9\r\n127.0.0.1\r\n$\("\(port)".count)\r\n\(port)\r\n"
+    }
+
+    @Test(
+        "sentinels that disagree or answer garbage: never two masters; a majority of the answers decides",
+        .enabled(if: RedisLab.available, "redis-server is not installed (apt-get install redis-server)"))
+    func sentinelsDisagree() throws {
+        // Two unrelated masters: only a majority of Sentinels, or else the one serving first, may take writes.
+        let a = try RedisTests.RedisServer()
+        let b = try RedisTests.RedisServer()
+        let answers = [Locked(Self.addrReply(a.port)), Locked(Self.addrReply(b.port)), Locked("hello, I am not a sentinel\r\n")]
+        let fakes = try answers.map { try Self.fakeSentinel($0) }
+        defer { for f in fakes { f.stop() } }
+        let list = fakes.map { "\"127.0.0.1:\($0.port)\"" }.joined(separator: ", ")
+        let dir = TempDir()
+        let sock = dir.file("admin.sock")
+        let p = try BallastProcess(config: configYAML(global: "workers: 1\nstats: { sockets: [{ path: \"\(sock)\" }] }", services: [
+            serviceYAML(
+                name: "rw", servers: [("a", a.port), ("b", b.port)],
+                extra: "check: { type: redis, role: master, interval: 200ms }\nsentinel: { addresses: [\(list)], master: m, interval: 300ms }")
+        ]))
+        defer { p.stop() }
+        let disagree = try #require(p.waitForLog("sentinels disagree", timeout: 5))
+        #expect(disagree.contains("127.0.0.1:\(a.port): 1") && disagree.contains("127.0.0.1:\(b.port): 1"), "\(disagree)")
+        // No agreement ever: the replication history decides, and it cannot tell two fresh masters
+        // apart, so the first one serving keeps the writes and the other is held down.
+        let held = try #require(p.waitForLog("already takes the writes", timeout: 5))
+        #expect(held.contains("is DOWN"), "\(held)")
+        let ups = p.logLines.filter { $0.contains("Server rw/") && $0.contains(" is UP") }
+        #expect(ups.count == 1, "\(ups)")
+        // The garbage answer counts as a failed answer (logged once), never as a vote.
+        #expect(disagree.contains("no answer from 127.0.0.1:\(fakes[2].port): unexpected answer: hello"), "\(disagree)")
+        // `show sentinel` tells the operator the same.
+        let (_, shown, _) = try runCommand(Repo.ballast, ["ctl", "--socket", sock, "show", "sentinel"])
+        #expect(shown.contains("service rw master m: none agreed yet"), "\(shown)")
+        #expect(shown.contains("  sentinel 127.0.0.1:\(fakes[0].port): 127.0.0.1:\(a.port), events subscribed"), "\(shown)")
+        #expect(shown.contains("  sentinel 127.0.0.1:\(fakes[2].port): unexpected answer: hello"), "\(shown)")
+        // A second Sentinel comes round to b: a majority of the answers names b, b takes the writes.
+        answers[0].value.withLock { $0 = Self.addrReply(b.port) }
+        #expect(p.waitForLog("sentinels name 127.0.0.1:\(b.port) the master of 'm', 2 of 3 agree", timeout: 5) != nil, "\(p.log)")
+        #expect(p.waitForLog("Server rw/b is UP", timeout: 3) != nil, "\(p.log)")
+        let (_, after, _) = try runCommand(Repo.ballast, ["ctl", "--socket", sock, "show", "sentinel"])
+        #expect(after.contains("service rw master m: 127.0.0.1:\(b.port)\n"), "\(after)")
+        if ups.first?.contains("rw/a") == true {
+            let down = try #require(p.waitForLog("Server rw/a is DOWN", timeout: 3))
+            #expect(down.contains("not the master named by sentinel (127.0.0.1:\(b.port))"), "\(down)")
+        }
+    }
 }

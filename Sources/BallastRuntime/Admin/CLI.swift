@@ -45,6 +45,7 @@ struct CLI {
         Command(words: ["show", "info"], usage: "show info [desc|json|typed|float]*", help: "report information about the running process", level: .user),
         Command(words: ["show", "nft"], usage: "show nft", help: "print the nftables ruleset of the nat services, in nft syntax", level: .user),
         Command(words: ["show", "servers", "state"], usage: "show servers state [<backend>]", help: "dump volatile server information (all or for a single backend)", level: .user),
+        Command(words: ["show", "sentinel"], usage: "show sentinel", help: "the master each Sentinel names, per service with sentinel:", level: .user),
         Command(words: ["show", "sess"], usage: "show sess [id]", help: "report the list of current sessions or dump this exact session", level: .operator),
         Command(words: ["show", "stat"], usage: "show stat [desc|json|no-maint|typed|up]*", help: "report counters for each proxy and server", level: .user),
         Command(words: ["show", "version"], usage: "show version", help: "show version of the current process", level: .user),
@@ -170,6 +171,7 @@ struct CLI {
             }
             return StateFile.render(ctx.table, checker: ctx.checker) + "\n"
         case "show sess": return showSess(args)
+        case "show sentinel": return showSentinel()
         case "get weight":
             switch ctx.lookup(args.first) {
             case .failure(let e): return e.message + "\n\n"
@@ -409,5 +411,19 @@ struct CLI {
             }
         }
         ctx.rates.clearMax()
+    }
+
+    /// One block per service with `sentinel:`: the agreed master, then each Sentinel's answer.
+    func showSentinel() -> String {
+        var out = ""
+        for v in ctx.checker?.sentinelViews() ?? [] {
+            out += "service \(v.service) master \(v.master): \(v.agreed.map { "\($0)" } ?? "none agreed yet")"
+            out += v.failover ? " (failover under way)\n" : "\n"
+            if let p = v.problem { out += "  problem: \(p)\n" }
+            for s in v.sentinels {
+                out += "  sentinel \(s.address): \(s.answer), events \(s.subscribed ? "subscribed" : "not subscribed")\n"
+            }
+        }
+        return out + "\n"
     }
 }
