@@ -24,6 +24,9 @@ public final class Worker: @unchecked Sendable {
 
     /// Commands processed: the watchdog's proof that this loop still turns.
     public let heartbeat = Atomic<Int>(0)
+    /// Monotonic ms of the last command processed (`ballast health`: the runtime pings every
+    /// worker several times a second, so an old value means a stuck loop).
+    public let lastBeat = Atomic<Int64>(monotonicMillis())
     /// Set when the loop has returned.
     public let finished = Atomic<Bool>(false)
     /// Pipes this worker holds, and how many of them are idle in its pool (`show info`).
@@ -200,6 +203,7 @@ public final class Worker: @unchecked Sendable {
             box.removeAll()
             return c
         }
+        if !commands.isEmpty { lastBeat.store(monotonicMillis(), ordering: .relaxed) }
         for command in commands {
             heartbeat.wrappingAdd(1, ordering: .relaxed)
             switch command {

@@ -261,11 +261,14 @@ public final class Runtime {
 
         notifier?.send("READY=1\nSTATUS=serving \(config.services.count) services\nMAINPID=\(getpid())")
         // Watchdog: ping at half systemd's interval, and only while every worker answers.
-        let tick = notifier?.watchdogMicros.map { Int32(max(10, $0 / 2000)) } ?? 1000
+        // Every worker is also pinged four times a second, so `ballast health` can tell a stuck
+        // one (its last answer grows old) from an idle one.
+        let tick = min(Self.healthPingMs, notifier?.watchdogMicros.map { Int32(max(10, $0 / 2000)) } ?? Self.healthPingMs)
         var pfd = pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0)
         while true {
             let r = poll(&pfd, 1, tick)
             if notifier?.watchdogMicros != nil { watchdog() }
+            for w in workers { w.send(.ping) }
             if r < 0 && errno != EINTR { break }
             while let sig = SignalFd.next(sigfd) {
                 switch sig {
@@ -285,6 +288,8 @@ public final class Runtime {
         }
         return 1
     }
+
+    static let healthPingMs: Int32 = 250
 
     /// Sends `WATCHDOG=1` when every worker has processed the previous round's ping; a stuck
     /// worker stops the pings and systemd restarts the service.

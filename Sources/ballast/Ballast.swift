@@ -14,7 +14,7 @@ struct Ballast: ParsableCommand {
         commandName: "ballast",
         abstract: "A Layer-4 TCP load balancer for Linux.",
         version: "ballast \(BallastVersion.string) (\(BallastVersion.build))",
-        subcommands: [Run.self, Check.self, CtlCommand.self, Nft.self, Debug.self]
+        subcommands: [Run.self, Check.self, CtlCommand.self, HealthCommand.self, Nft.self, Debug.self]
     )
 }
 
@@ -111,6 +111,53 @@ struct CtlCommand: ParsableCommand {
             writeStderr("ballast: \(error)")
             throw ExitCode(1)
         }
+    }
+}
+
+struct HealthCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "health",
+        abstract: "Exit 0 when the running Ballast answers and every worker is alive (for keepalived's track_script); else exit 1 with why.",
+        discussion: """
+            Prints one line. Examples:
+              ballast health --socket /run/ballast/admin.sock
+              ballast health -c /etc/ballast/ballast.yaml --service redis-rw
+            """)
+
+    @Option(help: "The stats socket: a Unix socket path or a loopback ip:port. Default: the first socket of --config, else /run/ballast/admin.sock.")
+    var socket: String?
+
+    @Option(name: [.short, .customLong("config")], help: "Take the socket from this configuration file.")
+    var config: String?
+
+    @Option(name: .customLong("service"), help: "Also fail when this service has no usable server (repeatable).")
+    var services: [String] = []
+
+    @Option(help: "Give up after this many milliseconds.")
+    var timeout: Int = 500
+
+    func validate() throws {
+        guard (1...60_000).contains(timeout) else { throw ValidationError("--timeout must be between 1 and 60000 ms") }
+    }
+
+    func run() throws {
+        var target = socket ?? "/run/ballast/admin.sock"
+        if socket == nil, let path = config {
+            do {
+                let c = try loadConfig(path: path)
+                guard let s = c.global.stats.sockets.first.map({ $0.path ?? $0.address!.description }) else {
+                    print("fail: \(path) has no global.stats socket")
+                    throw ExitCode(1)
+                }
+                target = s
+            } catch let e as ConfigError {
+                print("fail: \(e)")
+                throw ExitCode(1)
+            }
+        }
+        let outcome = Health.check(target: target, services: services, timeoutMs: timeout)
+        print(outcome.ok ? outcome.line : "fail: \(outcome.line)")
+        if !outcome.ok { throw ExitCode(1) }
     }
 }
 

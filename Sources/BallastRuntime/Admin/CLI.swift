@@ -42,6 +42,7 @@ struct CLI {
         Command(words: ["set", "weight"], usage: "set weight <bk>/<srv>  (DEPRECATED)", help: "change a server's weight (use 'set server' instead)", level: .admin),
         Command(words: ["show", "backend"], usage: "show backend", help: "list backends in the current running config", level: .user),
         Command(words: ["show", "cli", "level"], usage: "show cli level", help: "display the level of the current CLI session", level: .user),
+        Command(words: ["show", "health"], usage: "show health [<backend>]*", help: "ok, or why not: every worker answered recently, the backends have a usable server", level: .user),
         Command(words: ["show", "info"], usage: "show info [desc|json|typed|float]*", help: "report information about the running process", level: .user),
         Command(words: ["show", "nft"], usage: "show nft", help: "print the nftables ruleset of the nat services, in nft syntax", level: .user),
         Command(words: ["show", "servers", "state"], usage: "show servers state [<backend>]", help: "dump volatile server information (all or for a single backend)", level: .user),
@@ -172,6 +173,7 @@ struct CLI {
             return StateFile.render(ctx.table, checker: ctx.checker) + "\n"
         case "show sess": return showSess(args)
         case "show sentinel": return showSentinel()
+        case "show health": return showHealth(args)
         case "get weight":
             switch ctx.lookup(args.first) {
             case .failure(let e): return e.message + "\n\n"
@@ -425,5 +427,29 @@ struct CLI {
             }
         }
         return out + "\n"
+    }
+
+    /// `ballast health`'s question: `ok: …`, or one `fail: …` line per problem. A worker is stuck
+    /// when its last answer to the runtime's pings (four a second) is older than a second.
+    func showHealth(_ services: [String]) -> String {
+        var problems: [String] = []
+        if ctx.stopping.load(ordering: .relaxed) { problems.append("Ballast is stopping") }
+        let now = monotonicMillis()
+        for (k, w) in ctx.workers.enumerated() {
+            let age = now - w.lastBeat.load(ordering: .relaxed)
+            if age > 1000 { problems.append("worker \(k) has not answered for \(age / 1000).\(age % 1000 / 100) s") }
+        }
+        for name in services {
+            guard let svc = ctx.service(name) else {
+                problems.append("no service named '\(name)'")
+                continue
+            }
+            if !svc.servers.contains(where: \.usable) { problems.append("service \(svc.name) has no usable server") }
+        }
+        if problems.isEmpty {
+            let named = services.isEmpty ? "" : "; \(services.joined(separator: ", ")) usable"
+            return "ok: \(ctx.workers.count) workers answered within 1 s\(named)\n\n"
+        }
+        return problems.map { "fail: \($0)\n" }.joined() + "\n"
     }
 }
