@@ -179,6 +179,8 @@ public struct BindConfig: Sendable, Equatable {
     public var address: SocketAddress
     /// Expect a PROXY protocol header (v1 or v2) from a trusted front balancer on each connection.
     public var acceptProxy = false
+    /// Bind even when the address is not on this host (yet): a floating address (IP_FREEBIND).
+    public var freebind = false
     public var location: SourceLocation
 }
 

@@ -34,7 +34,7 @@ public enum ConfigLoader {
         "sentinel",
     ]
     public static let serverKeys = ["name", "address", "weight", "maxconn", "backup", "slowstart", "state", "check", "send_proxy"]
-    public static let bindKeys = ["address", "accept_proxy"]
+    public static let bindKeys = ["address", "accept_proxy", "freebind"]
 
     public static func load(path: String, contents: String) throws(ConfigError) -> Config {
         var parser = Parser(file: path)
@@ -573,11 +573,13 @@ public enum ConfigLoader {
             for bindNode in bindNodes {
                 var b = bindNode
                 var acceptProxy = false
+                var freebind: Node?
                 if case .mapping = bindNode {
                     let bm = try mapping(bindNode, "\(what) bind", allowed: ConfigLoader.bindKeys)
                     guard let a = bm["address"] else { throw fail(bindNode, "\(what) bind: missing required key 'address'") }
                     b = a.value
                     if let e = bm["accept_proxy"] { acceptProxy = try bool(e.value, "\(what) bind accept_proxy") }
+                    if let e = bm["freebind"], try bool(e.value, "\(what) bind freebind") { freebind = e.key }
                 }
                 let text = try string(b, "\(what): bind address")
                 let addr: SocketAddress
@@ -585,7 +587,10 @@ public enum ConfigLoader {
                 if svc.binds.contains(where: { $0.address == addr }) {
                     throw fail(b, "\(what): bind \(addr) is listed twice")
                 }
-                svc.binds.append(BindConfig(address: addr, acceptProxy: acceptProxy, location: loc(b)))
+                if let f = freebind, svc.mode == .nat {
+                    throw fail(f, "\(what): freebind applies to proxy mode (nat mode matches the service address whether or not this host holds it)")
+                }
+                svc.binds.append(BindConfig(address: addr, acceptProxy: acceptProxy, freebind: freebind != nil, location: loc(b)))
             }
 
             guard let serversEntry = m["servers"] else { throw fail(node, "\(what): missing required key 'servers'") }

@@ -13,14 +13,27 @@ public enum Socket {
     /// their own socket to the same address (`SO_REUSEPORT`) and the kernel spreads connections.
     /// IPv6 sockets are IPv6-only so `0.0.0.0:P` and `[::]:P` can be bound side by side.
     /// The corresponding C functions are `socket`, `setsockopt`, `bind` and `listen`.
-    public static func listen(_ address: SocketAddress, reusePort: Bool, backlog: Int32) throws(SysError) -> Int32 {
+    /// `freebind`: bind an address this host does not hold (yet): a floating address that
+    /// keepalived moves here (`IP_FREEBIND` / `IPV6_FREEBIND`). `listen: false` only binds (what
+    /// `ballast check` needs: a bound socket that never listens takes no client from the live
+    /// listener group).
+    public static func listen(
+        _ address: SocketAddress, reusePort: Bool, backlog: Int32, freebind: Bool = false, listen: Bool = true
+    ) throws(SysError) -> Int32 {
         let fd = Int32(try Sys.checkBlocking("socket") { Int(ballast_socket_nonblock(address.family, Int32(SOCK_STREAM.rawValue), 0)) })
         do throws(SysError) {
             try setOption(fd, SOL_SOCKET, SO_REUSEADDR, 1)
             if reusePort { try setOption(fd, SOL_SOCKET, SO_REUSEPORT, 1) }
             if address.family == AF_INET6 { try setOption(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, 1) }
+            if freebind {
+                if address.family == AF_INET6 {
+                    try setOption(fd, Int32(IPPROTO_IPV6), 78, 1)  // IPV6_FREEBIND
+                } else {
+                    try setOption(fd, Int32(IPPROTO_IP), 15, 1)  // IP_FREEBIND
+                }
+            }
             _ = try Sys.checkBlocking("bind") { address.withSockAddr { Int(Glibc.bind(fd, $0, $1)) } }
-            _ = try Sys.checkBlocking("listen") { Int(Glibc.listen(fd, backlog)) }
+            if listen { _ = try Sys.checkBlocking("listen") { Int(Glibc.listen(fd, backlog)) } }
         } catch {
             Sys.close(fd)
             throw error

@@ -52,17 +52,21 @@ struct BoundListener {
 
 /// Opens one socket per worker for `bind`. Port 0 picks a free port once; the other workers bind
 /// the same one. On failure closes what it opened and reports the config location.
-func openListeners(_ bind: BindConfig, service: String, count: Int) throws(ConfigError) -> BoundListener {
+func openListeners(_ bind: BindConfig, service: String, count: Int, listen: Bool = true) throws(ConfigError) -> BoundListener {
     var fds: [Int32] = []
     var address = bind.address
     for _ in 0..<count {
         do {
-            let fd = try Socket.listen(address, reusePort: true, backlog: Int32(Defaults.backlog))
+            let fd = try Socket.listen(address, reusePort: true, backlog: Int32(Defaults.backlog), freebind: bind.freebind, listen: listen)
             if address.port == 0, let actual = Socket.localAddress(fd) { address = actual }
             fds.append(fd)
         } catch {
             for fd in fds { Sys.close(fd) }
-            throw ConfigError(bind.location, "service '\(service)': cannot bind \(bind.address): \(String(cString: strerror(error.errno)))")
+            var why = String(cString: strerror(error.errno))
+            if error.errno == EADDRNOTAVAIL && !bind.freebind {
+                why += " (address not on this host; for a floating address set freebind: true)"
+            }
+            throw ConfigError(bind.location, "service '\(service)': cannot bind \(bind.address): \(why)")
         }
     }
     return BoundListener(configured: bind.address, actual: address, service: service, fds: fds)
@@ -532,11 +536,13 @@ final class ServiceActions: Sendable {
 }
 
 /// Tries to bind every listener once (and closes it), so `ballast check` reports an address that
-/// cannot be bound with its config location.
+/// cannot be bound with its config location. It binds without listening: a listening socket
+/// would join the live listener group of a running Ballast for that moment and the kernel could
+/// queue a new client on it, reset when it closes.
 public func checkBinds(_ config: Config) throws(ConfigError) {
     for svc in config.services where svc.mode == .proxy {
         for b in svc.binds {
-            let l = try openListeners(b, service: svc.name, count: 1)
+            let l = try openListeners(b, service: svc.name, count: 1, listen: false)
             for fd in l.fds { Sys.close(fd) }
         }
     }

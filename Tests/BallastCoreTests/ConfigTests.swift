@@ -269,6 +269,16 @@ struct ConfigTests {
         ),
     ]
 
+    @Test func freebindOnNatIsAnError() {
+        let yaml = "services:\n  - name: a\n    mode: nat\n    bind: [{ address: \"10.0.0.100:80\", freebind: true }]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n"
+        do {
+            _ = try ConfigLoader.load(path: "bad.yaml", contents: yaml)
+            Issue.record("accepted")
+        } catch {
+            #expect(error.description == "bad.yaml:4:40: service 'a': freebind applies to proxy mode (nat mode matches the service address whether or not this host holds it)")
+        }
+    }
+
     @Test("a check without timeout never outlasts its interval (as HAProxy); role checks start DOWN")
     func checkDefaults() throws {
         let c = try ConfigLoader.load(

@@ -59,4 +59,21 @@ struct IOTests {
             #expect(Socket.pendingError(fd) == ECONNREFUSED)
         }
     }
+
+    @Test("bound without listening refuses connections (what ballast check does); freebind binds an address not on this host")
+    func bindWithoutListen() throws {
+        let any = try SocketAddress(parsing: "127.0.0.1:0")
+        let fd = try Socket.listen(any, reusePort: true, backlog: 16, listen: false)
+        defer { Sys.close(fd) }
+        let bound = try #require(Socket.localAddress(fd))
+        let c = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(c) }
+        let r = bound.withSockAddr { connect(c, $0, $1) }
+        #expect(r == -1 && errno == ECONNREFUSED)
+        // 192.0.2.0/24 (TEST-NET-1) is on no host: EADDRNOTAVAIL, unless freebind.
+        let floating = try SocketAddress(parsing: "192.0.2.77:0")
+        #expect(throws: SysError("bind", EADDRNOTAVAIL)) { try Socket.listen(floating, reusePort: true, backlog: 16) }
+        let f = try Socket.listen(floating, reusePort: true, backlog: 16, freebind: true)
+        Sys.close(f)
+    }
 }

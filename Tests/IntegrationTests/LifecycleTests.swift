@@ -288,4 +288,27 @@ import Glibc
         #expect(obj?["end"] as? String == "done")
         p.stop()
     }
+
+    @Test("a floating address: check says what to do without freebind; with it Ballast starts listening")
+    func floatingAddress() throws {
+        let dir = TempDir()
+        let port = try Net.freePort()
+        let bad = dir.write("bad.yaml", configYAML(services: [serviceYAML(bind: "192.0.2.77:\(port)", servers: [("s", 1)])]))
+        let (s1, _, e1) = try runCommand(Repo.ballast, ["check", "-c", bad])
+        #expect(s1 == 1)
+        #expect(
+            e1.contains("service 'svc': cannot bind 192.0.2.77:\(port): Cannot assign requested address (address not on this host; for a floating address set freebind: true)"),
+            "\(e1)")
+        var yaml = configYAML(services: [serviceYAML(bind: "192.0.2.77:\(port)", servers: [("s", 1)])])
+        yaml = yaml.replacingOccurrences(of: "bind: [\"192.0.2.77:\(port)\"]", with: "bind: [{ address: \"192.0.2.77:\(port)\", freebind: true }]")
+        let good = dir.write("good.yaml", yaml)
+        let (s2, o2, e2) = try runCommand(Repo.ballast, ["check", "-c", good])
+        #expect(s2 == 0, "\(o2)\(e2)")
+        let p = try BallastProcess(config: yaml)
+        defer { p.stop() }
+        #expect(p.log.contains("service svc listening on 192.0.2.77:\(port)"), "\(p.log)")
+        // check on the live config: bound beside the running listeners, never listening itself.
+        let (s3, _, e3) = try runCommand(Repo.ballast, ["check", "-c", p.configPath])
+        #expect(s3 == 0, "\(e3)")
+    }
 }
