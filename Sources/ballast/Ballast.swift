@@ -83,8 +83,11 @@ struct CtlCommand: ParsableCommand {
               ballast ctl --socket 127.0.0.1:9999          (interactive, with history)
             """)
 
-    @Option(help: "The stats socket: a Unix socket path or a loopback ip:port. Default: the highest-level socket of --config, else /run/ballast/admin.sock.")
-    var socket: String?
+    @Option(
+        help:
+            "The stats socket: a Unix socket path or a loopback ip:port. Repeat it (optionally NAME=SOCKET) to run the command on every node of a pair. Default: the highest-level socket of --config, else /run/ballast/admin.sock."
+    )
+    var socket: [String] = []
 
     @Option(name: [.short, .customLong("config")], help: "Take the socket from this configuration file.")
     var config: String?
@@ -92,9 +95,23 @@ struct CtlCommand: ParsableCommand {
     @Argument(parsing: .captureForPassthrough, help: "The command, such as: show info")
     var command: [String] = []
 
+    func validate() throws {
+        if socket.count > 1 && command.isEmpty {
+            throw ValidationError("with several --socket, give the command to run on each (the interactive prompt takes one node)")
+        }
+    }
+
     func run() throws {
-        var target = socket ?? "/run/ballast/admin.sock"
-        if socket == nil, let path = config {
+        if socket.count > 1 {
+            let failed = Ctl.many(socket, command: command.joined(separator: " "))
+            if !failed.isEmpty {
+                writeStderr("ballast: \(failed.count) of \(socket.count) nodes failed: \(failed.joined(separator: ", "))")
+                throw ExitCode(1)
+            }
+            return
+        }
+        var target = socket.first ?? "/run/ballast/admin.sock"
+        if socket.isEmpty, let path = config {
             do {
                 let c = try loadConfig(path: path)
                 guard let s = Ctl.socketFromConfig(c) else {

@@ -74,16 +74,62 @@ public enum Ctl {
 
     /// Sends one command line and copies the reply to standard output until the server closes.
     public static func once(_ target: String, _ command: String) throws(Failure) {
+        out(try ask(target, command))
+    }
+
+    /// Sends one command line and returns the whole reply.
+    static func ask(_ target: String, _ command: String) throws(Failure) -> [UInt8] {
         let fd = try connect(target)
         defer { close(fd) }
+        // A node that does not answer must not hold the others up.
+        var tv = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         guard writeAll(fd, command + "\n") else { throw Failure(description: "cannot send to \(target)") }
+        var reply: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 65536)
         while true {
             let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
             if n < 0 && errno == EINTR { continue }
+            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { throw Failure(description: "no answer from \(target) within 10 s") }
             if n <= 0 { break }
-            out(Array(buf[0..<n]))
+            reply += buf[0..<n]
         }
+        return reply
+    }
+
+    /// Commands that change something answer nothing on success (HAProxy's convention); any
+    /// text is the error (`No such server.`, `Permission denied`, …).
+    static func isAction(_ command: String) -> Bool {
+        let first = command.split(separator: " ").first.map(String.init) ?? ""
+        return ["set", "enable", "disable", "shutdown", "clear", "add", "del"].contains(first)
+    }
+
+    /// `ballast ctl --socket A --socket B CMD`: runs the command on every node given (each a
+    /// target, or `name=target`), prints each reply under the node's name, and returns the nodes
+    /// that failed (unreachable, or an action command that answered an error).
+    public static func many(_ nodes: [String], command: String) -> [String] {
+        var failed: [String] = []
+        for node in nodes {
+            var name = node
+            var target = node
+            if let eq = node.firstIndex(of: "="), !node.hasPrefix("/") {
+                name = String(node[..<eq])
+                target = String(node[node.index(after: eq)...])
+            }
+            let label = name == target ? name : "\(name) (\(target))"
+            do {
+                let reply = try ask(target, command)
+                let text = String(decoding: reply, as: UTF8.self)
+                let error = isAction(command) && text.contains { !$0.isWhitespace }
+                out(Array("== \(label)\(error ? ": FAILED" : "") ==\n".utf8))
+                out(reply)
+                if error { failed.append(name) }
+            } catch {
+                out(Array("== \(label): FAILED: \(error.description) ==\n\n".utf8))
+                failed.append(name)
+            }
+        }
+        return failed
     }
 
     /// Reads until the reply ends with the `> ` prompt (or the server closes). nil: closed.
