@@ -2,7 +2,7 @@
 # Installs the Debian packages Ballast's build, tests, demo and benchmarks use.
 set -euo pipefail
 pkgs=(redis-server redis-tools redis-sentinel mariadb-server mariadb-client haproxy iperf3 nginx-light wrk sysbench
-    libnftnl-dev libmnl-dev pkg-config util-linux procps socat curl nftables conntrack iproute2)
+    keepalived conntrackd libnftnl-dev libmnl-dev pkg-config util-linux procps socat curl nftables conntrack iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,7 +24,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     if [ -n "$policy" ]; then $SUDO rm -f "$policy"; trap - EXIT; fi
 fi
 # The Debian packages start their own redis-server and haproxy; the tests start their own instead.
-for svc in redis-server redis-sentinel haproxy mariadb nginx; do
+for svc in redis-server redis-sentinel haproxy mariadb nginx keepalived conntrackd; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
         ${SUDO:-} systemctl stop "$svc" || true
     fi

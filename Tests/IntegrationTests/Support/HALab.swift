@@ -1,0 +1,213 @@
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Two balancer nodes on one L2 segment with a client and two servers, each host a network
+/// namespace of its own, all joined by a Linux bridge in a "switch" namespace. keepalived
+/// (Debian's) runs VRRP over unicast between the nodes and moves the floating address; Ballast
+/// runs on both nodes, bound to the floating address with `freebind`.
+final class HALab: @unchecked Sendable {
+    let prefix = "bh\(Int.random(in: 100...999))"
+    static let ip = "/usr/sbin/ip"
+    let vip = "10.78.0.100"
+    let nodes = ["a", "b"]
+    var procs: [Process] = []
+    let dir = TempDir()
+    private var keepalived: [String: Process] = [:]
+
+    static var available: Bool {
+        geteuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/sbin/keepalived")
+            && FileManager.default.isExecutableFile(atPath: ip) && FileManager.default.isExecutableFile(atPath: "/usr/bin/socat")
+    }
+
+    func ns(_ host: String) -> String { "\(prefix)-\(host)" }
+    func nodeAddr(_ n: String) -> String { n == "a" ? "10.78.0.2" : "10.78.0.3" }
+    func serverAddr(_ k: Int) -> String { "10.78.0.\(21 + k)" }
+    func dev(_ host: String) -> String { "\(prefix)\(host)" }
+
+    @discardableResult
+    static func sh(_ args: [String]) throws -> String { try NatLab.sh(args) }
+
+    init() throws {
+        let ip = HALab.ip
+        let hosts = ["c", "a", "b", "s1", "s2"]
+        try HALab.sh([ip, "netns", "add", ns("sw")])
+        try HALab.sh([ip, "-n", ns("sw"), "link", "add", "br0", "type", "bridge"])
+        try HALab.sh([ip, "-n", ns("sw"), "link", "set", "br0", "up"])
+        let addrs = ["c": "10.78.0.10", "a": nodeAddr("a"), "b": nodeAddr("b"), "s1": serverAddr(0), "s2": serverAddr(1)]
+        for h in hosts {
+            try HALab.sh([ip, "netns", "add", ns(h)])
+            try HALab.sh([ip, "-n", ns(h), "link", "set", "lo", "up"])
+            try HALab.sh([ip, "link", "add", dev(h), "type", "veth", "peer", "name", "\(dev(h))p"])
+            try HALab.sh([ip, "link", "set", dev(h), "netns", ns(h)])
+            try HALab.sh([ip, "link", "set", "\(dev(h))p", "netns", ns("sw")])
+            try HALab.sh([ip, "-n", ns("sw"), "link", "set", "\(dev(h))p", "master", "br0", "up"])
+            try HALab.sh([ip, "-n", ns(h), "addr", "add", "\(addrs[h]!)/24", "dev", dev(h)])
+            try HALab.sh([ip, "-n", ns(h), "link", "set", dev(h), "up"])
+        }
+        for (k, s) in ["s1", "s2"].enumerated() {
+            _ = k
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: ip)
+            p.arguments = ["netns", "exec", ns(s), "/usr/bin/socat", "TCP4-LISTEN:80,fork,reuseaddr", "SYSTEM:echo \(s); cat"]
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            procs.append(p)
+        }
+        usleep(200_000)
+    }
+
+    /// Ballast on node `n`: the service on the floating address (freebind), the two servers.
+    func ballastConfig(_ n: String, extra: String = "") -> String {
+        configYAML(
+            global: "workers: 1\nstats: { sockets: [{ path: \"\(dir.file("\(n).sock"))\", level: admin }] }",
+            services: [
+                "  - name: redis\n    bind: [{ address: \"\(vip):6379\", freebind: true }]\n    balance: source\n    check: { type: tcp, interval: 500ms }\n"
+                    + (extra.isEmpty ? "" : "    \(extra)\n")
+                    + "    servers:\n      - { name: s1, address: \"\(serverAddr(0)):80\" }\n      - { name: s2, address: \"\(serverAddr(1)):80\" }\n"
+            ])
+    }
+
+    func startBallast(_ n: String) throws -> BallastProcess {
+        try BallastProcess(config: ballastConfig(n), prefix: [HALab.ip, "netns", "exec", ns(n)])
+    }
+
+    /// keepalived on node `n` (VRRP only, foreground, logging to a file), tracking `ballast health`.
+    func startKeepalived(_ n: String, priority: Int, preempt: Bool, advert: String = "1") throws {
+        let peer = n == "a" ? nodeAddr("b") : nodeAddr("a")
+        let conf = dir.write(
+            "keepalived-\(n).conf",
+            """
+            global_defs {
+                router_id ballast-\(n)
+                script_user root
+                enable_script_security
+                vrrp_version 3
+            }
+            vrrp_script chk_ballast {
+                script "\(Repo.ballast) health --socket \(dir.file("\(n).sock")) --timeout 300"
+                interval 1
+                fall 1
+                rise 2
+            }
+            vrrp_instance VI_1 {
+                state BACKUP
+                interface \(dev(n))
+                virtual_router_id 51
+                priority \(priority)
+                advert_int \(advert)
+                \(preempt ? "" : "nopreempt")
+                unicast_src_ip \(nodeAddr(n))
+                unicast_peer {
+                    \(peer)
+                }
+                virtual_ipaddress {
+                    \(vip)/24 dev \(dev(n))
+                }
+                track_script {
+                    chk_ballast
+                }
+            }
+
+            """)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: HALab.ip)
+        p.arguments = [
+            "netns", "exec", ns(n), "/usr/sbin/keepalived", "-n", "-l", "-P", "-f", conf, "-p", dir.file("ka-\(n).pid"), "-r",
+            dir.file("vrrp-\(n).pid"),
+        ]
+        FileManager.default.createFile(atPath: dir.file("keepalived-\(n).log"), contents: nil)
+        p.standardOutput = FileHandle(forWritingAtPath: dir.file("keepalived-\(n).log"))
+        p.standardError = p.standardOutput
+        try p.run()
+        keepalived[n] = p
+    }
+
+    func stopKeepalived(_ n: String) {
+        guard let p = keepalived[n] else { return }
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        keepalived[n] = nil
+    }
+
+    func keepalivedLog(_ n: String) -> String { (try? String(contentsOfFile: dir.file("keepalived-\(n).log"), encoding: .utf8)) ?? "" }
+
+    /// Which node holds the floating address now.
+    func holder() -> String? {
+        for n in nodes {
+            if let out = try? HALab.sh([HALab.ip, "-n", ns(n), "-4", "addr", "show", "dev", dev(n)]), out.contains("\(vip)/") { return n }
+        }
+        return nil
+    }
+
+    func waitHolder(_ n: String, timeout: Double = 15) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if holder() == n { return true }
+            usleep(50_000)
+        }
+        return false
+    }
+
+    /// Times a node entered MASTER state, from its keepalived log.
+    func masterEntries(_ n: String) -> Int { keepalivedLog(n).components(separatedBy: "Entering MASTER STATE").count - 1 }
+
+    /// A client in its namespace opening a new connection to the VIP every 50 ms for `seconds`;
+    /// each line of the result: `epoch-seconds ok <server>` or `epoch-seconds err <why>`.
+    func startClient(seconds: Double, source: String? = nil) throws -> (Process, String) {
+        let out = dir.file("client-\(Int.random(in: 0...1_000_000)).log")
+        FileManager.default.createFile(atPath: out, contents: nil)
+        let script = """
+            import socket, sys, time
+            vip, seconds = sys.argv[1], float(sys.argv[2])
+            end = time.time() + seconds
+            out = open(sys.argv[3], "w", buffering=1)
+            while time.time() < end:
+                s = socket.socket()
+                s.settimeout(0.5)
+                try:
+                    s.connect((vip, 6379))
+                    name = s.recv(100).decode().strip()
+                    out.write("%.3f ok %s\\n" % (time.time(), name))
+                except Exception as e:
+                    out.write("%.3f err %s\\n" % (time.time(), e))
+                s.close()
+                time.sleep(0.05)
+            """
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: HALab.ip)
+        p.arguments = ["netns", "exec", ns("c"), "python3", "-c", script, vip, "\(seconds)", out]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        return (p, out)
+    }
+
+    /// From a client log: for a fault at `t`, how long until connections succeeded again (0 when
+    /// none failed), and how many failed before that.
+    static func recovery(_ log: String, after t: Double) -> (seconds: Double, failures: Int) {
+        var failures = 0
+        for line in log.split(separator: "\n") {
+            let parts = line.split(separator: " ", maxSplits: 2)
+            guard parts.count >= 2, let ts = Double(parts[0]), ts >= t else { continue }
+            if parts[1] == "err" {
+                failures += 1
+            } else if failures > 0 {
+                return (ts - t, failures)
+            }
+        }
+        return failures == 0 ? (0, 0) : (Double.infinity, failures)
+    }
+
+    deinit {
+        for n in Array(keepalived.keys) { stopKeepalived(n) }
+        for p in procs {
+            kill(p.processIdentifier, SIGKILL)
+            p.waitUntilExit()
+        }
+        for h in ["c", "a", "b", "s1", "s2", "sw"] { _ = try? HALab.sh([HALab.ip, "netns", "del", ns(h)]) }
+    }
+}
