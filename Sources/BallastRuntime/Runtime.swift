@@ -106,6 +106,10 @@ public final class Runtime {
 
     public init(configPath: String, config: Config) {
         self.configPath = configPath
+        var config = config
+        // As HAProxy: without a maxconn in the file, the default is what the descriptor limit
+        // allows (a default never warns on a host with a lower limit).
+        if !config.global.maxconnExplicit { config.global.maxconn = Runtime.defaultMaxconn() }
         self.config = config
         // Counter slots per server and service: one per worker, fixed before any table exists.
         Counters.slotCount = config.global.workers ?? max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
@@ -334,7 +338,7 @@ public final class Runtime {
         clock_gettime(CLOCK_MONOTONIC, &ts)
         notifier?.send("RELOADING=1\nMONOTONIC_USEC=\(Int(ts.tv_sec) * 1_000_000 + Int(ts.tv_nsec) / 1000)")
         defer { notifier?.send("READY=1") }
-        let next: Config
+        var next: Config
         do {
             next = try loadConfig(path: configPath)
         } catch {
@@ -363,6 +367,7 @@ public final class Runtime {
         if next.global.workers != config.global.workers {
             logger.warning("global.workers changed: takes effect at the next restart")
         }
+        if !next.global.maxconnExplicit { next.global.maxconn = startMaxconn }
         if next.global.maxconn > startMaxconn {
             // The connection tables were sized at start; a larger maxconn needs a restart to be reached.
             logger.warning("global.maxconn raised: connection tables keep their start-up size until the next restart")
@@ -500,6 +505,19 @@ public final class Runtime {
         return true
     }
 
+    /// `Defaults.maxconn`, or less when the open file limit cannot be raised to 2 per connection
+    /// + 1024 (root may raise the hard limit up to `fs.nr_open`; others up to the hard limit).
+    static func defaultMaxconn() -> Int {
+        var rl = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) == 0 else { return Defaults.maxconn }
+        let needed = rlim_t(Defaults.maxconn * 2 + 1024)
+        if rl.rlim_max >= needed { return Defaults.maxconn }
+        // Can the hard limit be raised? Try it (this process's own limit; raiseFileLimit sets it anyway).
+        var want = rlimit(rlim_cur: rl.rlim_cur, rlim_max: needed)
+        if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &want) == 0 { return Defaults.maxconn }
+        return max(1, min(Defaults.maxconn, (Int(rl.rlim_max) - 1024) / 2))
+    }
+
     /// Raises the descriptor limit for maxconn: every connection needs two sockets. Pipes (two
     /// more while bulk data moves) are optional: without a descriptor for one, a direction copies.
     private func raiseFileLimit() -> Bool {
@@ -524,8 +542,9 @@ public final class Runtime {
                     "global.maxconn \(config.global.maxconn) needs \(needed) open files (2 per connection + 1024) but the limit is \(rl.rlim_cur) and cannot be raised (hard limit \(rl.rlim_max)); raise it (LimitNOFILE=\(needed) in the unit, ulimit -n) or lower global.maxconn to \(max(1, (Int(rl.rlim_cur) - 1024) / 2))")
                 return false
             }
+            // Only when the limit moved down between the start's reading and now.
             logger.warning(
-                "open file limit is \(rl.rlim_cur) but the default maxconn \(config.global.maxconn) may need \(needed); accept pauses when descriptors run out (set global.maxconn to make the limit a start condition)")
+                "open file limit is \(rl.rlim_cur) but maxconn \(config.global.maxconn) may need \(needed); accept pauses when descriptors run out (set global.maxconn to make the limit a start condition)")
         }
         return true
     }

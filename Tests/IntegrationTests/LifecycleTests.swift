@@ -311,4 +311,24 @@ import Glibc
         let (s3, _, e3) = try runCommand(Repo.ballast, ["check", "-c", p.configPath])
         #expect(s3 == 0, "\(e3)")
     }
+
+    @Test("a default start logs no warning: maxconn follows the descriptor limit (here 4096 by prlimit)")
+    func defaultStartIsSilent() throws {
+        let echo = try TestServer.echo()
+        defer { echo.stop() }
+        let dir = TempDir()
+        let sock = dir.file("admin.sock")
+        let p = try BallastProcess(
+            config: configYAML(global: "stats: { sockets: [{ path: \"\(sock)\" }] }", services: [serviceYAML(servers: [("s", echo.port)])]),
+            prefix: ["/usr/bin/prlimit", "--nofile=4096:4096"])
+        defer { p.stop() }
+        usleep(300_000)
+        let warnings = p.logLines.filter { $0.contains(" warning ") || $0.contains(" error ") || $0.contains(" critical ") }
+        #expect(warnings.isEmpty, "\(warnings)")
+        let (_, info, _) = try runCommand(Repo.ballast, ["ctl", "--socket", sock, "show", "info"])
+        func field(_ name: String) -> Int { Int(info.split(separator: "\n").first { $0.hasPrefix("\(name): ") }?.split(separator: " ").last ?? "") ?? -1 }
+        // Whatever the limit became (root may raise it), maxconn fits in it: 2 per connection + 1024.
+        #expect(field("Maxconn") > 0 && field("Maxconn") * 2 + 1024 <= field("Maxsock"), "\(info)")
+        if geteuid() != 0 { #expect(field("Maxconn") == (4096 - 1024) / 2) }
+    }
 }
