@@ -20,6 +20,8 @@ out="Benchmarks/results/$(date +%Y%m%d-%H%M%S).md"
     python3 Benchmarks/statlat.py
     echo
     python3 Benchmarks/replication.py
+    echo
+    bash Benchmarks/ha.sh
     if [ "$(id -u)" -eq 0 ]; then
         echo
         python3 Benchmarks/natbench.py

@@ -515,7 +515,9 @@ public final class Runtime {
         // Can the hard limit be raised? Try it (this process's own limit; raiseFileLimit sets it anyway).
         var want = rlimit(rlim_cur: rl.rlim_cur, rlim_max: needed)
         if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &want) == 0 { return Defaults.maxconn }
-        return max(1, min(Defaults.maxconn, (Int(rl.rlim_max) - 1024) / 2))
+        // 2 per connection, and 1024 (or a quarter of a small limit) for everything else.
+        let limit = Int(rl.rlim_max)
+        return max(1, min(Defaults.maxconn, (limit - min(1024, limit / 4)) / 2))
     }
 
     /// Raises the descriptor limit for maxconn: every connection needs two sockets. Pipes (two

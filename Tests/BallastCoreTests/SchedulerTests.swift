@@ -18,10 +18,13 @@ struct Pool {
     }
 
     /// Picks once through a view over this pool.
-    func pick(_ s: Scheduler, hash: UInt32 = 0, tier: Bool = false, exclude: Int = -1, now: Int64 = 1000, staticWeights: Bool = false) -> Int? {
+    func pick(
+        _ s: Scheduler, hash: UInt32 = 0, tier: Bool = false, exclude: Int = -1, tried: UInt64 = 0, now: Int64 = 1000,
+        staticWeights: Bool = false
+    ) -> Int? {
         PickView.with(
-            servers: servers.map { Unmanaged.passUnretained($0) }, backup: backup, tier: tier, exclude: exclude, now: now,
-            staticWeights: staticWeights, hash: hash
+            servers: servers.map { Unmanaged.passUnretained($0) }, backup: backup, tier: tier, exclude: exclude, tried: tried,
+            now: now, staticWeights: staticWeights, hash: hash
         ) { s.pick($0) }
     }
 
@@ -96,6 +99,18 @@ struct SchedulerTests {
         #expect(pool.pick(b) == nil)  // active tier empty
         #expect(pool.pick(b, tier: true) == 2)
         #expect(pool.pick(a, tier: true, exclude: 2) == nil)  // redispatch away from the only backup
+    }
+
+    @Test("a retry never picks a server already tried while another is usable, for every balance", arguments: Balance.allCases)
+    func retrySkipsTried(balance: Balance) {
+        let pool = Pool(weights: [1, 1, 1, 1])
+        let configs = (0..<4).map { ServerConfig(name: "s\($0)", address: try! SocketAddress(parsing: "10.0.0.\($0 + 1):1"), location: SourceLocation(file: "t", line: 1, column: 1)) }
+        let s = makeScheduler(balance, servers: configs, tableSize: 65537, seed: 7, turn: SharedTurn())
+        for h in 0..<200 {
+            // s0 and s1 failed, s2 just failed: only s3 is left untried.
+            let got = pool.pick(s, hash: UInt32(h) &* 2_654_435_761, exclude: 2, tried: 0b0111)
+            #expect(got == 3, "\(balance): pick \(String(describing: got)) for hash \(h)")
+        }
     }
 
     @Test("leastconn with long connections: shares follow weights", arguments: weightSets)

@@ -287,13 +287,15 @@ import Glibc
     func emfile() throws {
         let echo = try TestServer.echo()
         defer { echo.stop() }
-        // 64 descriptors: after Ballast's own (epoll, eventfds, listeners, signalfd, stdio…), room
-        // for a few dozen relayed connections at most.
+        // The default maxconn follows the descriptor limit at start (1,536 for 4,096); then the
+        // limit drops to 64 under the running process: after Ballast's own descriptors (epoll,
+        // eventfds, listeners, signalfd, stdio…), room for a few dozen relayed connections.
         let b = try BallastProcess(
             config: configYAML(global: "workers: 1", services: [serviceYAML(servers: [("e1", echo.port)])]),
-            prefix: ["/usr/bin/prlimit", "--nofile=64:64"])
+            prefix: ["/usr/bin/prlimit", "--nofile=4096:4096"])
         defer { b.stop() }
         let port = b.port("svc")
+        _ = try runCommand("/usr/bin/prlimit", ["--pid", "\(b.pid)", "--nofile=64:64"])
         var held: [Int32] = []
         defer { for fd in held { close(fd) } }
         for _ in 0..<60 { held.append(try Net.connect(port, timeout: 1)) }

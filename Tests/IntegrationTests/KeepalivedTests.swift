@@ -19,8 +19,10 @@ import Glibc
         var a: BallastProcess? = try lab.startBallast("a")
         let b = try lab.startBallast("b")
         defer { b.stop() }
-        try lab.startKeepalived("a", priority: 150, preempt: true, advert: "0.5")
-        try lab.startKeepalived("b", priority: 100, preempt: true, advert: "0.5")
+        // Benchmarks/ha.sh runs this test at other advertisement intervals.
+        let advert = ProcessInfo.processInfo.environment["BALLAST_HA_ADVERT"] ?? "0.5"
+        try lab.startKeepalived("a", priority: 150, preempt: true, advert: advert)
+        try lab.startKeepalived("b", priority: 100, preempt: true, advert: advert)
         #expect(lab.waitHolder("a"), "the VIP never reached node a:\n\(lab.keepalivedLog("a"))")
         let (client, out) = try lab.startClient(seconds: 16)
         usleep(1_000_000)
@@ -47,9 +49,10 @@ import Glibc
         let log = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
         let kill = HALab.recovery(log, after: killedAt)
         let link = HALab.recovery(log, after: downAt)
-        print("keepalived proxy: kill -9 → new connections back after \(String(format: "%.2f", kill.seconds)) s (\(kill.failures) failed); link down → \(String(format: "%.2f", link.seconds)) s (\(link.failures) failed)")
+        print("keepalived proxy (advert_int \(advert)): kill -9 → new connections back after \(String(format: "%.2f", kill.seconds)) s (\(kill.failures) failed); link down → \(String(format: "%.2f", link.seconds)) s (\(link.failures) failed)")
         #expect(kill.seconds < 3, "kill -9: \(kill)\n\(log)")
-        #expect(link.seconds < 3, "link down: \(link)\n\(log)")
+        // Link loss is seen by the backup's master-down timer: 3 × advert_int + skew (< advert_int).
+        #expect(link.seconds < 4 * (Double(advert) ?? 0.5) + 1, "link down: \(link)\n\(log)")
         #expect(log.contains(" ok s1") || log.contains(" ok s2"))
         // No flapping: a became master at start and once more on its return; b once per fault.
         #expect(lab.masterEntries("a") == 2, "\(lab.keepalivedLog("a"))")

@@ -197,9 +197,38 @@ import Glibc
         #expect(p.waitForLog("Server rw/b is UP", timeout: 3) != nil, "\(p.log)")
         let (_, after, _) = try runCommand(Repo.ballast, ["ctl", "--socket", sock, "show", "sentinel"])
         #expect(after.contains("service rw master m: 127.0.0.1:\(b.port)\n"), "\(after)")
+        // Every Sentinel unreachable: the last agreed master keeps the writes, and it is said once.
+        for f in fakes { f.stop() }
+        let none = try #require(p.waitForLog("no sentinel answered", timeout: 5))
+        #expect(none.contains("keeping the last agreed master 127.0.0.1:\(b.port)"), "\(none)")
+        usleep(1_000_000)
+        let lines = p.logLines
+        #expect(lines.filter { $0.contains("no sentinel answered") }.count == 1)
+        let since = lines.drop { !$0.contains("no sentinel answered") }
+        #expect(!since.contains { $0.contains("Server rw/b is DOWN") }, "\(p.log)")
+        let (_, kept, _) = try runCommand(Repo.ballast, ["ctl", "--socket", sock, "show", "sentinel"])
+        #expect(kept.contains("service rw master m: 127.0.0.1:\(b.port)\n  problem: no sentinel answered"), "\(kept)")
         if ups.first?.contains("rw/a") == true {
             let down = try #require(p.waitForLog("Server rw/a is DOWN", timeout: 3))
             #expect(down.contains("not the master named by sentinel (127.0.0.1:\(b.port))"), "\(down)")
         }
+    }
+
+    @Test(
+        "redis-ro: a replica whose master dies is DOWN at once (link down), and back when replication is",
+        .enabled(if: RedisLab.available, "redis-server is not installed (apt-get install redis-server)"))
+    func replicaLinkDown() throws {
+        let master = try RedisTests.RedisServer()
+        let replica = try RedisTests.RedisServer(extra: ["--replicaof", "127.0.0.1", "\(master.port)"])
+        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
+            serviceYAML(name: "ro", servers: [("r", replica.port)], extra: "check: { type: redis, role: replica, interval: 200ms, fall: 3 }")
+        ]))
+        defer { p.stop() }
+        let up = try #require(p.waitForLog("Server ro/r is UP", timeout: 10))
+        #expect(up.contains("role:slave, link up"), "\(up)")
+        // The master goes away: the replica answers at once that its link is down.
+        _ = try master.cli("SHUTDOWN", "NOSAVE")
+        let down = try #require(p.waitForLog("Server ro/r is DOWN", timeout: 5))
+        #expect(down.contains("replication link to the master is down (master_link_status:down)"), "\(down)")
     }
 }
