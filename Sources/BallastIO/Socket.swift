@@ -54,25 +54,6 @@ public enum Socket {
         return addr
     }
 
-    /// Connects a nonblocking, close-on-exec Unix stream socket to `path`: it never waits (a
-    /// listener with a full backlog is EAGAIN). The corresponding C functions are `socket` and `connect`.
-    public static func connectUnixNonblocking(_ path: String) throws(SysError) -> Int32 {
-        guard var addr = unixAddress(path) else { throw SysError("connect", ENAMETOOLONG) }
-        let fd = Int32(
-            try Sys.checkBlocking("socket") {
-                Int(Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0))
-            })
-        let r = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        if r != 0 {
-            let e = errno
-            Sys.close(fd)
-            throw SysError("connect", e)
-        }
-        return fd
-    }
-
     /// Waits until `fd` is readable (`forWrite`: writable) or `timeoutMs` passes; false on timeout.
     /// The corresponding C function is `poll`.
     public static func wait(_ fd: Int32, forWrite: Bool = false, timeoutMs: Int32) -> Bool {
@@ -84,10 +65,13 @@ public enum Socket {
         }
     }
 
-    /// Connects a blocking, close-on-exec Unix stream socket to `path`.
-    public static func connectUnix(_ path: String) throws(SysError) -> Int32 {
+    /// Connects a close-on-exec Unix stream socket to `path`. `nonblocking`: the socket and the
+    /// connect never wait (a listener with a full backlog is EAGAIN). The corresponding C
+    /// functions are `socket` and `connect`.
+    public static func connectUnix(_ path: String, nonblocking: Bool = false) throws(SysError) -> Int32 {
         guard var addr = unixAddress(path) else { throw SysError("connect", ENAMETOOLONG) }
-        let fd = Int32(try Sys.checkBlocking("socket") { Int(Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)) })
+        let type = Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | (nonblocking ? Int32(SOCK_NONBLOCK.rawValue) : 0)
+        let fd = Int32(try Sys.checkBlocking("socket") { Int(Glibc.socket(AF_UNIX, type, 0)) })
         let r = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }

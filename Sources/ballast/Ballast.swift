@@ -110,25 +110,33 @@ struct CtlCommand: ParsableCommand {
             }
             return
         }
-        var target = socket.first ?? "/run/ballast/admin.sock"
-        if socket.isEmpty, let path = config {
-            do {
-                let c = try loadConfig(path: path)
-                guard let s = Ctl.socketFromConfig(c) else {
-                    writeStderr("ballast: \(path) has no global.stats socket")
-                    throw ExitCode(1)
-                }
-                target = s
-            } catch let e as ConfigError {
-                writeStderr("ballast: \(e)")
-                throw ExitCode(1)
-            }
+        let target: String
+        do {
+            target = try statsSocket(socket.first, config: config)
+        } catch {
+            writeStderr("ballast: \(error)")
+            throw ExitCode(1)
         }
         if let error = Ctl.main(target: target, command: command) {
             writeStderr("ballast: \(error)")
             throw ExitCode(1)
         }
     }
+}
+
+struct SocketChoiceError: Error, CustomStringConvertible {
+    var description: String
+}
+
+/// The stats socket a client command talks to: `--socket` as given, else the highest-level
+/// socket of `--config`, else the packaged default.
+func statsSocket(_ socket: String?, config: String?) throws -> String {
+    if let socket { return socket }
+    guard let path = config else { return "/run/ballast/admin.sock" }
+    let c: Config
+    do { c = try loadConfig(path: path) } catch { throw SocketChoiceError(description: "\(error)") }
+    guard let s = Ctl.socketFromConfig(c) else { throw SocketChoiceError(description: "\(path) has no global.stats socket") }
+    return s
 }
 
 struct HealthCommand: ParsableCommand {
@@ -141,7 +149,7 @@ struct HealthCommand: ParsableCommand {
               ballast health -c /etc/ballast/ballast.yaml --service redis-rw
             """)
 
-    @Option(help: "The stats socket: a Unix socket path or a loopback ip:port. Default: the first socket of --config, else /run/ballast/admin.sock.")
+    @Option(help: "The stats socket: a Unix socket path or a loopback ip:port. Default: the highest-level socket of --config, else /run/ballast/admin.sock.")
     var socket: String?
 
     @Option(name: [.short, .customLong("config")], help: "Take the socket from this configuration file.")
@@ -158,19 +166,12 @@ struct HealthCommand: ParsableCommand {
     }
 
     func run() throws {
-        var target = socket ?? "/run/ballast/admin.sock"
-        if socket == nil, let path = config {
-            do {
-                let c = try loadConfig(path: path)
-                guard let s = c.global.stats.sockets.first.map({ $0.path ?? $0.address!.description }) else {
-                    print("fail: \(path) has no global.stats socket")
-                    throw ExitCode(1)
-                }
-                target = s
-            } catch let e as ConfigError {
-                print("fail: \(e)")
-                throw ExitCode(1)
-            }
+        let target: String
+        do {
+            target = try statsSocket(socket, config: config)
+        } catch {
+            print("fail: \(error)")
+            throw ExitCode(1)
         }
         let outcome = Health.check(target: target, services: services, timeoutMs: timeout)
         print(outcome.ok ? outcome.line : "fail: \(outcome.line)")

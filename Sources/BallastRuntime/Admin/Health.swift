@@ -81,7 +81,7 @@ public enum Health {
 
     static func connect(_ target: String, _ left: () -> Int32) throws(Failure) -> Int32 {
         if target.hasPrefix("/") || target.hasPrefix(".") || !target.contains(":") {
-            do { return try Socket.connectUnixNonblocking(target) } catch { throw Failure(description: reason(error.errno)) }
+            do { return try Socket.connectUnix(target, nonblocking: true) } catch { throw Failure(description: reason(error.errno)) }
         }
         let address: SocketAddress
         do { address = try SocketAddress(parsing: target) } catch { throw Failure(description: "\(error)") }

@@ -208,6 +208,9 @@ final class HALab: @unchecked Sendable {
             kill(p.processIdentifier, SIGKILL)
             p.waitUntilExit()
         }
+        // Whatever still runs in the namespaces was started here (a server's forked children
+        // outlive their listener): end it by PID before the namespaces go.
+        for h in ["c", "a", "b", "s1", "s2", "sw"] { NatHALab.killAll(in: ns(h)) }
         for h in ["c", "a", "b", "s1", "s2", "sw"] { _ = try? HALab.sh([HALab.ip, "netns", "del", ns(h)]) }
     }
 }

@@ -33,6 +33,13 @@ final class NatHALab: @unchecked Sendable {
 
     @discardableResult
     static func sh(_ args: [String]) throws -> String { try NatLab.sh(args) }
+
+    /// SIGKILL to every process in network namespace `ns` (`ip netns pids`).
+    static func killAll(in ns: String) {
+        guard let out = try? sh([ip, "netns", "pids", ns]) else { return }
+        for pid in out.split(separator: "\n").compactMap({ Int32($0) }) { kill(pid, SIGKILL) }
+    }
+
     private func ipn(_ host: String, _ args: String...) throws { try Self.sh([Self.ip, "-n", ns(host)] + args) }
 
     /// A veth from `host` (named `name`) into the bridge `bridge` of switch namespace `sw`.
@@ -311,6 +318,9 @@ final class NatHALab: @unchecked Sendable {
         for n in ["a", "b"] {
             _ = try? Self.sh([Self.ip, "netns", "exec", ns(n), "/usr/sbin/nft", "delete", "table", "ip", "ballast"])
         }
+        // Whatever still runs in the namespaces was started here (a server's forked children
+        // outlive their listener): end it by PID before the namespaces go.
+        for h in ["c", "a", "b", "s1", "s2", "swf", "swk"] { NatHALab.killAll(in: ns(h)) }
         for h in ["c", "a", "b", "s1", "s2", "swf", "swk"] { _ = try? Self.sh([Self.ip, "netns", "del", ns(h)]) }
     }
 }

@@ -4,21 +4,9 @@
 # each service sends a client, injects replication lag (MASTER_DELAY while the primary writes) to
 # take the replica out of mysql-ro and brings it back, then promotes the replica and shows
 # mysql-rw follow and cut the old primary's session. Everything started here is stopped at the end.
-set -euo pipefail
 cd "$(dirname "$0")/../../.."
 here=examples/deployments/mariadb-replication
-bash scripts/deps.sh
-swift build -c release --product ballast >/dev/null
-ballast=.build/release/ballast
-work=$(mktemp -d)
-chmod 755 "$work"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+source examples/deployments/common.sh
 start_db() {  # id port extra...
     local id=$1 port=$2
     shift 2
@@ -40,13 +28,7 @@ done
 sql 1 "CREATE USER 'repl'@'%' IDENTIFIED BY 'r3pl'; GRANT REPLICATION SLAVE ON *.* TO 'repl'@'%'; CREATE DATABASE app; CREATE TABLE app.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
 sql 2 "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=3316, MASTER_USER='repl', MASTER_PASSWORD='r3pl', MASTER_USE_GTID=slave_pos; START SLAVE"
 sleep 1
-config="$work/ballast.yaml"
-cp "$here/ballast.yaml" "$config"
-[ "$(id -u)" -eq 0 ] && sed -i 's/^global:$/global:\n  user: nobody/' "$config"
-$ballast check -c "$config" >/dev/null
-$ballast run -c "$config" 2>"$work/ballast.log" &
-pids+=($!)
-for _ in $(seq 50); do grep -q started "$work/ballast.log" && break; sleep 0.1; done
+start_ballast "$here/ballast.yaml"
 sleep 1.5
 via() { mariadb --no-defaults -h 127.0.0.1 -P "$1" -u check -ps3cret --connect-timeout=2 -N -B -e "SELECT @@server_id" 2>&1 | tail -1; }
 show() { $ballast ctl --socket /tmp/ballast-mariadb-demo.sock show stat | cut -d, -f1,2,18,37 | grep -v -e BACKEND -e FRONTEND; }

@@ -4,20 +4,9 @@
 # numbered writes through redis-rw and keeps the ones Redis acknowledged; the script forces a
 # Sentinel failover, then kills the new master with SIGKILL, shows what Ballast did, and counts the
 # acknowledged writes missing from the final master. Everything started here is stopped at the end.
-set -euo pipefail
 cd "$(dirname "$0")/../../.."
 here=examples/deployments/redis-sentinel
-bash scripts/deps.sh
-swift build -c release --product ballast >/dev/null
-ballast=.build/release/ballast
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+source examples/deployments/common.sh
 declare -A redis_pid
 start_redis() {  # port [master-port]
     local extra=()
@@ -53,13 +42,7 @@ for _ in $(seq 100); do
     [ $ok -eq 1 ] && break
     sleep 0.2
 done
-config="$work/ballast.yaml"
-cp "$here/ballast.yaml" "$config"
-[ "$(id -u)" -eq 0 ] && sed -i 's/^global:$/global:\n  user: nobody/' "$config"
-$ballast check -c "$config" >/dev/null
-$ballast run -c "$config" 2>"$work/ballast.log" &
-pids+=($!)
-for _ in $(seq 50); do grep -q started "$work/ballast.log" && break; sleep 0.1; done
+start_ballast "$here/ballast.yaml"
 sleep 1
 show() { $ballast ctl --socket /tmp/ballast-sentinel-demo.sock show stat | cut -d, -f1,2,18,37 | grep -v BACKEND; }
 echo "--- show stat (service, server, status, check detail)"

@@ -2,20 +2,9 @@
 # Two nginx servers (8081, 8082) behind Ballast (8090) with an HTTP check on /healthz, wrk
 # through Ballast for 8 s; web1 is stopped 2 s in and started again 5 s in. Shows what Ballast
 # logged and what wrk saw. Everything started here is stopped at the end.
-set -euo pipefail
 cd "$(dirname "$0")/../../.."
 here=examples/deployments/web
-bash scripts/deps.sh
-swift build -c release --product ballast >/dev/null
-ballast=.build/release/ballast
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+source examples/deployments/common.sh
 declare -A nginx_pid
 start_nginx() {  # name port
     sed -e "s|@DIR@|$work|g" -e "s|@NAME@|$1|g" -e "s|@PORT@|$2|g" "$here/nginx.conf.in" >"$work/$1.conf"
@@ -26,13 +15,7 @@ start_nginx() {  # name port
 start_nginx web1 8081
 start_nginx web2 8082
 sleep 0.5
-config="$work/ballast.yaml"
-cp "$here/ballast.yaml" "$config"
-[ "$(id -u)" -eq 0 ] && sed -i 's/^global:$/global:\n  user: nobody/' "$config"
-$ballast check -c "$config" >/dev/null
-$ballast run -c "$config" 2>"$work/ballast.log" &
-pids+=($!)
-for _ in $(seq 50); do grep -q started "$work/ballast.log" && break; sleep 0.1; done
+start_ballast "$here/ballast.yaml"
 sleep 1.2
 for _ in 1 2 3 4; do curl -s http://127.0.0.1:8090/; done
 echo "--- wrk -t1 -c20 -d8s through Ballast; web1 stops at 2 s and starts again at 5 s"
