@@ -74,7 +74,9 @@ public final class HealthChecker: @unchecked Sendable {
     /// Called on the checker thread when a server goes down or comes back.
     public typealias Transition = @Sendable (_ service: String, _ server: Server, _ up: Bool) -> Void
 
-    final class Task {
+    /// One server's check: its settings, where it stands (connecting, sending, reading), and its
+    /// rise/fall counters. (Not Swift's `Task`.)
+    final class CheckTask {
         let service: String
         let server: Server
         let config: CheckConfig
@@ -132,10 +134,10 @@ public final class HealthChecker: @unchecked Sendable {
     private let onTransition: Transition
     private let pending = Mutex<([(String, Server, CheckConfig, Int)], [String: SentinelConfig])?>(nil)
     private let stopping = Atomic<Bool>(false)
-    private var tasks: [Task?] = []
+    private var tasks: [CheckTask?] = []
     /// Checks a reload replaced while they were talking to a MySQL server, by their own id
     /// (epoll token `retiredBase + id`), until they end.
-    private var retiring: [UInt32: Task] = [:]
+    private var retiring: [UInt32: CheckTask] = [:]
     private var nextRetiredId: UInt32 = 0
     private static let retiredBase: UInt32 = 1 << 30
     private var thread: pthread_t?
@@ -194,7 +196,7 @@ public final class HealthChecker: @unchecked Sendable {
         views.withLock { $0[ObjectIdentifier(server)] }
     }
 
-    private func publish(_ t: Task) {
+    private func publish(_ t: CheckTask) {
         let health = t.up ? t.config.rise + t.config.fall - 1 - t.failures : t.successes
         let v = CheckView(
             type: t.config.type, last: t.last, running: t.running, health: health, rise: t.config.rise, fall: t.config.fall,
@@ -205,19 +207,15 @@ public final class HealthChecker: @unchecked Sendable {
     /// Runs `body` on the checker thread and waits for it (at most 2 s): runtime API commands
     /// change a check's state where the check runs, so they never race it.
     private func perform(_ body: @escaping @Sendable (HealthChecker) -> Void) -> Bool {
-        let box = DoneBox()
+        let done = Completion()
         requests.withLock {
             $0.append { checker in
                 body(checker)
-                box.flag.store(true, ordering: .releasing)
+                done.signal()
             }
         }
         EventFd.signal(wakeFd)
-        for _ in 0..<2000 {
-            if box.flag.load(ordering: .acquiring) { return true }
-            usleep(1000)
-        }
-        return false
+        return done.wait(timeoutMs: 2000)
     }
 
     /// `enable health` / `disable health`. A disabled check runs no more and the server keeps
@@ -263,7 +261,7 @@ public final class HealthChecker: @unchecked Sendable {
         }
     }
 
-    private func task(_ server: Server) -> Task? {
+    private func task(_ server: Server) -> CheckTask? {
         for case let t? in tasks where t.server === server { return t }
         return nil
     }
@@ -368,14 +366,14 @@ public final class HealthChecker: @unchecked Sendable {
             p = nil
             return l
         }) else { return }
-        var old: [ObjectIdentifier: Task] = [:]
+        var old: [ObjectIdentifier: CheckTask] = [:]
         for t in tasks {
             guard let t else { continue }
             old[ObjectIdentifier(t.server)] = t
         }
-        var next: [Task?] = []
+        var next: [CheckTask?] = []
         // Checks that end here: servers that left the config, and checks whose settings changed.
-        var ended: [Task] = []
+        var ended: [CheckTask] = []
         for (service, server, config, weight) in list {
             let previous = old.removeValue(forKey: ObjectIdentifier(server))
             if let t = previous, t.config == config, t.initialWeight == weight {
@@ -383,7 +381,7 @@ public final class HealthChecker: @unchecked Sendable {
             } else {
                 if let t = previous { ended.append(t) }
                 nextKey += 1
-                next.append(Task(service: service, server: server, config: config, initialWeight: weight, now: now, key: nextKey))
+                next.append(CheckTask(service: service, server: server, config: config, initialWeight: weight, now: now, key: nextKey))
             }
         }
         updateArbiters(next, sentinelConfigs: sentinelConfigs)
@@ -412,11 +410,11 @@ public final class HealthChecker: @unchecked Sendable {
         }
     }
 
-    private func token(_ index: Int, _ t: Task) -> UInt64 { UInt64(index) | (UInt64(t.generation) << 32) }
+    private func token(_ index: Int, _ t: CheckTask) -> UInt64 { UInt64(index) | (UInt64(t.generation) << 32) }
 
     // MARK: - One check
 
-    private func begin(_ t: Task, _ now: Int64) {
+    private func begin(_ t: CheckTask, _ now: Int64) {
         t.running = true
         t.started = now
         t.deadline = now + t.config.timeout.value
@@ -471,7 +469,7 @@ public final class HealthChecker: @unchecked Sendable {
         }
     }
 
-    private func progress(_ t: Task, _ ev: UInt32, _ now: Int64) {
+    private func progress(_ t: CheckTask, _ ev: UInt32, _ now: Int64) {
         if !t.connected {
             let err = Socket.pendingError(t.fd)
             if err != 0 {
@@ -549,7 +547,7 @@ public final class HealthChecker: @unchecked Sendable {
     }
 
     /// Decides from the bytes so far; nil: wait for more (until EOF or the timeout).
-    func judge(_ t: Task, eof: Bool) -> Verdict? {
+    func judge(_ t: CheckTask, eof: Bool) -> Verdict? {
         switch t.config.type {
         case .tcp:
             return Verdict(.l4ok, "")  // reached after the PROXY header is sent
@@ -568,7 +566,7 @@ public final class HealthChecker: @unchecked Sendable {
         }
     }
 
-    private func timedOut(_ t: Task, _ now: Int64) {
+    private func timedOut(_ t: CheckTask, _ now: Int64) {
         let status: CheckStatus = t.connected ? .l7timeout : .l4timeout
         var detail = t.connected ? "no complete answer within \(t.config.timeout)" : "no connection within \(t.config.timeout)"
         if t.connected && t.config.type == .redis, let partial = RedisJudge.judge(t.response, config: t.config, eof: true) {
@@ -579,7 +577,7 @@ public final class HealthChecker: @unchecked Sendable {
 
     /// Closes a check's socket. A MySQL check cut short after the greeting (timeout, reload,
     /// stop) still says `COM_QUIT` first, so the server counts no aborted client.
-    fileprivate func hangUp(_ t: Task) {
+    fileprivate func hangUp(_ t: CheckTask) {
         guard t.fd >= 0 else { return }
         if let m = t.mysql, m.needsQuit {
             _ = try? MySQLConversation.quit.withUnsafeBytes { try Sys.send(t.fd, $0.baseAddress!, $0.count) }
@@ -588,7 +586,7 @@ public final class HealthChecker: @unchecked Sendable {
         t.fd = -1
     }
 
-    private func finish(_ t: Task, _ verdict: Verdict, _ now: Int64) {
+    private func finish(_ t: CheckTask, _ verdict: Verdict, _ now: Int64) {
         hangUp(t)
         t.running = false
         if t.retired { return }  // its server now has a new check; this result means nothing
@@ -644,7 +642,7 @@ public final class HealthChecker: @unchecked Sendable {
     /// A `role: master` check's answer goes through the service's arbiter: a master answer
     /// that another master outranks becomes a refusal; one that takes over takes the others
     /// down at once. True when the server should come UP on this answer.
-    private func arbitrate(_ t: Task, _ v: inout Verdict, _ now: Int64) -> Bool {
+    private func arbitrate(_ t: CheckTask, _ v: inout Verdict, _ now: Int64) -> Bool {
         guard var arbiter = arbiters[t.service] else { return false }
         defer { arbiters[t.service] = arbiter }
         guard v.status.passed, let rep = v.replication, rep.isMaster else {
@@ -683,7 +681,7 @@ public final class HealthChecker: @unchecked Sendable {
     }
 
     /// Keeps one arbiter per `role: master` service and one Sentinel watcher per `sentinel:`.
-    private func updateArbiters(_ next: [Task?], sentinelConfigs: [String: SentinelConfig]) {
+    private func updateArbiters(_ next: [CheckTask?], sentinelConfigs: [String: SentinelConfig]) {
         var keys: [String: Set<Int>] = [:]
         for case let t? in next where t.config.type == .redis && t.config.role == .master {
             keys[t.service, default: []].insert(t.key)
@@ -734,7 +732,7 @@ public final class HealthChecker: @unchecked Sendable {
     }
 
     /// Applies an agent's words: weight relative to the configured one, maxconn, admin state.
-    private func applyAgent(_ a: AgentReply, to t: Task) {
+    private func applyAgent(_ a: AgentReply, to t: CheckTask) {
         let now = monotonic()
         if let pct = a.weightPercent {
             let w = min(Defaults.maxWeight, t.initialWeight * pct / 100)
@@ -747,7 +745,7 @@ public final class HealthChecker: @unchecked Sendable {
         }
     }
 
-    fileprivate func transition(_ t: Task, up: Bool, _ r: CheckResult, reason: String? = nil) {
+    fileprivate func transition(_ t: CheckTask, up: Bool, _ r: CheckResult, reason: String? = nil) {
         t.up = up
         t.successes = 0
         t.failures = 0
@@ -765,7 +763,7 @@ public final class HealthChecker: @unchecked Sendable {
 
 extension HealthChecker {
     /// HAProxy's transition line: `Server svc/s is DOWN, reason: …, info: "…", check duration: 1ms.`
-    fileprivate func transitionLine(_ t: Task, up: Bool, _ r: CheckResult, reason: String?) -> String {
+    fileprivate func transitionLine(_ t: CheckTask, up: Bool, _ r: CheckResult, reason: String?) -> String {
         var line = "Server \(t.service)/\(t.server.name) is \(up ? "UP" : "DOWN")"
         if let reason { return line + " (\(reason))." }
         line += ", reason: \(r.status.text)"
@@ -775,6 +773,4 @@ extension HealthChecker {
     }
 }
 
-private final class DoneBox: Sendable {
-    let flag = Atomic<Bool>(false)
-}
+

@@ -134,3 +134,52 @@ public enum NamedThread {
         return tid
     }
 }
+
+/// A count other threads raise and one thread waits on, with a deadline: the one-shot reply of
+/// a cross-thread request (`perform` on the checker, `show sess` from the workers), without
+/// sleeping in a loop. The corresponding C functions are `pthread_mutex_*` and `pthread_cond_*`
+/// (on `CLOCK_MONOTONIC`).
+public final class Completion: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private var count = 0
+
+    public init() {
+        pthread_mutex_init(mutex, nil)
+        var attr = pthread_condattr_t()
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(cond, &attr)
+        pthread_condattr_destroy(&attr)
+    }
+
+    deinit {
+        pthread_cond_destroy(cond)
+        pthread_mutex_destroy(mutex)
+        cond.deallocate()
+        mutex.deallocate()
+    }
+
+    /// One more answer.
+    public func signal() {
+        pthread_mutex_lock(mutex)
+        count += 1
+        pthread_cond_broadcast(cond)
+        pthread_mutex_unlock(mutex)
+    }
+
+    /// Waits until `n` answers have come or `timeoutMs` has passed; true when they all came.
+    public func wait(for n: Int = 1, timeoutMs: Int64) -> Bool {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        let ns = Int64(ts.tv_nsec) + (timeoutMs % 1000) * 1_000_000
+        ts.tv_sec += Int(timeoutMs / 1000) + Int(ns / 1_000_000_000)
+        ts.tv_nsec = Int(ns % 1_000_000_000)
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        while count < n {
+            if pthread_cond_timedwait(cond, mutex, &ts) == ETIMEDOUT { return count >= n }
+        }
+        return true
+    }
+}

@@ -1,4 +1,5 @@
 import BallastCore
+import BallastIO
 import Synchronization
 
 /// Facts shared by all workers; atomics only, so nobody waits on anybody.
@@ -69,14 +70,15 @@ public enum WorkerCommand: Sendable {
 /// counts itself done; the runtime API waits for all (bounded).
 public final class SessionReport: Sendable {
     private let lines = Mutex<[String]>([])
-    public let answered = Atomic<Int>(0)
+    /// One signal per worker that answered.
+    public let answered = Completion()
     public let found = Atomic<Bool>(false)
 
     public init() {}
 
     public func add(_ l: [String]) {
         lines.withLock { $0 += l }
-        answered.wrappingAdd(1, ordering: .releasing)
+        answered.signal()
     }
 
     public var collected: [String] { lines.withLock { $0 } }

@@ -76,4 +76,17 @@ struct IOTests {
         let f = try Socket.listen(floating, reusePort: true, backlog: 16, freebind: true)
         Sys.close(f)
     }
+
+    @Test("Completion: answers from other threads end the wait; a missing one ends it at the deadline")
+    func completion() {
+        let c = Completion()
+        for _ in 0..<3 {
+            _ = NamedThread.start("test-answer") { c.signal() }
+        }
+        #expect(c.wait(for: 3, timeoutMs: 5000))
+        let start = monotonicMillis()
+        #expect(!c.wait(for: 4, timeoutMs: 100))
+        let waited = monotonicMillis() - start
+        #expect(waited >= 100, "returned after \(waited) ms")
+    }
 }

@@ -101,8 +101,7 @@ final class AdminContext: @unchecked Sendable {
     func askWorkers(_ make: (SessionReport) -> WorkerCommand) -> SessionReport {
         let report = SessionReport()
         for w in workers { w.send(make(report)) }
-        let deadline = monotonicMillis() + 1000
-        while report.answered.load(ordering: .acquiring) < workers.count && monotonicMillis() < deadline { usleep(500) }
+        _ = report.answered.wait(for: workers.count, timeoutMs: 1000)
         return report
     }
 }

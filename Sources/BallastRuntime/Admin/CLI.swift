@@ -286,8 +286,7 @@ struct CLI {
         }
         let report = SessionReport()
         ctx.workers[worker].send(.shutdownSession(index: index, generation: gen, report))
-        let deadline = monotonicMillis() + 1000
-        while report.answered.load(ordering: .acquiring) < 1 && monotonicMillis() < deadline { usleep(500) }
+        _ = report.answered.wait(for: 1, timeoutMs: 1000)
         return report.found.load(ordering: .relaxed) ? "\n" : "No such session (use 'show sess').\n\n"
     }
 
