@@ -16,7 +16,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
-        // GNU-only syscalls (epoll, eventfd, timerfd, splice, pipe2, accept4, F_SETPIPE_SZ) compiled with _GNU_SOURCE.
+        // GNU-only syscalls (epoll, eventfd, signalfd, splice, pipe2, accept4, F_SETPIPE_SZ) compiled with _GNU_SOURCE.
         .target(name: "CLinux"),
         // Pure model: configuration, validation, schedulers, the immutable service table. No syscalls.
         .target(

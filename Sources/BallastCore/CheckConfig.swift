@@ -3,8 +3,7 @@ public enum CheckType: String, Sendable, CaseIterable {
     case tcp, http, redis, mysql
     /// HAProxy's agent-check protocol: the server's agent answers one line that sets state and weight.
     case agent
-    /// Check types from the design that a later release adds.
-    static let planned: [String: String] = [:]
+
 }
 
 public enum MySQLRequire: String, Sendable, CaseIterable {

@@ -374,8 +374,6 @@ public enum ConfigLoader {
             var c = base
             let m = try mapping(node, what, allowed: ConfigLoader.checkKeys)
             if let e = m["type"] {
-                let v = try scalar(e.value, "\(what).type")
-                if let why = CheckType.planned[v] { throw fail(e.value, "\(what).type: \(why)") }
                 c.type = try enumValue(e.value, "\(what).type", CheckType.self)
             }
             if let e = m["interval"] { c.interval = try duration(e.value, "\(what).interval") }

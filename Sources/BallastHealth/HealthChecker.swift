@@ -40,7 +40,7 @@ public enum CheckStatus: String, Sendable {
     public var passed: Bool { self == .l4ok || self == .l7ok }
 }
 
-/// The last result of a server's check, for logs and (later) the runtime API.
+/// The last result of a server's check, for logs, the runtime API and `/metrics`.
 public struct CheckResult: Sendable, Equatable {
     public var status: CheckStatus
     public var code: Int?

@@ -1,7 +1,7 @@
 #ifndef BALLAST_CLINUX_H
 #define BALLAST_CLINUX_H
 
-// GNU-only system calls that Swift's Glibc module does not expose: epoll, eventfd, timerfd,
+// GNU-only system calls that Swift's Glibc module does not expose: epoll, eventfd,
 // signalfd, splice, pipe2, accept4 and the pipe size fcntls. Compiled with _GNU_SOURCE in shim.c.
 
 #include <stdint.h>
