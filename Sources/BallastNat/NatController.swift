@@ -557,14 +557,13 @@ public final class NatController: @unchecked Sendable {
                             var f = all[st.marks[j]] ?? FlowStats()
                             for (kind, packets, bytes) in rules["srv-\(st.name)-\(j + 1)"] ?? [] {
                                 switch kind {
-                                case "new": f.newConnections = packets
-                                case "original":
+                                case .newConnections: f.newConnections = packets
+                                case .original:
                                     f.packetsIn = packets
                                     f.bytesIn = bytes
-                                case "reply":
+                                case .reply:
                                     f.packetsOut = packets
                                     f.bytesOut = bytes
-                                default: break
                                 }
                             }
                             all[st.marks[j]] = f

@@ -31,7 +31,12 @@ public struct FlowStats: Sendable, Equatable {
 /// A failure talking to the kernel, naming the object that failed.
 public struct NatError: Error, CustomStringConvertible, Sendable {
     public var message: String
-    public init(_ m: String) { message = m }
+    /// The kernel's error code, when the kernel refused a request.
+    public var errno: Int32?
+    public init(_ m: String, errno: Int32? = nil) {
+        message = m
+        self.errno = errno
+    }
     public var description: String { message }
 }
 
@@ -570,7 +575,7 @@ final class NetlinkSocket {
             acked += 1
             if err != 0 {
                 let seq = message.loadUnaligned(fromByteOffset: 8, as: UInt32.self)
-                failure = NatError("\(describe(seq)): \(String(cString: strerror(-err)))")
+                failure = NatError("\(describe(seq)): \(String(cString: strerror(-err)))", errno: -err)
                 return true
             }
             return acked >= expected
@@ -636,7 +641,13 @@ final class NetlinkSocket {
     }
 
     /// Every rule's counters in a table, by chain: `[chain: [(has a ct expression, packets, bytes)]]`.
-    func ruleCounters(family: UInt16, table: String) throws(NatError) -> [String: [(String, UInt64, UInt64)]] {
+    /// What a per-server counter rule counts (`ct state new counter`, `ct direction original
+    /// counter`, `ct direction reply counter`).
+    enum CounterKind: Sendable {
+        case newConnections, original, reply
+    }
+
+    func ruleCounters(family: UInt16, table: String) throws(NatError) -> [String: [(CounterKind, UInt64, UInt64)]] {
         var req = [UInt8](repeating: 0, count: 512)
         let s = seq
         seq &+= 1
@@ -649,7 +660,7 @@ final class NetlinkSocket {
             return mnl_socket_sendto(nl, nlh, Int(nlh.pointee.nlmsg_len))
         }
         guard sent > 0 else { throw NatError("cannot list rules: \(String(cString: strerror(errno)))") }
-        var out: [String: [(String, UInt64, UInt64)]] = [:]
+        var out: [String: [(CounterKind, UInt64, UInt64)]] = [:]
         try receive(answering: { $0 == s }, "rule dump") { type, _, m in
             if type == UInt16(NLMSG_DONE) || type == UInt16(NLMSG_ERROR) { return true }
             let r = nftnl_rule_alloc()!
@@ -657,7 +668,9 @@ final class NetlinkSocket {
             guard nftnl_rule_nlmsg_parse(m.baseAddress!.assumingMemoryBound(to: nlmsghdr.self), r) >= 0,
                 let chainC = nftnl_rule_get_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue))
             else { return false }
-            var kind = ""
+            // `ct state` or `ct direction` (then the compared value says which direction).
+            var kind: CounterKind?
+            var direction = false
             var packets: UInt64 = 0, bytes: UInt64 = 0
             var counted = false
             let it = nftnl_expr_iter_create(r)!
@@ -665,11 +678,12 @@ final class NetlinkSocket {
                 let name = String(cString: nftnl_expr_get_str(e, UInt16(NFTNL_EXPR_NAME)))
                 if name == "ct" {
                     let key = nftnl_expr_get_u32(e, UInt16(NFTNL_EXPR_CT_KEY))
-                    kind = key == UInt32(NFT_CT_STATE.rawValue) ? "new" : "dir"
-                } else if name == "cmp" && kind == "dir" {
+                    direction = key != UInt32(NFT_CT_STATE.rawValue)
+                    kind = direction ? nil : .newConnections
+                } else if name == "cmp" && direction {
                     var len: UInt32 = 0
                     if let d = nftnl_expr_get(e, UInt16(NFTNL_EXPR_CMP_DATA), &len), len >= 1 {
-                        kind = d.load(as: UInt8.self) == 1 ? "reply" : "original"
+                        kind = d.load(as: UInt8.self) == 1 ? .reply : .original
                     }
                 } else if name == "counter" {
                     packets = nftnl_expr_get_u64(e, UInt16(NFTNL_EXPR_CTR_PACKETS))
@@ -678,7 +692,7 @@ final class NetlinkSocket {
                 }
             }
             nftnl_expr_iter_destroy(it)
-            if counted { out[String(cString: chainC), default: []].append((kind, packets, bytes)) }
+            if counted, let kind { out[String(cString: chainC), default: []].append((kind, packets, bytes)) }
             return false
         }
         return out
@@ -708,7 +722,7 @@ final class NetlinkSocket {
             try readAcks(expected: 1, from: s, count: 1) { _ in "flush conntrack mark 0x\(String(mark, radix: 16))" }
         } catch {
             // ENOENT: no entry had this mark.
-            if !error.message.hasSuffix(String(cString: strerror(ENOENT))) { throw error }
+            if error.errno != ENOENT { throw error }
         }
     }
 }

@@ -63,7 +63,7 @@ final class AdminContext: @unchecked Sendable {
     func saveState() {
         guard let path = stateFile.withLock({ $0 }) else { return }
         let text = StateFile.render(table, checker: checker)
-        if let error = StateFile.write(text, to: path) {
+        do { try StateFile.write(text, to: path) } catch {
             logger.error("cannot save server state to \(path): \(error)")
         }
     }

@@ -71,26 +71,35 @@ enum StateFile {
 
     /// Writes `text` to `path` through a temporary file and a rename, so a crash never leaves
     /// half a file. Returns an error text on failure.
-    static func write(_ text: String, to path: String) -> String? {
+    /// Why the state file could not be saved: the step and the system's error.
+    struct WriteError: Error, CustomStringConvertible {
+        enum Step: String { case create = "cannot create", write = "cannot write", rename = "cannot rename" }
+        var step: Step
+        var errno: Int32
+        var path: String
+        var description: String { "\(step.rawValue) \(path): \(String(cString: strerror(errno)))" }
+    }
+
+    /// Writes `text` to a temporary file beside `path`, syncs it and renames it over `path`.
+    static func write(_ text: String, to path: String) throws(WriteError) {
         let tmp = path + ".tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return String(cString: strerror(errno)) }
+        guard fd >= 0 else { throw WriteError(step: .create, errno: errno, path: tmp) }
         var bytes = Array(text.utf8)
         var off = 0
         while off < bytes.count {
             let n = bytes.withUnsafeMutableBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) }
             if n < 0 {
                 if errno == EINTR { continue }
-                let e = String(cString: strerror(errno))
+                let e = errno
                 close(fd)
-                return e
+                throw WriteError(step: .write, errno: e, path: tmp)
             }
             off += n
         }
         fsync(fd)
         close(fd)
-        guard rename(tmp, path) == 0 else { return String(cString: strerror(errno)) }
-        return nil
+        guard rename(tmp, path) == 0 else { throw WriteError(step: .rename, errno: errno, path: tmp) }
     }
 
     struct Saved {
