@@ -159,14 +159,11 @@ public final class Runtime {
             let a = try AdminServer(config: config.global, logger: logger)
             try a.open(config.global)
             admin = a
+            try injected(.admin)
         } catch let error as ConfigError {
-            for l in listeners.values { for fd in l.fds { Sys.close(fd) } }
-            logger.critical("\(error)")
-            return 1
+            return abortStart("\(error)")
         } catch {
-            for l in listeners.values { for fd in l.fds { Sys.close(fd) } }
-            logger.critical("cannot start the runtime API: \(error)")
-            return 1
+            return abortStart("cannot start the runtime API: \(error)")
         }
 
         // Runtime server state saved by the last run (drain, maint, weights, forced health).
@@ -184,20 +181,16 @@ public final class Runtime {
                 try n.apply(table)
                 nat = n
                 logger.info("nat: programmed table ip/ip6 \(NatController.tableName) for \(NatController.natServices(config).count) services")
+                try injected(.nat)
             } catch {
                 created?.remove()  // a family programmed before another failed goes too
-                for l in listeners.values { for fd in l.fds { Sys.close(fd) } }
-                admin?.stop()
-                logger.critical("nat: \(error)\(geteuid() != 0 && ballast_has_net_admin() == 0 ? " (nat mode needs CAP_NET_ADMIN: start Ballast as root, with global.user to drop to)" : "")")
-                return 1
+                nat = nil
+                return abortStart(
+                    "nat: \(error)\(geteuid() != 0 && ballast_has_net_admin() == 0 ? " (nat mode needs CAP_NET_ADMIN: start Ballast as root, with global.user to drop to)" : "")")
             }
         }
 
-        if !dropPrivileges() {
-            admin?.stop()
-            nat?.remove()
-            return 1
-        }
+        if !dropPrivileges() { return abortStart(nil) }
 
         let settings = WorkerSettings(
             pipeSize: config.global.pipeSize, copyBufferSize: Defaults.copyBufferSize,
@@ -206,9 +199,9 @@ public final class Runtime {
             for id in 0..<workerCount {
                 workers.append(try Worker(id: id, shared: shared, settings: settings, logger: logger))
             }
+            try injected(.workers)
         } catch {
-            logger.critical("cannot create worker: \(error)")
-            return 1
+            return abortStart("cannot create worker: \(error)")
         }
         publish()
         for w in workers { threads.append(NamedThread.start("ballast-w\(w.id)") { w.run() }) }
@@ -236,9 +229,9 @@ public final class Runtime {
             checker.update(table)
             checker.start()
             self.checker = checker
+            try injected(.checker)
         } catch {
-            logger.critical("cannot start health checks: \(error)")
-            return 1
+            return abortStart("cannot start health checks: \(error)")
         }
         let ctx = AdminContext(
             table: table, checker: checker, workers: workers, shared: shared, logger: logger, hardMaxconn: startMaxconn,
@@ -298,6 +291,39 @@ public final class Runtime {
     }
 
     static let healthPingMs: Int32 = 250
+
+    /// The start-up steps, in order; `BALLAST_TEST_FAIL_START=<step>` makes one fail (tests
+    /// check that a failed start leaves nothing behind).
+    enum StartStep: String { case admin, nat, workers, checker }
+
+    struct InjectedFailure: Error, CustomStringConvertible {
+        var step: StartStep
+        var description: String { "failure injected at \(step.rawValue) (BALLAST_TEST_FAIL_START)" }
+    }
+
+    private func injected(_ step: StartStep) throws {
+        if let v = getenv("BALLAST_TEST_FAIL_START"), String(cString: v) == step.rawValue { throw InjectedFailure(step: step) }
+    }
+
+    /// A start that failed stops what it had started, in reverse order: the checker, the
+    /// workers (their threads joined), the nat tables, the runtime API (its socket files
+    /// removed), the listeners. Returns the exit status.
+    private func abortStart(_ message: String?) -> Int32 {
+        if let message { logger.critical("\(message)") }
+        checker?.stop()
+        checker = nil
+        for w in workers { w.send(.exit) }
+        for t in threads { pthread_join(t, nil) }
+        threads.removeAll()
+        workers.removeAll()
+        nat?.remove()
+        nat = nil
+        admin?.stop()
+        admin = nil
+        for l in listeners.values { for fd in l.fds { Sys.close(fd) } }
+        listeners.removeAll()
+        return 1
+    }
 
     /// Sends `WATCHDOG=1` when every worker has processed the previous round's ping; a stuck
     /// worker stops the pings and systemd restarts the service.

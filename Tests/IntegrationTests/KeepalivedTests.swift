@@ -5,9 +5,14 @@ import Testing
 import Glibc
 #endif
 
+/// The balancer-pair tests build network namespaces and run keepalived's VRRP timers: they run
+/// one after another, never beside each other (a loaded machine delays adverts and health scripts).
+@Suite(.serialized) enum BalancerPairSuites {}
+
 /// A Ballast pair on a floating address moved by the real keepalived, in network namespaces:
 /// a client opens new connections to the VIP in a loop while the active node's Ballast is
 /// killed, its link goes down, and it comes back.
+extension BalancerPairSuites {
 @Suite(.serialized) struct KeepalivedTests {
     static let skip = "needs root, keepalived, iproute2 and socat (apt-get install keepalived socat)"
 
@@ -44,7 +49,7 @@ import Glibc
         let downAt = Date().timeIntervalSince1970
         try HALab.sh([HALab.ip, "-n", lab.ns("a"), "link", "set", lab.dev("a"), "down"])
         #expect(lab.waitHolder("b", timeout: 5) || lab.keepalivedLog("b").contains("Entering MASTER STATE"))
-        client.waitUntilExit()
+        NatHALab.waitGone(client, timeout: 30)
         defer { a?.stop() }
         let log = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
         let kill = HALab.recovery(log, after: killedAt)
@@ -81,8 +86,9 @@ import Glibc
         #expect(lab.holder() == "b", "\(lab.keepalivedLog("a"))")
         #expect(lab.masterEntries("a") == 1 && lab.masterEntries("b") == 1)
         let (client, out) = try lab.startClient(seconds: 1)
-        client.waitUntilExit()
+        NatHALab.waitGone(client, timeout: 30)
         let log = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
         #expect(!log.contains(" err ") && log.contains(" ok "), "\(log)")
     }
+}
 }

@@ -331,4 +331,22 @@ import Glibc
         #expect(field("Maxconn") > 0 && field("Maxconn") * 2 + 1024 <= field("Maxsock"), "\(info)")
         if geteuid() != 0 { #expect(field("Maxconn") == (4096 - 1024) / 2) }
     }
+
+    @Test("a start that fails at any step leaves no socket file and no thread behind", arguments: ["admin", "workers", "checker"])
+    func failedStartCleansUp(step: String) throws {
+        let echo = try TestServer.echo()
+        defer { echo.stop() }
+        let dir = TempDir()
+        let sock = dir.file("admin.sock")
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 2\nstats: { sockets: [{ path: \"\(sock)\" }] }",
+                services: [serviceYAML(servers: [("s", echo.port)], extra: "check: { type: tcp, interval: 200ms }")]),
+            environment: ["BALLAST_TEST_FAIL_START": step], waitReady: false)
+        let status = p.waitExit(timeout: 10)
+        #expect(status == 1, "\(p.log)")
+        #expect(p.log.contains("failure injected at \(step) (BALLAST_TEST_FAIL_START)"), "\(p.log)")
+        #expect(!FileManager.default.fileExists(atPath: sock), "the runtime API socket file was left behind")
+        #expect(!p.log.contains("started"), "\(p.log)")
+    }
 }

@@ -7,6 +7,7 @@ import Glibc
 
 /// nat mode on a keepalived pair with conntrackd: an established connection through the VIP
 /// survives the loss of the active node (its Ballast killed, then its link down).
+extension BalancerPairSuites {
 @Suite(.serialized) struct NatPairTests {
     @Test(
         "nat mode + conntrackd: an echo conversation through the VIP survives kill -9 of the active Ballast and its link going down",
@@ -38,7 +39,7 @@ import Glibc
         #expect(lab.waitHolder("a", timeout: 8), "\(lab.log("keepalived", "a"))")
         usleep(2_500_000)
         try NatHALab.sh([NatHALab.ip, "-n", lab.ns("a"), "link", "set", lab.front("a"), "down"])
-        client.waitUntilExit()
+        NatHALab.waitGone(client, timeout: 30)
         let log = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
         let summary = log.split(separator: "\n").last.map(String.init) ?? ""
         print("nat pair: \(log.split(separator: "\n").first ?? ""); \(summary)")
@@ -51,4 +52,5 @@ import Glibc
         #expect(parts["sent"] == parts["ok"], "\(summary)")
         #expect((Double(parts["longest_gap"] ?? "") ?? 99) < 5, "\(summary)")
     }
+}
 }

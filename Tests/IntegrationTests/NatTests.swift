@@ -177,6 +177,21 @@ final class NatLab {
 
     func counts(_ answers: [String]) -> [String: Int] { answers.reduce(into: [:]) { $0[$1, default: 0] += 1 } }
 
+    @Test(
+        "a start that fails after the nat tables were programmed removes them (and nothing else)",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)), arguments: ["nat", "workers", "checker"])
+    func failedStartRemovesTables(step: String) throws {
+        let lab = try NatLab()
+        try NatLab.sh([NatLab.ip, "netns", "exec", lab.balancer, "/usr/sbin/nft", "add table ip keepme"])
+        let p = try BallastProcess(
+            config: lab.config(), prefix: [NatLab.ip, "netns", "exec", lab.balancer],
+            environment: ["BALLAST_TEST_FAIL_START": step], waitReady: false)
+        #expect(p.waitExit(timeout: 10) == 1, "\(p.log)")
+        #expect(p.log.contains("failure injected at \(step)"), "\(p.log)")
+        let tables = try lab.nft("list", "tables")
+        #expect(!tables.contains("ballast") && tables.contains("keepme"), "\(tables)")
+    }
+
     @Test("roundrobin: weighted shares; the table has the expected shape; other tables are untouched", .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func weightedShares() throws {
         let lab = try NatLab()

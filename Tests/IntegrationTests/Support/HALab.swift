@@ -129,7 +129,7 @@ final class HALab: @unchecked Sendable {
     func stopKeepalived(_ n: String) {
         guard let p = keepalived[n] else { return }
         kill(p.processIdentifier, SIGTERM)
-        p.waitUntilExit()
+        NatHALab.waitGone(p)
         keepalived[n] = nil
     }
 
@@ -204,10 +204,7 @@ final class HALab: @unchecked Sendable {
 
     deinit {
         for n in Array(keepalived.keys) { stopKeepalived(n) }
-        for p in procs {
-            kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
-        }
+        for p in procs { kill(p.processIdentifier, SIGKILL) }
         // Whatever still runs in the namespaces was started here (a server's forked children
         // outlive their listener): end it by PID before the namespaces go.
         for h in ["c", "a", "b", "s1", "s2", "sw"] { NatHALab.killAll(in: ns(h)) }

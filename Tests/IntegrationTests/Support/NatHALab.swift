@@ -34,6 +34,13 @@ final class NatHALab: @unchecked Sendable {
     @discardableResult
     static func sh(_ args: [String]) throws -> String { try NatLab.sh(args) }
 
+    /// Waits at most `timeout` for `p` to be gone. Never `waitUntilExit`: Foundation's reaper
+    /// sometimes leaves a child of a namespace wrapper a zombie, and that wait never returns.
+    static func waitGone(_ p: Process, timeout: Double = 5) {
+        let deadline = Date().addingTimeInterval(timeout)
+        while p.isRunning && Date() < deadline { usleep(20_000) }
+    }
+
     /// SIGKILL to every process in network namespace `ns` (`ip netns pids`).
     static func killAll(in ns: String) {
         guard let out = try? sh([ip, "netns", "pids", ns]) else { return }
@@ -302,7 +309,7 @@ final class NatHALab: @unchecked Sendable {
     func stop(_ name: String, _ n: String) {
         guard let p = daemons["\(name)-\(n)"] else { return }
         kill(p.processIdentifier, SIGTERM)
-        p.waitUntilExit()
+        Self.waitGone(p)
         daemons["\(name)-\(n)"] = nil
     }
 
@@ -311,10 +318,7 @@ final class NatHALab: @unchecked Sendable {
             let parts = k.split(separator: "-")
             stop(String(parts[0]), String(parts[1]))
         }
-        for p in procs {
-            kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
-        }
+        for p in procs { kill(p.processIdentifier, SIGKILL) }
         for n in ["a", "b"] {
             _ = try? Self.sh([Self.ip, "netns", "exec", ns(n), "/usr/sbin/nft", "delete", "table", "ip", "ballast"])
         }
