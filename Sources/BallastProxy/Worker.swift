@@ -107,11 +107,18 @@ public final class Worker: @unchecked Sendable {
         for b in buffers { b.deallocate() }
     }
 
-    /// Queues a command and wakes the worker. Callable from any thread.
+    /// Queues a command and wakes the worker. Callable from any thread. A ping (four a second,
+    /// from the runtime) is a flag, not a queued command: it allocates nothing.
     public func send(_ command: WorkerCommand) {
-        inbox.withLock { $0.append(command) }
+        if case .ping = command {
+            pingPending.store(true, ordering: .releasing)
+        } else {
+            inbox.withLock { $0.append(command) }
+        }
         EventFd.signal(wakeFd)
     }
+
+    private let pingPending = Atomic<Bool>(false)
 
     // MARK: - Loop
 
@@ -202,6 +209,10 @@ public final class Worker: @unchecked Sendable {
             let c = box
             box.removeAll()
             return c
+        }
+        if pingPending.exchange(false, ordering: .acquiring) {
+            heartbeat.wrappingAdd(1, ordering: .relaxed)
+            lastBeat.store(monotonicMillis(), ordering: .relaxed)
         }
         if !commands.isEmpty { lastBeat.store(monotonicMillis(), ordering: .relaxed) }
         for command in commands {
