@@ -690,7 +690,7 @@ public final class HealthChecker: @unchecked Sendable {
         for (service, live) in keys {
             let usesSentinel = sentinelConfigs[service] != nil
             var a = arbiters[service].flatMap { $0.usesSentinel == usesSentinel ? $0 : nil } ?? MasterArbiter(usesSentinel: usesSentinel)
-            for k in a.claims.keys where !live.contains(k) { a.forget(k) }
+            for k in a.claims.keys where !live.contains(k) { a.noClaim(k) }
             fresh[service] = a
         }
         arbiters = fresh

@@ -216,7 +216,7 @@ struct MySQLConversation {
                 return fail(.l7response, "not a replica (SHOW SLAVE STATUS is empty)", definite: true)
             }
             func column(_ name: String) -> String? {
-                guard let k = r.columns.firstIndex(where: { $0.caseInsensitiveCompare(name) }) else { return nil }
+                guard let k = r.columns.firstIndex(where: { $0.lowercased() == name.lowercased() }) else { return nil }
                 return k < row.count ? row[k] : nil
             }
             let io = column("Slave_IO_Running") ?? "No"
@@ -339,6 +339,3 @@ struct ResultReader {
     }
 }
 
-extension String {
-    fileprivate func caseInsensitiveCompare(_ other: String) -> Bool { lowercased() == other.lowercased() }
-}

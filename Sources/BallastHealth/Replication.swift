@@ -114,13 +114,11 @@ public struct MasterArbiter: Sendable {
         return .accept(takeover: takeover, demote: [:])
     }
 
-    /// A server answered something else (a replica, an error) or could not be reached: it
-    /// claims nothing any more.
+    /// A server answered something else (a replica, an error), could not be reached, or left
+    /// the service: it claims nothing any more.
     public mutating func noClaim(_ key: Int) {
         claims[key] = nil
         if holder == key { holder = nil }
     }
 
-    /// A server left the service (reload).
-    public mutating func forget(_ key: Int) { noClaim(key) }
 }

@@ -49,7 +49,7 @@ extension BalancerPairSuites {
         let downAt = Date().timeIntervalSince1970
         try HALab.sh([HALab.ip, "-n", lab.ns("a"), "link", "set", lab.dev("a"), "down"])
         #expect(lab.waitHolder("b", timeout: 5) || lab.keepalivedLog("b").contains("Entering MASTER STATE"))
-        NatHALab.waitGone(client, timeout: 30)
+        NatLab.waitGone(client, timeout: 30)
         defer { a?.stop() }
         let log = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
         let kill = HALab.recovery(log, after: killedAt)
@@ -86,7 +86,7 @@ extension BalancerPairSuites {
         #expect(lab.holder() == "b", "\(lab.keepalivedLog("a"))")
         #expect(lab.masterEntries("a") == 1 && lab.masterEntries("b") == 1)
         let (client, out) = try lab.startClient(seconds: 1)
-        NatHALab.waitGone(client, timeout: 30)
+        NatLab.waitGone(client, timeout: 30)
         let log = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
         #expect(!log.contains(" err ") && log.contains(" ok "), "\(log)")
     }

@@ -39,7 +39,7 @@ extension BalancerPairSuites {
         #expect(lab.waitHolder("a", timeout: 8), "\(lab.log("keepalived", "a"))")
         usleep(2_500_000)
         try NatHALab.sh([NatHALab.ip, "-n", lab.ns("a"), "link", "set", lab.front("a"), "down"])
-        NatHALab.waitGone(client, timeout: 30)
+        NatLab.waitGone(client, timeout: 30)
         let log = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
         let summary = log.split(separator: "\n").last.map(String.init) ?? ""
         print("nat pair: \(log.split(separator: "\n").first ?? ""); \(summary)")

@@ -28,6 +28,19 @@ final class NatLab {
             && FileManager.default.isExecutableFile(atPath: ip) && FileManager.default.isExecutableFile(atPath: "/usr/bin/socat")
     }
 
+    /// Waits at most `timeout` for `p` to be gone. Never `waitUntilExit`: Foundation's reaper
+    /// sometimes leaves a child of a namespace wrapper a zombie, and that wait never returns.
+    static func waitGone(_ p: Process, timeout: Double = 5) {
+        let deadline = Date().addingTimeInterval(timeout)
+        while p.isRunning && Date() < deadline { usleep(20_000) }
+    }
+
+    /// SIGKILL to every process in network namespace `ns` (`ip netns pids`).
+    static func killAll(in ns: String) {
+        guard let out = try? sh([ip, "netns", "pids", ns]) else { return }
+        for pid in out.split(separator: "\n").compactMap({ Int32($0) }) { kill(pid, SIGKILL) }
+    }
+
     @discardableResult
     static func sh(_ args: [String]) throws -> String {
         let (s, out, err) = try runCommand(args[0], Array(args.dropFirst()), timeout: 30)
@@ -163,9 +176,7 @@ final class NatLab {
         for p in procs { kill(p.processIdentifier, SIGKILL) }
         // Server processes live inside their namespaces: end them before the namespaces go.
         for n in [client, balancer] + servers.map(ns) {
-            if let pids = try? NatLab.sh([NatLab.ip, "netns", "pids", n]) {
-                for p in pids.split(separator: "\n") { if let pid = Int32(p) { kill(pid, SIGKILL) } }
-            }
+            NatLab.killAll(in: n)
             _ = try? NatLab.sh([NatLab.ip, "netns", "del", n])
         }
     }

@@ -129,7 +129,7 @@ final class HALab: @unchecked Sendable {
     func stopKeepalived(_ n: String) {
         guard let p = keepalived[n] else { return }
         kill(p.processIdentifier, SIGTERM)
-        NatHALab.waitGone(p)
+        NatLab.waitGone(p)
         keepalived[n] = nil
     }
 
@@ -157,7 +157,7 @@ final class HALab: @unchecked Sendable {
 
     /// A client in its namespace opening a new connection to the VIP every 50 ms for `seconds`;
     /// each line of the result: `epoch-seconds ok <server>` or `epoch-seconds err <why>`.
-    func startClient(seconds: Double, source: String? = nil) throws -> (Process, String) {
+    func startClient(seconds: Double) throws -> (Process, String) {
         let out = dir.file("client-\(Int.random(in: 0...1_000_000)).log")
         FileManager.default.createFile(atPath: out, contents: nil)
         let script = """
@@ -207,7 +207,7 @@ final class HALab: @unchecked Sendable {
         for p in procs { kill(p.processIdentifier, SIGKILL) }
         // Whatever still runs in the namespaces was started here (a server's forked children
         // outlive their listener): end it by PID before the namespaces go.
-        for h in ["c", "a", "b", "s1", "s2", "sw"] { NatHALab.killAll(in: ns(h)) }
+        for h in ["c", "a", "b", "s1", "s2", "sw"] { NatLab.killAll(in: ns(h)) }
         for h in ["c", "a", "b", "s1", "s2", "sw"] { _ = try? HALab.sh([HALab.ip, "netns", "del", ns(h)]) }
     }
 }

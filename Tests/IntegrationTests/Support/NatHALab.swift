@@ -34,19 +34,6 @@ final class NatHALab: @unchecked Sendable {
     @discardableResult
     static func sh(_ args: [String]) throws -> String { try NatLab.sh(args) }
 
-    /// Waits at most `timeout` for `p` to be gone. Never `waitUntilExit`: Foundation's reaper
-    /// sometimes leaves a child of a namespace wrapper a zombie, and that wait never returns.
-    static func waitGone(_ p: Process, timeout: Double = 5) {
-        let deadline = Date().addingTimeInterval(timeout)
-        while p.isRunning && Date() < deadline { usleep(20_000) }
-    }
-
-    /// SIGKILL to every process in network namespace `ns` (`ip netns pids`).
-    static func killAll(in ns: String) {
-        guard let out = try? sh([ip, "netns", "pids", ns]) else { return }
-        for pid in out.split(separator: "\n").compactMap({ Int32($0) }) { kill(pid, SIGKILL) }
-    }
-
     private func ipn(_ host: String, _ args: String...) throws { try Self.sh([Self.ip, "-n", ns(host)] + args) }
 
     /// A veth from `host` (named `name`) into the bridge `bridge` of switch namespace `sw`.
@@ -309,7 +296,7 @@ final class NatHALab: @unchecked Sendable {
     func stop(_ name: String, _ n: String) {
         guard let p = daemons["\(name)-\(n)"] else { return }
         kill(p.processIdentifier, SIGTERM)
-        Self.waitGone(p)
+        NatLab.waitGone(p)
         daemons["\(name)-\(n)"] = nil
     }
 
@@ -324,7 +311,7 @@ final class NatHALab: @unchecked Sendable {
         }
         // Whatever still runs in the namespaces was started here (a server's forked children
         // outlive their listener): end it by PID before the namespaces go.
-        for h in ["c", "a", "b", "s1", "s2", "swf", "swk"] { NatHALab.killAll(in: ns(h)) }
+        for h in ["c", "a", "b", "s1", "s2", "swf", "swk"] { NatLab.killAll(in: ns(h)) }
         for h in ["c", "a", "b", "s1", "s2", "swf", "swk"] { _ = try? Self.sh([Self.ip, "netns", "del", ns(h)]) }
     }
 }
