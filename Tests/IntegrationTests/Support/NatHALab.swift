@@ -122,38 +122,49 @@ final class NatHALab: @unchecked Sendable {
         let peer = n == "a" ? "b" : "a"
         _ = dir.write(
             "conntrackd-\(n).conf",
-            """
-            Sync {
-                Mode FTFW {
-                    DisableExternalCache Off
-                }
-                UDP {
-                    IPv4_address \(syncAddr(n))
-                    IPv4_Destination_Address \(syncAddr(peer))
-                    Port 3780
-                    Interface \(sync(n))
-                    Checksum on
-                }
-            }
-            General {
-                HashSize 8192
-                HashLimit 65535
-                LogFile \(dir.file("conntrackd-\(n).log"))
-                LockFile \(dir.file("conntrackd-\(n).lock"))
-                UNIX { Path \(dir.file("conntrackd-\(n).ctl")) }
-                NetlinkBufferSize 2097152
-                NetlinkBufferSizeMaxGrowth 8388608
-                Filter From Userspace {
-                    Protocol Accept { TCP }
-                    Address Ignore {
-                        IPv4_address 127.0.0.1
-                        IPv4_address 10.79.3.0/24
-                    }
-                }
-            }
-
-            """)
+            Self.conntrackdConfig(
+                dir: dir, node: n, local: syncAddr(n), peer: syncAddr(peer), interface: sync(n), ignore: "10.79.3.0/24",
+                externalCache: true))
         try run("conntrackd", n, ["/usr/sbin/conntrackd", "-C", conntrackdConf(n)])
+    }
+
+    /// conntrackd in FTFW mode over a dedicated link. With `externalCache` the peer's flows wait
+    /// in a cache until a notify script commits them (active/backup); without it they go into
+    /// the kernel's table as they arrive (active/active, where either node may see any flow).
+    static func conntrackdConfig(
+        dir: TempDir, node n: String, local: String, peer: String, interface: String, ignore: String, externalCache: Bool
+    ) -> String {
+        """
+        Sync {
+            Mode FTFW {
+                DisableExternalCache \(externalCache ? "Off" : "On")
+            }
+            UDP {
+                IPv4_address \(local)
+                IPv4_Destination_Address \(peer)
+                Port 3780
+                Interface \(interface)
+                Checksum on
+            }
+        }
+        General {
+            HashSize 8192
+            HashLimit 65535
+            LogFile \(dir.file("conntrackd-\(n).log"))
+            LockFile \(dir.file("conntrackd-\(n).lock"))
+            UNIX { Path \(dir.file("conntrackd-\(n).ctl")) }
+            NetlinkBufferSize 2097152
+            NetlinkBufferSizeMaxGrowth 8388608
+            Filter From Userspace {
+                Protocol Accept { TCP }
+                Address Ignore {
+                    IPv4_address 127.0.0.1
+                    IPv4_address \(ignore)
+                }
+            }
+        }
+
+        """
     }
 
     /// keepalived with both VIPs in one sync group; transitions run the conntrackd notify script.
