@@ -26,6 +26,10 @@ extension BalancerPairSuites {
         var b = try lab.startBallast("b", balance: "source\n    hash_key: source-port")
         #expect(b.waitForLog("started") != nil)
         usleep(800_000)
+        // The whole Maglev table in the kernel is the same on both nodes, slot for slot.
+        let tables = try ["a", "b"].map { try EcmpLab.sh([EcmpLab.ip, "netns", "exec", lab.ns($0), "/usr/sbin/nft", "list", "map", "ip", "ballast", "mg-web"]) }
+        #expect(tables[0].components(separatedBy: " : ").count > 65_000, "\(tables[0].prefix(500))")
+        #expect(tables[0] == tables[1], "the two nodes' Maglev tables differ")
         let maglev = try lab.conversations(count: 16, seconds: 4, withdraw: "a", withdrawAfter: 1.5)
         let viaA = maglev.filter { $0.carrier == "a" }
         print("ecmp, Maglev, no conntrackd: \(maglev.filter(\.survived).count)/\(maglev.count) flows survived, \(viaA.count) of them moved from a to b")
