@@ -8,10 +8,14 @@ import Musl
 
 /// Monotonic milliseconds (CLOCK_MONOTONIC): state-change times, rates, durations.
 @inline(__always)
-public func monotonicMillis() -> Int64 {
+public func monotonicMillis() -> Int64 { monotonicNanos() / 1_000_000 }
+
+/// Monotonic nanoseconds (CLOCK_MONOTONIC): short intervals and time budgets.
+@inline(__always)
+public func monotonicNanos() -> Int64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+    return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
 }
 
 /// One worker's cumulative counters for one service or server: 128 bytes, two cache lines, so

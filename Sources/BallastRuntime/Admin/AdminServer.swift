@@ -14,6 +14,12 @@ import Musl
 /// its own epoll instance: nothing here runs on a data-plane thread. Clients are bounded in
 /// number (the longest idle one makes room for a new one) and in idle time, so stuck scripts
 /// cannot lock the socket (HAProxy issue #2429).
+///
+/// Each client is served like one of HAProxy's applets: its commands run a few at a time, in
+/// turn with every other client's, and only while its unsent output is under `outputHigh`; the
+/// client that does not read is the one that waits. Input is read only while less than a line's
+/// worth is waiting, so a flood costs a bounded buffer per client, and no loop turn runs long
+/// (another client's `show info`, and `stop()`, wait a few milliseconds at most).
 final class AdminServer: @unchecked Sendable {
     struct Listener {
         var fd: Int32
@@ -24,10 +30,21 @@ final class AdminServer: @unchecked Sendable {
     }
 
     final class Client {
+        /// The epoll token: never reused, so an event for a closed client's descriptor number
+        /// cannot reach the client that got the same number.
+        let id: UInt64
         let fd: Int32
         let metrics: Bool
         var session: CLISession
+        /// Bytes read; `input[consumed...]` is what has not been run yet.
         var input: [UInt8] = []
+        var consumed = 0
+        /// Where the search for the next newline resumes (nothing before it is one).
+        var scanned = 0
+        /// The commands of the current line not yet run (a line's `;`-separated commands run one
+        /// by one, in turns like separate lines).
+        var queue: [[String]] = []
+        var queued = 0
         var output: [UInt8] = []
         var sent = 0
         var last: Int64
@@ -35,26 +52,56 @@ final class AdminServer: @unchecked Sendable {
         var closing = false
         /// Reply sent for an over-long line: read and discard until EOF, then close.
         var discarding = false
-        var wantsOut = false
+        var eof = false
+        var interest: UInt32 = 0
 
-        init(fd: Int32, level: CLILevel, metrics: Bool, now: Int64) {
+        init(id: UInt64, fd: Int32, level: CLILevel, metrics: Bool, now: Int64) {
+            self.id = id
             self.fd = fd
             self.metrics = metrics
             session = CLISession(level: level)
             last = now
         }
 
-        var idle: Bool { output.count == sent }
+        var pending: Int { output.count - sent }
+        var idle: Bool { pending == 0 }
+        var unconsumed: Int { input.count - consumed }
+
+        /// The next complete line (without its newline or a trailing CR), consumed.
+        func nextLine() -> ArraySlice<UInt8>? {
+            let from = max(scanned, consumed)
+            guard let nl = input[from...].firstIndex(of: 10) else {
+                scanned = input.count
+                return nil
+            }
+            var line = input[consumed..<nl]
+            if line.last == 13 { line = line.dropLast() }
+            consumed = nl + 1
+            scanned = consumed
+            return line
+        }
+
+        /// Commands or complete lines waiting (the metrics endpoint's request is handled whole).
+        var hasWork: Bool { !metrics && (queued < queue.count || input[max(scanned, consumed)...].contains(10)) }
     }
 
     /// A request line longer than this gets an error reply instead of being buffered further.
     static let maxLine = 64 << 10
+    /// A client's commands wait while this much of its output is unsent.
+    static let outputHigh = 256 << 10
+    /// Per client per loop turn: at most this many commands, or this much time.
+    static let turnCommands = 32
+    static let turnNanos: Int64 = 2_000_000
 
     /// Set by the runtime once the workers and the checker exist, before `start()`.
     var ctx: AdminContext!
     private let logger: Logger
     private var listeners: [Listener] = []
-    private var clients: [Int32: Client] = [:]
+    private var clients: [UInt64: Client] = [:]
+    private var nextId: UInt64 = 1
+    /// Clients with commands left to run, served one turn each per loop iteration.
+    private var ready: [UInt64] = []
+    private var readySet = Set<UInt64>()
     private let epfd: Int32
     private let wakeFd: Int32
     private let stopping = Atomic<Bool>(false)
@@ -154,7 +201,7 @@ final class AdminServer: @unchecked Sendable {
         defer { events.deallocate() }
         lastSample = monotonicMillis()
         while !stopping.load(ordering: .relaxed) {
-            let n = (try? Epoll.wait(epfd, events, max: 64, timeoutMs: 200)) ?? 0
+            let n = (try? Epoll.wait(epfd, events, max: 64, timeoutMs: ready.isEmpty ? 200 : 0)) ?? 0
             let now = monotonicMillis()
             for k in 0..<n {
                 let data = events[k].data
@@ -164,9 +211,15 @@ final class AdminServer: @unchecked Sendable {
                 }
                 if data & (1 << 40) != 0 {
                     accept(Int(data & 0xFFFF), now)
-                } else if let c = clients[Int32(truncatingIfNeeded: data)] {
+                } else if let c = clients[data] {
                     handle(c, events[k].events, now)
                 }
+            }
+            let turn = ready
+            ready.removeAll(keepingCapacity: true)
+            readySet.removeAll(keepingCapacity: true)
+            for id in turn {
+                if let c = clients[id] { work(c) }
             }
             if now - lastSample >= 1000 {
                 sample()
@@ -215,76 +268,125 @@ final class AdminServer: @unchecked Sendable {
             if same.count >= cap, let victim = same.filter(\.idle).min(by: { $0.last < $1.last }) ?? same.min(by: { $0.last < $1.last }) {
                 drop(victim)
             }
-            let c = Client(fd: fd, level: l.level, metrics: l.metrics, now: now)
-            clients[fd] = c
-            try? Epoll.add(epfd, fd, events: Epoll.in | Epoll.rdhup, data: UInt64(UInt32(bitPattern: fd)))
+            let c = Client(id: nextId, fd: fd, level: l.level, metrics: l.metrics, now: now)
+            nextId += 1
+            clients[c.id] = c
+            c.interest = Epoll.in | Epoll.rdhup
+            try? Epoll.add(epfd, fd, events: c.interest, data: c.id)
         }
     }
 
     private func drop(_ c: Client) {
         Epoll.remove(epfd, c.fd)
         Sys.close(c.fd)
-        clients[c.fd] = nil
+        clients[c.id] = nil
+    }
+
+    private func markReady(_ c: Client) {
+        if readySet.insert(c.id).inserted { ready.append(c.id) }
     }
 
     private func handle(_ c: Client, _ ev: UInt32, _ now: Int64) {
-        if ev & Epoll.out != 0 { flush(c) }
-        guard clients[c.fd] != nil else { return }
-        if ev & (Epoll.in | Epoll.rdhup | Epoll.hup | Epoll.err) != 0 { read(c, now) }
+        if ev & Epoll.out != 0 {
+            flush(c)
+            guard clients[c.id] != nil else { return }
+            if c.pending < AdminServer.outputHigh && c.hasWork { markReady(c) }
+        }
+        if ev & (Epoll.in | Epoll.rdhup) != 0 && !c.eof { read(c, now) }
+        guard clients[c.id] != nil else { return }
+        // Hung up with nothing more to say or hear: done.
+        if ev & (Epoll.hup | Epoll.err) != 0 && (c.idle || ev & Epoll.err != 0) { return drop(c) }
+        updateInterest(c)
     }
 
+    /// Reads while less than a line's worth is waiting to be run; what it read is run in turn.
     private func read(_ c: Client, _ now: Int64) {
+        if c.consumed > 0 && (c.consumed >= 16384 || c.consumed == c.input.count) {
+            c.input.removeFirst(c.consumed)
+            c.scanned -= c.consumed
+            c.consumed = 0
+        }
         var buf = [UInt8](repeating: 0, count: 16384)
-        var eof = false
-        while true {
+        while c.discarding || c.unconsumed <= AdminServer.maxLine {
             let r = try? buf.withUnsafeMutableBytes { try Sys.recv(c.fd, $0.baseAddress!, $0.count) }
-            guard let r else {
-                return drop(c)
-            }
+            guard let r else { return drop(c) }
             guard case .done(let n) = r else { break }
             if n == 0 {
-                eof = true
+                c.eof = true
                 break
             }
             c.last = now
             if c.discarding || c.closing { continue }
             c.input += buf[0..<n]
-            if c.metrics {
-                serveHTTP(c)
-            } else {
-                processLines(c)
-            }
-            if c.input.count > 1 << 20 { break }
         }
-        if eof {
-            // A line without its newline is never run (as in HAProxy); what was answered is sent.
-            if c.idle { return drop(c) }
-            c.closing = true
-        }
-        flush(c)
+        if c.discarding && c.eof && c.idle { return drop(c) }
+        markReady(c)
     }
 
-    private func processLines(_ c: Client) {
-        let cli = CLI(ctx: ctx)
-        while !c.closing, let nl = c.input.firstIndex(of: UInt8(ascii: "\n")) {
-            var lineBytes = c.input[..<nl]
-            if lineBytes.last == UInt8(ascii: "\r") { lineBytes = lineBytes.dropLast() }
-            c.input.removeFirst(nl + 1)
-            if lineBytes.count > AdminServer.maxLine {
-                reply(c, "Command line too long (over \(AdminServer.maxLine) bytes).\n\n")
-                c.closing = true
-                c.discarding = true
-                break
-            }
-            let line = String(decoding: lineBytes, as: UTF8.self)
-            cli.run(line: line, session: &c.session, into: &c.output)
-            if c.session.closeAfter || !c.session.prompt { c.closing = true }
+    /// One turn: a few of the client's commands, as long as its output is not backed up.
+    private func work(_ c: Client) {
+        if c.sent > 0 {
+            c.output.removeFirst(c.sent)
+            c.sent = 0
         }
-        if !c.closing && c.input.count > AdminServer.maxLine {
-            reply(c, "Command line too long (over \(AdminServer.maxLine) bytes).\n\n")
-            c.input.removeAll()
-            c.closing = true
-            c.discarding = true
+        if c.metrics {
+            if !c.closing { serveHTTP(c) }
+        } else {
+            let started = monotonicNanos()
+            var ran = 0
+            let cli = CLI(ctx: ctx)
+            while !c.closing && ran < AdminServer.turnCommands && c.pending < AdminServer.outputHigh {
+                if c.queued < c.queue.count {
+                    cli.run(c.queue[c.queued], session: &c.session, into: &c.output)
+                    c.queued += 1
+                    ran += 1
+                    if c.session.closeAfter || (!c.session.prompt && c.queued == c.queue.count) { c.closing = true }
+                    if monotonicNanos() - started > AdminServer.turnNanos { break }
+                    continue
+                }
+                guard let lineBytes = c.nextLine() else { break }
+                if lineBytes.count > AdminServer.maxLine {
+                    tooLong(c)
+                    break
+                }
+                switch CLI.commands(of: String(decoding: lineBytes, as: UTF8.self)) {
+                case .failure(let e):
+                    reply(c, e.message + "\n\n")
+                    if !c.session.prompt { c.closing = true }
+                case .success(let commands):
+                    c.queue = commands
+                    c.queued = 0
+                }
+            }
+            if !c.closing && c.queued == c.queue.count && c.unconsumed > AdminServer.maxLine && !c.hasWork { tooLong(c) }
+        }
+        // A line without its newline is never run (as in HAProxy); what was answered is sent.
+        if c.eof && !c.hasWork { c.closing = true }
+        flush(c)
+        guard clients[c.id] != nil else { return }
+        if !c.closing && c.pending < AdminServer.outputHigh && c.hasWork { markReady(c) }
+        updateInterest(c)
+    }
+
+    private func tooLong(_ c: Client) {
+        reply(c, "Command line too long (over \(AdminServer.maxLine) bytes).\n\n")
+        c.input.removeAll()
+        c.consumed = 0
+        c.scanned = 0
+        c.queue = []
+        c.queued = 0
+        c.closing = true
+        c.discarding = true
+    }
+
+    /// Reading while there is room (and until EOF when discarding), writing while output waits.
+    private func updateInterest(_ c: Client) {
+        var want: UInt32 = 0
+        if !c.eof && (c.discarding || (!c.closing && c.unconsumed <= AdminServer.maxLine)) { want |= Epoll.in | Epoll.rdhup }
+        if c.pending > 0 { want |= Epoll.out }
+        if want != c.interest {
+            c.interest = want
+            try? Epoll.modify(epfd, c.fd, events: want, data: c.id)
         }
     }
 
@@ -297,25 +399,21 @@ final class AdminServer: @unchecked Sendable {
         while c.sent < c.output.count {
             let r = try? c.output.withUnsafeBytes { try Sys.send(c.fd, $0.baseAddress! + c.sent, $0.count - c.sent) }
             guard let r else { return drop(c) }
-            guard case .done(let n) = r else {
-                if !c.wantsOut {
-                    c.wantsOut = true
-                    try? Epoll.modify(epfd, c.fd, events: Epoll.in | Epoll.out | Epoll.rdhup, data: UInt64(UInt32(bitPattern: c.fd)))
-                }
-                return
-            }
+            guard case .done(let n) = r else { return }
             c.sent += n
         }
-        c.output.removeAll(keepingCapacity: true)
-        c.sent = 0
-        if c.wantsOut {
-            c.wantsOut = false
-            try? Epoll.modify(epfd, c.fd, events: Epoll.in | Epoll.rdhup, data: UInt64(UInt32(bitPattern: c.fd)))
+        // A big reply's buffer goes back once it is sent; a small one is kept for the next.
+        if c.output.capacity > 4 * AdminServer.outputHigh {
+            c.output = []
+        } else {
+            c.output.removeAll(keepingCapacity: true)
         }
+        c.sent = 0
         if c.closing {
             if c.discarding {
                 // Keep reading until the client is done, so closing does not reset the reply away.
                 Sys.shutdownWrite(c.fd)
+                if c.eof { drop(c) }
                 return
             }
             drop(c)

@@ -112,20 +112,41 @@ struct CLI {
         return commands
     }
 
-    /// Runs one request line, appending the reply to `out` (the connection's output buffer:
-    /// a large `show stat` is written there directly, never copied).
-    func run(line: String, session: inout CLISession, into out: inout [UInt8]) {
-        for words in CLI.split(line) {
-            if session.closeAfter { break }
-            let wasPrompt = session.prompt
-            if words.first == "show" && words.dropFirst().first == "stat" && session.level >= .user {
-                showStat(Array(words.dropFirst(2)), into: &out)
-            } else {
-                var reply = execute(words, &session)
-                reply.withUTF8 { out.append(contentsOf: $0) }
-            }
-            if session.prompt && (wasPrompt || words == ["prompt"]) && !session.closeAfter { out += "> ".utf8 }
+    /// At most this many `;`-separated commands on one request line.
+    static let maxCommandsPerLine = 64
+
+    /// The commands of one request line, or the error reply when the line has too many.
+    static func commands(of line: String) -> Result<[[String]], CLIError> {
+        let commands = split(line)
+        if commands.count > maxCommandsPerLine {
+            return .failure(CLIError("Too many commands on one line (\(commands.count), at most \(maxCommandsPerLine))."))
         }
+        return .success(commands)
+    }
+
+    /// Runs one request line, appending the reply to `out`.
+    func run(line: String, session: inout CLISession, into out: inout [UInt8]) {
+        switch CLI.commands(of: line) {
+        case .failure(let e): out += (e.message + "\n\n").utf8
+        case .success(let commands):
+            for words in commands {
+                if session.closeAfter { break }
+                run(words, session: &session, into: &out)
+            }
+        }
+    }
+
+    /// Runs one command, appending its reply (and the prompt, in interactive mode) to `out`, the
+    /// connection's output buffer: a large `show stat` is written there directly, never copied.
+    func run(_ words: [String], session: inout CLISession, into out: inout [UInt8]) {
+        let wasPrompt = session.prompt
+        if words.first == "show" && words.dropFirst().first == "stat" && session.level >= .user {
+            showStat(Array(words.dropFirst(2)), into: &out)
+        } else {
+            var reply = execute(words, &session)
+            reply.withUTF8 { out.append(contentsOf: $0) }
+        }
+        if session.prompt && (wasPrompt || words == ["prompt"]) && !session.closeAfter { out += "> ".utf8 }
     }
 
     func execute(_ w: [String], _ session: inout CLISession) -> String {
