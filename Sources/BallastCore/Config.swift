@@ -23,7 +23,8 @@ public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
         self.message = message
     }
 
-    public var description: String { "\(location): \(message)" }
+    /// `file:line:column: message`, or `file: message` for the file as a whole (line 0).
+    public var description: String { location.line == 0 ? "\(location.file): \(message)" : "\(location): \(message)" }
 }
 
 /// Every default value, written down once. The README's configuration reference lists the same
@@ -198,6 +199,8 @@ public struct ServerConfig: Sendable, Equatable {
     public var sendProxy: ProxyProtocol.Version?
     /// The health check for this server (the service's, with this server's overrides); nil: none.
     public var check: CheckConfig?
+    /// The address is one of this config's own binds, on purpose (a chain through another service).
+    public var allowSelf = false
     public var location: SourceLocation
 
     public init(name: String, address: SocketAddress, location: SourceLocation) {
@@ -265,6 +268,8 @@ public struct Config: Sendable, Equatable {
     /// `defaults.check`: the base every service's `check:` starts from.
     public var check = CheckConfig()
     public var services: [ServiceConfig] = []
+    /// Accepted but worth saying (`file:line:column: text`): `check` prints them, `run` logs them.
+    public var warnings: [String] = []
 
     public init(file: String) { self.file = file }
 }

@@ -17,7 +17,7 @@ public enum ConfigLoader {
     public static let globalNatKeys = ["keep_on_exit"]
     public static let serviceNatKeys = ["snat"]
     public static let statsKeys = ["sockets", "timeout", "maxconn"]
-    public static let statsSocketKeys = ["path", "address", "mode", "owner", "group", "level"]
+    public static let statsSocketKeys = ["path", "address", "mode", "owner", "group", "level", "allow_world_writable"]
     public static let metricsKeys = ["address"]
     public static let logKeys = ["level", "format", "connections"]
     public static let defaultsKeys = ["timeout", "retries", "check"]
@@ -33,16 +33,23 @@ public enum ConfigLoader {
         "retries", "maxqueue", "check", "observe", "on_marked_down", "on_marked_up", "servers", "nat",
         "sentinel",
     ]
-    public static let serverKeys = ["name", "address", "weight", "maxconn", "backup", "slowstart", "state", "check", "send_proxy"]
+    public static let serverKeys = [
+        "name", "address", "weight", "maxconn", "backup", "slowstart", "state", "check", "send_proxy", "allow_self",
+    ]
+    /// Service and server names: at most this long (they are typed in runtime API commands).
+    public static let maxNameLength = 64
+    /// Durations: at most 2^31-1 ms (24.8 days), HAProxy's ceiling for its timers.
+    public static let maxDurationMillis: Int64 = Int64(Int32.max)
     public static let bindKeys = ["address", "accept_proxy", "freebind"]
 
     public static func load(path: String, contents: String) throws(ConfigError) -> Config {
-        var parser = Parser(file: path)
+        let parser = Parser(file: path)
         return try parser.parse(contents)
     }
 
-    struct Parser {
+    final class Parser {
         let file: String
+        var warnings: [String] = []
 
         init(file: String) { self.file = file }
 
@@ -52,7 +59,7 @@ public enum ConfigLoader {
 
         func fail(_ node: Node, _ message: String) -> ConfigError { ConfigError(loc(node), message) }
 
-        mutating func parse(_ text: String) throws(ConfigError) -> Config {
+        func parse(_ text: String) throws(ConfigError) -> Config {
             let root: Node?
             do {
                 root = try Yams.compose(yaml: text)
@@ -91,7 +98,50 @@ public enum ConfigLoader {
                 }
                 config.services.append(svc)
             }
+            try checkListeners(config)
+            try checkLoops(config)
+            config.warnings = warnings
             return config
+        }
+
+        /// Every address this config listens on (service binds, TCP stats sockets, the metrics
+        /// endpoint) once: two that would take each other's connections are an error here rather
+        /// than an EADDRINUSE at start.
+        func checkListeners(_ config: Config) throws(ConfigError) {
+            var all: [(SocketAddress, String, SourceLocation)] = []
+            for svc in config.services {
+                for b in svc.binds where b.address.port != 0 { all.append((b.address, "the bind of service '\(svc.name)'", b.location)) }
+            }
+            for sock in config.global.stats.sockets {
+                if let a = sock.address, a.port != 0 { all.append((a, "a TCP stats socket", sock.location)) }
+            }
+            if let m = config.global.metrics, m.port != 0 {
+                all.append((m, "the metrics endpoint", config.global.metricsLocation ?? SourceLocation(file: file, line: 1, column: 1)))
+            }
+            for (i, (a, what, at)) in all.enumerated() {
+                for (b, other, otherAt) in all[..<i] where a.covers(b) || b.covers(a) {
+                    // Two services on one address are reported by the bind check with both names.
+                    if what.hasPrefix("the bind") && other.hasPrefix("the bind") && a == b { continue }
+                    throw ConfigError(at, "\(a) (\(what)) takes the same connections as \(b) (\(other), \(otherAt))")
+                }
+            }
+        }
+
+        /// A server that is one of this config's own binds sends every connection back into
+        /// Ballast: one client would loop until maxconn. Refused unless `allow_self: true`.
+        func checkLoops(_ config: Config) throws(ConfigError) {
+            for svc in config.services {
+                for s in svc.servers where !s.allowSelf {
+                    for other in config.services {
+                        for b in other.binds where b.address.covers(s.address) && (b.address == s.address || s.address.isLoopback) {
+                            let whose = other.name == svc.name ? "this service's own bind" : "the bind of service '\(other.name)'"
+                            throw ConfigError(
+                                s.location,
+                                "service '\(svc.name)' server '\(s.name)': \(s.address) is \(whose) (\(b.location)): every connection would come back to Ballast; set allow_self: true if a chain through Ballast is meant")
+                        }
+                    }
+                }
+            }
         }
 
         func yamlError(_ error: YamlError) -> ConfigError {
@@ -171,8 +221,15 @@ public enum ConfigLoader {
         /// A service or server name: what the runtime API and logs refer to it by.
         func identifier(_ node: Node, _ what: String) throws(ConfigError) -> String {
             let name = try string(node, what)
+            guard !name.isEmpty else { throw fail(node, "\(what) is empty") }
+            guard name.utf8.count <= ConfigLoader.maxNameLength else {
+                throw fail(node, "\(what) '\(name.prefix(32))…' is \(name.utf8.count) characters long; at most \(ConfigLoader.maxNameLength)")
+            }
             guard name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) }) else {
                 throw fail(node, "\(what) '\(name)' may contain only letters, digits, '-', '_', '.' and ':'")
+            }
+            guard name != "FRONTEND" && name != "BACKEND" else {
+                throw fail(node, "\(what) '\(name)' is reserved: show stat names a service's own rows FRONTEND and BACKEND")
             }
             return name
         }
@@ -195,12 +252,16 @@ public enum ConfigLoader {
             }
         }
 
-        func duration(_ node: Node, _ what: String) throws(ConfigError) -> Millis {
+        /// A duration above zero (or zero, where zero means off), at most `maxDurationMillis`.
+        func duration(_ node: Node, _ what: String, zeroMeansOff: Bool = false) throws(ConfigError) -> Millis {
             let s = try scalar(node, what)
             guard let v = ConfigLoader.parseDuration(s) else {
                 throw fail(node, "\(what): '\(s)' is not a duration (use a number with ms, s, m, h or d, such as 500ms or 2s)")
             }
-            guard v.value > 0 else { throw fail(node, "\(what) must be greater than zero") }
+            guard v.value > 0 || zeroMeansOff else { throw fail(node, "\(what) must be greater than zero") }
+            guard v.value <= ConfigLoader.maxDurationMillis else {
+                throw fail(node, "\(what): '\(s)' is too long; at most 24d (2147483647 ms)")
+            }
             return v
         }
 
@@ -346,6 +407,19 @@ public enum ConfigLoader {
                     sock.gid = gr.pointee.gr_gid
                 }
                 if let e = sm["level"] { sock.level = try enumValue(e.value, "\(what).level", CLILevel.self) }
+                let insist = try sm["allow_world_writable"].map { e throws(ConfigError) in try bool(e.value, "\(what).allow_world_writable") } ?? false
+                // Connecting to a Unix socket takes write permission: o+w lets every local user in.
+                if sock.path != nil && sock.mode & 0o002 != 0 && !insist {
+                    let at = sm["mode"].map { loc($0.value) } ?? loc(item)
+                    switch sock.level {
+                    case .admin:
+                        throw ConfigError(at, "\(what): mode \(String(sock.mode, radix: 8)) lets every local user in at level admin (the runtime API has no authentication); use 600 or 660 with group, or set allow_world_writable: true")
+                    case .operator:
+                        warnings.append("\(at): \(what): mode \(String(sock.mode, radix: 8)) lets every local user in at level operator (they can drain servers and clear counters)")
+                    case .user:
+                        break
+                    }
+                }
                 st.sockets.append(sock)
             }
             return st
@@ -447,10 +521,10 @@ public enum ConfigLoader {
             let path = try string(node, what)
             let dir = file.contains("/") ? String(file[..<file.lastIndex(of: "/")!]) : "."
             let full = path.hasPrefix("/") ? path : dir + "/" + path
-            guard let text = ConfigLoader.readSmallFile(full) else {
-                throw fail(node, "\(what): cannot read '\(full)'")
+            switch RegularFile.text(full, limit: 64 << 10) {
+            case .failure(let e): throw fail(node, "\(what): cannot read '\(full)': \(e)")
+            case .success(let text): return text.hasSuffix("\n") ? String(text.dropLast()) : text
             }
-            return text.hasSuffix("\n") ? String(text.dropLast()) : text
         }
 
         func parseSentinel(_ node: Node, _ what: String) throws(ConfigError) -> SentinelConfig {
@@ -537,7 +611,7 @@ public enum ConfigLoader {
             }
             if let e = m["allbackups"] { svc.allbackups = try bool(e.value, "\(what): allbackups") }
             var serviceSlowstart = Millis(0)
-            if let e = m["slowstart"] { serviceSlowstart = try duration(e.value, "\(what): slowstart") }
+            if let e = m["slowstart"] { serviceSlowstart = try duration(e.value, "\(what): slowstart", zeroMeansOff: true) }
             var serviceCheck: CheckConfig?
             if let e = m["check"] { serviceCheck = try parseCheck(e.value, "\(what) check", base: config.check) }
             if let e = m["observe"] {
@@ -678,6 +752,7 @@ public enum ConfigLoader {
             let addr: SocketAddress
             do { addr = try SocketAddress(parsing: text) } catch { throw fail(a.value, "\(what): address '\(text)': \(error)") }
             if addr.port == 0 { throw fail(a.value, "\(what): address '\(text)': port 0 cannot be connected to") }
+            if let kind = addr.notUnicast { throw fail(a.value, "\(what): address '\(text)' is \(kind); a server needs a unicast address") }
             var s = ServerConfig(name: name, address: addr, location: loc(node))
             if let e = m["weight"] { s.weight = try integer(e.value, "\(what): weight", min: 0, max: Defaults.maxWeight) }
             if let e = m["maxconn"] { s.maxconn = try integer(e.value, "\(what): maxconn", min: 0, max: 10_000_000) }
@@ -692,7 +767,8 @@ public enum ConfigLoader {
                     s.check = try parseCheck(e.value, "\(what) check", base: check ?? defaults)
                 }
             }
-            if let e = m["slowstart"] { s.slowstart = try duration(e.value, "\(what): slowstart") }
+            if let e = m["slowstart"] { s.slowstart = try duration(e.value, "\(what): slowstart", zeroMeansOff: true) }
+            if let e = m["allow_self"] { s.allowSelf = try bool(e.value, "\(what): allow_self") }
             if let e = m["send_proxy"] { s.sendProxy = try proxyVersion(e.value, "\(what): send_proxy") }
             if let e = m["state"] {
                 let v = try scalar(e.value, "\(what): state")
@@ -724,14 +800,6 @@ public enum ConfigLoader {
         }
         let (r, overflow) = n.multipliedReportingOverflow(by: factor)
         return overflow ? nil : Millis(r)
-    }
-
-    static func readSmallFile(_ path: String) -> String? {
-        guard let f = fopen(path, "r") else { return nil }
-        defer { fclose(f) }
-        var buf = [UInt8](repeating: 0, count: 4096)
-        let n = fread(&buf, 1, buf.count, f)
-        return String(decoding: buf[0..<n], as: UTF8.self)
     }
 
     public static func nextPrime(_ n: Int) -> Int {

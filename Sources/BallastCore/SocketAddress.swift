@@ -86,6 +86,36 @@ public enum SocketAddress: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// 0.0.0.0 or :: (a bind on every address; never a destination).
+    public var isUnspecified: Bool {
+        switch self {
+        case .v4(let a): return a.sin_addr.s_addr == 0
+        case .v6(var a): return withUnsafeBytes(of: &a.sin6_addr) { b in b.allSatisfy { $0 == 0 } }
+        }
+    }
+
+    /// What a server address cannot be: unspecified, limited broadcast (255.255.255.255) or
+    /// multicast (224.0.0.0/4, ff00::/8). TCP connects to none of them.
+    public var notUnicast: String? {
+        if isUnspecified { return "the unspecified address" }
+        switch self {
+        case .v4(let a):
+            let v = UInt32(bigEndian: a.sin_addr.s_addr)
+            if v == 0xFFFF_FFFF { return "the broadcast address" }
+            if v >> 28 == 0xE { return "a multicast address" }
+        case .v6(var a):
+            if withUnsafeBytes(of: &a.sin6_addr, { $0[0] }) == 0xFF { return "a multicast address" }
+        }
+        return nil
+    }
+
+    /// Whether a socket bound to `self` would take connections meant for `other`: the same port
+    /// and the same address, or `self` bound on every address of `other`'s family.
+    public func covers(_ other: SocketAddress) -> Bool {
+        guard port == other.port, family == other.family else { return false }
+        return self == other || isUnspecified
+    }
+
     /// The address without the port, as `show servers state` prints it.
     public var hostText: String {
         let d = description

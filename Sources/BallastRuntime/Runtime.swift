@@ -14,26 +14,12 @@ import Musl
 #endif
 
 /// Reads a config file and parses it; every failure is a `ConfigError` with file:line:column.
+/// Only a regular file of at most 16 MiB is read (a FIFO or `/dev/zero` is refused at once).
 public func loadConfig(path: String) throws(ConfigError) -> Config {
-    guard let text = readFile(path) else {
-        throw ConfigError(
-            SourceLocation(file: path, line: 0, column: 0), "cannot read the file: \(String(cString: strerror(errno)))")
+    switch RegularFile.text(path) {
+    case .failure(let e): throw ConfigError(SourceLocation(file: path, line: 0, column: 0), "cannot read the config: \(e)")
+    case .success(let text): return try ConfigLoader.load(path: path, contents: text)
     }
-    return try ConfigLoader.load(path: path, contents: text)
-}
-
-func readFile(_ path: String) -> String? {
-    guard let f = fopen(path, "r") else { return nil }
-    defer { fclose(f) }
-    var data = [UInt8]()
-    var chunk = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = fread(&chunk, 1, chunk.count, f)
-        if n > 0 { data.append(contentsOf: chunk[0..<n]) }
-        if n < chunk.count { break }
-    }
-    if ferror(f) != 0 { return nil }
-    return String(decoding: data, as: UTF8.self)
 }
 
 /// Listeners are identified by address; a port-0 bind (the kernel picks the port) belongs to its
@@ -167,8 +153,15 @@ public final class Runtime {
         }
 
         // Runtime server state saved by the last run (drain, maint, weights, forced health).
-        if let path = config.global.stateFile, let text = readFile(path) {
-            for line in StateFile.restore(text, into: table) { logger.info("\(line)") }
+        if let path = config.global.stateFile {
+            switch RegularFile.text(path) {
+            case .success(let text):
+                for line in StateFile.restore(text, into: table) { logger.info("\(line)") }
+            case .failure(.cannotOpen(errno: ENOENT)):
+                break  // the first start: nothing saved yet
+            case .failure(let e):
+                logger.warning("state file \(path) not restored: \(e)")
+            }
         }
 
         // nat mode: program the kernel before anything serves; a failure names the object and
@@ -256,6 +249,7 @@ public final class Runtime {
             logger.info(
                 "service \(svc.name) listening on \(binds), \(svc.servers.count) servers, balance \(svc.balance.rawValue)")
         }
+        for w in config.warnings { logger.warning("\(w)") }
         logger.info(
             "ballast \(BallastVersion.string) started",
             metadata: ["pid": "\(getpid())", "workers": "\(workerCount)", "maxconn": "\(config.global.maxconn)", "config": "\(configPath)"])
@@ -371,6 +365,7 @@ public final class Runtime {
             logger.error("reload failed, keeping the current configuration: \(error)")
             return
         }
+        for w in next.warnings { logger.warning("\(w)") }
         var opened: [String: BoundListener] = [:]
         var kept: [String: BoundListener] = [:]
         do {
@@ -390,6 +385,7 @@ public final class Runtime {
             logger.error("reload failed, keeping the current configuration: \(error)")
             return
         }
+        for w in next.warnings { logger.warning("\(w)") }
         if next.global.workers != config.global.workers {
             logger.warning("global.workers changed: takes effect at the next restart")
         }
@@ -586,13 +582,52 @@ final class ServiceActions: Sendable {
 /// cannot be bound with its config location. It binds without listening: a listening socket
 /// would join the live listener group of a running Ballast for that moment and the kernel could
 /// queue a new client on it, reset when it closes.
-public func checkBinds(_ config: Config) throws(ConfigError) {
+/// The stats sockets and the metrics endpoint the same way: a TCP address is bound (not
+/// listened on), a Unix socket's directory must exist and be writable. A TCP address in use is
+/// a warning, not an error: `check` is run beside the Ballast that holds it, before a reload.
+public func checkBinds(_ config: Config) throws(ConfigError) -> [String] {
+    var warnings: [String] = []
     for svc in config.services where svc.mode == .proxy {
         for b in svc.binds {
             let l = try openListeners(b, service: svc.name, count: 1, listen: false)
             for fd in l.fds { Sys.close(fd) }
         }
     }
+    for sock in config.global.stats.sockets {
+        if let path = sock.path {
+            let dir = String(path[..<path.lastIndex(of: "/")!])
+            let d = dir.isEmpty ? "/" : dir
+            var st = stat()
+            guard stat(d, &st) == 0 else {
+                throw ConfigError(sock.location, "stats socket \(path): directory \(d): \(String(cString: strerror(errno)))")
+            }
+            guard st.st_mode & S_IFMT == S_IFDIR else { throw ConfigError(sock.location, "stats socket \(path): \(d) is not a directory") }
+            guard access(d, W_OK | X_OK) == 0 else {
+                throw ConfigError(sock.location, "stats socket \(path): cannot create a socket in \(d): \(String(cString: strerror(errno)))")
+            }
+        } else if let a = sock.address {
+            do {
+                let fd = try Socket.listen(a, reusePort: false, backlog: 1, listen: false)
+                Sys.close(fd)
+            } catch where error.errno == EADDRINUSE {
+                warnings.append("\(sock.location): stats socket \(a) is in use (by the running Ballast, or the start will fail)")
+            } catch {
+                throw ConfigError(sock.location, "stats socket \(a): cannot bind: \(String(cString: strerror(error.errno)))")
+            }
+        }
+    }
+    if let m = config.global.metrics {
+        let at = config.global.metricsLocation ?? SourceLocation(file: config.file, line: 0, column: 0)
+        do {
+            let fd = try Socket.listen(m, reusePort: false, backlog: 1, listen: false)
+            Sys.close(fd)
+        } catch where error.errno == EADDRINUSE {
+            warnings.append("\(at): metrics \(m) is in use (by the running Ballast, or the start will fail)")
+        } catch {
+            throw ConfigError(at, "metrics \(m): cannot bind: \(String(cString: strerror(error.errno)))")
+        }
+    }
+    return warnings
 }
 
 /// Writes a line to standard error with one write(2).

@@ -62,7 +62,8 @@ struct Check: ParsableCommand {
     func run() throws {
         do {
             let config = try loadConfig(path: options.config)
-            try checkBinds(config)
+            let inUse = try checkBinds(config)
+            for w in config.warnings + inUse { writeStderr("ballast: warning: \(w)") }
             print(config.summary, terminator: "")
             print("Configuration file is valid")
         } catch {

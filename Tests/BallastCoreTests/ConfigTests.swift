@@ -161,7 +161,7 @@ struct ConfigTests {
         ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers:\n      - { name: s, adress: 10.0.0.1:1 }\n",
-            "bad.yaml:5:20: unknown key 'adress' in service 'a' servers[0] (did you mean 'address'?); expected one of: name, address, weight, maxconn, backup, slowstart, state, check, send_proxy"
+            "bad.yaml:5:20: unknown key 'adress' in service 'a' servers[0] (did you mean 'address'?); expected one of: name, address, weight, maxconn, backup, slowstart, state, check, send_proxy, allow_self"
         ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    balance: fastest\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
@@ -267,7 +267,96 @@ struct ConfigTests {
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    check: { type: redis, role: master, init_state: sideways }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
             "bad.yaml:4:53: service 'a' check.init_state: unknown value 'sideways'; expected one of: fully-up, up, down, fully-down"
         ),
+        (
+            "services:\n  - name: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: \"10.0.0.1:1\" }]\n",
+            "bad.yaml:2:11: service name 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa…' is 65 characters long; at most 64"
+        ),
+        (
+            "services:\n  - name: FRONTEND\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: \"10.0.0.1:1\" }]\n",
+            "bad.yaml:2:11: service name 'FRONTEND' is reserved: show stat names a service's own rows FRONTEND and BACKEND"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: BACKEND, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:23: server name 'BACKEND' is reserved: show stat names a service's own rows FRONTEND and BACKEND"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    timeout: { client: 106751991167d }\n    servers: [{ name: s, address: \"10.0.0.1:1\" }]\n",
+            "bad.yaml:4:24: service 'a' timeout.client: '106751991167d' is too long; at most 24d (2147483647 ms)"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    timeout: { client: 25d }\n    servers: [{ name: s, address: \"10.0.0.1:1\" }]\n",
+            "bad.yaml:4:24: service 'a' timeout.client: '25d' is too long; at most 24d (2147483647 ms)"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: \"0.0.0.0:80\" }]\n",
+            "bad.yaml:4:35: service 'a' server 's': address '0.0.0.0:80' is the unspecified address; a server needs a unicast address"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: \"255.255.255.255:80\" }]\n",
+            "bad.yaml:4:35: service 'a' server 's': address '255.255.255.255:80' is the broadcast address; a server needs a unicast address"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: \"224.0.0.1:80\" }]\n",
+            "bad.yaml:4:35: service 'a' server 's': address '224.0.0.1:80' is a multicast address; a server needs a unicast address"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: \"[::]:80\" }]\n",
+            "bad.yaml:4:35: service 'a' server 's': address '[::]:80' is the unspecified address; a server needs a unicast address"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: \"[ff02::1]:80\" }]\n",
+            "bad.yaml:4:35: service 'a' server 's': address '[ff02::1]:80' is a multicast address; a server needs a unicast address"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:7000\"]\n    servers: [{ name: s, address: \"127.0.0.1:7000\" }]\n",
+            "bad.yaml:4:15: service 'a' server 's': 127.0.0.1:7000 is this service's own bind (bad.yaml:3:12): every connection would come back to Ballast; set allow_self: true if a chain through Ballast is meant"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"0.0.0.0:7000\"]\n    servers: [{ name: s, address: \"127.0.0.1:7000\" }]\n",
+            "bad.yaml:4:15: service 'a' server 's': 127.0.0.1:7000 is this service's own bind (bad.yaml:3:12): every connection would come back to Ballast; set allow_self: true if a chain through Ballast is meant"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:7000\"]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n  - name: b\n    bind: [\"127.0.0.1:7001\"]\n    servers: [{ name: t, address: \"127.0.0.1:7000\" }]\n",
+            "bad.yaml:7:15: service 'b' server 't': 127.0.0.1:7000 is the bind of service 'a' (bad.yaml:3:12): every connection would come back to Ballast; set allow_self: true if a chain through Ballast is meant"
+        ),
+        (
+            "global:\n  stats: { sockets: [{ address: \"127.0.0.1:7000\" }] }\nservices:\n  - name: a\n    bind: [\"0.0.0.0:7000\"]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:2:22: 127.0.0.1:7000 (a TCP stats socket) takes the same connections as 0.0.0.0:7000 (the bind of service 'a', bad.yaml:5:12)"
+        ),
+        (
+            "global:\n  metrics: { address: \"127.0.0.1:7000\" }\nservices:\n  - name: a\n    bind: [\"127.0.0.1:7000\"]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:2:23: 127.0.0.1:7000 (the metrics endpoint) takes the same connections as 127.0.0.1:7000 (the bind of service 'a', bad.yaml:5:12)"
+        ),
+        (
+            "global:\n  stats: { sockets: [{ path: /run/x.sock, level: admin, mode: 777 }] }\nservices:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:2:63: global.stats.sockets[0]: mode 777 lets every local user in at level admin (the runtime API has no authentication); use 600 or 660 with group, or set allow_world_writable: true"
+        ),
     ]
+
+    @Test("accepted: slowstart 0s (off), allow_self, an operator socket open to all (with a warning), a 24-day timeout")
+    func acceptedEdges() throws {
+        let c = try ConfigLoader.load(
+            path: "ok.yaml",
+            contents: """
+                global:
+                  stats: { sockets: [{ path: /run/o.sock, mode: 666 }, { path: /run/a.sock, level: admin, mode: 777, allow_world_writable: true }] }
+                services:
+                  - name: a
+                    bind: ["127.0.0.1:7000"]
+                    slowstart: 0s
+                    timeout: { client: 24d }
+                    servers: [{ name: s, address: 10.0.0.1:1, slowstart: 0s }]
+                  - name: b
+                    bind: ["127.0.0.1:7001"]
+                    servers: [{ name: t, address: "127.0.0.1:7000", allow_self: true }]
+                """)
+        #expect(c.services[0].servers[0].slowstart == Millis(0))
+        #expect(c.services[1].servers[0].allowSelf)
+        #expect(c.warnings == ["ok.yaml:2:49: global.stats.sockets[0]: mode 666 lets every local user in at level operator (they can drain servers and clear counters)"])
+        // The defaults give no warning.
+        let plain = try ConfigLoader.load(path: "p.yaml", contents: "global:\n  stats: { sockets: [{ path: /run/p.sock }] }\nservices:\n" + Self.svc("a", "127.0.0.1:1"))
+        #expect(plain.warnings.isEmpty)
+    }
 
     @Test func freebindOnNatIsAnError() {
         let yaml = "services:\n  - name: a\n    mode: nat\n    bind: [{ address: \"10.0.0.100:80\", freebind: true }]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n"

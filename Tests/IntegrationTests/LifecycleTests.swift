@@ -63,7 +63,51 @@ import Glibc
     @Test func missingFile() throws {
         let (status, _, err) = try runCommand(Repo.ballast, ["run", "-c", "/nonexistent/ballast.yaml"])
         #expect(status == 1)
-        #expect(err == "ballast: /nonexistent/ballast.yaml:0:0: cannot read the file: No such file or directory\n")
+        #expect(err == "ballast: /nonexistent/ballast.yaml: cannot read the config: No such file or directory\n")
+    }
+
+    @Test("a FIFO, /dev/zero, a directory or a 17 MiB file as the config: refused at once, nothing read into memory")
+    func configThatIsNotAFile() throws {
+        let dir = TempDir()
+        let fifo = dir.file("fifo.yaml")
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let big = dir.write("big.yaml", String(repeating: " ", count: 17 << 20))
+        for (path, why) in [
+            (fifo, "not a regular file (a FIFO)"), ("/dev/zero", "not a regular file (a character device)"),
+            (dir.path, "not a regular file (a directory)"), (big, "larger than 16 MiB"),
+        ] {
+            for command in ["check", "run"] {
+                let t0 = Date()
+                let (status, _, err) = try runCommand(Repo.ballast, [command, "-c", path], timeout: 10)
+                #expect(status == 1)
+                #expect(err == "ballast: \(path): cannot read the config: \(why)\n")
+                #expect(Date().timeIntervalSince(t0) < 5, "\(command) \(path) took \(Date().timeIntervalSince(t0)) s")
+            }
+        }
+    }
+
+    @Test("check refuses what run would: a stats socket in a missing directory, a metrics address in use by another program")
+    func checkMatchesRun() throws {
+        let dir = TempDir()
+        let missing = configYAML(
+            global: "workers: 1\nstats: { sockets: [{ path: \"\(dir.path)/nope/admin.sock\", level: admin }] }",
+            services: [serviceYAML(servers: [("a", 7001)])])
+        let path = dir.write("missing.yaml", missing)
+        let line = Self.line(of: "sockets:", in: missing)
+        for command in ["check", "run"] {
+            let (status, _, err) = try runCommand(Repo.ballast, [command, "-c", path], timeout: 10)
+            #expect(status == 1, "\(command)")
+            #expect(err.contains("\(path):\(line):"), "\(command): \(err)")
+            #expect(err.contains("\(dir.path)/nope"), "\(command): \(err)")
+        }
+        let (busy, port) = try Net.listen()
+        defer { close(busy) }
+        let inUse = configYAML(global: "workers: 1\nmetrics: { address: \"127.0.0.1:\(port)\" }", services: [serviceYAML(servers: [("a", 7001)])])
+        let p2 = dir.write("inuse.yaml", inUse)
+        let (cs, _, cerr) = try runCommand(Repo.ballast, ["check", "-c", p2], timeout: 10)
+        #expect(cs == 0 && cerr.contains("warning:") && cerr.contains("metrics 127.0.0.1:\(port) is in use"), "\(cerr)")
+        let (rs, _, rerr) = try runCommand(Repo.ballast, ["run", "-c", p2], timeout: 10)
+        #expect(rs == 1 && rerr.contains("Address already in use"), "\(rerr)")
     }
 
     @Test func versionAndHelp() throws {

@@ -322,6 +322,27 @@ enum StatsClient {
         #expect(rest.isEmpty && end == .eof)
     }
 
+    @Test("extra words after a command's arguments are an error and change nothing; maxconn above the process's is refused")
+    func extraWords() throws {
+        let echo = try TestServer.echo()
+        defer { echo.stop() }
+        let dir = TempDir()
+        let b = try Self.start([("s1", echo.port), ("s2", echo.port)], dir: dir)
+        defer { b.stop() }
+        let sock = dir.file("admin.sock")
+        #expect(try StatsClient.ask(sock, "set weight svc/s1 5 extra") == "Unexpected argument 'extra'. Usage: set weight <bk>/<srv>  (DEPRECATED)\n\n")
+        #expect(try StatsClient.ask(sock, "set server svc/s1 weight 5 extra") == "Unexpected argument 'extra'. Usage: set server <bk>/<srv> weight <value>\n\n")
+        #expect(try StatsClient.ask(sock, "set server svc/s1 state drain now") == "Unexpected argument 'now'. Usage: set server <bk>/<srv> state <value>\n\n")
+        #expect(try StatsClient.ask(sock, "get weight svc/s1 svc/s2") == "Unexpected argument 'svc/s2'. Usage: get weight <bk>/<srv>\n\n")
+        #expect(try StatsClient.ask(sock, "show version please") == "Unexpected argument 'please'. Usage: show version\n\n")
+        #expect(try StatsClient.ask(sock, "get weight svc/s1") == "1 (initial 1)\n\n")
+        let row = try StatsClient.stat(sock).first { $0.count > 1 && $0[1] == "s1" }
+        #expect(row?[17] == "no check", "the refused drain changed nothing (DRAIN otherwise): \(row ?? [])")
+        let maxconn = try StatsClient.ask(sock, "show info").split(separator: "\n").first { $0.hasPrefix("Maxconn: ") }?.dropFirst(9) ?? ""
+        #expect(try StatsClient.ask(sock, "set maxconn server svc/s1 99999999999") == "maxconn 99999999999 is above the process's maxconn (\(maxconn)); this server could never reach it.\n\n")
+        #expect(try StatsClient.ask(sock, "set maxconn server svc/s1 \(maxconn)") == "\n")
+    }
+
     @Test("a 1 MiB line, 10,000 random lines, 64 idle clients: every request gets a reply")
     func robustness() throws {
         let echo = try TestServer.echo()

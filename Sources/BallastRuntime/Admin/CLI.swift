@@ -27,32 +27,34 @@ struct CLI {
         var usage: String
         var help: String
         var level: CLILevel
+        /// Arguments after the words, at most (nil: any number, each checked by the command).
+        var maxArgs: Int? = nil
     }
 
     static let commands: [Command] = [
-        Command(words: ["clear", "counters"], usage: "clear counters [all]", help: "clear max statistics counters (or all counters)", level: .operator),
-        Command(words: ["disable", "health"], usage: "disable health <bk>/<srv>", help: "disable health checks", level: .admin),
-        Command(words: ["disable", "server"], usage: "disable server <bk>/<srv>", help: "disable a server for maintenance (use 'set server' instead)", level: .admin),
-        Command(words: ["enable", "health"], usage: "enable health <bk>/<srv>", help: "enable health checks", level: .admin),
-        Command(words: ["enable", "server"], usage: "enable server <bk>/<srv>", help: "enable a disabled server (use 'set server' instead)", level: .admin),
-        Command(words: ["get", "weight"], usage: "get weight <bk>/<srv>", help: "report a server's current weight", level: .user),
-        Command(words: ["operator"], usage: "operator", help: "lower the level of the current CLI session to operator", level: .user),
-        Command(words: ["set", "maxconn", "server"], usage: "set maxconn server <bk>/<srv>", help: "change a server's maxconn setting", level: .admin),
+        Command(words: ["clear", "counters"], usage: "clear counters [all]", help: "clear max statistics counters (or all counters)", level: .operator, maxArgs: 1),
+        Command(words: ["disable", "health"], usage: "disable health <bk>/<srv>", help: "disable health checks", level: .admin, maxArgs: 1),
+        Command(words: ["disable", "server"], usage: "disable server <bk>/<srv>", help: "disable a server for maintenance (use 'set server' instead)", level: .admin, maxArgs: 1),
+        Command(words: ["enable", "health"], usage: "enable health <bk>/<srv>", help: "enable health checks", level: .admin, maxArgs: 1),
+        Command(words: ["enable", "server"], usage: "enable server <bk>/<srv>", help: "enable a disabled server (use 'set server' instead)", level: .admin, maxArgs: 1),
+        Command(words: ["get", "weight"], usage: "get weight <bk>/<srv>", help: "report a server's current weight", level: .user, maxArgs: 1),
+        Command(words: ["operator"], usage: "operator", help: "lower the level of the current CLI session to operator", level: .user, maxArgs: 0),
+        Command(words: ["set", "maxconn", "server"], usage: "set maxconn server <bk>/<srv>", help: "change a server's maxconn setting", level: .admin, maxArgs: 2),
         Command(words: ["set", "server"], usage: "set server <bk>/<srv> [opts]", help: "change a server's state, weight or health", level: .admin),
-        Command(words: ["set", "weight"], usage: "set weight <bk>/<srv>  (DEPRECATED)", help: "change a server's weight (use 'set server' instead)", level: .admin),
-        Command(words: ["show", "backend"], usage: "show backend", help: "list backends in the current running config", level: .user),
-        Command(words: ["show", "cli", "level"], usage: "show cli level", help: "display the level of the current CLI session", level: .user),
+        Command(words: ["set", "weight"], usage: "set weight <bk>/<srv>  (DEPRECATED)", help: "change a server's weight (use 'set server' instead)", level: .admin, maxArgs: 2),
+        Command(words: ["show", "backend"], usage: "show backend", help: "list backends in the current running config", level: .user, maxArgs: 0),
+        Command(words: ["show", "cli", "level"], usage: "show cli level", help: "display the level of the current CLI session", level: .user, maxArgs: 0),
         Command(words: ["show", "health"], usage: "show health [<backend>]*", help: "ok, or why not: every worker answered recently, the backends have a usable server", level: .user),
         Command(words: ["show", "info"], usage: "show info [desc|json|typed|float]*", help: "report information about the running process", level: .user),
-        Command(words: ["show", "nft"], usage: "show nft", help: "print the nftables ruleset of the nat services, in nft syntax", level: .user),
-        Command(words: ["show", "servers", "state"], usage: "show servers state [<backend>]", help: "dump volatile server information (all or for a single backend)", level: .user),
-        Command(words: ["show", "sentinel"], usage: "show sentinel", help: "the master each Sentinel names, per service with sentinel:", level: .user),
-        Command(words: ["show", "sess"], usage: "show sess [id]", help: "report the list of current sessions or dump this exact session", level: .operator),
+        Command(words: ["show", "nft"], usage: "show nft", help: "print the nftables ruleset of the nat services, in nft syntax", level: .user, maxArgs: 0),
+        Command(words: ["show", "servers", "state"], usage: "show servers state [<backend>]", help: "dump volatile server information (all or for a single backend)", level: .user, maxArgs: 1),
+        Command(words: ["show", "sentinel"], usage: "show sentinel", help: "the master each Sentinel names, per service with sentinel:", level: .user, maxArgs: 0),
+        Command(words: ["show", "sess"], usage: "show sess [id]", help: "report the list of current sessions or dump this exact session", level: .operator, maxArgs: 1),
         Command(words: ["show", "stat"], usage: "show stat [desc|json|no-maint|typed|up]*", help: "report counters for each proxy and server", level: .user),
-        Command(words: ["show", "version"], usage: "show version", help: "show version of the current process", level: .user),
-        Command(words: ["shutdown", "session"], usage: "shutdown session [id]", help: "kill a specific session", level: .admin),
-        Command(words: ["shutdown", "sessions", "server"], usage: "shutdown sessions server <bk>/<srv>", help: "kill sessions on a server", level: .admin),
-        Command(words: ["user"], usage: "user", help: "lower the level of the current CLI session to user", level: .user),
+        Command(words: ["show", "version"], usage: "show version", help: "show version of the current process", level: .user, maxArgs: 0),
+        Command(words: ["shutdown", "session"], usage: "shutdown session [id]", help: "kill a specific session", level: .admin, maxArgs: 1),
+        Command(words: ["shutdown", "sessions", "server"], usage: "shutdown sessions server <bk>/<srv>", help: "kill sessions on a server", level: .admin, maxArgs: 1),
+        Command(words: ["user"], usage: "user", help: "lower the level of the current CLI session to user", level: .user, maxArgs: 0),
     ]
 
     static let tail: [(String, String)] = [
@@ -175,6 +177,9 @@ struct CLI {
         }
         if cmd.level > session.level { return "Permission denied\n\n" }
         let args = Array(w.dropFirst(cmd.words.count))
+        if let max = cmd.maxArgs, args.count > max {
+            return "Unexpected argument '\(args[max])'. Usage: \(cmd.usage)\n\n"
+        }
         switch cmd.words.joined(separator: " ") {
         case "operator", "user":
             let wanted: CLILevel = first == "user" ? .user : .operator
@@ -357,6 +362,9 @@ struct CLI {
         }
         guard args.count >= 2 else { return "Require <maxconn>.\n\n" }
         guard let v = Int(args[1]), v >= 0 else { return "maxconn string empty or preceded by garbage\n" }
+        guard v <= ctx.hardMaxconn else {
+            return "maxconn \(v) is above the process's maxconn (\(ctx.hardMaxconn)); this server could never reach it.\n\n"
+        }
         s.maxconnValue.store(v, ordering: .relaxed)
         ServerStateClock.bump()
         return "\n"
@@ -372,6 +380,9 @@ struct CLI {
         }
         let usage = "usage: set server <backend>/<server> health | state | weight | agent | addr\n\n"
         guard args.count >= 2 else { return usage }
+        if args.count > 3 && ["state", "weight", "health", "agent"].contains(args[1]) {
+            return "Unexpected argument '\(args[3])'. Usage: set server <bk>/<srv> \(args[1]) <value>\n\n"
+        }
         let value = args.count >= 3 ? args[2] : nil
         switch args[1] {
         case "state":
