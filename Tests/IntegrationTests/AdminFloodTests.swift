@@ -81,6 +81,25 @@ import Glibc
         #expect(try StatsClient.ask(sock, "show cli level") == "admin\n\n")
     }
 
+    @Test("SIGTERM during a flood: the process exits at once, the admin thread does not hold it")
+    func stopDuringFlood() throws {
+        let dir = TempDir()
+        let b = try Self.ballast(dir)
+        let fd = try StatsClient.connect(dir.file("admin.sock"))
+        defer { close(fd) }
+        let request = Array(("prompt\n" + String(repeating: "show stat\n", count: 30_000)).utf8)
+        Thread { _ = try? Net.sendAll(fd, request) }.start()
+        Thread {
+            var buf = [UInt8](repeating: 0, count: 1 << 16)
+            while buf.withUnsafeMutableBytes({ recv(fd, $0.baseAddress!, $0.count, 0) }) > 0 {}
+        }.start()
+        usleep(500_000)
+        let t0 = Date()
+        b.signal(SIGTERM)
+        #expect(b.waitExit(timeout: 10) == 0)
+        #expect(Date().timeIntervalSince(t0) < 2, "exit took \(Date().timeIntervalSince(t0)) s")
+    }
+
     @Test("4,000 commands chained on one line: one error reply, nothing run, the socket answers on")
     func chained() throws {
         let dir = TempDir()

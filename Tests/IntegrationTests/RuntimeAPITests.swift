@@ -395,6 +395,63 @@ enum StatsClient {
         #expect(b.process.isRunning)
     }
 
+    @Test("3,000 mutants of valid command lines in prompt mode: each gets a reply, the process lives on")
+    func commandMutants() throws {
+        let echo = try TestServer.echo()
+        defer { echo.stop() }
+        let dir = TempDir()
+        let b = try Self.start([("s1", echo.port), ("s2", echo.port)], dir: dir)
+        defer { b.stop() }
+        let sock = dir.file("admin.sock")
+        let seeds = [
+            "show stat", "show stat -1 4 -1 typed", "show stat svc 2 -1 json", "show info typed", "show servers state svc",
+            "set server svc/s1 state drain", "set server svc/s1 state ready", "set server svc/#2 weight 50%", "set weight svc/s2 3",
+            "get weight svc/s1", "set maxconn server svc/s1 10", "set server svc/s1 health up", "enable health svc/s1",
+            "show sess", "shutdown session 0x1", "show cli level; show version; show backend", "help set", "clear counters",
+            "show health svc", "show stat up\\ no-maint", "operator; show cli level",
+        ]
+        let pieces = [";", "\\", " ", "\t", "\r", "/", "#", "%", "0x", "-1", "99999999999999999999", "é", "\u{1}", "svc", "s1", "#0",
+                      "stat", "server", "weight", "state", "maint", "up", "json", "typed", "\u{7f}"]
+        var rng = SystemRandomNumberGenerator()
+        var fd = try StatsClient.connect(sock)
+        defer { close(fd) }
+        func enterPrompt() throws {
+            try Net.sendAll(fd, "prompt\n")
+            _ = StatsClient.untilPrompt(fd)
+        }
+        try enterPrompt()
+        var answered = 0, reconnects = 0
+        let end = Date().addingTimeInterval(30)
+        for _ in 0..<3000 where Date() < end {
+            var line = Array(seeds.randomElement(using: &rng)!)
+            for _ in 0..<Int.random(in: 1...3, using: &rng) {
+                let at = Int.random(in: 0...line.count, using: &rng)
+                switch Int.random(in: 0..<3, using: &rng) {
+                case 0: line.insert(contentsOf: pieces.randomElement(using: &rng)!, at: at)
+                case 1: if at < line.count { line.removeSubrange(at..<min(line.count, at + Int.random(in: 1...5, using: &rng))) }
+                default: line.insert(Character(Unicode.Scalar(UInt8.random(in: 32...126, using: &rng))), at: at)
+                }
+            }
+            let text = String(line)
+            try Net.sendAll(fd, text + "\n")
+            if let r = StatsClient.untilPrompt(fd) {
+                #expect(r.count > 2, "\(text.debugDescription)")
+                answered += 1
+            } else {
+                // `quit` or `prompt` among the mutants ends the session: that is an answer too.
+                #expect(text.contains("quit") || text.contains("prompt"), "no reply to \(text.debugDescription)")
+                close(fd)
+                fd = try StatsClient.connect(sock)
+                try enterPrompt()
+                reconnects += 1
+            }
+        }
+        print("command fuzz: \(answered) answered, \(reconnects) sessions ended by the line")
+        #expect(answered >= 500)
+        #expect(b.process.isRunning)
+        #expect(try StatsClient.ask(sock, "show cli level") == "admin\n\n")
+    }
+
     // MARK: - Counters
 
     @Test("stot, bin, bout and lbtot equal what the clients sent and received")
