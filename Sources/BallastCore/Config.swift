@@ -143,6 +143,8 @@ public struct GlobalConfig: Sendable, Equatable {
     public var maxconn = Defaults.maxconn
     /// `maxconn` was written in the file (then an unreachable descriptor limit stops the start).
     public var maxconnExplicit = false
+    /// Where `global.maxconn` was written, for `check`'s descriptor-limit error.
+    public var maxconnLocation: SourceLocation?
     public var log = LogConfig()
     public var pipeSize = Defaults.pipeSize
     public var grace = Defaults.grace

@@ -298,6 +298,7 @@ public enum ConfigLoader {
             if let e = m["maxconn"] {
                 g.maxconn = try integer(e.value, "global.maxconn", min: 1, max: 10_000_000)
                 g.maxconnExplicit = true
+                g.maxconnLocation = loc(e.value)
             }
             if let e = m["grace"] { g.grace = try duration(e.value, "global.grace") }
             if let e = m["pipe_size"] {

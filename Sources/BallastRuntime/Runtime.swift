@@ -587,6 +587,21 @@ final class ServiceActions: Sendable {
 /// a warning, not an error: `check` is run beside the Ballast that holds it, before a reload.
 public func checkBinds(_ config: Config) throws(ConfigError) -> [String] {
     var warnings: [String] = []
+    // An explicit maxconn needs 2 descriptors per connection + 1024: can this process get them?
+    if config.global.maxconnExplicit {
+        let needed = UInt64(config.global.maxconn) * 2 + 1024
+        var rl = rlimit()
+        if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) == 0 && UInt64(rl.rlim_max) < needed {
+            // Root may raise the hard limit up to fs.nr_open; nobody goes beyond it.
+            let nrOpen = UInt64(((try? RegularFile.text("/proc/sys/fs/nr_open", limit: 64).get()) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            let ceiling = geteuid() == 0 ? max(nrOpen, UInt64(rl.rlim_max)) : UInt64(rl.rlim_max)
+            if ceiling < needed {
+                throw ConfigError(
+                    config.global.maxconnLocation ?? SourceLocation(file: config.file, line: 0, column: 0),
+                    "global.maxconn \(config.global.maxconn) needs \(needed) open files (2 per connection + 1024) but this process can have at most \(ceiling)\(geteuid() == 0 ? " (fs.nr_open)" : " (hard limit; LimitNOFILE= in the unit, or start as root)"); lower global.maxconn to \(max(1, (Int(ceiling) - 1024) / 2))")
+            }
+        }
+    }
     for svc in config.services where svc.mode == .proxy {
         for b in svc.binds {
             let l = try openListeners(b, service: svc.name, count: 1, listen: false)

@@ -108,6 +108,13 @@ import Glibc
         #expect(cs == 0 && cerr.contains("warning:") && cerr.contains("metrics 127.0.0.1:\(port) is in use"), "\(cerr)")
         let (rs, _, rerr) = try runCommand(Repo.ballast, ["run", "-c", p2], timeout: 10)
         #expect(rs == 1 && rerr.contains("Address already in use"), "\(rerr)")
+        // A maxconn that no descriptor limit here can hold (above fs.nr_open, 1,048,576 by default).
+        let huge = configYAML(global: "workers: 1\nmaxconn: 9000000", services: [serviceYAML(servers: [("a", 7001)])])
+        let p3 = dir.write("maxconn.yaml", huge)
+        let (hs, _, herr) = try runCommand(Repo.ballast, ["check", "-c", p3], timeout: 10)
+        #expect(hs == 1 && herr.contains("\(p3):\(Self.line(of: "maxconn:", in: huge)):") && herr.contains("needs 18001024 open files"), "\(herr)")
+        let (hr, _, hrerr) = try runCommand(Repo.ballast, ["run", "-c", p3], timeout: 10)
+        #expect(hr != 0 && hrerr.contains("global.maxconn 9000000 needs 18001024 open files"), "\(hrerr)")
     }
 
     @Test func versionAndHelp() throws {
