@@ -251,6 +251,9 @@ public struct ServiceConfig: Sendable, Equatable {
     public var onMarkedUp = MarkedUpAction.none
     /// Redis Sentinel names the master (services whose check requires `role: master`).
     public var sentinel: SentinelConfig?
+    /// Who may connect (`allow`, `deny`) and how much one client may take (`limits`).
+    public var access = AccessList()
+    public var limits = SourceLimits()
     public var servers: [ServerConfig] = []
     public var location: SourceLocation
 

@@ -31,8 +31,9 @@ public enum ConfigLoader {
     public static let serviceKeys = [
         "name", "mode", "bind", "balance", "hash_key", "hash_table_size", "allbackups", "slowstart", "timeout",
         "retries", "maxqueue", "check", "observe", "on_marked_down", "on_marked_up", "servers", "nat",
-        "sentinel",
+        "sentinel", "allow", "deny", "limits",
     ]
+    public static let limitKeys = ["conn_per_source", "new_conn_rate_per_source"]
     public static let serverKeys = [
         "name", "address", "weight", "maxconn", "backup", "slowstart", "state", "check", "send_proxy", "allow_self",
     ]
@@ -232,6 +233,24 @@ public enum ConfigLoader {
                 throw fail(node, "\(what) '\(name)' is reserved: show stat names a service's own rows FRONTEND and BACKEND")
             }
             return name
+        }
+
+        /// A list of networks (`[10.0.0.0/8, "2001:db8::/32"]`), or one; each mistake at its item.
+        func prefixes(_ node: Node, _ what: String) throws(ConfigError) -> [IPPrefix] {
+            let items: [Node]
+            switch node {
+            case .sequence(let s): items = Array(s)
+            default: items = [node]
+            }
+            var out: [IPPrefix] = []
+            for item in items {
+                let text = try string(item, what)
+                let p: IPPrefix
+                do { p = try IPPrefix(parsing: text) } catch { throw fail(item, "\(what): \(error)") }
+                if out.contains(p) { throw fail(item, "\(what): \(p) is listed twice") }
+                out.append(p)
+            }
+            return out
         }
 
         func integer(_ node: Node, _ what: String, min: Int, max: Int) throws(ConfigError) -> Int {
@@ -611,6 +630,22 @@ public enum ConfigLoader {
                 svc.hashTableSize = n
             }
             if let e = m["allbackups"] { svc.allbackups = try bool(e.value, "\(what): allbackups") }
+            let allow = try m["allow"].map { e throws(ConfigError) in try prefixes(e.value, "\(what): allow") } ?? []
+            let deny = try m["deny"].map { e throws(ConfigError) in try prefixes(e.value, "\(what): deny") } ?? []
+            if let problem = AccessList.conflict(allow: allow, deny: deny) { throw fail(m["allow"]!.key, "\(what): \(problem)") }
+            svc.access = AccessList(allow: allow, deny: deny)
+            if let e = m["limits"] {
+                let lm = try mapping(e.value, "\(what) limits", allowed: ConfigLoader.limitKeys)
+                if let c = lm["conn_per_source"] { svc.limits.connections = try integer(c.value, "\(what) limits.conn_per_source", min: 1, max: 10_000_000) }
+                if let r = lm["new_conn_rate_per_source"] {
+                    let text = try scalar(r.value, "\(what) limits.new_conn_rate_per_source")
+                    guard let (n, period) = SourceLimits.parseRate(text) else {
+                        throw fail(r.value, "\(what) limits.new_conn_rate_per_source: '\(text)' is not a rate (connections per s, m or h, such as 50/s)")
+                    }
+                    svc.limits.rate = n
+                    svc.limits.ratePeriodMs = period
+                }
+            }
             var serviceSlowstart = Millis(0)
             if let e = m["slowstart"] { serviceSlowstart = try duration(e.value, "\(what): slowstart", zeroMeansOff: true) }
             var serviceCheck: CheckConfig?
@@ -716,6 +751,9 @@ public enum ConfigLoader {
                 }
             }
             if let e = m["slowstart"] { throw fail(e.key, "\(what): slowstart is not possible in nat mode (the kernel map has fixed weights)") }
+            for k in ["allow", "deny", "limits"] where m[k] != nil {
+                throw fail(m[k]!.key, "\(what): \(k) is not available in nat mode yet (proxy mode only in this version)")
+            }
             if let e = m["maxqueue"] { throw fail(e.key, "\(what): maxqueue is not possible in nat mode (the kernel does not queue)") }
             if let e = m["observe"] { throw fail(e.key, "\(what): observe is not possible in nat mode (the kernel's connects are not seen); use an active check") }
             if let e = m["timeout"] { throw fail(e.key, "\(what): timeouts do not apply in nat mode (conntrack's timeouts do)") }

@@ -230,8 +230,11 @@ public final class ServiceTable: Sendable {
             }
         }
         let services = config.services.map { sc in
-            Service(
-                config: sc, stats: oldStats[sc.name] ?? ServiceStats(),
+            let stats = oldStats[sc.name] ?? ServiceStats()
+            // Runtime access-list changes stay unless the config's lists changed.
+            stats.access.apply(sc.access, limits: sc.limits)
+            return Service(
+                config: sc, stats: stats,
                 servers: sc.servers.map { c -> Server in
                     guard let (o, oc) = old["\(sc.name)/\(c.name)"], o.address == c.address else {
                         return Server(config: c)

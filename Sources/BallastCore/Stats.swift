@@ -165,6 +165,8 @@ public final class ServiceStats: Sendable {
     public let downSince = Atomic<Int64>(0)
     public let downtimeMs = Atomic<Int64>(0)
     public let downTransitions = Atomic<Int>(0)
+    /// Who may connect, per-client counts, refusals.
+    public let access = AccessState()
 
     public init() {}
 

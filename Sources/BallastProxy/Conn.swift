@@ -18,7 +18,7 @@ enum ConnState: UInt8 {
 /// Why a connection ended, for the per-connection log line.
 enum EndReason: UInt8, CustomStringConvertible {
     case done, clientReset, serverReset, connectFailed, connectTimeout, queueTimeout, queueFull, noServer
-    case clientTimeout, serverTimeout, shutdown, serviceRemoved, serverDown, activeServerUp, badProxyHeader
+    case clientTimeout, serverTimeout, shutdown, serviceRemoved, serverDown, activeServerUp, badProxyHeader, refused
 
     var description: String {
         switch self {
@@ -37,6 +37,7 @@ enum EndReason: UInt8, CustomStringConvertible {
         case .serverDown: return "server-down"
         case .activeServerUp: return "active-server-up"
         case .badProxyHeader: return "bad-proxy-header"
+        case .refused: return "refused"
         }
     }
 }
@@ -78,6 +79,8 @@ struct Conn {
     /// to one not tried yet whenever one is usable.
     var tried: UInt64 = 0
     var clientAddr = sockaddr_storage()
+    /// Counted in the service's per-client limits (released when the connection ends).
+    var sourceCounted = false
     var acceptedAt: Int64 = 0
     var phaseDeadline: Int64 = 0
     var lastClientIO: Int64 = 0

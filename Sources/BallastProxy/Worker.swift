@@ -373,16 +373,19 @@ public final class Worker: @unchecked Sendable {
             shared.totalConnections.wrappingAdd(1, ordering: .relaxed)
             c.pointee.clientFd = fd
             c.pointee.service = l.service
+            c.pointee.acceptedAt = now
+            c.pointee.state = .connecting  // provisional until assign() decides
+            // Who may connect is decided before anything is counted, picked or connected (with
+            // accept_proxy, once the header has named the client).
+            if !l.acceptProxy && !admit(i) { continue }
             let stats = l.service.service.stats
             let slot = stats.counters.slot(id)
             slot.pointee.accepted &+= 1
             c.pointee.serviceSlot = slot
             raiseMax(stats.clientsMax, to: stats.clients.wrappingAdd(1, ordering: .relaxed).newValue)
-            c.pointee.acceptedAt = now
             c.pointee.lastClientIO = now
             c.pointee.retriesLeft = l.service.retries
             c.pointee.tried = 0
-            c.pointee.state = .connecting  // provisional until assign() decides
             Socket.setNoDelay(fd)
             do {
                 try Epoll.add(
@@ -519,6 +522,7 @@ public final class Worker: @unchecked Sendable {
             rejectProxy(i, reason)
         case .header(_, let source)?:
             if let source { withUnsafeMutablePointer(to: &c.pointee.clientAddr) { source.store(into: $0) } }
+            guard admit(i) else { return }
             wheel.disarm(i, in: table)
             c.pointee.state = .connecting
             c.pointee.lastClientIO = now
@@ -1070,9 +1074,37 @@ public final class Worker: @unchecked Sendable {
 
     /// Ends a connection: both sockets closed (with a RST towards a peer whose partner reset),
     /// pools and server slot returned, slot freed.
+    /// The service's access list and per-client limits for a new client: a refused one is reset
+    /// at once (HAProxy's `tcp-request connection reject`), counted, and logged by the admin
+    /// thread's once-a-second summary, never here (a flood must not become a log flood).
+    private func admit(_ i: Int32) -> Bool {
+        let c = table[i]
+        guard let svc = c.pointee.service?.service else { return true }
+        let access = svc.stats.access
+        guard access.active.load(ordering: .relaxed) else { return true }
+        var refusal: Refusal?
+        switch access.check(c.pointee.clientAddr) {
+        case .denied: refusal = .denied
+        case .notAllowed: refusal = .notAllowed
+        case .admitted:
+            let limits = svc.config.limits
+            if !limits.isEmpty {
+                refusal = access.tracker.admit(c.pointee.clientAddr, limits: limits, now: now)
+                c.pointee.sourceCounted = refusal == nil
+            }
+        }
+        guard let refusal else { return true }
+        access.count(refusal, from: c.pointee.clientAddr)
+        finish(i, .refused)
+        return false
+    }
+
     private func finish(_ i: Int32, _ reason: EndReason) {
         let c = table[i]
         guard c.pointee.state != .free else { return }
+        if c.pointee.sourceCounted, let svc = c.pointee.service {
+            svc.service.stats.access.tracker.release(c.pointee.clientAddr)
+        }
         wheel.disarm(i, in: table)
         if c.pointee.state == .queued, let svc = c.pointee.service { dequeue(i, from: svc) }
         releasePipe(c, true)
@@ -1080,7 +1112,7 @@ public final class Worker: @unchecked Sendable {
         releaseBuffer(c, true)
         releaseBuffer(c, false)
         if c.pointee.clientFd >= 0 {
-            if reason == .serverReset { Socket.setLingerZero(c.pointee.clientFd) }
+            if reason == .serverReset || reason == .refused { Socket.setLingerZero(c.pointee.clientFd) }
             Sys.close(c.pointee.clientFd)
         }
         if c.pointee.serverFd >= 0 {

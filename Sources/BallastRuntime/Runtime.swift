@@ -260,9 +260,11 @@ public final class Runtime {
         // one (its last answer grows old) from an idle one.
         let tick = min(Self.healthPingMs, notifier?.watchdogMicros.map { Int32(max(10, $0 / 2000)) } ?? Self.healthPingMs)
         var pfd = pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0)
+        var refusals = RefusalReport()
         while true {
             let r = poll(&pfd, 1, tick)
             if notifier?.watchdogMicros != nil { watchdog() }
+            refusals.tick(ctx.table, logger: logger, now: monotonicMillis())
             for w in workers { w.send(.ping) }
             if r < 0 && errno != EINTR { break }
             while let sig = SignalFd.next(sigfd) {

@@ -331,6 +331,46 @@ struct ConfigTests {
             "global:\n  stats: { sockets: [{ path: /run/x.sock, level: admin, mode: 777 }] }\nservices:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
             "bad.yaml:2:63: global.stats.sockets[0]: mode 777 lets every local user in at level admin (the runtime API has no authentication); use 600 or 660 with group, or set allow_world_writable: true"
         ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    allow: [10.0.0.0/8, 10.0.0.300/32]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:25: service 'a': allow: '10.0.0.300/32' is not an IPv4 or IPv6 address or prefix (such as 10.0.0.0/8 or 2001:db8::/32)"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    deny: [10.0.0.1/8]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:12: service 'a': deny: 10.0.0.1/8 has host bits set: the network is 10.0.0.0/8"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    allow: [\"2001:db8::/129\"]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:13: service 'a': allow: '2001:db8::/129': the prefix length is not a number within the address's bits"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    allow: [10.1.0.0/16]\n    deny: [10.0.0.0/8]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:5: service 'a': allow 10.1.0.0/16 is entirely inside deny 10.0.0.0/8: it admits nothing"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    allow: [10.0.0.0/8]\n    deny: [10.0.0.0/8]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:5: service 'a': 10.0.0.0/8 is in both allow and deny"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    deny: [10.0.0.0/8, 10.0.0.0/8]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:24: service 'a': deny: 10.0.0.0/8 is listed twice"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    limits: { new_conn_rate_per_source: 50 }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:41: service 'a' limits.new_conn_rate_per_source: '50' is not a rate (connections per s, m or h, such as 50/s)"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    limits: { conn_per_source: 0 }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:32: service 'a' limits.conn_per_source must be between 1 and 10000000, not 0"
+        ),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    limits: { per_source: 5 }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:4:15: unknown key 'per_source' in service 'a' limits; expected one of: conn_per_source, new_conn_rate_per_source"
+        ),
+        (
+            "services:\n  - name: a\n    mode: nat\n    bind: \"10.0.0.100:80\"\n    deny: [10.0.0.0/8]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:5:5: service 'a': deny is not available in nat mode yet (proxy mode only in this version)"
+        ),
     ]
 
     @Test("accepted: slowstart 0s (off), allow_self, an operator socket open to all (with a warning), a 24-day timeout")

@@ -24,10 +24,20 @@ extension BalancerPairSuites {
         // picks them up mid-connection (nf_conntrack_tcp_loose) and computes the same slot.
         var a = try lab.startBallast("a", balance: "source\n    hash_key: source-port")
         var b = try lab.startBallast("b", balance: "source\n    hash_key: source-port")
-        #expect(b.waitForLog("started") != nil)
+        #expect(a.waitForLog("started") != nil && b.waitForLog("started") != nil)
         usleep(800_000)
         // The whole Maglev table in the kernel is the same on both nodes, slot for slot.
-        let tables = try ["a", "b"].map { try EcmpLab.sh([EcmpLab.ip, "netns", "exec", lab.ns($0), "/usr/sbin/nft", "list", "map", "ip", "ballast", "mg-web"]) }
+        // (A dump that meets a map update is interrupted: list again.)
+        func mapText(_ n: String) -> String {
+            for _ in 0..<5 {
+                if let t = try? EcmpLab.sh([EcmpLab.ip, "netns", "exec", lab.ns(n), "/usr/sbin/nft", "list", "map", "ip", "ballast", "mg-web"]) {
+                    return t
+                }
+                usleep(300_000)
+            }
+            return ""
+        }
+        let tables = ["a", "b"].map(mapText)
         #expect(tables[0].components(separatedBy: " : ").count > 65_000, "\(tables[0].prefix(500))")
         #expect(tables[0] == tables[1], "the two nodes' Maglev tables differ")
         let maglev = try lab.conversations(count: 16, seconds: 4, withdraw: "a", withdrawAfter: 1.5)

@@ -32,7 +32,10 @@ struct CLI {
     }
 
     static let commands: [Command] = [
+        Command(words: ["add", "acl"], usage: "add acl <acl> <network>", help: "add a network to a service's allow or deny list (<svc>/allow, <svc>/deny)", level: .admin, maxArgs: 2),
+        Command(words: ["clear", "acl"], usage: "clear acl <acl>", help: "empty a service's allow or deny list", level: .admin, maxArgs: 1),
         Command(words: ["clear", "counters"], usage: "clear counters [all]", help: "clear max statistics counters (or all counters)", level: .operator, maxArgs: 1),
+        Command(words: ["del", "acl"], usage: "del acl <acl> <network>", help: "remove a network from a service's allow or deny list", level: .admin, maxArgs: 2),
         Command(words: ["disable", "health"], usage: "disable health <bk>/<srv>", help: "disable health checks", level: .admin, maxArgs: 1),
         Command(words: ["disable", "server"], usage: "disable server <bk>/<srv>", help: "disable a server for maintenance (use 'set server' instead)", level: .admin, maxArgs: 1),
         Command(words: ["enable", "health"], usage: "enable health <bk>/<srv>", help: "enable health checks", level: .admin, maxArgs: 1),
@@ -42,6 +45,7 @@ struct CLI {
         Command(words: ["set", "maxconn", "server"], usage: "set maxconn server <bk>/<srv>", help: "change a server's maxconn setting", level: .admin, maxArgs: 2),
         Command(words: ["set", "server"], usage: "set server <bk>/<srv> [opts]", help: "change a server's state, weight or health", level: .admin),
         Command(words: ["set", "weight"], usage: "set weight <bk>/<srv>  (DEPRECATED)", help: "change a server's weight (use 'set server' instead)", level: .admin, maxArgs: 2),
+        Command(words: ["show", "acl"], usage: "show acl [<acl>]", help: "the access lists, or the networks of one (<svc>/allow, <svc>/deny or #id)", level: .user, maxArgs: 1),
         Command(words: ["show", "backend"], usage: "show backend", help: "list backends in the current running config", level: .user, maxArgs: 0),
         Command(words: ["show", "cli", "level"], usage: "show cli level", help: "display the level of the current CLI session", level: .user, maxArgs: 0),
         Command(words: ["show", "health"], usage: "show health [<backend>]*", help: "ok, or why not: every worker answered recently, the backends have a usable server", level: .user),
@@ -231,6 +235,8 @@ struct CLI {
                 return "\n"
             }
         case "shutdown session": return shutdownSession(args.first)
+        case "show acl": return showACL(args.first)
+        case "add acl", "del acl", "clear acl": return changeACL(first, args)
         case "clear counters":
             if args.first == "all" {
                 guard session.level >= .admin else { return "Permission denied\n\n" }
@@ -291,6 +297,65 @@ struct CLI {
             for r in rows { r.csv(into: &out) }
             out.append(10)
         }
+    }
+
+    // MARK: - Access lists
+
+    /// Every service has two lists, `#2k <svc>/allow` and `#2k+1 <svc>/deny` (k: config order from 0).
+    func acl(_ name: String) -> (Service, deny: Bool, id: Int)? {
+        let services = ctx.table.services
+        if name.hasPrefix("#"), let id = Int(name.dropFirst()), id >= 0, id / 2 < services.count {
+            return (services[id / 2], id % 2 == 1, id)
+        }
+        guard let slash = name.lastIndex(of: "/") else { return nil }
+        let kind = name[name.index(after: slash)...]
+        guard kind == "allow" || kind == "deny", let k = services.firstIndex(where: { $0.name == name[..<slash] }) else { return nil }
+        return (services[k], kind == "deny", 2 * k + (kind == "deny" ? 1 : 0))
+    }
+
+    func showACL(_ name: String?) -> String {
+        guard let name else {
+            var out = "# id (name) description\n"
+            for (k, svc) in ctx.table.services.enumerated() where svc.config.mode == .proxy {
+                let list = svc.stats.access.list
+                out += "\(2 * k) (\(svc.name)/allow) \(list.allow.count) networks; \(list.allow.isEmpty ? "empty: every client is allowed" : "only these are allowed")\n"
+                out += "\(2 * k + 1) (\(svc.name)/deny) \(list.deny.count) networks; refused first\n"
+            }
+            return out + "\n"
+        }
+        guard let (svc, deny, _) = acl(name) else { return "Unknown ACL identifier. Please use #<id> or <service>/allow, <service>/deny.\n\n" }
+        let list = svc.stats.access.list
+        return (deny ? list.deny : list.allow).enumerated().map { "0x\(String($0.offset + 1, radix: 16)) \($0.element)\n" }.joined() + "\n"
+    }
+
+    /// `add acl`, `del acl`, `clear acl`: the change applies to the next accepted client, and
+    /// stays over reloads until the config's lists for that service change.
+    func changeACL(_ verb: String, _ args: [String]) -> String {
+        guard let name = args.first, let (svc, deny, _) = acl(name) else {
+            return "Unknown ACL identifier. Please use #<id> or <service>/allow, <service>/deny.\n\n"
+        }
+        guard svc.config.mode == .proxy else { return "Access lists are not available in nat mode yet.\n\n" }
+        let access = svc.stats.access
+        let list = access.list
+        var next: AccessList
+        if verb == "clear" {
+            next = deny ? AccessList(allow: list.allow) : AccessList(deny: list.deny)
+        } else {
+            guard args.count >= 2 else { return "'\(verb) acl' expects an ACL and a network.\n\n" }
+            let p: IPPrefix
+            do { p = try IPPrefix(parsing: args[1]) } catch { return "\(error).\n\n" }
+            if verb == "add" {
+                guard let n = list.adding(p, deny: deny) else { return "\(p) is already in \(svc.name)/\(deny ? "deny" : "allow").\n\n" }
+                if let problem = AccessList.conflict(allow: n.allow, deny: n.deny) { return "\(problem).\n\n" }
+                next = n
+            } else {
+                guard let n = list.removing(p, deny: deny) else { return "Key not found.\n\n" }
+                next = n
+            }
+        }
+        access.set(next, limits: svc.config.limits)
+        ctx.logger.notice("service \(svc.name): \(verb) acl \(svc.name)/\(deny ? "deny" : "allow")\(args.count > 1 ? " " + args[1] : "") from the runtime API")
+        return "\n"
     }
 
     // MARK: - Sessions
@@ -435,6 +500,7 @@ struct CLI {
                 svc.stats.counters.clear()
                 svc.stats.downTransitions.store(0, ordering: .relaxed)
                 svc.stats.downtimeMs.store(0, ordering: .relaxed)
+                svc.stats.access.clearCounters()
                 for s in svc.servers {
                     s.counters.clear()
                     s.failedChecks.store(0, ordering: .relaxed)
