@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command: Ballast beside HAProxy (splice forced and without splice) and beside a direct
-# connection, interleaved, on this machine; health-check costs; show stat with 1,000 servers; a runtime API flood;
+# connection, interleaved, on this machine; health-check costs; show stat with 1,000 servers; a runtime API flood; access lists;
 # nat mode in network namespaces (root). Prints a markdown table (also saved under
 # Benchmarks/results/). Knobs: ROUNDS (3), SECONDS_PER_RUN (5), THREADS (1), IDLE_CONNECTIONS.
 set -euo pipefail
@@ -20,6 +20,8 @@ out="Benchmarks/results/$(date +%Y%m%d-%H%M%S).md"
     python3 Benchmarks/statlat.py
     echo
     python3 Benchmarks/apiflood.py
+    echo
+    python3 Benchmarks/aclbench.py
     echo
     python3 Benchmarks/replication.py
     echo

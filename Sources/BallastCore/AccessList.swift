@@ -140,7 +140,8 @@ public struct AccessList: Sendable, Equatable {
 
     public private(set) var allow: [IPPrefix]
     public private(set) var deny: [IPPrefix]
-    private var allow4 = PrefixSet(), allow6 = PrefixSet(), deny4 = PrefixSet(), deny6 = PrefixSet()
+    private var allow4 = PrefixSet(), allow6 = PrefixSet()
+    fileprivate var deny4 = PrefixSet(), deny6 = PrefixSet()
 
     public init(allow: [IPPrefix] = [], deny: [IPPrefix] = []) {
         self.allow = allow
@@ -201,10 +202,13 @@ public struct AccessList: Sendable, Equatable {
     /// A network listed in both, or an allowed network entirely inside a denied one (it would
     /// admit nothing): a mistake worth refusing.
     public static func conflict(allow: [IPPrefix], deny: [IPPrefix]) -> String? {
-        for a in allow {
-            if let d = deny.first(where: { $0.covers(a) }) {
-                return a == d ? "\(a) is in both allow and deny" : "allow \(a) is entirely inside deny \(d): it admits nothing"
-            }
+        guard !allow.isEmpty && !deny.isEmpty else { return nil }
+        // A deny network covers an allow network when the deny tree ends somewhere on the allow
+        // network's path (at most its length deep): one walk per allow entry.
+        let list = AccessList(deny: deny)
+        for a in allow where a.bytes.withUnsafeBytes({ (a.isV6 ? list.deny6 : list.deny4).contains($0.baseAddress!, bits: a.length) }) {
+            let d = deny.first { $0.covers(a) }!
+            return a == d ? "\(a) is in both allow and deny" : "allow \(a) is entirely inside deny \(d): it admits nothing"
         }
         return nil
     }

@@ -243,11 +243,12 @@ public enum ConfigLoader {
             default: items = [node]
             }
             var out: [IPPrefix] = []
+            var seen = Set<IPPrefix>()
             for item in items {
                 let text = try string(item, what)
                 let p: IPPrefix
                 do { p = try IPPrefix(parsing: text) } catch { throw fail(item, "\(what): \(error)") }
-                if out.contains(p) { throw fail(item, "\(what): \(p) is listed twice") }
+                if !seen.insert(p).inserted { throw fail(item, "\(what): \(p) is listed twice") }
                 out.append(p)
             }
             return out
