@@ -62,6 +62,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "BallastCoreTests", dependencies: ["BallastCore"]),
+        .testTarget(name: "BallastRuntimeTests", dependencies: ["BallastRuntime", "BallastCore"]),
         .testTarget(name: "BallastHealthTests", dependencies: ["BallastHealth", "BallastCore"]),
         .testTarget(name: "BallastIOTests", dependencies: ["BallastIO", "BallastCore", "CLinux"]),
         .testTarget(name: "IntegrationTests", dependencies: ["BallastIO", "BallastCore", "CLinux"]),

@@ -22,44 +22,103 @@ struct CLISession {
 struct CLI {
     let ctx: AdminContext
 
-    struct Command {
+    /// What a command does with its arguments: a text reply, or (`show stat`) bytes written
+    /// straight into the connection's output buffer.
+    enum Handler {
+        case text(@Sendable (CLI, [String], inout CLISession) -> String)
+        case stream(@Sendable (CLI, [String], inout [UInt8]) -> Void)
+    }
+
+    /// One row of the command table: its words, its help, the level it needs, how many arguments
+    /// it takes, and what it does. Help, permission checks, argument counts and dispatch all
+    /// read this one table.
+    struct Command: Sendable {
         var words: [String]
         var usage: String
         var help: String
         var level: CLILevel
         /// Arguments after the words, at most (nil: any number, each checked by the command).
         var maxArgs: Int? = nil
+        var handler: Handler
+
+        init(_ words: [String], _ usage: String, _ help: String, _ level: CLILevel, maxArgs: Int? = nil, _ run: @escaping @Sendable (CLI, [String], inout CLISession) -> String) {
+            self.words = words
+            self.usage = usage
+            self.help = help
+            self.level = level
+            self.maxArgs = maxArgs
+            handler = .text(run)
+        }
+
+        init(_ words: [String], _ usage: String, _ help: String, _ level: CLILevel, stream: @escaping @Sendable (CLI, [String], inout [UInt8]) -> Void) {
+            self.words = words
+            self.usage = usage
+            self.help = help
+            self.level = level
+            handler = .stream(stream)
+        }
     }
 
     static let commands: [Command] = [
-        Command(words: ["add", "acl"], usage: "add acl <acl> <network>", help: "add a network to a service's allow or deny list (<svc>/allow, <svc>/deny)", level: .admin, maxArgs: 2),
-        Command(words: ["clear", "acl"], usage: "clear acl <acl>", help: "empty a service's allow or deny list", level: .admin, maxArgs: 1),
-        Command(words: ["clear", "counters"], usage: "clear counters [all]", help: "clear max statistics counters (or all counters)", level: .operator, maxArgs: 1),
-        Command(words: ["del", "acl"], usage: "del acl <acl> <network>", help: "remove a network from a service's allow or deny list", level: .admin, maxArgs: 2),
-        Command(words: ["disable", "health"], usage: "disable health <bk>/<srv>", help: "disable health checks", level: .admin, maxArgs: 1),
-        Command(words: ["disable", "server"], usage: "disable server <bk>/<srv>", help: "disable a server for maintenance (use 'set server' instead)", level: .admin, maxArgs: 1),
-        Command(words: ["enable", "health"], usage: "enable health <bk>/<srv>", help: "enable health checks", level: .admin, maxArgs: 1),
-        Command(words: ["enable", "server"], usage: "enable server <bk>/<srv>", help: "enable a disabled server (use 'set server' instead)", level: .admin, maxArgs: 1),
-        Command(words: ["get", "weight"], usage: "get weight <bk>/<srv>", help: "report a server's current weight", level: .user, maxArgs: 1),
-        Command(words: ["operator"], usage: "operator", help: "lower the level of the current CLI session to operator", level: .user, maxArgs: 0),
-        Command(words: ["set", "maxconn", "server"], usage: "set maxconn server <bk>/<srv>", help: "change a server's maxconn setting", level: .admin, maxArgs: 2),
-        Command(words: ["set", "server"], usage: "set server <bk>/<srv> [opts]", help: "change a server's state, weight or health", level: .admin),
-        Command(words: ["set", "weight"], usage: "set weight <bk>/<srv>  (DEPRECATED)", help: "change a server's weight (use 'set server' instead)", level: .admin, maxArgs: 2),
-        Command(words: ["show", "acl"], usage: "show acl [<acl>]", help: "the access lists, or the networks of one (<svc>/allow, <svc>/deny or #id)", level: .user, maxArgs: 1),
-        Command(words: ["show", "backend"], usage: "show backend", help: "list backends in the current running config", level: .user, maxArgs: 0),
-        Command(words: ["show", "cli", "level"], usage: "show cli level", help: "display the level of the current CLI session", level: .user, maxArgs: 0),
-        Command(words: ["show", "health"], usage: "show health [<backend>]*", help: "ok, or why not: every worker answered recently, the backends have a usable server", level: .user),
-        Command(words: ["show", "info"], usage: "show info [desc|json|typed|float]*", help: "report information about the running process", level: .user),
-        Command(words: ["show", "nft"], usage: "show nft", help: "print the nftables ruleset of the nat services, in nft syntax", level: .user, maxArgs: 0),
-        Command(words: ["show", "servers", "state"], usage: "show servers state [<backend>]", help: "dump volatile server information (all or for a single backend)", level: .user, maxArgs: 1),
-        Command(words: ["show", "sentinel"], usage: "show sentinel", help: "the master each Sentinel names, per service with sentinel:", level: .user, maxArgs: 0),
-        Command(words: ["show", "sess"], usage: "show sess [id]", help: "report the list of current sessions or dump this exact session", level: .operator, maxArgs: 1),
-        Command(words: ["show", "stat"], usage: "show stat [desc|json|no-maint|typed|up]*", help: "report counters for each proxy and server", level: .user),
-        Command(words: ["show", "version"], usage: "show version", help: "show version of the current process", level: .user, maxArgs: 0),
-        Command(words: ["shutdown", "session"], usage: "shutdown session [id]", help: "kill a specific session", level: .admin, maxArgs: 1),
-        Command(words: ["shutdown", "sessions", "server"], usage: "shutdown sessions server <bk>/<srv>", help: "kill sessions on a server", level: .admin, maxArgs: 1),
-        Command(words: ["user"], usage: "user", help: "lower the level of the current CLI session to user", level: .user, maxArgs: 0),
+        Command(["add", "acl"], "add acl <acl> <network>", "add a network to a service's allow or deny list (<svc>/allow, <svc>/deny)", .admin, maxArgs: 2) { cli, a, _ in cli.changeACL("add", a) },
+        Command(["clear", "acl"], "clear acl <acl>", "empty a service's allow or deny list", .admin, maxArgs: 1) { cli, a, _ in cli.changeACL("clear", a) },
+        Command(["clear", "counters"], "clear counters [all]", "clear max statistics counters (or all counters)", .operator, maxArgs: 1) { cli, a, session in
+            if a.first == "all" && session.level < .admin { return "Permission denied\n\n" }
+            cli.clearCounters(all: a.first == "all")
+            return "\n"
+        },
+        Command(["del", "acl"], "del acl <acl> <network>", "remove a network from a service's allow or deny list", .admin, maxArgs: 2) { cli, a, _ in cli.changeACL("del", a) },
+        Command(["disable", "health"], "disable health <bk>/<srv>", "disable health checks", .admin, maxArgs: 1) { cli, a, _ in cli.setHealthCheck(a.first, enabled: false) },
+        Command(["disable", "server"], "disable server <bk>/<srv>", "disable a server for maintenance (use 'set server' instead)", .admin, maxArgs: 1) { cli, a, _ in cli.setAdmin(a.first, .maint) },
+        Command(["enable", "health"], "enable health <bk>/<srv>", "enable health checks", .admin, maxArgs: 1) { cli, a, _ in cli.setHealthCheck(a.first, enabled: true) },
+        Command(["enable", "server"], "enable server <bk>/<srv>", "enable a disabled server (use 'set server' instead)", .admin, maxArgs: 1) { cli, a, _ in cli.setAdmin(a.first, .ready) },
+        Command(["get", "weight"], "get weight <bk>/<srv>", "report a server's current weight", .user, maxArgs: 1) { cli, a, _ in
+            switch cli.ctx.lookup(a.first) {
+            case .failure(let e): return e.message + "\n\n"
+            case .success(let (_, s, _)): return "\(s.weight) (initial \(s.initialWeight.load(ordering: .relaxed)))\n\n"
+            }
+        },
+        Command(["operator"], "operator", "lower the level of the current CLI session to operator", .user, maxArgs: 0) { _, _, session in CLI.lower(&session, to: .operator) },
+        Command(["set", "maxconn", "server"], "set maxconn server <bk>/<srv>", "change a server's maxconn setting", .admin, maxArgs: 2) { cli, a, _ in cli.setMaxconn(a) },
+        Command(["set", "server"], "set server <bk>/<srv> [opts]", "change a server's state, weight or health", .admin) { cli, a, _ in cli.setServer(a) },
+        Command(["set", "weight"], "set weight <bk>/<srv>  (DEPRECATED)", "change a server's weight (use 'set server' instead)", .admin, maxArgs: 2) { cli, a, _ in
+            cli.setWeight(a.first, a.dropFirst().first)
+        },
+        Command(["show", "acl"], "show acl [<acl>]", "the access lists, or the networks of one (<svc>/allow, <svc>/deny or #id)", .user, maxArgs: 1) { cli, a, _ in cli.showACL(a.first) },
+        Command(["show", "backend"], "show backend", "list backends in the current running config", .user, maxArgs: 0) { cli, _, _ in
+            "# name\n" + cli.ctx.table.services.map { $0.name + "\n" }.joined() + "\n"
+        },
+        Command(["show", "cli", "level"], "show cli level", "display the level of the current CLI session", .user, maxArgs: 0) { _, _, session in "\(session.level.rawValue)\n\n" },
+        Command(["show", "health"], "show health [<backend>]*", "ok, or why not: every worker answered recently, the backends have a usable server", .user) { cli, a, _ in cli.showHealth(a) },
+        Command(["show", "info"], "show info [desc|json|typed|float]*", "report information about the running process", .user) { cli, a, _ in
+            ShowInfo.render(cli.ctx, typed: a.contains("typed"), json: a.contains("json"))
+        },
+        Command(["show", "nft"], "show nft", "print the nftables ruleset of the nat services, in nft syntax", .user, maxArgs: 0) { cli, _, _ in (cli.ctx.nat?.render() ?? "") + "\n" },
+        Command(["show", "servers", "state"], "show servers state [<backend>]", "dump volatile server information (all or for a single backend)", .user, maxArgs: 1) { cli, a, _ in
+            cli.showServersState(a.first)
+        },
+        Command(["show", "sentinel"], "show sentinel", "the master each Sentinel names, per service with sentinel:", .user, maxArgs: 0) { cli, _, _ in cli.showSentinel() },
+        Command(["show", "sess"], "show sess [id]", "report the list of current sessions or dump this exact session", .operator, maxArgs: 1) { cli, a, _ in cli.showSess(a) },
+        Command(["show", "stat"], "show stat [desc|json|no-maint|typed|up]*", "report counters for each proxy and server", .user, stream: { cli, a, out in cli.showStat(a, into: &out) }),
+        Command(["show", "version"], "show version", "show version of the current process", .user, maxArgs: 0) { _, _, _ in "\(BallastVersion.string)\n\n" },
+        Command(["shutdown", "session"], "shutdown session [id]", "kill a specific session", .admin, maxArgs: 1) { cli, a, _ in cli.shutdownSession(a.first) },
+        Command(["shutdown", "sessions", "server"], "shutdown sessions server <bk>/<srv>", "kill sessions on a server", .admin, maxArgs: 1) { cli, a, _ in
+            switch cli.ctx.lookup(a.first) {
+            case .failure(let e): return e.message + "\n\n"
+            case .success(let (_, s, _)):
+                for wk in cli.ctx.workers { wk.send(.shutdownSessions(s)) }
+                return "\n"
+            }
+        },
+        Command(["user"], "user", "lower the level of the current CLI session to user", .user, maxArgs: 0) { _, _, session in CLI.lower(&session, to: .user) },
     ]
+
+    /// `operator` and `user`: a connection's level only goes down.
+    static func lower(_ session: inout CLISession, to wanted: CLILevel) -> String {
+        if wanted > session.level { return "Permission denied\n\n" }
+        session.level = wanted
+        return "\n"
+    }
 
     static let tail: [(String, String)] = [
         ("help [<command>]", "list matching or all commands"), ("prompt", "toggle interactive mode with prompt"), ("quit", "disconnect"),
@@ -146,20 +205,45 @@ struct CLI {
     /// connection's output buffer: a large `show stat` is written there directly, never copied.
     func run(_ words: [String], session: inout CLISession, into out: inout [UInt8]) {
         let wasPrompt = session.prompt
-        if words.first == "show" && words.dropFirst().first == "stat" && session.level >= .user {
-            showStat(Array(words.dropFirst(2)), into: &out)
-        } else {
-            var reply = execute(words, &session)
-            reply.withUTF8 { out.append(contentsOf: $0) }
+        switch CLI.resolve(words, session.level) {
+        case .failure(let e):
+            out += e.message.utf8
+        case .success(let (cmd, args)):
+            switch cmd?.handler {
+            case .stream(let write)?:
+                write(self, args, &out)
+            case .text(let reply)?:
+                var r = reply(self, args, &session)
+                r.withUTF8 { out.append(contentsOf: $0) }
+            case nil:
+                var r = builtin(words, &session)
+                r.withUTF8 { out.append(contentsOf: $0) }
+            }
         }
         if session.prompt && (wasPrompt || words == ["prompt"]) && !session.closeAfter { out += "> ".utf8 }
     }
 
-    func execute(_ w: [String], _ session: inout CLISession) -> String {
+    /// The command a line names and its arguments (nil for `prompt`, `quit`, `help`), or the
+    /// reply that refuses it: unknown, above the connection's level, too many arguments.
+    static func resolve(_ w: [String], _ level: CLILevel) -> Result<(Command?, [String]), CLIError> {
         guard let first = w.first else {
-            return "Unknown command. Please enter one of the following commands only:\n" + CLI.helpText(level: session.level) + "\n"
+            return .failure(CLIError("Unknown command. Please enter one of the following commands only:\n" + CLI.helpText(level: level) + "\n"))
         }
-        switch first {
+        if ["prompt", "quit", "help"].contains(first) { return .success((nil, [])) }
+        guard let cmd = CLI.commands.filter({ w.starts(with: $0.words) }).max(by: { $0.words.count < $1.words.count }) else {
+            return .failure(CLIError(unknown(w, level)))
+        }
+        if cmd.level > level { return .failure(CLIError("Permission denied\n\n")) }
+        let args = Array(w.dropFirst(cmd.words.count))
+        if let max = cmd.maxArgs, args.count > max {
+            return .failure(CLIError("Unexpected argument '\(args[max])'. Usage: \(cmd.usage)\n\n"))
+        }
+        return .success((cmd, args))
+    }
+
+    /// `prompt`, `quit` and `help`: they act on the conversation, not on Ballast.
+    func builtin(_ w: [String], _ session: inout CLISession) -> String {
+        switch w.first {
         case "prompt":
             if session.prompt {
                 session.prompt = false
@@ -171,87 +255,13 @@ struct CLI {
         case "quit":
             session.closeAfter = true
             return ""
-        case "help":
+        default:
             return "The following commands are valid at this level:\n" + CLI.helpText(level: session.level, matching: Array(w.dropFirst())) + "\n"
-        default:
-            break
-        }
-        guard let cmd = CLI.commands.filter({ w.starts(with: $0.words) }).max(by: { $0.words.count < $1.words.count }) else {
-            return unknown(w, session.level)
-        }
-        if cmd.level > session.level { return "Permission denied\n\n" }
-        let args = Array(w.dropFirst(cmd.words.count))
-        if let max = cmd.maxArgs, args.count > max {
-            return "Unexpected argument '\(args[max])'. Usage: \(cmd.usage)\n\n"
-        }
-        switch cmd.words.joined(separator: " ") {
-        case "operator", "user":
-            let wanted: CLILevel = first == "user" ? .user : .operator
-            if wanted > session.level { return "Permission denied\n\n" }
-            session.level = wanted
-            return "\n"
-        case "show nft": return (ctx.nat?.render() ?? "") + "\n"
-        case "show cli level": return "\(session.level.rawValue)\n\n"
-        case "show version": return "\(BallastVersion.string)\n\n"
-        case "show backend": return "# name\n" + ctx.table.services.map { $0.name + "\n" }.joined() + "\n"
-        case "show info": return ShowInfo.render(ctx, typed: args.contains("typed"), json: args.contains("json"))
-        case "show servers state":
-            if let name = args.first {
-                guard let svc = ctx.service(name) else { return "Can't find backend.\n\n" }
-                return StateFile.render(ctx.table, checker: ctx.checker, only: svc) + "\n"
-            }
-            return StateFile.render(ctx.table, checker: ctx.checker) + "\n"
-        case "show sess": return showSess(args)
-        case "show sentinel": return showSentinel()
-        case "show health": return showHealth(args)
-        case "get weight":
-            switch ctx.lookup(args.first) {
-            case .failure(let e): return e.message + "\n\n"
-            case .success(let (_, s, _)): return "\(s.weight) (initial \(s.initialWeight.load(ordering: .relaxed)))\n\n"
-            }
-        case "set weight": return setWeight(args.first, args.dropFirst().first)
-        case "set server": return setServer(args)
-        case "set maxconn server": return setMaxconn(args)
-        case "enable server", "disable server":
-            switch ctx.lookup(args.first) {
-            case .failure(let e): return e.message + "\n\n"
-            case .success(let (svc, s, _)):
-                setAdmin(svc, s, first == "enable" ? .ready : .maint)
-                return "\n"
-            }
-        case "enable health", "disable health":
-            switch ctx.lookup(args.first) {
-            case .failure(let e): return e.message + "\n\n"
-            case .success(let (_, s, _)):
-                _ = ctx.checker?.setEnabled(s, first == "enable")
-                ctx.saveState()
-                return "\n"
-            }
-        case "shutdown sessions server":
-            switch ctx.lookup(args.first) {
-            case .failure(let e): return e.message + "\n\n"
-            case .success(let (_, s, _)):
-                for wk in ctx.workers { wk.send(.shutdownSessions(s)) }
-                return "\n"
-            }
-        case "shutdown session": return shutdownSession(args.first)
-        case "show acl": return showACL(args.first)
-        case "add acl", "del acl", "clear acl": return changeACL(first, args)
-        case "clear counters":
-            if args.first == "all" {
-                guard session.level >= .admin else { return "Permission denied\n\n" }
-                clearCounters(all: true)
-            } else {
-                clearCounters(all: false)
-            }
-            return "\n"
-        default:
-            return unknown(w, session.level)
         }
     }
 
     /// HAProxy's reply to an unknown command: the closest commands, then help/prompt/quit.
-    func unknown(_ w: [String], _ level: CLILevel) -> String {
+    static func unknown(_ w: [String], _ level: CLILevel) -> String {
         let text = w.prefix(2).joined(separator: " ")
         let ranked = CLI.commands.filter { $0.level <= level }.map { c -> (Int, Command) in
             (editDistance(text, c.words.prefix(2).joined(separator: " ")), c)
@@ -382,6 +392,34 @@ struct CLI {
     }
 
     // MARK: - Changes
+
+    /// `enable server` / `disable server` (HAProxy's older forms of `set server … state`).
+    func setAdmin(_ target: String?, _ state: AdminState) -> String {
+        switch ctx.lookup(target) {
+        case .failure(let e): return e.message + "\n\n"
+        case .success(let (svc, s, _)):
+            setAdmin(svc, s, state)
+            return "\n"
+        }
+    }
+
+    func setHealthCheck(_ target: String?, enabled: Bool) -> String {
+        switch ctx.lookup(target) {
+        case .failure(let e): return e.message + "\n\n"
+        case .success(let (_, s, _)):
+            _ = ctx.checker?.setEnabled(s, enabled)
+            ctx.saveState()
+            return "\n"
+        }
+    }
+
+    func showServersState(_ name: String?) -> String {
+        if let name {
+            guard let svc = ctx.service(name) else { return "Can't find backend.\n\n" }
+            return StateFile.render(ctx.table, checker: ctx.checker, only: svc) + "\n"
+        }
+        return StateFile.render(ctx.table, checker: ctx.checker) + "\n"
+    }
 
     func setAdmin(_ svc: Service, _ s: Server, _ state: AdminState) {
         let before = s.adminState
