@@ -173,7 +173,7 @@ import Glibc
         let p = try BallastProcess(config: configYAML(global: "workers: 1\nstats: { sockets: [{ path: \"\(sock)\" }] }", services: [
             serviceYAML(
                 name: "rw", servers: [("a", a.port), ("b", b.port)],
-                extra: "check: { type: redis, role: master, interval: 200ms }\nsentinel: { addresses: [\(list)], master: m, interval: 300ms }")
+                extra: "check: { type: redis, role: master, interval: 200ms }\nsentinel: { addresses: [\(list)], master: m, interval: 1s }")
         ]))
         defer { p.stop() }
         let disagree = try #require(p.waitForLog("sentinels disagree", timeout: 5))
