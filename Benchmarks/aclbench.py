@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """What an access list costs at accept: new connections per second (loadgen: connect, PING,
-close; 2 connections at a time) through Ballast and HAProxy 2.6, each without a list and with
+close; 2 connections at a time) straight to redis-server, then through Ballast and HAProxy 2.6,
+each without a list and with
 10,000 networks (random /16–/32 networks outside 127/8, then 127.0.0.0/8 last, so every client
 is admitted after a full lookup). HAProxy's list is `tcp-request connection reject unless
 { src -f allow.lst }` (its ACL of IP networks is a tree too). One data-plane thread each,
@@ -94,6 +95,7 @@ listen svc
             except RuntimeError:
                 logs = "".join(open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp)) if f.endswith(".log"))
                 raise RuntimeError(f"{name} does not listen on {p}: {logs[-2000:]}")
+        ports = {"direct": rport, **ports}
         results = {n: [] for n in ports}
         failed = {n: 0 for n in ports}
         for _ in range(ROUNDS):
@@ -107,8 +109,11 @@ listen svc
         print("| | connections/s | vs the same proxy without a list | failed |")
         print("|---|---:|---:|---:|")
         for name in ports:
-            base = "haproxy" if name.startswith("haproxy") else "ballast"
             m = statistics.median(results[name])
+            if name == "direct":
+                print(f"| direct to redis-server | {m:,.0f} | | {failed[name]} |")
+                continue
+            base = "haproxy" if name.startswith("haproxy") else "ballast"
             print(f"| {name} | {m:,.0f} | {m / statistics.median(results[base]):.2f}× | {failed[name]} |")
     finally:
         procs.stop_all()

@@ -10,7 +10,15 @@ import Musl
 @inline(__always)
 public func monotonicMillis() -> Int64 { monotonicNanos() / 1_000_000 }
 
-/// Monotonic nanoseconds (CLOCK_MONOTONIC): short intervals and time budgets.
+/// The wall clock (CLOCK_REALTIME), for log timestamps and `show info`'s start time.
+public func wallClock() -> timespec {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return ts
+}
+
+/// Monotonic nanoseconds (CLOCK_MONOTONIC): short intervals and time budgets. With `wallClock`,
+/// the only place the code base reads a clock.
 @inline(__always)
 public func monotonicNanos() -> Int64 {
     var ts = timespec()

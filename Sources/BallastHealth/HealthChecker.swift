@@ -303,11 +303,7 @@ public final class HealthChecker: @unchecked Sendable {
         Sys.close(epfd)
     }
 
-    func monotonic() -> Int64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
-    }
+    func monotonic() -> Int64 { monotonicMillis() }
 
     func applyPending(_ now: Int64) {
         guard let (list, sentinelConfigs) = pending.withLock({ p -> ([(String, Server, CheckConfig, Int)], [String: SentinelConfig])? in

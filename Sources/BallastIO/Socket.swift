@@ -141,6 +141,49 @@ public enum Socket {
         throw SysError("connect", e)
     }
 
+    /// A blocking connect for command-line clients (`ballast ctl`, `ballast health`), with a
+    /// receive timeout on the connected socket. The corresponding C functions are `socket`,
+    /// `connect` and `setsockopt(SO_RCVTIMEO)`.
+    public static func connectBlocking(_ address: SocketAddress, receiveTimeoutSeconds: Int = 10) throws(SysError) -> Int32 {
+        let fd = Int32(try Sys.checkBlocking("socket") { Int(Glibc.socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)) })
+        let r = address.withSockAddr { Glibc.connect(fd, $0, $1) }
+        if r != 0 {
+            let e = errno
+            Sys.close(fd)
+            throw SysError("connect", e)
+        }
+        setReceiveTimeout(fd, seconds: receiveTimeoutSeconds)
+        return fd
+    }
+
+    /// Sends one datagram to a Unix datagram socket (`@name` is the abstract namespace), as
+    /// sd_notify does; false when it could not be sent whole. The corresponding C functions are
+    /// `socket(AF_UNIX, SOCK_DGRAM)` and `sendto`.
+    public static func sendDatagram(toUnix path: String, _ payload: [UInt8]) -> Bool {
+        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { Sys.close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        var bytes = Array(path.utf8)
+        if bytes.first == UInt8(ascii: "@") { bytes[0] = 0 }
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return false }
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in for (k, b) in bytes.enumerated() { p[k] = b } }
+        let len = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count + (bytes.first == 0 ? 0 : 1))
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                payload.withUnsafeBytes { sendto(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL), sa, len) }
+            }
+        }
+        return r == payload.count
+    }
+
+    /// The corresponding C function is `setsockopt(SO_RCVTIMEO)`.
+    public static func setReceiveTimeout(_ fd: Int32, seconds: Int) {
+        var tv = timeval(tv_sec: seconds, tv_usec: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
     /// The pending error of a socket (0 when none). The corresponding C function is `getsockopt(SO_ERROR)`.
     @inline(never)
     public static func pendingError(_ fd: Int32) -> Int32 {

@@ -73,6 +73,13 @@ public enum Sys {
         try check("recv") { Glibc.recv(fd, buf, len, 0) }
     }
 
+    /// Reads without consuming: the bytes stay in the socket for the next `recv`. The
+    /// corresponding C function is `recv(MSG_PEEK)`.
+    @inline(never)
+    public static func peek(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ len: Int) throws(SysError) -> IOResult<Int> {
+        try check("recv") { Glibc.recv(fd, buf, len, Int32(MSG_PEEK)) }
+    }
+
     /// Sends without raising SIGPIPE. The corresponding C function is `send`.
     @inline(never)
     public static func send(_ fd: Int32, _ buf: UnsafeRawPointer, _ len: Int) throws(SysError) -> IOResult<Int> {
@@ -84,6 +91,33 @@ public enum Sys {
     @inline(never)
     public static func splice(from: Int32, to: Int32, _ len: Int) throws(SysError) -> IOResult<Int> {
         try check("splice") { ballast_splice(from, to, len) }
+    }
+
+    /// Writes every byte to a blocking descriptor (standard error, a file, a blocking socket),
+    /// retrying after EINTR and partial writes; false when the descriptor fails. The one
+    /// write-all loop of the code base. The corresponding C function is `write`.
+    @discardableResult
+    public static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+        var off = 0
+        while off < bytes.count {
+            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return false }
+            off += n
+        }
+        return true
+    }
+
+    /// Reads from a blocking descriptor: the byte count (0 at EOF), retried after EINTR. A
+    /// receive timeout (`SO_RCVTIMEO`) shows as `.wouldBlock`. The corresponding C function is `read`.
+    public static func readBlocking(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ len: Int) throws(SysError) -> IOResult<Int> {
+        while true {
+            let n = Glibc.read(fd, buf, len)
+            if n >= 0 { return .done(n) }
+            if errno == EINTR { continue }
+            if errno == EAGAIN || errno == EWOULDBLOCK { return .wouldBlock }
+            throw SysError("read", errno)
+        }
     }
 
     /// The corresponding C function is `shutdown(fd, SHUT_WR)`.

@@ -100,13 +100,8 @@ public final class NatController: @unchecked Sendable {
     /// touched. Established flows keep their server either way: NAT rules see only the first
     /// packet of a connection.
     public func apply(_ table: ServiceTable) throws(NatError) {
-        var t1 = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t1)
-        defer {
-            var t2 = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &t2)
-            lastFullApplyMicros.store(Int(t2.tv_sec - t1.tv_sec) * 1_000_000 + Int(t2.tv_nsec - t1.tv_nsec) / 1000, ordering: .relaxed)
-        }
+        let t1 = monotonicNanos()
+        defer { lastFullApplyMicros.store(Int(monotonicNanos() - t1) / 1000, ordering: .relaxed) }
         try lock.withLock { (_: inout Void) throws(NatError) in
             defer { held = false }
             flowStatsAt = 0  // the next read asks the kernel again
@@ -468,8 +463,7 @@ public final class NatController: @unchecked Sendable {
     /// service. Roundrobin/random replace their ranges and rule; source replaces only the
     /// Maglev slots that changed.
     public func sync() {
-        var t1 = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t1)
+        let t1 = monotonicNanos()
         var changed = false
         lock.withLock { _ in
             guard let table, !held else { return }
@@ -500,9 +494,7 @@ public final class NatController: @unchecked Sendable {
             }
         }
         guard changed else { return }
-        var t2 = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t2)
-        let us = Int(t2.tv_sec - t1.tv_sec) * 1_000_000 + Int(t2.tv_nsec - t1.tv_nsec) / 1000
+        let us = Int(monotonicNanos() - t1) / 1000
         lastApplyMicros.store(us, ordering: .relaxed)
     }
 

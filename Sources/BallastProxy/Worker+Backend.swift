@@ -78,14 +78,15 @@ extension Worker {
             UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))  // 240 bytes
         let fd = c.pointee.clientFd
         let outcome: ProxyProtocol.Parsed? = withUnsafeMutableBytes(of: &peek) { buf -> ProxyProtocol.Parsed? in
-            let n = recv(fd, buf.baseAddress!, ProxyProtocol.maxHeader, Int32(MSG_PEEK))
-            if n < 0 { return errno == EAGAIN ? .incomplete : nil }
+            let r: IOResult<Int>
+            do { r = try Sys.peek(fd, buf.baseAddress!, ProxyProtocol.maxHeader) } catch { return nil }
+            guard case .done(let n) = r else { return .incomplete }
             if n == 0 { return .invalid("connection closed before a complete header") }
             let parsed = ProxyProtocol.parse(UnsafeRawBufferPointer(rebasing: buf[0..<n]))
             if parsed == .incomplete && n >= ProxyProtocol.maxHeader { return .invalid("header over \(ProxyProtocol.maxHeader) bytes") }
             if case .header(let length, _) = parsed {
                 // Consume exactly the header; the bytes after it belong to the relay.
-                _ = recv(fd, buf.baseAddress!, length, 0)
+                _ = try? Sys.recv(fd, buf.baseAddress!, length)
             }
             return parsed
         }

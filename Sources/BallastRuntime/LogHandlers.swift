@@ -1,4 +1,5 @@
 import BallastCore
+import BallastIO
 import Logging
 import Synchronization
 
@@ -43,13 +44,7 @@ public struct LineLogHandler: LogHandler {
             line += "}"
         }
         line += "\n"
-        var bytes = Array(line.utf8)
-        var off = 0
-        while off < bytes.count {
-            let n = bytes.withUnsafeMutableBytes { Glibc.write(2, $0.baseAddress! + off, $0.count - off) }
-            if n <= 0 { if errno == EINTR { continue } else { break } }
-            off += n
-        }
+        Sys.writeAll(2, Array(line.utf8))
     }
 
     static func textValue(_ v: String) -> String {
@@ -78,8 +73,7 @@ public struct LineLogHandler: LogHandler {
     }
 
     static func timestamp() -> String {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
+        let ts = wallClock()
         var t = ts.tv_sec
         var tmv = tm()
         gmtime_r(&t, &tmv)

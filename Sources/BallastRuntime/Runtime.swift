@@ -356,9 +356,7 @@ public final class Runtime {
     /// address stays are kept open (no refused connection); established connections are never cut.
     func reload() {
         logger.info("received SIGHUP, reloading \(configPath)")
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        notifier?.send("RELOADING=1\nMONOTONIC_USEC=\(Int(ts.tv_sec) * 1_000_000 + Int(ts.tv_nsec) / 1000)")
+        notifier?.send("RELOADING=1\nMONOTONIC_USEC=\(monotonicNanos() / 1000)")
         defer { notifier?.send("READY=1") }
         var next: Config
         do {
@@ -649,11 +647,5 @@ public func checkBinds(_ config: Config) throws(ConfigError) -> [String] {
 
 /// Writes a line to standard error with one write(2).
 public func writeStderr(_ line: String) {
-    var bytes = Array((line.hasSuffix("\n") ? line : line + "\n").utf8)
-    var off = 0
-    while off < bytes.count {
-        let n = bytes.withUnsafeMutableBytes { Glibc.write(2, $0.baseAddress! + off, $0.count - off) }
-        if n <= 0 { if errno == EINTR { continue } else { break } }
-        off += n
-    }
+    Sys.writeAll(2, Array((line.hasSuffix("\n") ? line : line + "\n").utf8))
 }

@@ -29,37 +29,14 @@ public enum Ctl {
         }
         let address: SocketAddress
         do { address = try SocketAddress(parsing: target) } catch { throw Failure(description: "\(target): \(error)") }
-        let fd = socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        let r = address.withSockAddr { Glibc.connect(fd, $0, $1) }
-        if r != 0 {
-            let e = String(cString: strerror(errno))
-            close(fd)
-            throw Failure(description: "cannot connect to \(target): \(e)")
+        do { return try Socket.connectBlocking(address) } catch {
+            throw Failure(description: "cannot connect to \(target): \(String(cString: strerror(error.errno)))")
         }
-        return fd
     }
 
-    static func writeAll(_ fd: Int32, _ text: String) -> Bool {
-        var bytes = Array(text.utf8)
-        var off = 0
-        while off < bytes.count {
-            let n = bytes.withUnsafeMutableBytes { send(fd, $0.baseAddress! + off, $0.count - off, Int32(MSG_NOSIGNAL)) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return false }
-            off += n
-        }
-        return true
-    }
+    static func writeAll(_ fd: Int32, _ text: String) -> Bool { Sys.writeAll(fd, Array(text.utf8)) }
 
-    static func out(_ bytes: [UInt8]) {
-        var off = 0
-        while off < bytes.count {
-            let n = bytes.withUnsafeBytes { write(1, $0.baseAddress! + off, $0.count - off) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return }
-            off += n
-        }
-    }
+    static func out(_ bytes: [UInt8]) { Sys.writeAll(1, bytes) }
 
     /// Runs one command (or the interactive prompt when `command` is empty); returns an error
     /// text on failure.
@@ -80,18 +57,16 @@ public enum Ctl {
     /// Sends one command line and returns the whole reply.
     static func ask(_ target: String, _ command: String) throws(Failure) -> [UInt8] {
         let fd = try connect(target)
-        defer { close(fd) }
-        // A node that does not answer must not hold the others up.
-        var tv = timeval(tv_sec: 10, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        defer { Sys.close(fd) }
+        // A node that does not answer must not hold the others up (10 s receive timeout).
         guard writeAll(fd, command + "\n") else { throw Failure(description: "cannot send to \(target)") }
         var reply: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 65536)
         while true {
-            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
-            if n < 0 && errno == EINTR { continue }
-            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { throw Failure(description: "no answer from \(target) within 10 s") }
-            if n <= 0 { break }
+            let r = try? buf.withUnsafeMutableBytes { b throws(SysError) in try Sys.readBlocking(fd, b.baseAddress!, b.count) }
+            guard let r else { break }
+            guard case .done(let n) = r else { throw Failure(description: "no answer from \(target) within 10 s") }
+            if n == 0 { break }
             reply += buf[0..<n]
         }
         return reply
@@ -137,9 +112,8 @@ public enum Ctl {
         var reply: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 65536)
         while true {
-            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return (reply, false) }
+            let r = try? buf.withUnsafeMutableBytes { b throws(SysError) in try Sys.readBlocking(fd, b.baseAddress!, b.count) }
+            guard case .done(let n)? = r, n > 0 else { return (reply, false) }
             reply += buf[0..<n]
             if reply.count >= 2 && reply[reply.count - 2] == UInt8(ascii: ">") && reply[reply.count - 1] == UInt8(ascii: " ")
                 && (reply.count == 2 || reply[reply.count - 3] == UInt8(ascii: "\n"))
@@ -215,12 +189,8 @@ final class LineEditor {
 
     private func readByte() -> UInt8? {
         var b: UInt8 = 0
-        while true {
-            let n = Glibc.read(0, &b, 1)
-            if n == 1 { return b }
-            if n < 0 && errno == EINTR { continue }
-            return nil
-        }
+        guard case .done(1)? = try? Sys.readBlocking(0, &b, 1) else { return nil }
+        return b
     }
 
     func read(prompt: String) -> String? {

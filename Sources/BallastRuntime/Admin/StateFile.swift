@@ -1,4 +1,5 @@
 import BallastCore
+import BallastIO
 import BallastHealth
 
 #if canImport(Glibc)
@@ -85,17 +86,10 @@ enum StateFile {
         let tmp = path + ".tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw WriteError(step: .create, errno: errno, path: tmp) }
-        var bytes = Array(text.utf8)
-        var off = 0
-        while off < bytes.count {
-            let n = bytes.withUnsafeMutableBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                let e = errno
-                close(fd)
-                throw WriteError(step: .write, errno: e, path: tmp)
-            }
-            off += n
+        guard Sys.writeAll(fd, Array(text.utf8)) else {
+            let e = errno
+            Sys.close(fd)
+            throw WriteError(step: .write, errno: e, path: tmp)
         }
         fsync(fd)
         close(fd)
