@@ -65,15 +65,15 @@ public final class NatController: @unchecked Sendable {
         var sched: String { config.balance == .source ? "mg-\(name)" : "rr-\(name)" }
     }
 
-    private let logger: Logger
-    private let socket: NetlinkSocket
-    private let lock = Mutex<Void>(())
-    private var services: [String: ServiceState] = [:]
-    private var table: ServiceTable?
-    private var families: Set<UInt16> = []
-    private var wakeFd: Int32 = -1
-    private var thread: pthread_t?
-    private let stopping = Atomic<Bool>(false)
+    let logger: Logger
+    let socket: NetlinkSocket
+    let lock = Mutex<Void>(())
+    var services: [String: ServiceState] = [:]
+    var table: ServiceTable?
+    var families: Set<UInt16> = []
+    var wakeFd: Int32 = -1
+    var thread: pthread_t?
+    let stopping = Atomic<Bool>(false)
     /// Milliseconds the last state change took to reach the kernel (for logs and benchmarks).
     public let lastApplyMicros = Atomic<Int>(0)
     /// Microseconds the last whole-table programming took (start, reload).
@@ -164,7 +164,7 @@ public final class NatController: @unchecked Sendable {
     /// Sends `next` to the kernel, one atomic batch per family: the tables whole (`whole`, and
     /// for a family new to the kernel), or the difference from what is loaded. Returns what
     /// changed, for the log. Call with the lock held.
-    private func program(_ next: [String: ServiceState], whole: Bool) throws(NatError) -> [String] {
+    func program(_ next: [String: ServiceState], whole: Bool) throws(NatError) -> [String] {
         let fams = Set(next.values.map(\.family))
         let tn = NatController.tableName
         var changes: [String] = []
@@ -215,13 +215,13 @@ public final class NatController: @unchecked Sendable {
     /// still follows the old table; state changes wait for `apply`, which takes them all in
     /// its one batch (and says so in its log line).
     public func holdSync() { lock.withLock { _ in held = true } }
-    private var held = false
+    var held = false
 
     /// A reload failed part-way: the next apply replaces the tables instead of diffing.
-    private var drifted = false
+    var drifted = false
 
     /// The id this run gave last (new services on reload take the next one).
-    private var highestId: UInt32 = 0
+    var highestId: UInt32 = 0
 
     /// Servers of a rebuilt service whose per-server chain (and so its counters) can stay: same
     /// service id, same position, same name and address.
@@ -246,180 +246,11 @@ public final class NatController: @unchecked Sendable {
     }
 
     /// The shared part of a family's table, then every service's objects.
-    private func build(_ b: NftBatch, _ list: [ServiceState]) {
-        let t = NatController.tableName
-        let v6 = b.family == UInt16(NFPROTO_IPV6)
-        b.chain(t, "prerouting", hook: UInt32(NF_INET_PRE_ROUTING.rawValue), priority: -100)
-        b.chain(t, "output", hook: UInt32(NF_INET_LOCAL_OUT.rawValue), priority: -100)
-        b.chain(t, "postrouting", hook: UInt32(NF_INET_POST_ROUTING.rawValue), priority: 100)
-        // Per-server traffic counters on the forward path: `ct mark vmap @traffic` jumps to the
-        // server's chain, which counts new connections and bytes each way (one map lookup and
-        // three cheap rules per packet, whatever the number of servers).
-        b.chain(t, "forward", hook: UInt32(NF_INET_FORWARD.rawValue), priority: 0, type: "filter")
-        // Services are found by one lookup of `daddr . dport` (whatever their number), and each
-        // service's objects are its own: a reload adds or removes elements, never base rules.
-        b.map(t, "services", keyType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), keyLen: v6 ? 20 : 8, dataType: NFT_DATA_VERDICT.rawValue)
-        b.map(t, "source-nat", dataType: NFT_DATA_VERDICT.rawValue)
-        b.map(t, "traffic", dataType: NFT_DATA_VERDICT.rawValue)
-        for chain in ["prerouting", "output"] {
-            b.rule(
-                t, chain,
-                [
-                    Expr.metaL4proto(Expr.reg1), Expr.cmpEq(Expr.reg1, [UInt8(IPPROTO_TCP)]),
-                    Expr.payload(network: true, offset: v6 ? 24 : 16, len: v6 ? 16 : 4, dreg: Expr.reg1),
-                    Expr.payload(network: false, offset: 2, len: 2, dreg: Expr.reg32(v6 ? 4 : 1)),
-                    Expr.vmap("services", setID: b.setID("services"), sreg: Expr.reg1),
-                ], "daddr . dport → service")
-        }
-        b.rule(t, "forward", [Expr.ctMarkLoad(Expr.reg1), Expr.vmap("traffic", setID: b.setID("traffic"), sreg: Expr.reg1)], "per-server counters")
-        // Flows Ballast did not balance are none of postrouting's business. The rule also keeps
-        // a conntrack expression in the table at all times: the kernel turns conntrack off in
-        // a namespace when the last one goes, and established flows would lose their NAT the
-        // moment a service's chain is emptied (no usable server).
-        b.rule(t, "postrouting", [Expr.ctMarkLoad(Expr.reg1), Expr.and(Expr.reg1, mask: 0xffff_0000), Expr.cmpEq(Expr.reg1, [0, 0, 0, 0]), Expr.accept()], "not balanced by Ballast")
-        b.rule(t, "postrouting", [Expr.ctMarkLoad(Expr.reg1), Expr.and(Expr.reg1, mask: 0xffff_0000), Expr.vmap("source-nat", setID: b.setID("source-nat"), sreg: Expr.reg1)], "service → its source NAT")
-        for st in list { addService(b, st, keeping: []) }
-    }
-
-    /// A service's own objects: its chain and maps, its servers' counter chains, its source-NAT
-    /// chain, and its elements in the shared maps. `keeping`: servers whose chain exists already.
-    private func addService(_ b: NftBatch, _ st: ServiceState, keeping: Set<Int>) {
-        let t = NatController.tableName
-        let v6 = st.family == UInt16(NFPROTO_IPV6)
-        b.chain(t, st.chain)
-        b.map(t, st.backends, interval: false, dataType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), dataLen: v6 ? 20 : 8)
-        b.elements(t, st.backends, st.config.servers.enumerated().map { j, s in
-            NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData(s.address))
-        })
-        if st.config.balance == .source {
-            b.map(t, st.sched, interval: false, dataType: 19, dataLen: 4, size: UInt32(st.config.hashTableSize))
-            let slots = slotElements(st, Array(st.slots.indices))
-            if !slots.isEmpty { b.elements(t, st.sched, slots) }
-        } else {
-            b.map(t, st.sched, interval: true, dataType: 19, dataLen: 4)
-            let ranges = rangeElements(st)
-            if !ranges.isEmpty { b.elements(t, st.sched, ranges) }
-        }
-        schedRule(b, st)
-        let fresh = st.config.servers.indices.filter { !keeping.contains($0) }
-        for j in fresh {
-            let chain = st.serverChain(j)
-            b.chain(t, chain)
-            b.rule(t, chain, Expr.ctStateNew(Expr.reg1) + [Expr.counter()], "\(chain): new connections")
-            b.rule(t, chain, Expr.ctDirection(Expr.reg1, reply: false) + [Expr.counter()], "\(chain): client to server")
-            b.rule(t, chain, Expr.ctDirection(Expr.reg1, reply: true) + [Expr.counter()], "\(chain): server to client")
-        }
-        if !fresh.isEmpty { b.elements(t, "traffic", fresh.map { NftBatch.Element(key: le(st.marks[$0]), data: nil, jump: st.serverChain($0)) }) }
-        switch st.config.snat {
-        case .none: break
-        case .masquerade:
-            b.chain(t, st.snatChain)
-            b.rule(t, st.snatChain, [Expr.masquerade()], "\(st.name): masquerade")
-        case .address(let a):
-            b.chain(t, st.snatChain)
-            let nfproto = UInt32(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4)
-            b.rule(t, st.snatChain, [Expr.immediate(Expr.reg1, NatController.hostBytes(a)), Expr.snat(family: nfproto, addrReg: Expr.reg1)], "\(st.name): snat to \(a.hostText)")
-        }
-        if st.config.snat != .none { b.elements(t, "source-nat", [NftBatch.Element(key: le(st.id << 16), data: nil, jump: st.snatChain)]) }
-        b.elements(t, "services", st.config.binds.map { NftBatch.Element(key: NatController.addressData($0.address), data: nil, jump: st.chain, goto: true) })
-    }
-
-    /// Takes a service's objects out (the reverse order of `addService`: references first).
-    private func removeService(_ b: NftBatch, _ st: ServiceState, keeping: Set<Int>) {
-        let t = NatController.tableName
-        b.elements(t, "services", st.config.binds.map { NftBatch.Element(key: NatController.addressData($0.address), data: nil) }, delete: true)
-        if st.config.snat != .none {
-            b.elements(t, "source-nat", [NftBatch.Element(key: le(st.id << 16), data: nil)], delete: true)
-            b.flushChain(t, st.snatChain)
-            b.deleteChain(t, st.snatChain)
-        }
-        let gone = st.config.servers.indices.filter { !keeping.contains($0) }
-        if !gone.isEmpty { b.elements(t, "traffic", gone.map { NftBatch.Element(key: le(st.marks[$0]), data: nil) }, delete: true) }
-        for j in gone {
-            b.flushChain(t, st.serverChain(j))
-            b.deleteChain(t, st.serverChain(j))
-        }
-        b.flushChain(t, st.chain)
-        b.deleteChain(t, st.chain)
-        b.deleteMap(t, st.backends)
-        b.deleteMap(t, st.sched)
-    }
-
-    // MARK: - Expressions
-
-    /// The service chain's one rule: pick a server mark, tag the flow, DNAT to that server.
-    private func schedRule(_ b: NftBatch, _ st: ServiceState) {
-        let t = NatController.tableName
-        let v6 = st.family == UInt16(NFPROTO_IPV6)
-        var e: [OpaquePointer] = []
-        switch st.config.balance {
-        case .source:
-            let withPort = st.config.hashKey == .sourcePort
-            // Source address (and port) in consecutive 32-bit registers from reg 2, hashed like
-            // SourceHash in proxy mode: the same Maglev slot for the same client.
-            e.append(Expr.payload(network: true, offset: v6 ? 8 : 12, len: v6 ? 16 : 4, dreg: Expr.reg2))
-            if withPort { e.append(Expr.payload(network: false, offset: 0, len: 2, dreg: Expr.reg32(v6 ? 8 : 5))) }
-            let len: UInt32 = (v6 ? 16 : 4) + (withPort ? 4 : 0)
-            e.append(Expr.jhash(sreg: Expr.reg2, len: len, modulus: UInt32(st.config.hashTableSize), seed: SourceHash.seed, dreg: Expr.reg1))
-            e.append(Expr.lookup(st.sched, setID: b.setID(st.sched), sreg: Expr.reg1, dreg: Expr.reg1))
-        default:
-            let total = st.weights.reduce(0, +)
-            guard total > 0 else { return }  // nothing usable: no NAT; the client gets a reset
-            e.append(Expr.numgen(random: st.config.balance == .random, modulus: UInt32(total), dreg: Expr.reg1))
-            e.append(Expr.hton(Expr.reg1))
-            e.append(Expr.lookup(st.sched, setID: b.setID(st.sched), sreg: Expr.reg1, dreg: Expr.reg1))
-        }
-        e.append(Expr.ctMarkSet(Expr.reg1))
-        b.rule(t, st.chain, e, "\(st.name): \(st.config.balance.rawValue)")
-        // Then DNAT to the server the mark names (two rules, the shape nft itself prints).
-        b.rule(
-            t, st.chain,
-            [
-                Expr.metaL4proto(Expr.reg1), Expr.cmpEq(Expr.reg1, [UInt8(IPPROTO_TCP)]), Expr.ctMarkLoad(Expr.reg1),
-                Expr.lookup(st.backends, setID: b.setID(st.backends), sreg: Expr.reg1, dreg: Expr.reg1),
-                Expr.dnat(family: UInt32(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4), addrReg: Expr.reg1, protoReg: Expr.reg32(v6 ? 4 : 1)),
-            ], "\(st.name): dnat")
-    }
-
-    private func le(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
-    private func be(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.bigEndian) { Array($0) } }
-
-    static func hostBytes(_ a: SocketAddress) -> [UInt8] {
-        switch a {
-        case .v4(let s): return withUnsafeBytes(of: s.sin_addr) { Array($0) }
-        case .v6(let s): return withUnsafeBytes(of: s.sin6_addr) { Array($0) }
-        }
-    }
-
-    /// `address . port` as nftables stores a concatenation: each field in 32-bit words.
-    static func addressData(_ a: SocketAddress) -> [UInt8] {
-        hostBytes(a) + [UInt8(a.port >> 8), UInt8(a.port & 0xff), 0, 0]
-    }
-
-    /// Weighted ranges `lo-hi : mark` over the usable servers (big-endian keys, interval ends).
-    private func rangeElements(_ st: ServiceState) -> [NftBatch.Element] {
-        var out: [NftBatch.Element] = []
-        var lo: UInt32 = 0
-        for (j, w) in st.weights.enumerated() where w > 0 {
-            out.append(NftBatch.Element(key: be(lo), data: le(st.marks[j])))
-            lo += UInt32(w)
-            out.append(NftBatch.Element(key: be(lo), data: nil, intervalEnd: true))
-        }
-        return out
-    }
-
-    private func slotElements(_ st: ServiceState, _ slots: [Int]) -> [NftBatch.Element] {
-        slots.compactMap { k in
-            let s = st.slots[k]
-            return s < 0 ? nil : NftBatch.Element(key: le(UInt32(k)), data: le(st.marks[Int(s)]))
-        }
-    }
-
     // MARK: - Desired state
 
     /// Usable weights (or the Maglev table) from health and admin state, with proxy mode's tier
     /// rule: backups only when no active server is usable, the first one unless `allbackups`.
-    private func desired(_ st: inout ServiceState, _ svc: Service) {
+    func desired(_ st: inout ServiceState, _ svc: Service) {
         let servers = svc.servers
         var w = servers.indices.map { i in !svc.backupFlags[i] && servers[i].usable ? servers[i].weight : 0 }
         if w.allSatisfy({ $0 == 0 }) {
@@ -437,7 +268,7 @@ public final class NatController: @unchecked Sendable {
     /// Brings one service's maps from what is loaded to what `st` wants. Roundrobin/random
     /// replace their ranges and rule; source replaces only the Maglev slots that changed.
     /// False when there is nothing to change.
-    private func updateMaps(_ b: NftBatch, _ st: ServiceState, loaded before: ServiceState) -> Bool {
+    func updateMaps(_ b: NftBatch, _ st: ServiceState, loaded before: ServiceState) -> Bool {
         if st.weights == before.weights && st.slots == before.slots { return false }
         let tn = NatController.tableName
         if st.config.balance == .source {
@@ -500,7 +331,7 @@ public final class NatController: @unchecked Sendable {
 
     /// Programs every table whole with each service as health and admin state want it now.
     /// Call with the lock held.
-    private func reprogramWhole(_ table: ServiceTable) {
+    func reprogramWhole(_ table: ServiceTable) {
         var next = services
         for svc in table.services where svc.config.mode == .nat {
             guard var st = next[svc.name] else { continue }
@@ -570,8 +401,8 @@ public final class NatController: @unchecked Sendable {
         }
     }
 
-    private var flowStatsCache: [UInt32: FlowStats] = [:]
-    private var flowStatsAt: Int64 = 0
+    var flowStatsCache: [UInt32: FlowStats] = [:]
+    var flowStatsAt: Int64 = 0
 
     public func isNat(_ service: String) -> Bool { lock.withLock { _ in services[service] != nil } }
 
@@ -584,7 +415,7 @@ public final class NatController: @unchecked Sendable {
         thread = NamedThread.start("ballast-nat") { self.loop() }
     }
 
-    private func loop() {
+    func loop() {
         var pfd = pollfd(fd: wakeFd, events: Int16(POLLIN), revents: 0)
         var verified = monotonicMillis()
         while !stopping.load(ordering: .relaxed) {
@@ -630,115 +461,5 @@ public final class NatController: @unchecked Sendable {
         wakeFd = -1
     }
 
-    // MARK: - nft syntax
 
-    /// The ruleset Ballast owns, in `nft` syntax, as it is programmed now.
-    public func render() -> String {
-        let us = lastApplyMicros.load(ordering: .relaxed)
-        let full = lastFullApplyMicros.load(ordering: .relaxed)
-        return lock.withLock { _ in
-            "# last full programming: \(full) us; last state change applied in \(us) us\n" + NatController.render(Array(services.values))
-        }
-    }
-
-    static func render(_ list: [ServiceState]) -> String {
-        var out = ""
-        for fam in [UInt16(NFPROTO_IPV4), UInt16(NFPROTO_IPV6)] {
-            let sv = list.filter { $0.family == fam }.sorted { $0.id < $1.id }
-            if sv.isEmpty { continue }
-            let v6 = fam == UInt16(NFPROTO_IPV6)
-            let ip = v6 ? "ip6" : "ip"
-            let addrType = v6 ? "ipv6_addr" : "ipv4_addr"
-            func map(_ name: String, _ type: String, _ elements: [String], extra: String = "", typeof: String? = nil) -> String {
-                var m = "\tmap \(name) {\n\t\t\(typeof.map { "typeof \($0)" } ?? "type \(type)")\n\(extra)"
-                if !elements.isEmpty { m += "\t\telements = { \(elements.joined(separator: ", ")) }\n" }
-                return m + "\t}\n"
-            }
-            out += "table \(ip) \(tableName) {\n"
-            out += map("services", "\(addrType) . inet_service : verdict", sv.flatMap { st in
-                st.config.binds.map { "\($0.address.hostText) . \($0.address.port) : goto \(st.chain)" }
-            })
-            out += map("source-nat", "mark : verdict", sv.filter { $0.config.snat != .none }.map { "0x\(hex8($0.id << 16)) : jump \($0.snatChain)" })
-            out += map("traffic", "mark : verdict", sv.flatMap { st in st.config.servers.indices.map { "0x\(hex8(st.marks[$0])) : jump \(st.serverChain($0))" } })
-            for st in sv {
-                out += map(st.backends, "mark : \(addrType) . inet_service", st.config.servers.enumerated().map { j, s in
-                    "0x\(hex8(st.marks[j])) : \(s.address.hostText) . \(s.address.port)"
-                })
-                // `typeof` (not `type mark : mark`): nft reads a map keyed by a hash or a
-                // counter back only when told which expression fills the key.
-                let total = st.weights.reduce(0, +)
-                if st.config.balance == .source {
-                    let used = st.slots.filter { $0 >= 0 }.count
-                    let key = st.config.hashKey == .sourcePort ? "\(ip) saddr . tcp sport" : "\(ip) saddr"
-                    out += map(
-                        st.sched, "", [],
-                        extra: "\t\tsize \(st.config.hashTableSize)\n\t\t# \(used) Maglev slots\n",
-                        typeof: "jhash \(key) mod \(st.config.hashTableSize) seed 0x\(hex8(SourceHash.seed)) : ct mark")
-                } else {
-                    var lo = 0
-                    var ranges: [String] = []
-                    for (j, w) in st.weights.enumerated() where w > 0 {
-                        ranges.append(w == 1 ? "\(lo) : 0x\(hex8(st.marks[j]))" : "\(lo)-\(lo + w - 1) : 0x\(hex8(st.marks[j]))")
-                        lo += w
-                    }
-                    let gen = st.config.balance == .random ? "random" : "inc"
-                    out += map(st.sched, "", ranges, extra: "\t\tflags interval\n", typeof: "numgen \(gen) mod \(max(1, total)) : ct mark")
-                }
-            }
-            for hook in ["prerouting", "output"] {
-                out += "\tchain \(hook) {\n\t\ttype nat hook \(hook) priority \(hook == "output" ? "-100" : "dstnat"); policy accept;\n"
-                out += "\t\tmeta l4proto tcp \(ip) daddr . tcp dport vmap @services\n\t}\n"
-            }
-            out += "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
-            out += "\t\tct mark 0x00000000/16 accept\n\t\tct mark & 0xffff0000 vmap @source-nat\n\t}\n"
-            out += "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct mark vmap @traffic\n\t}\n"
-            for st in sv {
-                out += "\tchain \(st.chain) {\n"
-                let total = st.weights.reduce(0, +)
-                if st.config.balance == .source {
-                    let key = st.config.hashKey == .sourcePort ? "\(ip) saddr . tcp sport" : "\(ip) saddr"
-                    out += "\t\tct mark set jhash \(key) mod \(st.config.hashTableSize) seed 0x\(hex8(SourceHash.seed)) map @\(st.sched)\n"
-                    out += "\t\tmeta l4proto tcp dnat \(ip) to ct mark map @\(st.backends)\n"
-                } else if total > 0 {
-                    out += "\t\tct mark set numgen \(st.config.balance == .random ? "random" : "inc") mod \(total) map @\(st.sched)\n"
-                    out += "\t\tmeta l4proto tcp dnat \(ip) to ct mark map @\(st.backends)\n"
-                }
-                out += "\t}\n"
-                switch st.config.snat {
-                case .none: break
-                case .masquerade: out += "\tchain \(st.snatChain) {\n\t\tmasquerade\n\t}\n"
-                case .address(let a): out += "\tchain \(st.snatChain) {\n\t\tsnat \(ip) to \(a.hostText)\n\t}\n"
-                }
-                for j in st.config.servers.indices {
-                    out += "\tchain \(st.serverChain(j)) {\n\t\tct state new counter\n\t\tct direction original counter\n\t\tct direction reply counter\n\t}\n"
-                }
-            }
-            out += "}\n"
-        }
-        return out
-    }
-
-    static func hex8(_ v: UInt32) -> String {
-        let h = String(v, radix: 16)
-        return String(repeating: "0", count: max(0, 8 - h.count)) + h
-    }
-
-    /// The ruleset a config would program with every server up (for `ballast nft show -c`).
-    public static func render(config: Config) -> String {
-        let table = ServiceTable.build(config: config, generation: 0, previous: nil, now: 0)
-        var list: [ServiceState] = []
-        for (k, svc) in table.services.enumerated() where svc.config.mode == .nat {
-            let id = UInt32(k + 1)
-            var st = ServiceState(
-                name: svc.name, id: id, family: family(svc.config), config: svc.config,
-                marks: svc.servers.indices.map { (id << 16) | UInt32($0 + 1) })
-            let w = svc.servers.indices.map { i in svc.backupFlags[i] ? 0 : svc.servers[i].weight }
-            st.weights = w
-            if st.config.balance == .source {
-                st.slots = MaglevTable(names: svc.servers.map(\.name), weights: w, size: st.config.hashTableSize).entries
-            }
-            list.append(st)
-        }
-        return render(list)
-    }
 }

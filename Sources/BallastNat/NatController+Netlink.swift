@@ -1,0 +1,185 @@
+import BallastCore
+import BallastIO
+import CLinux
+import CNftables
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The plan as netlink objects: the tables, base chains and shared maps, a service's chains, maps
+/// and elements, and the expressions of its scheduling rule (one batch per family).
+extension NatController {
+    func build(_ b: NftBatch, _ list: [ServiceState]) {
+        let t = NatController.tableName
+        let v6 = b.family == UInt16(NFPROTO_IPV6)
+        b.chain(t, "prerouting", hook: UInt32(NF_INET_PRE_ROUTING.rawValue), priority: -100)
+        b.chain(t, "output", hook: UInt32(NF_INET_LOCAL_OUT.rawValue), priority: -100)
+        b.chain(t, "postrouting", hook: UInt32(NF_INET_POST_ROUTING.rawValue), priority: 100)
+        // Per-server traffic counters on the forward path: `ct mark vmap @traffic` jumps to the
+        // server's chain, which counts new connections and bytes each way (one map lookup and
+        // three cheap rules per packet, whatever the number of servers).
+        b.chain(t, "forward", hook: UInt32(NF_INET_FORWARD.rawValue), priority: 0, type: "filter")
+        // Services are found by one lookup of `daddr . dport` (whatever their number), and each
+        // service's objects are its own: a reload adds or removes elements, never base rules.
+        b.map(t, "services", keyType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), keyLen: v6 ? 20 : 8, dataType: NFT_DATA_VERDICT.rawValue)
+        b.map(t, "source-nat", dataType: NFT_DATA_VERDICT.rawValue)
+        b.map(t, "traffic", dataType: NFT_DATA_VERDICT.rawValue)
+        for chain in ["prerouting", "output"] {
+            b.rule(
+                t, chain,
+                [
+                    Expr.metaL4proto(Expr.reg1), Expr.cmpEq(Expr.reg1, [UInt8(IPPROTO_TCP)]),
+                    Expr.payload(network: true, offset: v6 ? 24 : 16, len: v6 ? 16 : 4, dreg: Expr.reg1),
+                    Expr.payload(network: false, offset: 2, len: 2, dreg: Expr.reg32(v6 ? 4 : 1)),
+                    Expr.vmap("services", setID: b.setID("services"), sreg: Expr.reg1),
+                ], "daddr . dport → service")
+        }
+        b.rule(t, "forward", [Expr.ctMarkLoad(Expr.reg1), Expr.vmap("traffic", setID: b.setID("traffic"), sreg: Expr.reg1)], "per-server counters")
+        // Flows Ballast did not balance are none of postrouting's business. The rule also keeps
+        // a conntrack expression in the table at all times: the kernel turns conntrack off in
+        // a namespace when the last one goes, and established flows would lose their NAT the
+        // moment a service's chain is emptied (no usable server).
+        b.rule(t, "postrouting", [Expr.ctMarkLoad(Expr.reg1), Expr.and(Expr.reg1, mask: 0xffff_0000), Expr.cmpEq(Expr.reg1, [0, 0, 0, 0]), Expr.accept()], "not balanced by Ballast")
+        b.rule(t, "postrouting", [Expr.ctMarkLoad(Expr.reg1), Expr.and(Expr.reg1, mask: 0xffff_0000), Expr.vmap("source-nat", setID: b.setID("source-nat"), sreg: Expr.reg1)], "service → its source NAT")
+        for st in list { addService(b, st, keeping: []) }
+    }
+
+    /// A service's own objects: its chain and maps, its servers' counter chains, its source-NAT
+    /// chain, and its elements in the shared maps. `keeping`: servers whose chain exists already.
+    func addService(_ b: NftBatch, _ st: ServiceState, keeping: Set<Int>) {
+        let t = NatController.tableName
+        let v6 = st.family == UInt16(NFPROTO_IPV6)
+        b.chain(t, st.chain)
+        b.map(t, st.backends, interval: false, dataType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), dataLen: v6 ? 20 : 8)
+        b.elements(t, st.backends, st.config.servers.enumerated().map { j, s in
+            NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData(s.address))
+        })
+        if st.config.balance == .source {
+            b.map(t, st.sched, interval: false, dataType: 19, dataLen: 4, size: UInt32(st.config.hashTableSize))
+            let slots = slotElements(st, Array(st.slots.indices))
+            if !slots.isEmpty { b.elements(t, st.sched, slots) }
+        } else {
+            b.map(t, st.sched, interval: true, dataType: 19, dataLen: 4)
+            let ranges = rangeElements(st)
+            if !ranges.isEmpty { b.elements(t, st.sched, ranges) }
+        }
+        schedRule(b, st)
+        let fresh = st.config.servers.indices.filter { !keeping.contains($0) }
+        for j in fresh {
+            let chain = st.serverChain(j)
+            b.chain(t, chain)
+            b.rule(t, chain, Expr.ctStateNew(Expr.reg1) + [Expr.counter()], "\(chain): new connections")
+            b.rule(t, chain, Expr.ctDirection(Expr.reg1, reply: false) + [Expr.counter()], "\(chain): client to server")
+            b.rule(t, chain, Expr.ctDirection(Expr.reg1, reply: true) + [Expr.counter()], "\(chain): server to client")
+        }
+        if !fresh.isEmpty { b.elements(t, "traffic", fresh.map { NftBatch.Element(key: le(st.marks[$0]), data: nil, jump: st.serverChain($0)) }) }
+        switch st.config.snat {
+        case .none: break
+        case .masquerade:
+            b.chain(t, st.snatChain)
+            b.rule(t, st.snatChain, [Expr.masquerade()], "\(st.name): masquerade")
+        case .address(let a):
+            b.chain(t, st.snatChain)
+            let nfproto = UInt32(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4)
+            b.rule(t, st.snatChain, [Expr.immediate(Expr.reg1, NatController.hostBytes(a)), Expr.snat(family: nfproto, addrReg: Expr.reg1)], "\(st.name): snat to \(a.hostText)")
+        }
+        if st.config.snat != .none { b.elements(t, "source-nat", [NftBatch.Element(key: le(st.id << 16), data: nil, jump: st.snatChain)]) }
+        b.elements(t, "services", st.config.binds.map { NftBatch.Element(key: NatController.addressData($0.address), data: nil, jump: st.chain, goto: true) })
+    }
+
+    /// Takes a service's objects out (the reverse order of `addService`: references first).
+    func removeService(_ b: NftBatch, _ st: ServiceState, keeping: Set<Int>) {
+        let t = NatController.tableName
+        b.elements(t, "services", st.config.binds.map { NftBatch.Element(key: NatController.addressData($0.address), data: nil) }, delete: true)
+        if st.config.snat != .none {
+            b.elements(t, "source-nat", [NftBatch.Element(key: le(st.id << 16), data: nil)], delete: true)
+            b.flushChain(t, st.snatChain)
+            b.deleteChain(t, st.snatChain)
+        }
+        let gone = st.config.servers.indices.filter { !keeping.contains($0) }
+        if !gone.isEmpty { b.elements(t, "traffic", gone.map { NftBatch.Element(key: le(st.marks[$0]), data: nil) }, delete: true) }
+        for j in gone {
+            b.flushChain(t, st.serverChain(j))
+            b.deleteChain(t, st.serverChain(j))
+        }
+        b.flushChain(t, st.chain)
+        b.deleteChain(t, st.chain)
+        b.deleteMap(t, st.backends)
+        b.deleteMap(t, st.sched)
+    }
+
+    // MARK: - Expressions
+
+    /// The service chain's one rule: pick a server mark, tag the flow, DNAT to that server.
+    func schedRule(_ b: NftBatch, _ st: ServiceState) {
+        let t = NatController.tableName
+        let v6 = st.family == UInt16(NFPROTO_IPV6)
+        var e: [OpaquePointer] = []
+        switch st.config.balance {
+        case .source:
+            let withPort = st.config.hashKey == .sourcePort
+            // Source address (and port) in consecutive 32-bit registers from reg 2, hashed like
+            // SourceHash in proxy mode: the same Maglev slot for the same client.
+            e.append(Expr.payload(network: true, offset: v6 ? 8 : 12, len: v6 ? 16 : 4, dreg: Expr.reg2))
+            if withPort { e.append(Expr.payload(network: false, offset: 0, len: 2, dreg: Expr.reg32(v6 ? 8 : 5))) }
+            let len: UInt32 = (v6 ? 16 : 4) + (withPort ? 4 : 0)
+            e.append(Expr.jhash(sreg: Expr.reg2, len: len, modulus: UInt32(st.config.hashTableSize), seed: SourceHash.seed, dreg: Expr.reg1))
+            e.append(Expr.lookup(st.sched, setID: b.setID(st.sched), sreg: Expr.reg1, dreg: Expr.reg1))
+        default:
+            let total = st.weights.reduce(0, +)
+            guard total > 0 else { return }  // nothing usable: no NAT; the client gets a reset
+            e.append(Expr.numgen(random: st.config.balance == .random, modulus: UInt32(total), dreg: Expr.reg1))
+            e.append(Expr.hton(Expr.reg1))
+            e.append(Expr.lookup(st.sched, setID: b.setID(st.sched), sreg: Expr.reg1, dreg: Expr.reg1))
+        }
+        e.append(Expr.ctMarkSet(Expr.reg1))
+        b.rule(t, st.chain, e, "\(st.name): \(st.config.balance.rawValue)")
+        // Then DNAT to the server the mark names (two rules, the shape nft itself prints).
+        b.rule(
+            t, st.chain,
+            [
+                Expr.metaL4proto(Expr.reg1), Expr.cmpEq(Expr.reg1, [UInt8(IPPROTO_TCP)]), Expr.ctMarkLoad(Expr.reg1),
+                Expr.lookup(st.backends, setID: b.setID(st.backends), sreg: Expr.reg1, dreg: Expr.reg1),
+                Expr.dnat(family: UInt32(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4), addrReg: Expr.reg1, protoReg: Expr.reg32(v6 ? 4 : 1)),
+            ], "\(st.name): dnat")
+    }
+
+    func le(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
+    func be(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.bigEndian) { Array($0) } }
+
+    static func hostBytes(_ a: SocketAddress) -> [UInt8] {
+        switch a {
+        case .v4(let s): return withUnsafeBytes(of: s.sin_addr) { Array($0) }
+        case .v6(let s): return withUnsafeBytes(of: s.sin6_addr) { Array($0) }
+        }
+    }
+
+    /// `address . port` as nftables stores a concatenation: each field in 32-bit words.
+    static func addressData(_ a: SocketAddress) -> [UInt8] {
+        hostBytes(a) + [UInt8(a.port >> 8), UInt8(a.port & 0xff), 0, 0]
+    }
+
+    /// Weighted ranges `lo-hi : mark` over the usable servers (big-endian keys, interval ends).
+    func rangeElements(_ st: ServiceState) -> [NftBatch.Element] {
+        var out: [NftBatch.Element] = []
+        var lo: UInt32 = 0
+        for (j, w) in st.weights.enumerated() where w > 0 {
+            out.append(NftBatch.Element(key: be(lo), data: le(st.marks[j])))
+            lo += UInt32(w)
+            out.append(NftBatch.Element(key: be(lo), data: nil, intervalEnd: true))
+        }
+        return out
+    }
+
+    func slotElements(_ st: ServiceState, _ slots: [Int]) -> [NftBatch.Element] {
+        slots.compactMap { k in
+            let s = st.slots[k]
+            return s < 0 ? nil : NftBatch.Element(key: le(UInt32(k)), data: le(st.marks[Int(s)]))
+        }
+    }
+}

@@ -1,0 +1,127 @@
+import BallastCore
+import BallastIO
+import CLinux
+import CNftables
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The same plan in nft syntax (`ballast nft show`, `show nft`), for reading and for `nft -c`.
+extension NatController {
+    // MARK: - nft syntax
+
+    /// The ruleset Ballast owns, in `nft` syntax, as it is programmed now.
+    public func render() -> String {
+        let us = lastApplyMicros.load(ordering: .relaxed)
+        let full = lastFullApplyMicros.load(ordering: .relaxed)
+        return lock.withLock { _ in
+            "# last full programming: \(full) us; last state change applied in \(us) us\n" + NatController.render(Array(services.values))
+        }
+    }
+
+    static func render(_ list: [ServiceState]) -> String {
+        var out = ""
+        for fam in [UInt16(NFPROTO_IPV4), UInt16(NFPROTO_IPV6)] {
+            let sv = list.filter { $0.family == fam }.sorted { $0.id < $1.id }
+            if sv.isEmpty { continue }
+            let v6 = fam == UInt16(NFPROTO_IPV6)
+            let ip = v6 ? "ip6" : "ip"
+            let addrType = v6 ? "ipv6_addr" : "ipv4_addr"
+            func map(_ name: String, _ type: String, _ elements: [String], extra: String = "", typeof: String? = nil) -> String {
+                var m = "\tmap \(name) {\n\t\t\(typeof.map { "typeof \($0)" } ?? "type \(type)")\n\(extra)"
+                if !elements.isEmpty { m += "\t\telements = { \(elements.joined(separator: ", ")) }\n" }
+                return m + "\t}\n"
+            }
+            out += "table \(ip) \(tableName) {\n"
+            out += map("services", "\(addrType) . inet_service : verdict", sv.flatMap { st in
+                st.config.binds.map { "\($0.address.hostText) . \($0.address.port) : goto \(st.chain)" }
+            })
+            out += map("source-nat", "mark : verdict", sv.filter { $0.config.snat != .none }.map { "0x\(hex8($0.id << 16)) : jump \($0.snatChain)" })
+            out += map("traffic", "mark : verdict", sv.flatMap { st in st.config.servers.indices.map { "0x\(hex8(st.marks[$0])) : jump \(st.serverChain($0))" } })
+            for st in sv {
+                out += map(st.backends, "mark : \(addrType) . inet_service", st.config.servers.enumerated().map { j, s in
+                    "0x\(hex8(st.marks[j])) : \(s.address.hostText) . \(s.address.port)"
+                })
+                // `typeof` (not `type mark : mark`): nft reads a map keyed by a hash or a
+                // counter back only when told which expression fills the key.
+                let total = st.weights.reduce(0, +)
+                if st.config.balance == .source {
+                    let used = st.slots.filter { $0 >= 0 }.count
+                    let key = st.config.hashKey == .sourcePort ? "\(ip) saddr . tcp sport" : "\(ip) saddr"
+                    out += map(
+                        st.sched, "", [],
+                        extra: "\t\tsize \(st.config.hashTableSize)\n\t\t# \(used) Maglev slots\n",
+                        typeof: "jhash \(key) mod \(st.config.hashTableSize) seed 0x\(hex8(SourceHash.seed)) : ct mark")
+                } else {
+                    var lo = 0
+                    var ranges: [String] = []
+                    for (j, w) in st.weights.enumerated() where w > 0 {
+                        ranges.append(w == 1 ? "\(lo) : 0x\(hex8(st.marks[j]))" : "\(lo)-\(lo + w - 1) : 0x\(hex8(st.marks[j]))")
+                        lo += w
+                    }
+                    let gen = st.config.balance == .random ? "random" : "inc"
+                    out += map(st.sched, "", ranges, extra: "\t\tflags interval\n", typeof: "numgen \(gen) mod \(max(1, total)) : ct mark")
+                }
+            }
+            for hook in ["prerouting", "output"] {
+                out += "\tchain \(hook) {\n\t\ttype nat hook \(hook) priority \(hook == "output" ? "-100" : "dstnat"); policy accept;\n"
+                out += "\t\tmeta l4proto tcp \(ip) daddr . tcp dport vmap @services\n\t}\n"
+            }
+            out += "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
+            out += "\t\tct mark 0x00000000/16 accept\n\t\tct mark & 0xffff0000 vmap @source-nat\n\t}\n"
+            out += "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct mark vmap @traffic\n\t}\n"
+            for st in sv {
+                out += "\tchain \(st.chain) {\n"
+                let total = st.weights.reduce(0, +)
+                if st.config.balance == .source {
+                    let key = st.config.hashKey == .sourcePort ? "\(ip) saddr . tcp sport" : "\(ip) saddr"
+                    out += "\t\tct mark set jhash \(key) mod \(st.config.hashTableSize) seed 0x\(hex8(SourceHash.seed)) map @\(st.sched)\n"
+                    out += "\t\tmeta l4proto tcp dnat \(ip) to ct mark map @\(st.backends)\n"
+                } else if total > 0 {
+                    out += "\t\tct mark set numgen \(st.config.balance == .random ? "random" : "inc") mod \(total) map @\(st.sched)\n"
+                    out += "\t\tmeta l4proto tcp dnat \(ip) to ct mark map @\(st.backends)\n"
+                }
+                out += "\t}\n"
+                switch st.config.snat {
+                case .none: break
+                case .masquerade: out += "\tchain \(st.snatChain) {\n\t\tmasquerade\n\t}\n"
+                case .address(let a): out += "\tchain \(st.snatChain) {\n\t\tsnat \(ip) to \(a.hostText)\n\t}\n"
+                }
+                for j in st.config.servers.indices {
+                    out += "\tchain \(st.serverChain(j)) {\n\t\tct state new counter\n\t\tct direction original counter\n\t\tct direction reply counter\n\t}\n"
+                }
+            }
+            out += "}\n"
+        }
+        return out
+    }
+
+    static func hex8(_ v: UInt32) -> String {
+        let h = String(v, radix: 16)
+        return String(repeating: "0", count: max(0, 8 - h.count)) + h
+    }
+
+    /// The ruleset a config would program with every server up (for `ballast nft show -c`).
+    public static func render(config: Config) -> String {
+        let table = ServiceTable.build(config: config, generation: 0, previous: nil, now: 0)
+        var list: [ServiceState] = []
+        for (k, svc) in table.services.enumerated() where svc.config.mode == .nat {
+            let id = UInt32(k + 1)
+            var st = ServiceState(
+                name: svc.name, id: id, family: family(svc.config), config: svc.config,
+                marks: svc.servers.indices.map { (id << 16) | UInt32($0 + 1) })
+            let w = svc.servers.indices.map { i in svc.backupFlags[i] ? 0 : svc.servers[i].weight }
+            st.weights = w
+            if st.config.balance == .source {
+                st.slots = MaglevTable(names: svc.servers.map(\.name), weights: w, size: st.config.hashTableSize).entries
+            }
+            list.append(st)
+        }
+        return render(list)
+    }
+}
