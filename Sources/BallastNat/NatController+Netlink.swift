@@ -68,6 +68,7 @@ extension NatController {
             let ranges = rangeElements(st)
             if !ranges.isEmpty { b.elements(t, st.sched, ranges) }
         }
+        accessRules(b, st)
         schedRule(b, st)
         let fresh = st.config.servers.indices.filter { !keeping.contains($0) }
         for j in fresh {
@@ -111,9 +112,79 @@ extension NatController {
         b.deleteChain(t, st.chain)
         b.deleteMap(t, st.backends)
         b.deleteMap(t, st.sched)
+        if !st.access.deny.isEmpty { b.deleteMap(t, st.denySet) }
+        if !st.access.allow.isEmpty { b.deleteMap(t, st.allowSet) }
     }
 
     // MARK: - Expressions
+
+    /// Before any server is picked: `ip saddr @deny-<svc> counter drop`, then (with an allow
+    /// list) `ip saddr != @allow-<svc> counter drop`. Only a flow's first packet meets them (nat
+    /// chains see nothing else), so a refused client's SYN is dropped and nothing is tracked
+    /// as balanced.
+    func accessRules(_ b: NftBatch, _ st: ServiceState) {
+        let t = NatController.tableName
+        let v6 = st.family == UInt16(NFPROTO_IPV6)
+        for (set, list, invert) in [(st.denySet, st.access.deny, false), (st.allowSet, st.access.allow, true)] where !list.isEmpty {
+            let prefixes = list.filter { $0.isV6 == v6 }
+            b.addressSet(t, set, v6: v6)
+            let elements = NatController.intervalElements(prefixes)
+            if !elements.isEmpty { b.elements(t, set, elements) }
+            b.rule(
+                t, st.chain,
+                [
+                    Expr.payload(network: true, offset: v6 ? 8 : 12, len: v6 ? 16 : 4, dreg: Expr.reg1),
+                    Expr.match(set, setID: b.setID(set), sreg: Expr.reg1, invert: invert), Expr.counter(), Expr.drop(),
+                ], "\(st.name): \(invert ? "not in allow" : "deny")")
+        }
+    }
+
+    /// Networks as the kernel's interval set wants them: merged ranges, each a start element and
+    /// an end element at the first address after it (none when the range runs to the top), and
+    /// an end marker at zero when the first range does not start there (as nft writes them).
+    static func intervalElements(_ prefixes: [IPPrefix]) -> [NftBatch.Element] {
+        var ranges: [([UInt8], [UInt8])] = prefixes.map { p in
+            (p.bytes, p.bytes.enumerated().map { i, byte in
+                let keep = max(0, min(8, p.length - i * 8))
+                return byte | (keep == 8 ? 0 : UInt8(truncatingIfNeeded: 0xFF >> keep))
+            })
+        }
+        ranges.sort { $0.0.lexicographicallyPrecedes($1.0) }
+        var merged: [([UInt8], [UInt8])] = []
+        for r in ranges {
+            if let last = merged.last {
+                let after = successor(last.1)
+                if after == nil || !after!.lexicographicallyPrecedes(r.0) {
+                    if last.1.lexicographicallyPrecedes(r.1) { merged[merged.count - 1].1 = r.1 }
+                    continue
+                }
+            }
+            merged.append(r)
+        }
+        var out: [NftBatch.Element] = []
+        if let first = merged.first, first.0.contains(where: { $0 != 0 }) {
+            out.append(NftBatch.Element(key: [UInt8](repeating: 0, count: first.0.count), data: nil, intervalEnd: true))
+        }
+        for (start, end) in merged {
+            out.append(NftBatch.Element(key: start, data: nil))
+            if let after = successor(end) { out.append(NftBatch.Element(key: after, data: nil, intervalEnd: true)) }
+        }
+        return out
+    }
+
+    /// The address after `a` (big-endian bytes), nil past the last one.
+    static func successor(_ a: [UInt8]) -> [UInt8]? {
+        var b = a
+        for i in b.indices.reversed() {
+            if b[i] == 0xFF {
+                b[i] = 0
+            } else {
+                b[i] += 1
+                return b
+            }
+        }
+        return nil
+    }
 
     /// The service chain's one rule: pick a server mark, tag the flow, DNAT to that server.
     func schedRule(_ b: NftBatch, _ st: ServiceState) {

@@ -44,6 +44,12 @@ extension NatController {
             out += map("source-nat", "mark : verdict", sv.filter { $0.config.snat != .none }.map { "0x\(hex8($0.id << 16)) : jump \($0.snatChain)" })
             out += map("traffic", "mark : verdict", sv.flatMap { st in st.config.servers.indices.map { "0x\(hex8(st.marks[$0])) : jump \(st.serverChain($0))" } })
             for st in sv {
+                for (set, list) in [(st.denySet, st.access.deny), (st.allowSet, st.access.allow)] where !list.isEmpty {
+                    let ranges = NatController.textRanges(list.filter { $0.isV6 == v6 })
+                    out += "\tset \(set) {\n\t\ttype \(addrType)\n\t\tflags interval\n"
+                    if !ranges.isEmpty { out += "\t\telements = { \(ranges.joined(separator: ", ")) }\n" }
+                    out += "\t}\n"
+                }
                 out += map(st.backends, "mark : \(addrType) . inet_service", st.config.servers.enumerated().map { j, s in
                     "0x\(hex8(st.marks[j])) : \(s.address.hostText) . \(s.address.port)"
                 })
@@ -77,6 +83,8 @@ extension NatController {
             out += "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct mark vmap @traffic\n\t}\n"
             for st in sv {
                 out += "\tchain \(st.chain) {\n"
+                if !st.access.deny.isEmpty { out += "\t\t\(ip) saddr @\(st.denySet) counter drop\n" }
+                if !st.access.allow.isEmpty { out += "\t\t\(ip) saddr != @\(st.allowSet) counter drop\n" }
                 let total = st.weights.reduce(0, +)
                 if st.config.balance == .source {
                     let key = st.config.hashKey == .sourcePort ? "\(ip) saddr . tcp sport" : "\(ip) saddr"
@@ -101,6 +109,41 @@ extension NatController {
         return out
     }
 
+    /// The merged ranges of an interval set as nft writes addresses: `10.0.0.0-10.255.255.255`.
+    static func textRanges(_ prefixes: [IPPrefix]) -> [String] {
+        let elements = intervalElements(prefixes)
+        var out: [String] = []
+        var start: [UInt8]?
+        func text(_ b: [UInt8]) -> String {
+            var buf = [CChar](repeating: 0, count: 64)
+            var bytes = b
+            _ = bytes.withUnsafeMutableBytes { inet_ntop(b.count == 16 ? AF_INET6 : AF_INET, $0.baseAddress, &buf, 64) }
+            return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        }
+        func last(before b: [UInt8]) -> [UInt8] {
+            var x = b
+            for i in x.indices.reversed() {
+                if x[i] == 0 { x[i] = 0xFF } else { x[i] -= 1; break }
+            }
+            return x
+        }
+        for e in elements {
+            if e.intervalEnd {
+                if let s = start {
+                    let end = last(before: e.key)
+                    out.append(s == end ? text(s) : "\(text(s))-\(text(end))")
+                    start = nil
+                }
+            } else {
+                start = e.key
+            }
+        }
+        if let s = start {
+            out.append("\(text(s))-\(text([UInt8](repeating: 0xFF, count: s.count)))")
+        }
+        return out
+    }
+
     static func hex8(_ v: UInt32) -> String {
         let h = String(v, radix: 16)
         return String(repeating: "0", count: max(0, 8 - h.count)) + h
@@ -115,6 +158,7 @@ extension NatController {
             var st = ServiceState(
                 name: svc.name, id: id, family: family(svc.config), config: svc.config,
                 marks: svc.servers.indices.map { (id << 16) | UInt32($0 + 1) })
+            st.access = svc.stats.access.list
             let w = svc.servers.indices.map { i in svc.backupFlags[i] ? 0 : svc.servers[i].weight }
             st.weights = w
             if st.config.balance == .source {

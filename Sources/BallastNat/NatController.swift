@@ -46,6 +46,8 @@ public final class NatController: @unchecked Sendable {
         var family: UInt16
         var config: ServiceConfig
         var marks: [UInt32]
+        /// Who may connect: the service's allow and deny lists as they stand (config and runtime API).
+        var access = AccessList()
         /// What is loaded now: usable weights (roundrobin/random) or Maglev slots (source).
         var weights: [Int] = []
         var slots: [Int32] = []
@@ -60,7 +62,10 @@ public final class NatController: @unchecked Sendable {
             return id == o.id && family == o.family && a.binds.map(\.address) == b.binds.map(\.address) && a.balance == b.balance
                 && a.hashKey == b.hashKey && a.hashTableSize == b.hashTableSize && a.snat == b.snat
                 && a.servers.map(\.name) == b.servers.map(\.name) && a.servers.map(\.address) == b.servers.map(\.address)
+                && access == o.access
         }
+        var allowSet: String { "allow-\(name)" }
+        var denySet: String { "deny-\(name)" }
         var backends: String { "be-\(name)" }
         var sched: String { config.balance == .source ? "mg-\(name)" : "rr-\(name)" }
     }
@@ -128,6 +133,7 @@ public final class NatController: @unchecked Sendable {
                 var st = ServiceState(
                     name: svc.name, id: id, family: fam, config: svc.config,
                     marks: svc.servers.indices.map { (id << 16) | UInt32($0 + 1) })
+                st.access = svc.stats.access.list
                 desired(&st, svc)
                 next[svc.name] = st
             }
@@ -387,6 +393,8 @@ public final class NatController: @unchecked Sendable {
                                 case .reply:
                                     f.packetsOut = packets
                                     f.bytesOut = bytes
+                                case .refused:
+                                    break
                                 }
                             }
                             all[st.marks[j]] = f
@@ -400,6 +408,29 @@ public final class NatController: @unchecked Sendable {
             return flowStatsCache[st.marks[server]] ?? FlowStats()
         }
     }
+
+    /// Clients the kernel refused for a service (its access-list rules' counters), read at most
+    /// once a second.
+    public func refused(service: String) -> UInt64 {
+        lock.withLock { _ in
+            let now = monotonicMillis()
+            if now - refusedAt > 1000 {
+                var all: [String: UInt64] = [:]
+                for fam in families {
+                    guard let rules = try? socket.ruleCounters(family: fam, table: NatController.tableName) else { continue }
+                    for st in services.values where st.family == fam {
+                        all[st.name] = (rules[st.chain] ?? []).filter { $0.0 == .refused }.reduce(0) { $0 &+ $1.1 }
+                    }
+                }
+                refusedCache = all
+                refusedAt = now
+            }
+            return refusedCache[service] ?? 0
+        }
+    }
+
+    var refusedCache: [String: UInt64] = [:]
+    var refusedAt: Int64 = 0
 
     var flowStatsCache: [UInt32: FlowStats] = [:]
     var flowStatsAt: Int64 = 0

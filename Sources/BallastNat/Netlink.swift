@@ -171,6 +171,21 @@ final class NftBatch {
         _ = nftnl_batch_update(batch)
     }
 
+    /// A plain set of addresses (`type ipv4_addr` or `ipv6_addr`, `flags interval`): the
+    /// allow and deny lists of a service, matched by `ip saddr @set`.
+    func addressSet(_ table: String, _ name: String, v6: Bool) {
+        let id = nextSetID
+        nextSetID += 1
+        setIDs[name] = id
+        let s = setObject(table, name)
+        defer { nftnl_set_free(s) }
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), UInt32(NFT_SET_INTERVAL.rawValue))
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), v6 ? 8 : 7)  // ipv6_addr, ipv4_addr
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), v6 ? 16 : 4)
+        nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET.rawValue, NLM_F_CREATE, "create set \(table) \(name)"), s)
+        _ = nftnl_batch_update(batch)
+    }
+
     struct Element {
         var key: [UInt8]
         var data: [UInt8]?
@@ -331,6 +346,24 @@ enum Expr {
         if let setID { nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_SET_ID), setID) }
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_SREG), sreg)
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_DREG), dreg)
+        return e
+    }
+
+    /// `… @set` (or `… != @set` with `invert`): the rule goes on only when the register's value
+    /// is (is not) in the set.
+    static func match(_ set: String, setID: UInt32?, sreg: UInt32, invert: Bool) -> OpaquePointer {
+        let e = make("lookup")
+        nftnl_expr_set_str(e, UInt16(NFTNL_EXPR_LOOKUP_SET), set)
+        if let setID { nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_SET_ID), setID) }
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_SREG), sreg)
+        if invert { nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_FLAGS), UInt32(NFT_LOOKUP_F_INV.rawValue)) }
+        return e
+    }
+
+    static func drop() -> OpaquePointer {
+        let e = make("immediate")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_IMM_DREG), UInt32(NFT_REG_VERDICT.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_IMM_VERDICT), UInt32(NF_DROP))
         return e
     }
 
@@ -645,6 +678,8 @@ final class NetlinkSocket {
     /// counter`, `ct direction reply counter`).
     enum CounterKind: Sendable {
         case newConnections, original, reply
+        /// A service chain's access-list rule (`ip saddr @deny-… counter drop`).
+        case refused
     }
 
     func ruleCounters(family: UInt16, table: String) throws(NatError) -> [String: [(CounterKind, UInt64, UInt64)]] {
@@ -685,6 +720,8 @@ final class NetlinkSocket {
                     if let d = nftnl_expr_get(e, UInt16(NFTNL_EXPR_CMP_DATA), &len), len >= 1 {
                         kind = d.load(as: UInt8.self) == 1 ? .reply : .original
                     }
+                } else if name == "lookup" && !nftnl_expr_is_set(e, UInt16(NFTNL_EXPR_LOOKUP_DREG)) {
+                    kind = .refused
                 } else if name == "counter" {
                     packets = nftnl_expr_get_u64(e, UInt16(NFTNL_EXPR_CTR_PACKETS))
                     bytes = nftnl_expr_get_u64(e, UInt16(NFTNL_EXPR_CTR_BYTES))

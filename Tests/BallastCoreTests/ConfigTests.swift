@@ -368,8 +368,8 @@ struct ConfigTests {
             "bad.yaml:4:15: unknown key 'per_source' in service 'a' limits; expected one of: conn_per_source, new_conn_rate_per_source"
         ),
         (
-            "services:\n  - name: a\n    mode: nat\n    bind: \"10.0.0.100:80\"\n    deny: [10.0.0.0/8]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
-            "bad.yaml:5:5: service 'a': deny is not available in nat mode yet (proxy mode only in this version)"
+            "services:\n  - name: a\n    mode: nat\n    bind: \"10.0.0.100:80\"\n    limits: { conn_per_source: 5 }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
+            "bad.yaml:5:5: service 'a': limits are not available in nat mode yet (allow and deny are; limits are proxy mode only in this version)"
         ),
     ]
 

@@ -591,6 +591,53 @@ final class NatLab {
         #expect(counts(try lab.connect(lab.vip4, count: 3)) == ["s1": 3])  // still drained (state kept across the reload)
     }
 
+    @Test(
+        "allow and deny in the kernel: a refused client's SYN is dropped before any server is picked and counted in dcon; the runtime API changes the sets at once; nft reads the text back",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func accessLists() throws {
+        let lab = try NatLab()
+        let dir = TempDir()
+        // allow .0-.15, deny .13 and .16-.19: .12, .14 and .2 get in; .13 (deny), .17 (deny, and outside allow) do not.
+        let yaml = lab.config(extra: "deny: [10.77.1.13, 10.77.1.16/30]\nallow: [10.77.1.0/28]", dir: dir)
+        let shown = try lab.checkShown(dir.write("acl.yaml", yaml))
+        #expect(shown.contains("set deny-web") && shown.contains("elements = { 10.77.1.13, 10.77.1.16-10.77.1.19 }"), "\(shown)")
+        #expect(shown.contains("ip saddr @deny-web counter drop") && shown.contains("ip saddr != @allow-web counter drop"))
+        let b = try lab.ballast(yaml)
+        defer { b.stop() }
+        func answer(_ source: String) throws -> String { try lab.connect(lab.vip4, count: 1, source: source).first ?? "" }
+        for source in ["10.77.1.12", "10.77.1.14", "10.77.1.2"] {
+            let a = try answer(source)
+            #expect(a == "s1" || a == "s2", "\(source): \(a)")
+        }
+        for source in ["10.77.1.13", "10.77.1.17"] {
+            #expect(try answer(source).hasPrefix("ERR"), "\(source) got in")
+        }
+        let sets = try lab.nft("list", "set", "ip", "ballast", "deny-web")
+        #expect(sets.contains("10.77.1.13") && sets.contains("10.77.1.16/30"), "\(sets)")
+        usleep(1_100_000)  // the kernel's counters are read at most once a second
+        let sock = dir.file("admin.sock")
+        // The kernel counts dropped SYNs: two refused clients, each retrying within its 3 s.
+        let dcon = Int(StatsClient.row(try StatsClient.stat(sock), "FRONTEND")["dcon"] ?? "") ?? 0
+        let ruleset = try lab.nft("list", "chain", "ip", "ballast", "svc-web")
+        let dropped = ruleset.split(separator: "\n").filter { $0.contains("drop") }.compactMap { line in
+            line.components(separatedBy: "packets ").last?.split(separator: " ").first.flatMap { Int($0) }
+        }.reduce(0, +)
+        #expect(dcon >= 2 && dcon == dropped, "dcon \(dcon), the rules dropped \(dropped)\n\(ruleset)")
+        // The runtime API: the kernel's set changes in one batch, for the next client.
+        #expect(try StatsClient.ask(sock, "add acl web/deny 10.77.1.12") == "\n")
+        #expect(try answer("10.77.1.12").hasPrefix("ERR"))
+        #expect(try StatsClient.ask(sock, "show acl web/deny") == "0x1 10.77.1.13/32\n0x2 10.77.1.16/30\n0x3 10.77.1.12/32\n\n")
+        #expect(try StatsClient.ask(sock, "del acl web/deny 10.77.1.12") == "\n")
+        let back = try answer("10.77.1.12")
+        #expect(back == "s1" || back == "s2", "\(back)")
+        #expect(try StatsClient.ask(sock, "add acl web/allow 10.77.1.200") == "\n")
+        #expect(try lab.nft("list", "set", "ip", "ballast", "allow-web").contains("10.77.1.200"))
+        // Limits stay proxy mode's for now: a config error, not a silent no-op.
+        let bad = dir.write("bad.yaml", lab.config(extra: "limits: { conn_per_source: 5 }"))
+        let (status, _, err) = try runCommand(Repo.ballast, ["check", "-c", bad])
+        #expect(status == 1 && err.contains("limits are not available in nat mode yet"), "\(err)")
+    }
+
     @Test("config errors: leastconn and first are not possible in the kernel")
     func configErrors() throws {
         let yaml = """

@@ -326,7 +326,7 @@ struct CLI {
     func showACL(_ name: String?) -> String {
         guard let name else {
             var out = "# id (name) description\n"
-            for (k, svc) in ctx.table.services.enumerated() where svc.config.mode == .proxy {
+            for (k, svc) in ctx.table.services.enumerated() {
                 let list = svc.stats.access.list
                 out += "\(2 * k) (\(svc.name)/allow) \(list.allow.count) networks; \(list.allow.isEmpty ? "empty: every client is allowed" : "only these are allowed")\n"
                 out += "\(2 * k + 1) (\(svc.name)/deny) \(list.deny.count) networks; refused first\n"
@@ -344,7 +344,6 @@ struct CLI {
         guard let name = args.first, let (svc, deny, _) = acl(name) else {
             return "Unknown ACL identifier. Please use #<id> or <service>/allow, <service>/deny.\n\n"
         }
-        guard svc.config.mode == .proxy else { return "Access lists are not available in nat mode yet.\n\n" }
         let access = svc.stats.access
         let list = access.list
         var next: AccessList
@@ -364,6 +363,13 @@ struct CLI {
             }
         }
         access.set(next, limits: svc.config.limits)
+        if svc.config.mode == .nat, let nat = ctx.nat {
+            // The kernel's sets follow in one atomic batch; if that fails nothing changed.
+            do { try nat.apply(ctx.table) } catch {
+                access.set(list, limits: svc.config.limits)
+                return "nat mode could not apply the change: \(error)\n\n"
+            }
+        }
         ctx.logger.notice("service \(svc.name): \(verb) acl \(svc.name)/\(deny ? "deny" : "allow")\(args.count > 1 ? " " + args[1] : "") from the runtime API")
         return "\n"
     }

@@ -62,7 +62,7 @@ final class MetricsExporter: @unchecked Sendable {
             gauge("frontend", "max_sessions", "", "Most client connections open at once", p, Double(st.clientsMax.load(ordering: .relaxed)))
             counter("frontend", "connections", "Client connections accepted", p, c.accepted)
             counter("frontend", "request_errors", "Client connections refused for a bad PROXY header", p, c.requestErrors)
-            counter("frontend", "denied_connections", "Client connections refused by the access list or a per-client limit", p, st.access.totalRefused)
+            counter("frontend", "denied_connections", "Client connections refused by the access list or a per-client limit", p, svc.config.mode == .nat ? ctx.nat?.refused(service: svc.name) ?? 0 : st.access.totalRefused)
             counter("frontend", "bytes_in", "Bytes received from clients", p, c.bytesIn)
             counter("frontend", "bytes_out", "Bytes sent to clients", p, c.bytesOut)
             traffic("backend", p, c)

@@ -158,7 +158,7 @@ enum StatTable {
         r.zero([.dreq, .dresp, .req_rate, .req_rate_max, .req_tot, .comp_in, .comp_out, .comp_byp, .comp_rsp,
                 .dses, .wrew, .eint, .rate_lim])
         // Clients refused by the access list or a per-client limit (HAProxy: tcp-request connection reject).
-        r[.dcon] = "\(st.access.totalRefused)"
+        r[.dcon] = "\(svc.config.mode == .nat ? ctx.nat?.refused(service: svc.name) ?? 0 : st.access.totalRefused)"
         r[.ereq] = "\(c.requestErrors)"
         r[.status] = ctx.stopping.load(ordering: .relaxed) ? "STOP" : "OPEN"
         common(&r, iid: iid, sid: 0, type: 0)
