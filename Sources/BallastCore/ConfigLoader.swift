@@ -752,9 +752,7 @@ public enum ConfigLoader {
                 }
             }
             if let e = m["slowstart"] { throw fail(e.key, "\(what): slowstart is not possible in nat mode (the kernel map has fixed weights)") }
-            if let e = m["limits"] {
-                throw fail(e.key, "\(what): limits are not available in nat mode yet (allow and deny are; limits are proxy mode only in this version)")
-            }
+
             if let e = m["maxqueue"] { throw fail(e.key, "\(what): maxqueue is not possible in nat mode (the kernel does not queue)") }
             if let e = m["observe"] { throw fail(e.key, "\(what): observe is not possible in nat mode (the kernel's connects are not seen); use an active check") }
             if let e = m["timeout"] { throw fail(e.key, "\(what): timeouts do not apply in nat mode (conntrack's timeouts do)") }

@@ -114,6 +114,8 @@ extension NatController {
         b.deleteMap(t, st.sched)
         if !st.access.deny.isEmpty { b.deleteMap(t, st.denySet) }
         if !st.access.allow.isEmpty { b.deleteMap(t, st.allowSet) }
+        if st.config.limits.connections != nil { b.deleteMap(t, st.connSet) }
+        if st.config.limits.rate != nil { b.deleteMap(t, st.rateSet) }
     }
 
     // MARK: - Expressions
@@ -137,7 +139,22 @@ extension NatController {
                     Expr.match(set, setID: b.setID(set), sreg: Expr.reg1, invert: invert), Expr.counter(), Expr.drop(),
                 ], "\(st.name): \(invert ? "not in allow" : "deny")")
         }
+        // Per-client limits, kept by the kernel per source address: `ct count` (connections
+        // tracked now) and a token bucket (new connections per period).
+        let saddr = { Expr.payload(network: true, offset: v6 ? 8 : 12, len: v6 ? 16 : 4, dreg: Expr.reg1) }
+        if let n = st.config.limits.connections {
+            b.dynamicSet(t, st.connSet, v6: v6, timeoutMs: nil)
+            b.rule(t, st.chain, [saddr(), Expr.dynsetAdd(st.connSet, setID: b.setID(st.connSet), sreg: Expr.reg1, Expr.connlimitOver(n)), Expr.counter(), Expr.drop()], "\(st.name): conn_per_source")
+        }
+        if let n = st.config.limits.rate {
+            let unit = UInt64(st.config.limits.ratePeriodMs / 1000)
+            b.dynamicSet(t, st.rateSet, v6: v6, timeoutMs: UInt64(2 * st.config.limits.ratePeriodMs))
+            b.rule(t, st.chain, [saddr(), Expr.dynsetAdd(st.rateSet, setID: b.setID(st.rateSet), sreg: Expr.reg1, Expr.limitOver(n, perSeconds: unit, burst: NatController.rateBurst)), Expr.counter(), Expr.drop()], "\(st.name): new_conn_rate_per_source")
+        }
     }
+
+    /// The token bucket's burst for `new_conn_rate_per_source` (nft's own default).
+    static let rateBurst: UInt32 = 5
 
     /// Networks as the kernel's interval set wants them: merged ranges, each a start element and
     /// an end element at the first address after it (none when the range runs to the top), and

@@ -50,6 +50,12 @@ extension NatController {
                     if !ranges.isEmpty { out += "\t\telements = { \(ranges.joined(separator: ", ")) }\n" }
                     out += "\t}\n"
                 }
+                if st.config.limits.connections != nil {
+                    out += "\tset \(st.connSet) {\n\t\ttype \(addrType)\n\t\tsize 65535\n\t\tflags dynamic\n\t}\n"
+                }
+                if st.config.limits.rate != nil {
+                    out += "\tset \(st.rateSet) {\n\t\ttype \(addrType)\n\t\tsize 65535\n\t\tflags dynamic,timeout\n\t\ttimeout \(2 * st.config.limits.ratePeriodMs / 1000)s\n\t}\n"
+                }
                 out += map(st.backends, "mark : \(addrType) . inet_service", st.config.servers.enumerated().map { j, s in
                     "0x\(hex8(st.marks[j])) : \(s.address.hostText) . \(s.address.port)"
                 })
@@ -85,6 +91,11 @@ extension NatController {
                 out += "\tchain \(st.chain) {\n"
                 if !st.access.deny.isEmpty { out += "\t\t\(ip) saddr @\(st.denySet) counter drop\n" }
                 if !st.access.allow.isEmpty { out += "\t\t\(ip) saddr != @\(st.allowSet) counter drop\n" }
+                if let n = st.config.limits.connections { out += "\t\tadd @\(st.connSet) { \(ip) saddr ct count over \(n) } counter drop\n" }
+                if let n = st.config.limits.rate {
+                    let unit = ["1": "second", "60": "minute", "3600": "hour"]["\(st.config.limits.ratePeriodMs / 1000)"] ?? "second"
+                    out += "\t\tadd @\(st.rateSet) { \(ip) saddr limit rate over \(n)/\(unit) burst \(NatController.rateBurst) packets } counter drop\n"
+                }
                 let total = st.weights.reduce(0, +)
                 if st.config.balance == .source {
                     let key = st.config.hashKey == .sourcePort ? "\(ip) saddr . tcp sport" : "\(ip) saddr"

@@ -62,10 +62,12 @@ public final class NatController: @unchecked Sendable {
             return id == o.id && family == o.family && a.binds.map(\.address) == b.binds.map(\.address) && a.balance == b.balance
                 && a.hashKey == b.hashKey && a.hashTableSize == b.hashTableSize && a.snat == b.snat
                 && a.servers.map(\.name) == b.servers.map(\.name) && a.servers.map(\.address) == b.servers.map(\.address)
-                && access == o.access
+                && access == o.access && a.limits == b.limits
         }
         var allowSet: String { "allow-\(name)" }
         var denySet: String { "deny-\(name)" }
+        var connSet: String { "conns-\(name)" }
+        var rateSet: String { "rate-\(name)" }
         var backends: String { "be-\(name)" }
         var sched: String { config.balance == .source ? "mg-\(name)" : "rr-\(name)" }
     }

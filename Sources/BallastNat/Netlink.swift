@@ -186,6 +186,23 @@ final class NftBatch {
         _ = nftnl_batch_update(batch)
     }
 
+    /// A set filled by the rules themselves (`add @set { ip saddr ct count over N }`): per-client
+    /// state for `limits`, entries forgotten after `timeoutMs` when given.
+    func dynamicSet(_ table: String, _ name: String, v6: Bool, timeoutMs: UInt64?) {
+        let id = nextSetID
+        nextSetID += 1
+        setIDs[name] = id
+        let s = setObject(table, name)
+        defer { nftnl_set_free(s) }
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), UInt32(NFT_SET_EVAL.rawValue) | (timeoutMs != nil ? UInt32(NFT_SET_TIMEOUT.rawValue) : 0))
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), v6 ? 8 : 7)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), v6 ? 16 : 4)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_DESC_SIZE.rawValue), 65535)
+        if let t = timeoutMs { nftnl_set_set_u64(s, UInt16(NFTNL_SET_TIMEOUT.rawValue), t) }
+        nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET.rawValue, NLM_F_CREATE, "create set \(table) \(name)"), s)
+        _ = nftnl_batch_update(batch)
+    }
+
     struct Element {
         var key: [UInt8]
         var data: [UInt8]?
@@ -357,6 +374,38 @@ enum Expr {
         if let setID { nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_SET_ID), setID) }
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_SREG), sreg)
         if invert { nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LOOKUP_FLAGS), UInt32(NFT_LOOKUP_F_INV.rawValue)) }
+        return e
+    }
+
+    /// `add @set { <key> <expr> }`: the key's entry (made when new) runs `expr`, a stateful
+    /// expression kept per entry; the rule goes on when it matches.
+    static func dynsetAdd(_ set: String, setID: UInt32?, sreg: UInt32, _ expr: OpaquePointer) -> OpaquePointer {
+        let e = make("dynset")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_DYNSET_SREG_KEY), sreg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_DYNSET_OP), UInt32(NFT_DYNSET_OP_ADD.rawValue))
+        nftnl_expr_set_str(e, UInt16(NFTNL_EXPR_DYNSET_SET_NAME), set)
+        if let setID { nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_DYNSET_SET_ID), setID) }
+        // libnftnl takes the expression itself (not a copy) and frees it with the rule.
+        _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_DYNSET_EXPR), UnsafeRawPointer(expr), 0)
+        return e
+    }
+
+    /// `ct count over N`: more than N tracked connections for the entry's key.
+    static func connlimitOver(_ n: Int) -> OpaquePointer {
+        let e = make("connlimit")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CONNLIMIT_COUNT), UInt32(n))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CONNLIMIT_FLAGS), UInt32(NFT_CONNLIMIT_F_INV.rawValue))
+        return e
+    }
+
+    /// `limit rate over N/unit burst B packets`.
+    static func limitOver(_ n: Int, perSeconds unit: UInt64, burst: UInt32) -> OpaquePointer {
+        let e = make("limit")
+        nftnl_expr_set_u64(e, UInt16(NFTNL_EXPR_LIMIT_RATE), UInt64(n))
+        nftnl_expr_set_u64(e, UInt16(NFTNL_EXPR_LIMIT_UNIT), unit)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LIMIT_BURST), burst)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LIMIT_TYPE), UInt32(NFT_LIMIT_PKTS.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LIMIT_FLAGS), UInt32(NFT_LIMIT_F_INV.rawValue))
         return e
     }
 
@@ -720,7 +769,7 @@ final class NetlinkSocket {
                     if let d = nftnl_expr_get(e, UInt16(NFTNL_EXPR_CMP_DATA), &len), len >= 1 {
                         kind = d.load(as: UInt8.self) == 1 ? .reply : .original
                     }
-                } else if name == "lookup" && !nftnl_expr_is_set(e, UInt16(NFTNL_EXPR_LOOKUP_DREG)) {
+                } else if (name == "lookup" && !nftnl_expr_is_set(e, UInt16(NFTNL_EXPR_LOOKUP_DREG))) || name == "dynset" {
                     kind = .refused
                 } else if name == "counter" {
                     packets = nftnl_expr_get_u64(e, UInt16(NFTNL_EXPR_CTR_PACKETS))

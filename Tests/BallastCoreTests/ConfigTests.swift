@@ -367,10 +367,6 @@ struct ConfigTests {
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    limits: { per_source: 5 }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
             "bad.yaml:4:15: unknown key 'per_source' in service 'a' limits; expected one of: conn_per_source, new_conn_rate_per_source"
         ),
-        (
-            "services:\n  - name: a\n    mode: nat\n    bind: \"10.0.0.100:80\"\n    limits: { conn_per_source: 5 }\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n",
-            "bad.yaml:5:5: service 'a': limits are not available in nat mode yet (allow and deny are; limits are proxy mode only in this version)"
-        ),
     ]
 
     @Test("accepted: slowstart 0s (off), allow_self, an operator socket open to all (with a warning), a 24-day timeout")

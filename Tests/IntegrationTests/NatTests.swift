@@ -632,10 +632,66 @@ final class NatLab {
         #expect(back == "s1" || back == "s2", "\(back)")
         #expect(try StatsClient.ask(sock, "add acl web/allow 10.77.1.200") == "\n")
         #expect(try lab.nft("list", "set", "ip", "ballast", "allow-web").contains("10.77.1.200"))
-        // Limits stay proxy mode's for now: a config error, not a silent no-op.
-        let bad = dir.write("bad.yaml", lab.config(extra: "limits: { conn_per_source: 5 }"))
-        let (status, _, err) = try runCommand(Repo.ballast, ["check", "-c", bad])
-        #expect(status == 1 && err.contains("limits are not available in nat mode yet"), "\(err)")
+    }
+
+    @Test(
+        "per-client limits in the kernel: ct count over N and a token bucket per source address, other clients untouched",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func kernelLimits() throws {
+        let lab = try NatLab()
+        let dir = TempDir()
+        let yaml = lab.config(extra: "limits: { conn_per_source: 2 }", dir: dir)
+        let shown = try lab.checkShown(dir.write("limits.yaml", yaml))
+        #expect(shown.contains("add @conns-web { ip saddr ct count over 2 } counter drop"), "\(shown)")
+        let b = try lab.ballast(yaml)
+        defer { b.stop() }
+        func run(_ body: String) throws -> String {
+            let script = """
+                import select, socket, time
+                def attempt(src, hold=None):
+                    s = socket.socket(); s.settimeout(0.5); s.bind((src, 0))
+                    try:
+                        s.connect(("\(lab.vip4)", 80)); s.recv(10)
+                        if hold is not None: hold.append(s)
+                        else: s.close()
+                        return "ok"
+                    except Exception:
+                        s.close(); return "refused"
+                def burst(src, n):
+                    # n SYNs at once; how many connect within 0.8 s (a dropped SYN is retried after 1 s).
+                    socks = []
+                    for _ in range(n):
+                        s = socket.socket(); s.setblocking(False); s.bind((src, 0))
+                        s.connect_ex(("\(lab.vip4)", 80)); socks.append(s)
+                    end = time.time() + 0.8
+                    done = set()
+                    while time.time() < end:
+                        _, w, _ = select.select([], [x for x in socks if x not in done], [], max(0, end - time.time()))
+                        for x in w:
+                            if x.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0: done.add(x)
+                    for x in socks: x.close()
+                    return len(done)
+                \(body)
+                """
+            return try NatLab.sh([NatLab.ip, "netns", "exec", lab.client, "python3", "-c", script]).trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        // Two held connections from .12; a third from .12 is dropped, .14 still gets in; 10 at
+        // once from .15 give 2.
+        let conns = try run("""
+            held = []
+            print(attempt("10.77.1.12", held), attempt("10.77.1.12", held), attempt("10.77.1.12"), attempt("10.77.1.14"), burst("10.77.1.15", 10))
+            """)
+        #expect(conns == "ok ok refused ok 2", "\(conns)")
+        // A reload to a rate limit instead (the service's kernel objects rebuilt in one batch):
+        // 20 SYNs at once from .16 meet a bucket of 5/s with nft's burst of 5; .17 is untouched.
+        let rateYaml = lab.config(extra: "limits: { new_conn_rate_per_source: 5/s }", dir: dir)
+        #expect(b.reload(rateYaml)?.contains("reloaded") == true)
+        let rate = try run("print(burst(\"10.77.1.16\", 20), attempt(\"10.77.1.17\"))").split(separator: " ").map(String.init)
+        let ok = Int(rate.first ?? "") ?? -1
+        #expect(ok >= 5 && ok <= 11 && rate.last == "ok", "\(rate)")
+        usleep(1_100_000)
+        let dcon = Int(StatsClient.row(try StatsClient.stat(dir.file("admin.sock")), "FRONTEND")["dcon"] ?? "") ?? 0
+        #expect(dcon >= 20 - ok, "dcon \(dcon)")
     }
 
     @Test("config errors: leastconn and first are not possible in the kernel")
