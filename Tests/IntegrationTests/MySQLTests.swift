@@ -59,7 +59,7 @@ import Glibc
 
         deinit {
             kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
+            NatLab.waitGone(process, timeout: 60)
         }
     }
 

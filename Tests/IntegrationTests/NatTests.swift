@@ -297,7 +297,7 @@ final class NatLab {
         #expect(try StatsClient.ask(dir.file("admin.sock"), "set server web/\(first) state drain") == "\n")
         usleep(100_000)
         input.write("go\n".data(using: .utf8)!)
-        keep.waitUntilExit()
+        NatLab.waitGone(keep, timeout: 60)
         let rest = String(decoding: output.readDataToEndOfFile(), as: UTF8.self)
         #expect(rest.contains("still here"), "the established flow broke: \(rest)")
     }
@@ -335,7 +335,7 @@ final class NatLab {
         #expect(b.waitForLog("Server web/s1 is DOWN", timeout: 5) != nil)
         #expect(b.waitForLog("nat: flushed the connections of web/s1", timeout: 3) != nil)
         input.write("go\n".data(using: .utf8)!)
-        p.waitUntilExit()
+        NatLab.waitGone(p, timeout: 60)
         // The first read may have taken "s1" without its newline: what is left can start with it.
         let out = String(decoding: output.readDataToEndOfFile(), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(out.hasPrefix("RESET") || out.hasPrefix("EOF"), "the client did not get a reset: \(out)")
@@ -455,7 +455,7 @@ final class NatLab {
         let (p, input, output) = try lab.clientScript(script)
         defer {
             input.write("done\n".data(using: .utf8)!)
-            p.waitUntilExit()
+            NatLab.waitGone(p, timeout: 60)
         }
         #expect(String(decoding: output.availableData, as: UTF8.self).hasPrefix("ready"))
         let rows = try StatsClient.stat(dir.file("admin.sock"))

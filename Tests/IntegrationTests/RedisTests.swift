@@ -45,7 +45,7 @@ import Glibc
             // SIGKILL: a child spawned from the test runner inherits its blocked SIGTERM, and this
             // throwaway server has nothing to save.
             kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
+            NatLab.waitGone(process, timeout: 60)
         }
     }
 

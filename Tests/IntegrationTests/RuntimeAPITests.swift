@@ -131,7 +131,7 @@ enum StatsClient {
         try haproxy.run()
         defer {
             kill(haproxy.processIdentifier, SIGKILL)
-            haproxy.waitUntilExit()
+            NatLab.waitGone(haproxy, timeout: 60)
         }
         let b = try BallastProcess(config: configYAML(global: """
             workers: 1

@@ -103,7 +103,7 @@ import Glibc
         usleep(1_500_000)
         try web1.start()
         #expect(p.waitForLog("Server web/web1 is UP", timeout: 3) != nil)
-        wrk.waitUntilExit()
+        NatLab.waitGone(wrk, timeout: 60)
         let report = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
         // wrk prints "Socket errors: connect C, read R, write W, timeout T" only when there were any,
         // and "Non-2xx or 3xx responses: N" only when there were some.

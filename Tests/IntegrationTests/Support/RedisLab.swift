@@ -115,7 +115,7 @@ final class RedisLab: @unchecked Sendable {
     func kill(_ k: Int) {
         guard let p = processes[k] else { return }
         Glibc.kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
+        NatLab.waitGone(p, timeout: 60)
         processes[k] = nil
     }
 
@@ -177,7 +177,7 @@ final class RedisLab: @unchecked Sendable {
     deinit {
         for p in sentinels {
             Glibc.kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
+            NatLab.waitGone(p, timeout: 60)
         }
         for k in Array(processes.keys) { kill(k) }
     }
