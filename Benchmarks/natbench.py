@@ -7,6 +7,7 @@ iperf3 (one stream, SECONDS each, ROUNDS interleaved rounds, medians) from the c
   routing        the server's own address: plain forwarding through the balancer, no NAT
   nft-dnat       the service address, with a hand-written one-line nft DNAT rule (kernel NAT's limit)
   ballast-nat    the service address, Ballast nat mode (its table, maps and ct marks)
+  ballast-nat-acl  the same with an allow list of 10,000 networks and a deny list of 1,000
   ballast-proxy  Ballast proxy mode on the balancer (splice relay)
 Then, with Ballast nat mode: the time one server's state change takes to reach the kernel
 (`set server … state drain` / `ready`, measured inside Ballast around the netlink batch), and
@@ -139,7 +140,15 @@ services:
     servers:
       - {{ name: s1, address: "{SERVER}:5201" }}
 """
-        results = {k: [] for k in ("routing", "nft-dnat", "ballast-nat", "ballast-proxy")}
+        # The same nat service behind an allow list of 10,000 networks (the client's last) and a
+        # deny list of 1,000: the kernel's interval sets, consulted for a flow's first packet.
+        rng = random.Random(7)
+        nets = sorted({f"{rng.randint(11, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.0/24" for _ in range(11000)})
+        allow = [n for n in nets if not n.startswith("10.")][:9999] + ["10.78.1.0/24"]
+        allowed = set(allow)
+        deny = [n for n in nets if n not in allowed][:1000]
+        acl_yaml = nat_yaml.replace('    bind: "' + VIP + ':5201"\n', '    bind: "' + VIP + ':5201"\n    allow: [' + ", ".join(allow) + ']\n    deny: [' + ", ".join(deny) + ']\n', 1)
+        results = {k: [] for k in ("routing", "nft-dnat", "ballast-nat", "ballast-nat-acl", "ballast-proxy")}
         for r in range(ROUNDS):
             print(f"round {r + 1}/{ROUNDS}", file=sys.stderr)
             results["routing"].append(iperf(SERVER, 5201))
@@ -150,6 +159,9 @@ services:
             b = start_ballast(procs, tmp, f"nat{r}", nat_yaml)
             results["ballast-nat"].append(iperf(VIP, 5201))
             results["ballast-proxy"].append(iperf("10.78.1.1", 5202))
+            procs.stop(b)
+            b = start_ballast(procs, tmp, f"acl{r}", acl_yaml)
+            results["ballast-nat-acl"].append(iperf(VIP, 5201))
             procs.stop(b)
         # Reaction time: one server's state change, measured inside Ballast around the batch.
         b = start_ballast(procs, tmp, "react", nat_yaml)
@@ -202,7 +214,7 @@ services:
         print()
         print("| path | Gbit/s | vs routing | vs nft-dnat | runs |")
         print("|---|---:|---:|---:|---|")
-        for k in ("routing", "nft-dnat", "ballast-nat", "ballast-proxy"):
+        for k in ("routing", "nft-dnat", "ballast-nat", "ballast-nat-acl", "ballast-proxy"):
             runs = ", ".join(f"{x:.2f}" for x in results[k])
             print(f"| {k} | {med[k]:.2f} | {med[k] / med['routing']:.2f}× | {med[k] / med['nft-dnat']:.2f}× | {runs} |")
         print()

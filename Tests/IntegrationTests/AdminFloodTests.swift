@@ -10,6 +10,47 @@ import Glibc
 /// a bounded flood (30,000 `show stat` in prompt mode, as `yes 'show stat' | socat` does), once
 /// from a client that reads its replies and once from one that never does.
 @Suite(.serialized) struct AdminFloodTests {
+    /// One flooding client: a writer thread (and a reader thread when it reads its replies). The
+    /// socket is closed once, after both threads have returned: a descriptor closed while another
+    /// thread still uses it may be reused by an unrelated pipe of a parallel test.
+    final class Flooder: @unchecked Sendable {
+        let fd: Int32
+        let received = Atomic<Int>(0)
+        private let running = Atomic<Int>(0)
+
+        init(_ sock: String, commands: Int, reads: Bool) throws {
+            fd = try StatsClient.connect(sock)
+            let request = Array(("prompt\n" + String(repeating: "show stat\n", count: commands)).utf8)
+            running.store(reads ? 2 : 1, ordering: .relaxed)
+            let fd = fd
+            Thread { [self] in
+                _ = try? Net.sendAll(fd, request)
+                running.subtract(1, ordering: .relaxed)
+            }.start()
+            if reads {
+                Thread { [self] in
+                    var buf = [UInt8](repeating: 0, count: 1 << 16)
+                    while true {
+                        let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
+                        if n <= 0 { break }
+                        received.add(n, ordering: .relaxed)
+                    }
+                    running.subtract(1, ordering: .relaxed)
+                }.start()
+            }
+        }
+
+        /// Resets the connection, waits for the threads, then closes the descriptor.
+        func stop() {
+            var l = linger(l_onoff: 1, l_linger: 0)
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
+            shutdown(fd, Int32(SHUT_RDWR))
+            let deadline = Date().addingTimeInterval(15)
+            while running.load(ordering: .relaxed) > 0 && Date() < deadline { usleep(10_000) }
+            if running.load(ordering: .relaxed) == 0 { close(fd) }  // else leak it rather than close it under a thread
+        }
+    }
+
     static func rssMiB(_ pid: Int32) -> Int {
         let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
         let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
@@ -47,35 +88,19 @@ import Glibc
         _ = try Self.showInfoLatencies(sock, seconds: 0.2)
         let before = Self.rssMiB(b.pid)
 
-        let fd = try StatsClient.connect(sock)
-        defer { close(fd) }
-        let received = Atomic<Int>(0)
-        let request = Array(("prompt\n" + String(repeating: "show stat\n", count: 30_000)).utf8)
-        let writer = Thread {
-            _ = try? Net.sendAll(fd, request)
-        }
-        writer.start()
-        if reads {
-            Thread {
-                var buf = [UInt8](repeating: 0, count: 1 << 16)
-                while true {
-                    let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
-                    if n <= 0 { break }
-                    received.add(n, ordering: .relaxed)
-                }
-            }.start()
-        }
+        let flooder = try Flooder(sock, commands: 30_000, reads: reads)
+
         usleep(300_000)
         let lat = try Self.showInfoLatencies(sock, seconds: 2.5)
         let during = Self.rssMiB(b.pid)
         let p99 = lat[min(lat.count - 1, lat.count * 99 / 100)]
-        print("flood (\(reads ? "reading" : "not reading")): show info n=\(lat.count) p50 \(lat[lat.count / 2]) ms p99 \(p99) ms max \(lat.last!) ms; RSS \(before) → \(during) MiB; flood replies read \(received.load(ordering: .relaxed)) bytes")
+        print("flood (\(reads ? "reading" : "not reading")): show info n=\(lat.count) p50 \(lat[lat.count / 2]) ms p99 \(p99) ms max \(lat.last!) ms; RSS \(before) → \(during) MiB; flood replies read \(flooder.received.load(ordering: .relaxed)) bytes")
         // Before the applet model one flooding client kept every other one waiting for seconds.
         #expect(lat.count >= 20 && lat.last! < 500, "show info latencies (ms): \(lat)")
         #expect(during - before < 24, "RSS grew from \(before) to \(during) MiB")
-        if reads { #expect(received.load(ordering: .relaxed) > 1 << 20, "the flooding client got its replies as well") }
+        if reads { #expect(flooder.received.load(ordering: .relaxed) > 1 << 20, "the flooding client got its replies as well") }
         // The flooder leaves; the process gives back what it used and still answers.
-        Net.reset(fd)
+        flooder.stop()
         usleep(300_000)
         #expect(Self.rssMiB(b.pid) - before < 16)
         #expect(try StatsClient.ask(sock, "show cli level") == "admin\n\n")
@@ -85,14 +110,8 @@ import Glibc
     func stopDuringFlood() throws {
         let dir = TempDir()
         let b = try Self.ballast(dir)
-        let fd = try StatsClient.connect(dir.file("admin.sock"))
-        defer { close(fd) }
-        let request = Array(("prompt\n" + String(repeating: "show stat\n", count: 30_000)).utf8)
-        Thread { _ = try? Net.sendAll(fd, request) }.start()
-        Thread {
-            var buf = [UInt8](repeating: 0, count: 1 << 16)
-            while buf.withUnsafeMutableBytes({ recv(fd, $0.baseAddress!, $0.count, 0) }) > 0 {}
-        }.start()
+        let flooder = try Flooder(dir.file("admin.sock"), commands: 30_000, reads: true)
+        defer { flooder.stop() }
         usleep(500_000)
         let t0 = Date()
         b.signal(SIGTERM)

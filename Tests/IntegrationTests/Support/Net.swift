@@ -122,9 +122,14 @@ enum Net {
 
     /// Closes with a RST.
     static func reset(_ fd: Int32) {
+        lingerZero(fd)
+        close(fd)
+    }
+
+    /// The next close of `fd` sends a reset (for a descriptor someone else closes).
+    static func lingerZero(_ fd: Int32) {
         var l = linger(l_onoff: 1, l_linger: 0)
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
-        close(fd)
     }
 
     /// A free loopback port (bound then released).
