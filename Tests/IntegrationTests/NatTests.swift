@@ -296,7 +296,7 @@ final class NatLab {
         // Drain the flow's own server: new connections have nowhere to go, the old flow stays.
         #expect(try StatsClient.ask(dir.file("admin.sock"), "set server web/\(first) state drain") == "\n")
         usleep(100_000)
-        input.write("go\n".data(using: .utf8)!)
+        try? input.write(contentsOf: Data("go\n".utf8))
         NatLab.waitGone(keep, timeout: 60)
         let rest = String(decoding: output.readDataToEndOfFile(), as: UTF8.self)
         #expect(rest.contains("still here"), "the established flow broke: \(rest)")
@@ -334,7 +334,7 @@ final class NatLab {
         try NatLab.sh([NatLab.ip, "-n", lab.ns("s1"), "link", "set", "\(lab.prefix)s1", "down"])
         #expect(b.waitForLog("Server web/s1 is DOWN", timeout: 5) != nil)
         #expect(b.waitForLog("nat: flushed the connections of web/s1", timeout: 3) != nil)
-        input.write("go\n".data(using: .utf8)!)
+        try? input.write(contentsOf: Data("go\n".utf8))
         NatLab.waitGone(p, timeout: 60)
         // The first read may have taken "s1" without its newline: what is left can start with it.
         let out = String(decoding: output.readDataToEndOfFile(), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
@@ -454,7 +454,7 @@ final class NatLab {
             """
         let (p, input, output) = try lab.clientScript(script)
         defer {
-            input.write("done\n".data(using: .utf8)!)
+            try? input.write(contentsOf: Data("done\n".utf8))
             NatLab.waitGone(p, timeout: 60)
         }
         #expect(String(decoding: output.availableData, as: UTF8.self).hasPrefix("ready"))

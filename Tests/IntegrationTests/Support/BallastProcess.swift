@@ -6,6 +6,11 @@ import Glibc
 #endif
 
 /// Paths of the repository and of the built `ballast` binary (`swift build` first; CI does).
+/// A write to a pipe or socket whose reader is gone must fail with EPIPE, not end the whole
+/// test process silently with SIGPIPE (a client script that exited early, a killed daemon).
+/// Every helper that spawns or talks to a process calls this first.
+let ignoreSIGPIPE: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
+
 enum Repo {
     static let root: URL = URL(fileURLWithPath: #filePath)
         .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
@@ -25,6 +30,7 @@ final class TempDir: @unchecked Sendable {
     let path: String
 
     init() {
+        ignoreSIGPIPE
         var template = Array((NSTemporaryDirectory() + "/ballast-test-XXXXXX").utf8CString)
         let p = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
         path = String(cString: p!)
@@ -42,78 +48,38 @@ final class TempDir: @unchecked Sendable {
 }
 
 /// Runs a command to completion and returns (exit status, stdout, stderr).
-/// Runs a short command and returns its exit status, standard output and standard error. Spawned
-/// and reaped here (posix_spawn, waitpid on its own pid), not through Foundation's `Process`:
-/// Foundation's reaper sometimes leaves a child that has exited as a zombie it never reports,
-/// and a test waiting on it hung a whole run. Past `timeout` the command is killed.
+/// Runs a short command and returns its exit status, standard output and standard error; past
+/// `timeout` the command is killed, and the wait for it is bounded too.
 func runCommand(_ path: String, _ args: [String], timeout: Double = 60) throws -> (Int32, String, String) {
-    var outPipe: [Int32] = [-1, -1]
-    var errPipe: [Int32] = [-1, -1]
-    guard pipe(&outPipe) == 0, pipe(&errPipe) == 0 else { throw Net.Failure("pipe: \(String(cString: strerror(errno)))") }
-    // Only the child's copies (dup2'd to 1 and 2) survive its exec; other children never see these.
-    for fd in outPipe + errPipe { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
-    posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
-    let argv: [UnsafeMutablePointer<CChar>?] = ([path] + args).map { strdup($0) } + [nil]
-    defer { for a in argv { free(a) } }
-    var pid: pid_t = 0
-    let rc = posix_spawn(&pid, path, &actions, nil, argv, environ)
-    close(outPipe[1])
-    close(errPipe[1])
-    defer {
-        close(outPipe[0])
-        close(errPipe[0])
-    }
-    guard rc == 0 else { throw Net.Failure("\(path): \(String(cString: strerror(rc)))") }
-    var out = [UInt8](), err = [UInt8]()
-    var open = [true, true]
-    var status: Int32 = 0
-    var exited = false
-    var exitedAt = Date.distantFuture
+    ignoreSIGPIPE
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: path)
+    p.arguments = args
+    let out = Pipe()
+    let err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    try p.run()
+    let outData = Mutex(Data())
+    let errData = Mutex(Data())
+    let t1 = TestThread { let d = out.fileHandleForReading.readDataToEndOfFile(); outData.withLock { $0 = d } }
+    let t2 = TestThread { let d = err.fileHandleForReading.readDataToEndOfFile(); errData.withLock { $0 = d } }
     let deadline = Date().addingTimeInterval(timeout)
-    var buf = [UInt8](repeating: 0, count: 65536)
-    // Read both pipes until they close (a daemon the command left behind may hold them: then
-    // stop 2 s after the command exited), and reap the command when it exits.
-    while open.contains(true) && Date() < exitedAt.addingTimeInterval(2) {
-        var fds = [pollfd(fd: outPipe[0], events: Int16(POLLIN), revents: 0), pollfd(fd: errPipe[0], events: Int16(POLLIN), revents: 0)]
-        for k in 0..<2 where !open[k] { fds[k].fd = -1 }
-        _ = poll(&fds, 2, 50)
-        for k in 0..<2 where open[k] && fds[k].revents != 0 {
-            let n = buf.withUnsafeMutableBytes { read(fds[k].fd, $0.baseAddress!, $0.count) }
-            if n > 0 {
-                if k == 0 { out += buf[0..<n] } else { err += buf[0..<n] }
-            } else if n == 0 || errno != EINTR {
-                open[k] = false
-            }
-        }
-        if !exited && waitpid(pid, &status, WNOHANG) == pid {
-            exited = true
-            exitedAt = Date()
-        }
-        if !exited && Date() > deadline {
-            kill(pid, SIGKILL)
-            _ = waitpid(pid, &status, 0)
-            exited = true
-            exitedAt = Date()
-        }
+    while p.isRunning && Date() < deadline { usleep(10_000) }
+    if p.isRunning {
+        kill(p.processIdentifier, SIGKILL)
+        // Bounded: Foundation's reaper has been seen to leave an exited child unreported.
+        NatLab.waitGone(p, timeout: 5)
     }
-    while !exited {
-        if waitpid(pid, &status, WNOHANG) == pid { break }
-        if Date() > deadline {
-            kill(pid, SIGKILL)
-            _ = waitpid(pid, &status, 0)
-            break
-        }
-        usleep(10_000)
-    }
-    // WEXITSTATUS, or 128 + the signal that ended it.
-    let code = status & 0x7F == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F)
-    return (code, String(decoding: out, as: UTF8.self), String(decoding: err, as: UTF8.self))
+    t1.join()
+    t2.join()
+    // A child Foundation never reported as ended has no status to read (reading it would trap).
+    return (
+        p.isRunning ? -1 : p.terminationStatus, String(decoding: outData.withLock { $0 }, as: UTF8.self),
+        String(decoding: errData.withLock { $0 }, as: UTF8.self)
+    )
 }
+
 
 /// A `ballast run` child process with its log captured line by line.
 final class BallastProcess: @unchecked Sendable {
@@ -129,6 +95,7 @@ final class BallastProcess: @unchecked Sendable {
         config: String, prefix: [String] = [], extraArgs: [String] = [], environment: [String: String] = [:],
         waitReady: Bool = true
     ) throws {
+        ignoreSIGPIPE
         dir = TempDir()
         configPath = dir.write("ballast.yaml", config)
         if let first = prefix.first {

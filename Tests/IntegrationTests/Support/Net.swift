@@ -209,6 +209,7 @@ final class TestServer: @unchecked Sendable {
     var connections: Int { accepted.load(ordering: .relaxed) }
 
     init(name: String = "server", host: String = "127.0.0.1", port: UInt16 = 0, handler: @escaping @Sendable (Int32, TestServer) -> Void) throws {
+        ignoreSIGPIPE
         (fd, self.port) = try Net.listen(host, port: port)
         self.name = name
         self.handler = handler
