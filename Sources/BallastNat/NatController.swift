@@ -374,66 +374,60 @@ public final class NatController: @unchecked Sendable {
     /// with conntrack accounting on, their packets and bytes. Read at most once a second.
     public func flowStats(service: String, server: Int) -> FlowStats {
         lock.withLock { _ in
-            let now = monotonicMillis()
-            if now - flowStatsAt > 1000 {
-                var all: [UInt32: FlowStats] = [:]
-                for fam in families {
-                    // Live flows from conntrack; cumulative connections and bytes from the counters.
-                    if let m = try? socket.conntrackByMark(family: fam == UInt16(NFPROTO_IPV6) ? UInt8(AF_INET6) : UInt8(AF_INET)) {
-                        for (mark, f) in m { all[mark, default: FlowStats()].flows += f.flows }
-                    }
-                    guard let rules = try? socket.ruleCounters(family: fam, table: NatController.tableName) else { continue }
-                    for st in services.values where st.family == fam {
-                        for j in st.marks.indices {
-                            var f = all[st.marks[j]] ?? FlowStats()
-                            for (kind, packets, bytes) in rules["srv-\(st.name)-\(j + 1)"] ?? [] {
-                                switch kind {
-                                case .newConnections: f.newConnections = packets
-                                case .original:
-                                    f.packetsIn = packets
-                                    f.bytesIn = bytes
-                                case .reply:
-                                    f.packetsOut = packets
-                                    f.bytesOut = bytes
-                                case .refused:
-                                    break
-                                }
-                            }
-                            all[st.marks[j]] = f
-                        }
-                    }
-                }
-                flowStatsCache = all
-                flowStatsAt = now
-            }
+            refreshCounters()
             guard let st = services[service], server < st.marks.count else { return FlowStats() }
             return flowStatsCache[st.marks[server]] ?? FlowStats()
         }
     }
 
-    /// Clients the kernel refused for a service (its access-list rules' counters), read at most
-    /// once a second.
+    /// Clients the kernel refused for a service (its access-list and limit rules' counters).
     public func refused(service: String) -> UInt64 {
         lock.withLock { _ in
-            let now = monotonicMillis()
-            if now - refusedAt > 1000 {
-                var all: [String: UInt64] = [:]
-                for fam in families {
-                    guard let rules = try? socket.ruleCounters(family: fam, table: NatController.tableName) else { continue }
-                    for st in services.values where st.family == fam {
-                        all[st.name] = (rules[st.chain] ?? []).filter { $0.0 == .refused }.reduce(0) { $0 &+ $1.1 }
-                    }
-                }
-                refusedCache = all
-                refusedAt = now
-            }
+            refreshCounters()
             return refusedCache[service] ?? 0
         }
     }
 
-    var refusedCache: [String: UInt64] = [:]
-    var refusedAt: Int64 = 0
+    /// Reads the kernel's counters (conntrack flows by mark, one rule dump per family) at most
+    /// once a second, for both the per-server figures and the refusals. Under `lock`.
+    private func refreshCounters() {
+        let now = monotonicMillis()
+        guard now - flowStatsAt > 1000 else { return }
+        var all: [UInt32: FlowStats] = [:]
+        var refused: [String: UInt64] = [:]
+        for fam in families {
+            // Live flows from conntrack; cumulative connections and bytes from the counters.
+            if let m = try? socket.conntrackByMark(family: fam == UInt16(NFPROTO_IPV6) ? UInt8(AF_INET6) : UInt8(AF_INET)) {
+                for (mark, f) in m { all[mark, default: FlowStats()].flows += f.flows }
+            }
+            guard let rules = try? socket.ruleCounters(family: fam, table: NatController.tableName) else { continue }
+            for st in services.values where st.family == fam {
+                refused[st.name] = (rules[st.chain] ?? []).filter { $0.0 == .refused }.reduce(0) { $0 &+ $1.1 }
+                for j in st.marks.indices {
+                    var f = all[st.marks[j]] ?? FlowStats()
+                    for (kind, packets, bytes) in rules["srv-\(st.name)-\(j + 1)"] ?? [] {
+                        switch kind {
+                        case .newConnections: f.newConnections = packets
+                        case .original:
+                            f.packetsIn = packets
+                            f.bytesIn = bytes
+                        case .reply:
+                            f.packetsOut = packets
+                            f.bytesOut = bytes
+                        case .refused:
+                            break
+                        }
+                    }
+                    all[st.marks[j]] = f
+                }
+            }
+        }
+        flowStatsCache = all
+        refusedCache = refused
+        flowStatsAt = now
+    }
 
+    var refusedCache: [String: UInt64] = [:]
     var flowStatsCache: [UInt32: FlowStats] = [:]
     var flowStatsAt: Int64 = 0
 

@@ -189,18 +189,6 @@ struct CLI {
         return .success(commands)
     }
 
-    /// Runs one request line, appending the reply to `out`.
-    func run(line: String, session: inout CLISession, into out: inout [UInt8]) {
-        switch CLI.commands(of: line) {
-        case .failure(let e): out += (e.message + "\n\n").utf8
-        case .success(let commands):
-            for words in commands {
-                if session.closeAfter { break }
-                run(words, session: &session, into: &out)
-            }
-        }
-    }
-
     /// Runs one command, appending its reply (and the prompt, in interactive mode) to `out`, the
     /// connection's output buffer: a large `show stat` is written there directly, never copied.
     func run(_ words: [String], session: inout CLISession, into out: inout [UInt8]) {
