@@ -31,6 +31,8 @@ public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
 /// values; `ConfigDefaultsTests` checks that the README and this table agree.
 public enum Defaults {
     public static let maxconn = 50_000
+    /// How often a server given by DNS name is resolved again (HAProxy's `hold valid` default).
+    public static let resolveInterval = Millis(10_000)
     public static let logLevel = LogLevel.info
     public static let logFormat = LogFormat.text
     public static let logConnections = false
@@ -187,6 +189,19 @@ public struct BindConfig: Sendable, Equatable {
     public var location: SourceLocation
 }
 
+/// What `add server` says of a server: enough to make it again after a reload or a restart.
+public struct AddedServer: Sendable, Equatable {
+    public var name: String
+    public var address: SocketAddress
+    public var weight = Defaults.weight
+    public var backup = false
+    public var maxconn = 0
+    public init(name: String, address: SocketAddress) {
+        self.name = name
+        self.address = address
+    }
+}
+
 public struct ServerConfig: Sendable, Equatable {
     public var name: String
     public var address: SocketAddress
@@ -203,7 +218,17 @@ public struct ServerConfig: Sendable, Equatable {
     public var check: CheckConfig?
     /// The address is one of this config's own binds, on purpose (a chain through another service).
     public var allowSelf = false
+    /// The DNS name `address` was given as (nil: a numeric address). Re-resolved every
+    /// `resolveInterval` while Ballast runs; `address` is what it resolved to when loaded.
+    public var hostname: String?
+    /// False when the name did not resolve at load and `init_addr: none` allowed that: the
+    /// server is held out of service until it resolves (`address` has only the port then).
+    public var resolved = true
+    public var resolveInterval = Defaults.resolveInterval
     public var location: SourceLocation
+
+    /// What identifies where the server is in the file: its name, or its numeric address.
+    public var addressKey: String { hostname.map { "\($0):\(address.port)" } ?? address.description }
 
     public init(name: String, address: SocketAddress, location: SourceLocation) {
         self.name = name
@@ -256,6 +281,23 @@ public struct ServiceConfig: Sendable, Equatable {
     public var limits = SourceLimits()
     public var servers: [ServerConfig] = []
     public var location: SourceLocation
+    /// A digest of the service's text in the file and of `defaults` (not of where it sits):
+    /// runtime server changes stay over a reload, and a restart, while this stays the same.
+    public var digest: UInt64 = 0
+    /// What a server of this service gets when it says nothing itself (for `add server`).
+    public var serverCheck: CheckConfig?
+    public var serverSlowstart = Millis(0)
+
+    /// A server added at run time, as the file would give it: the service's check and slow start.
+    public func makeServer(_ a: AddedServer) -> ServerConfig {
+        var s = ServerConfig(name: a.name, address: a.address, location: location)
+        s.weight = a.weight
+        s.backup = a.backup
+        s.maxconn = a.maxconn
+        s.check = serverCheck
+        s.slowstart = mode == .nat ? Millis(0) : serverSlowstart
+        return s
+    }
 
     public init(name: String, timeouts: Timeouts, retries: Int, location: SourceLocation) {
         self.name = name

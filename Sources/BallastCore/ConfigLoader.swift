@@ -31,11 +31,12 @@ public enum ConfigLoader {
     public static let serviceKeys = [
         "name", "mode", "bind", "balance", "hash_key", "hash_table_size", "allbackups", "slowstart", "timeout",
         "retries", "maxqueue", "check", "observe", "on_marked_down", "on_marked_up", "servers", "nat",
-        "sentinel", "allow", "deny", "limits",
+        "sentinel", "allow", "deny", "limits", "init_addr", "resolve_interval",
     ]
     public static let limitKeys = ["conn_per_source", "new_conn_rate_per_source"]
     public static let serverKeys = [
         "name", "address", "weight", "maxconn", "backup", "slowstart", "state", "check", "send_proxy", "allow_self",
+        "init_addr", "resolve_interval",
     ]
     /// Service and server names: at most this long (they are typed in runtime API commands).
     public static let maxNameLength = 64
@@ -43,16 +44,22 @@ public enum ConfigLoader {
     public static let maxDurationMillis: Int64 = Int64(Int32.max)
     public static let bindKeys = ["address", "accept_proxy", "freebind"]
 
-    public static func load(path: String, contents: String) throws(ConfigError) -> Config {
-        let parser = Parser(file: path)
+    /// `resolve` looks up servers given by DNS name (nil: such a server is an error).
+    public static func load(path: String, contents: String, resolve: NameResolver? = nil) throws(ConfigError) -> Config {
+        let parser = Parser(file: path, resolve: resolve)
         return try parser.parse(contents)
     }
 
     final class Parser {
         let file: String
+        let resolve: NameResolver?
         var warnings: [String] = []
+        var defaultsDigest: UInt64 = 0
 
-        init(file: String) { self.file = file }
+        init(file: String, resolve: NameResolver?) {
+            self.file = file
+            self.resolve = resolve
+        }
 
         func loc(_ node: Node) -> SourceLocation {
             SourceLocation(file: file, line: node.mark?.line ?? 1, column: node.mark?.column ?? 1)
@@ -75,7 +82,10 @@ public enum ConfigLoader {
             let top = try mapping(root, "the top level", allowed: ConfigLoader.topKeys)
             var config = Config(file: file)
             if let g = top["global"] { config.global = try parseGlobal(g.value) }
-            if let d = top["defaults"] { try parseDefaults(d.value, into: &config) }
+            if let d = top["defaults"] {
+                try parseDefaults(d.value, into: &config)
+                defaultsDigest = ConfigLoader.digest(d.value)
+            }
             guard let servicesEntry = top["services"] else {
                 throw fail(root, "missing required key 'services'")
             }
@@ -610,6 +620,7 @@ public enum ConfigLoader {
             let name = try identifier(nameEntry.value, "service name")
             let what = "service '\(name)'"
             var svc = ServiceConfig(name: name, timeouts: config.timeouts, retries: config.retries, location: loc(node))
+            svc.digest = ConfigLoader.digest(node) ^ defaultsDigest &* 0x9E37_79B9_7F4A_7C15
             if let e = m["mode"] {
                 svc.mode = try enumValue(e.value, "\(what): mode", ServiceMode.self)
             }
@@ -649,6 +660,10 @@ public enum ConfigLoader {
             }
             var serviceSlowstart = Millis(0)
             if let e = m["slowstart"] { serviceSlowstart = try duration(e.value, "\(what): slowstart", zeroMeansOff: true) }
+            // For the servers given by DNS name (numeric ones have nothing to resolve).
+            var naming = Naming()
+            if let e = m["init_addr"] { naming.initAddr = try initAddr(e.value, "\(what): init_addr") }
+            if let e = m["resolve_interval"] { naming.interval = try resolveInterval(e.value, "\(what): resolve_interval") }
             var serviceCheck: CheckConfig?
             if let e = m["check"] { serviceCheck = try parseCheck(e.value, "\(what) check", base: config.check) }
             if let e = m["observe"] {
@@ -707,7 +722,11 @@ public enum ConfigLoader {
                 throw fail(serversEntry.value, "\(what): 'servers' must be a non-empty list of servers")
             }
             for (i, sn) in seq.enumerated() {
-                let server = try parseServer(sn, index: i, service: what, slowstart: serviceSlowstart, check: serviceCheck, defaults: config.check)
+                svc.serverCheck = serviceCheck
+                svc.serverSlowstart = serviceSlowstart
+                let server = try parseServer(
+                    sn, index: i, service: what, slowstart: serviceSlowstart, check: serviceCheck, defaults: config.check,
+                    naming: naming, family: svc.mode == .nat ? svc.binds.first?.address.family : nil)
                 if let prev = svc.servers.first(where: { $0.name == server.name }) {
                     throw ConfigError(
                         server.location, "\(what): duplicate server name '\(server.name)' (first defined at \(prev.location))")
@@ -778,8 +797,84 @@ public enum ConfigLoader {
             if svc.servers.count > 4095 { throw fail(node, "\(what): nat mode takes at most 4095 servers per service") }
         }
 
+        /// How servers given by name start and how often they are looked up again.
+        struct Naming {
+            var initAddr: [InitAddr] = [.libc]
+            var interval = Defaults.resolveInterval
+        }
+
+        /// One step of `init_addr` (HAProxy's `init-addr`): look the name up, start without an
+        /// address, or start on this one.
+        enum InitAddr: Equatable {
+            case libc, none
+            case address(SocketAddress)
+        }
+
+        func initAddr(_ node: Node, _ what: String) throws(ConfigError) -> [InitAddr] {
+            let text = try string(node, what)
+            var out: [InitAddr] = []
+            for part in text.split(separator: ",").map({ String($0).trimmingSpaces }) {
+                switch part {
+                case "libc": out.append(.libc)
+                case "none": out.append(.none)
+                case "last":
+                    throw fail(node, "\(what): 'last' (the address in a state file) is not supported; use libc, none or an address, in the order to try them")
+                default:
+                    let t = part.contains(":") ? "[\(part)]:1" : "\(part):1"
+                    guard let a = try? SocketAddress(parsing: t) else {
+                        throw fail(node, "\(what): '\(part)' is not libc, none or a numeric address")
+                    }
+                    out.append(.address(a))
+                }
+            }
+            if out.isEmpty { throw fail(node, "\(what): expected libc, none or an address, separated by commas") }
+            return out
+        }
+
+        func resolveInterval(_ node: Node, _ what: String) throws(ConfigError) -> Millis {
+            let d = try duration(node, what)
+            if d.value < 100 { throw fail(node, "\(what): \(d) is too short (at least 100ms)") }
+            return d
+        }
+
+        /// A server given as `name:port`: looked up now, in `init_addr`'s order.
+        func named(
+            _ host: String, port: UInt16, _ node: Node, _ what: String, naming: Naming, family: Int32?
+        ) throws(ConfigError) -> (SocketAddress, resolved: Bool) {
+            var why: [String] = []
+            for step in naming.initAddr {
+                switch step {
+                case .libc:
+                    guard let resolve else {
+                        throw fail(node, "\(what): '\(host)' is a name and names are not resolved here")
+                    }
+                    switch resolve(host) {
+                    case .failure(let e): why.append(e.message)
+                    case .success(let answers):
+                        switch AddressChoice.choose(current: nil, answers: answers, port: port, family: family) {
+                        case .move(let a): return (a, true)
+                        case .keep, .empty: why.append("no address")
+                        case .otherFamily(let a):
+                            why.append("it resolves to \(a.hostText) only, not an address of the service's family")
+                        }
+                    }
+                case .none:
+                    let any = family == Int32(AF_INET6) ? "[::]:\(port)" : "0.0.0.0:\(port)"
+                    return (try! SocketAddress(parsing: any), false)
+                case .address(var a):
+                    a.port = port
+                    if let family, a.family != family { throw fail(node, "\(what): init_addr \(a.hostText) is not the service's family") }
+                    return (a, true)
+                }
+            }
+            throw fail(
+                node,
+                "\(what): '\(host)' does not resolve (\(why.joined(separator: "; "))); init_addr: none starts the server out of service until it does")
+        }
+
         func parseServer(
-            _ node: Node, index: Int, service: String, slowstart: Millis, check: CheckConfig?, defaults: CheckConfig
+            _ node: Node, index: Int, service: String, slowstart: Millis, check: CheckConfig?, defaults: CheckConfig,
+            naming serviceNaming: Naming, family: Int32?
         ) throws(ConfigError) -> ServerConfig {
             let m = try mapping(node, "\(service) servers[\(index)]", allowed: ConfigLoader.serverKeys)
             guard let n = m["name"] else { throw fail(node, "\(service) servers[\(index)]: missing required key 'name'") }
@@ -788,10 +883,33 @@ public enum ConfigLoader {
             guard let a = m["address"] else { throw fail(node, "\(what): missing required key 'address'") }
             let text = try string(a.value, "\(what): address")
             let addr: SocketAddress
-            do { addr = try SocketAddress(parsing: text) } catch { throw fail(a.value, "\(what): address '\(text)': \(error)") }
+            var hostname: String?
+            var resolved = true
+            var naming = serviceNaming
+            if let e = m["init_addr"] { naming.initAddr = try initAddr(e.value, "\(what): init_addr") }
+            if let e = m["resolve_interval"] { naming.interval = try resolveInterval(e.value, "\(what): resolve_interval") }
+            switch Result(catching: { () throws(SocketAddress.ParseError) in try SocketAddress(parsing: text) }) {
+            case .success(let numeric):
+                if let e = m["init_addr"] ?? m["resolve_interval"] {
+                    throw fail(e.key, "\(what): \(e.key.string ?? "init_addr") applies to a server given by DNS name, and '\(text)' is an address")
+                }
+                addr = numeric
+            case .failure(let error):
+                guard let (host, port) = HostName.split(text) else {
+                    throw fail(a.value, "\(what): address '\(text)': \(error) (nor is it a DNS name and a port)")
+                }
+                if port == 0 { throw fail(a.value, "\(what): address '\(text)': port 0 cannot be connected to") }
+                (addr, resolved) = try named(host, port: port, a.value, what, naming: naming, family: family)
+                hostname = host
+            }
             if addr.port == 0 { throw fail(a.value, "\(what): address '\(text)': port 0 cannot be connected to") }
-            if let kind = addr.notUnicast { throw fail(a.value, "\(what): address '\(text)' is \(kind); a server needs a unicast address") }
+            if resolved, let kind = addr.notUnicast {
+                throw fail(a.value, "\(what): address '\(text)'\(hostname == nil ? "" : " (\(addr.hostText))") is \(kind); a server needs a unicast address")
+            }
             var s = ServerConfig(name: name, address: addr, location: loc(node))
+            s.hostname = hostname
+            s.resolved = resolved
+            s.resolveInterval = naming.interval
             if let e = m["weight"] { s.weight = try integer(e.value, "\(what): weight", min: 0, max: Defaults.maxWeight) }
             if let e = m["maxconn"] { s.maxconn = try integer(e.value, "\(what): maxconn", min: 0, max: 10_000_000) }
             if let e = m["backup"] { s.backup = try bool(e.value, "\(what): backup") }
@@ -819,6 +937,14 @@ public enum ConfigLoader {
             }
             return s
         }
+    }
+
+    /// FNV-1a of a node as YAML writes it back (comments, spacing and position do not count).
+    static func digest(_ node: Node) -> UInt64 {
+        let text = (try? Yams.serialize(node: node)) ?? ""
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in text.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        return h
     }
 
     /// `500ms`, `2s`, `1m`, `1h`, `1d`; a bare number is milliseconds.

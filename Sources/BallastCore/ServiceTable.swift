@@ -11,7 +11,16 @@ public enum AdminState: UInt8, Sendable, CaseIterable {
 /// server name and address stay the same, so its connection count stays true across a reload.
 public final class Server: Sendable {
     public let name: String
-    public let address: SocketAddress
+    /// Where new connections and checks go. It moves when the server's DNS name resolves to
+    /// another address or an operator says `set server addr`; connections already made keep
+    /// theirs. Read under a lock (once per connect, never per byte).
+    public var address: SocketAddress { addressBox.withLock { $0 } }
+    private let addressBox: Mutex<SocketAddress>
+    /// The DNS name the address comes from (nil: a numeric address).
+    public let hostname: String?
+    /// False while a DNS name has not resolved yet (`init_addr: none`): out of service, shown
+    /// as HAProxy shows it, `MAINT (resolution)`.
+    public let hasAddress: Atomic<Bool>
     /// Current weight (0...256) and connection limit (0: none); atomics so a reload or the runtime
     /// API can change them while connections stay attached to the same object.
     public let weightValue: Atomic<Int>
@@ -50,7 +59,9 @@ public final class Server: Sendable {
 
     public init(config: ServerConfig) {
         name = config.name
-        address = config.address
+        addressBox = Mutex(config.address)
+        hostname = config.hostname
+        hasAddress = Atomic(config.resolved)
         weightValue = Atomic(config.weight)
         initialWeight = Atomic(config.weight)
         maxconnValue = Atomic(config.maxconn)
@@ -62,12 +73,31 @@ public final class Server: Sendable {
         if let c = config.check, c.effectiveInitState == .down || c.effectiveInitState == .fullyDown {
             up.store(false, ordering: .relaxed)
         }
-        if config.state == .maint || !up.load(ordering: .relaxed) { downSince.store(monotonicMillis(), ordering: .relaxed) }
+        if config.state == .maint || !up.load(ordering: .relaxed) || !config.resolved { downSince.store(monotonicMillis(), ordering: .relaxed) }
     }
 
-    /// Out of service for statistics: DOWN by health, or in maintenance.
+    /// Out of service for statistics: DOWN by health, in maintenance, or without an address.
     public var isDown: Bool {
         !up.load(ordering: .relaxed) || admin.load(ordering: .relaxed) == AdminState.maint.rawValue
+            || !hasAddress.load(ordering: .relaxed)
+    }
+
+    /// Moves the server to `new` (new connections and checks go there; established ones stay
+    /// where they are). Returns the address it had, nil when it had none.
+    @discardableResult
+    public func setAddress(_ new: SocketAddress, now: Int64 = monotonicMillis()) -> SocketAddress? {
+        let wasDown = isDown
+        let had = hasAddress.load(ordering: .relaxed)
+        let old = addressBox.withLock { a in
+            let o = a
+            a = new
+            return o
+        }
+        hasAddress.store(true, ordering: .relaxed)
+        if !had { upSince.store(max(now, 1), ordering: .relaxed) }
+        noteChange(wasDown: wasDown, now: now)
+        ServerStateClock.bump()
+        return had ? old : nil
     }
 
     /// Records a change of health or admin state: last change time, downtime, DOWN transitions.
@@ -145,6 +175,7 @@ public final class Server: Sendable {
     @inline(__always)
     public var usable: Bool {
         up.load(ordering: .relaxed) && admin.load(ordering: .relaxed) == AdminState.ready.rawValue && weight > 0
+            && hasAddress.load(ordering: .relaxed)
     }
 
     /// Below maxconn (or no limit).
@@ -236,9 +267,13 @@ public final class ServiceTable: Sendable {
             return Service(
                 config: sc, stats: stats,
                 servers: sc.servers.map { c -> Server in
-                    guard let (o, oc) = old["\(sc.name)/\(c.name)"], o.address == c.address else {
+                    guard let (o, oc) = old["\(sc.name)/\(c.name)"], oc.addressKey == c.addressKey || o.address == c.address && c.hostname == nil else {
                         return Server(config: c)
                     }
+                    // The address this load gives (a name resolved again, a runtime `set server
+                    // addr` dropped because the config changed the service): new connections go
+                    // there. A name that did not resolve now keeps the address it had.
+                    if c.resolved, o.address != c.address || !o.hasAddress.load(ordering: .relaxed) { o.setAddress(c.address, now: now) }
                     o.maxconnValue.store(c.maxconn, ordering: .relaxed)
                     o.slowstartMs.store(c.slowstart.value, ordering: .relaxed)
                     o.sendProxy.store(c.sendProxy?.rawValue ?? 0, ordering: .relaxed)

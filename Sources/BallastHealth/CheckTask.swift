@@ -17,7 +17,15 @@ extension HealthChecker {
         let service: String
         let server: Server
         let config: CheckConfig
-        let target: SocketAddress
+        /// Where the check connects: the server's address now (its DNS name or `set server
+        /// addr` may move it), or the check's own address/port.
+        var target: SocketAddress {
+            let at = server.address
+            var t = config.address ?? at
+            if config.address != nil { t.port = at.port }
+            if let p = config.port { t.port = p }
+            return t
+        }
         let initialWeight: Int
         var nextDue: Int64
         var fd: Int32 = -1
@@ -50,10 +58,6 @@ extension HealthChecker {
             self.server = server
             self.config = config
             self.initialWeight = initialWeight
-            var t = config.address ?? server.address
-            if config.address != nil { t.port = server.address.port }
-            if let p = config.port { t.port = p }
-            target = t
             // A server restored DOWN from the state file starts DOWN and needs `rise` passes.
             up = server.up.load(ordering: .relaxed)
             // Spread the first checks over one interval so they do not fire in lockstep; a server

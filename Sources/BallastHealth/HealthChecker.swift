@@ -287,7 +287,8 @@ public final class HealthChecker: @unchecked Sendable {
                 if t.fd >= 0 {
                     if now >= t.deadline { timedOut(t, now) }
                 } else if t.enabled && drainUntil == nil && now >= t.nextDue {
-                    begin(t, now)
+                    // A server whose name has not resolved has nowhere to be checked yet.
+                    if t.server.hasAddress.load(ordering: .relaxed) { begin(t, now) } else { t.nextDue = now + t.config.interval.value }
                 }
             }
             if !retiring.isEmpty {

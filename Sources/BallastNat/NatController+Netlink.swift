@@ -56,9 +56,8 @@ extension NatController {
         let v6 = st.family == UInt16(NFPROTO_IPV6)
         b.chain(t, st.chain)
         b.map(t, st.backends, interval: false, dataType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), dataLen: v6 ? 20 : 8)
-        b.elements(t, st.backends, st.config.servers.enumerated().map { j, s in
-            NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData(s.address))
-        })
+        let backends = st.addrs.enumerated().compactMap { j, a in a.map { NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData($0)) } }
+        if !backends.isEmpty { b.elements(t, st.backends, backends) }
         if st.config.balance == .source {
             b.map(t, st.sched, interval: false, dataType: 19, dataLen: 4, size: UInt32(st.config.hashTableSize))
             let slots = slotElements(st, Array(st.slots.indices))

@@ -56,8 +56,8 @@ extension NatController {
                 if st.config.limits.rate != nil {
                     out += "\tset \(st.rateSet) {\n\t\ttype \(addrType)\n\t\tsize 65535\n\t\tflags dynamic,timeout\n\t\ttimeout \(2 * st.config.limits.ratePeriodMs / 1000)s\n\t}\n"
                 }
-                out += map(st.backends, "mark : \(addrType) . inet_service", st.config.servers.enumerated().map { j, s in
-                    "0x\(hex8(st.marks[j])) : \(s.address.hostText) . \(s.address.port)"
+                out += map(st.backends, "mark : \(addrType) . inet_service", st.addrs.enumerated().compactMap { j, a in
+                    a.map { "0x\(hex8(st.marks[j])) : \($0.hostText) . \($0.port)" }
                 })
                 // `typeof` (not `type mark : mark`): nft reads a map keyed by a hash or a
                 // counter back only when told which expression fills the key.

@@ -51,6 +51,11 @@ public final class NatController: @unchecked Sendable {
         /// What is loaded now: usable weights (roundrobin/random) or Maglev slots (source).
         var weights: [Int] = []
         var slots: [Int32] = []
+        /// Where each server is now (its DNS name or `set server addr` can move it; nil: its
+        /// name has not resolved yet, so it has no `be-` element and no weight).
+        var addrs: [SocketAddress?] = []
+        /// Nothing to send: the maps hold what `o` holds.
+        func sameMaps(as o: ServiceState) -> Bool { weights == o.weights && slots == o.slots && addrs == o.addrs }
         var chain: String { "svc-\(name)" }
         var snatChain: String { "snat-\(name)" }
         func serverChain(_ j: Int) -> String { "srv-\(name)-\(j + 1)" }
@@ -61,7 +66,7 @@ public final class NatController: @unchecked Sendable {
             let a = config, b = o.config
             return id == o.id && family == o.family && a.binds.map(\.address) == b.binds.map(\.address) && a.balance == b.balance
                 && a.hashKey == b.hashKey && a.hashTableSize == b.hashTableSize && a.snat == b.snat
-                && a.servers.map(\.name) == b.servers.map(\.name) && a.servers.map(\.address) == b.servers.map(\.address)
+                && a.servers.map(\.name) == b.servers.map(\.name) && a.servers.map(\.addressKey) == b.servers.map(\.addressKey)
                 && access == o.access && a.limits == b.limits
         }
         var allowSet: String { "allow-\(name)" }
@@ -140,7 +145,7 @@ public final class NatController: @unchecked Sendable {
                 next[svc.name] = st
             }
             let unchanged = next.values.filter { st in
-                services[st.name].map { $0.same(as: st) && $0.weights == st.weights && $0.slots == st.slots } ?? false
+                services[st.name].map { $0.same(as: st) && $0.sameMaps(as: st) } ?? false
             }.count
             var changes: [String]
             do throws(NatError) {
@@ -236,7 +241,7 @@ public final class NatController: @unchecked Sendable {
     static func keptServers(_ old: ServiceState?, _ new: ServiceState?) -> Set<Int> {
         guard let old, let new, old.id == new.id, old.family == new.family else { return [] }
         let a = old.config.servers, b = new.config.servers
-        return Set((0..<min(a.count, b.count)).filter { a[$0].name == b[$0].name && a[$0].address == b[$0].address })
+        return Set((0..<min(a.count, b.count)).filter { a[$0].name == b[$0].name && a[$0].addressKey == b[$0].addressKey })
     }
 
     /// Removes the tables (stop), unless they are to outlive the process.
@@ -268,6 +273,7 @@ public final class NatController: @unchecked Sendable {
             }
         }
         st.weights = w
+        st.addrs = servers.map { $0.hasAddress.load(ordering: .relaxed) ? $0.address : nil }
         if st.config.balance == .source {
             st.slots = MaglevTable(names: servers.map(\.name), weights: w, size: st.config.hashTableSize).entries
         }
@@ -277,8 +283,16 @@ public final class NatController: @unchecked Sendable {
     /// replace their ranges and rule; source replaces only the Maglev slots that changed.
     /// False when there is nothing to change.
     func updateMaps(_ b: NftBatch, _ st: ServiceState, loaded before: ServiceState) -> Bool {
-        if st.weights == before.weights && st.slots == before.slots { return false }
+        if st.sameMaps(as: before) { return false }
         let tn = NatController.tableName
+        // A server that moved: its `be-` element names the new address (flows under way keep
+        // the old one: conntrack NATs only a connection's first packet).
+        let moved = st.addrs.indices.filter { $0 >= before.addrs.count || st.addrs[$0] != before.addrs[$0] }
+        let stale = moved.filter { $0 < before.addrs.count && before.addrs[$0] != nil }
+        if !stale.isEmpty { b.elements(tn, st.backends, stale.map { NftBatch.Element(key: le(st.marks[$0]), data: nil) }, delete: true) }
+        let fresh = moved.compactMap { j in st.addrs[j].map { NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData($0)) } }
+        if !fresh.isEmpty { b.elements(tn, st.backends, fresh) }
+        if st.weights == before.weights && st.slots == before.slots { return true }
         if st.config.balance == .source {
             var changed: [Int] = []
             for k in st.slots.indices where k >= before.slots.count || st.slots[k] != before.slots[k] { changed.append(k) }
@@ -315,7 +329,7 @@ public final class NatController: @unchecked Sendable {
                 guard var st = services[svc.name] else { continue }
                 let before = st
                 desired(&st, svc)
-                if st.weights == before.weights && st.slots == before.slots { continue }
+                if st.sameMaps(as: before) { continue }
                 changed = true
                 let b = socket.newBatch(family: st.family)
                 _ = updateMaps(b, st, loaded: before)

@@ -18,7 +18,7 @@ import Musl
 public func loadConfig(path: String) throws(ConfigError) -> Config {
     switch RegularFile.text(path) {
     case .failure(let e): throw ConfigError(SourceLocation(file: path, line: 0, column: 0), "cannot read the config: \(e)")
-    case .success(let text): return try ConfigLoader.load(path: path, contents: text)
+    case .success(let text): return try ConfigLoader.load(path: path, contents: text, resolve: Resolver.system)
     }
 }
 
@@ -63,15 +63,15 @@ func openListeners(_ bind: BindConfig, service: String, count: Int, listen: Bool
 /// have them blocked and hear about them through their eventfds.
 public final class Runtime {
     let configPath: String
-    private var config: Config
-    private var table: ServiceTable
+    var config: Config
+    var table: ServiceTable
     private var listeners: [String: BoundListener] = [:]
-    private var workers: [Worker] = []
+    var workers: [Worker] = []
     private var threads: [pthread_t] = []
     private let shared: ProxyShared
-    private let logger: Logger
-    private var generation: UInt64 = 1
-    private var checker: HealthChecker?
+    let logger: Logger
+    var generation: UInt64 = 1
+    var checker: HealthChecker?
     private let notifier = SystemdNotifier.fromProcessEnvironment()
     /// Workers' answers to the last watchdog round (each bumps its heartbeat on any command).
     private var lastHeartbeats: [Int] = []
@@ -81,9 +81,17 @@ public final class Runtime {
     private let startMaxconn: Int
     /// The runtime API and /metrics.
     private var admin: AdminServer?
-    private var adminContext: AdminContext?
+    var adminContext: AdminContext?
     /// nat mode: the kernel's rules and maps.
-    private var nat: NatController?
+    var nat: NatController?
+    /// The config as the file says it; `config` is this with `serverChanges` laid over it.
+    var fileConfig: Config
+    /// `add server`, `del server`, `set server … addr`: kept while their service's text stays.
+    var serverChanges = RuntimeServers()
+    /// Server changes from the runtime API, for the main thread.
+    private var changes: ChangeQueue?
+    /// Servers given by DNS name, looked up again while Ballast runs.
+    private var dns: DNSWatcher?
 
     public static func bootstrapLogging(_ config: LogConfig) {
         LogState.set(config)
@@ -96,13 +104,25 @@ public final class Runtime {
         // As HAProxy: without a maxconn in the file, the default is what the descriptor limit
         // allows (a default never warns on a host with a lower limit).
         if !config.global.maxconnExplicit { config.global.maxconn = Runtime.defaultMaxconn() }
+        self.fileConfig = config
+        self.logger = Logger(label: "ballast")
+        // Servers added, deleted or moved at run time by the last run, while their service's
+        // text is the same (the state file keeps them).
+        var dropped: [String] = []
+        if let path = config.global.stateFile, case .success(let text) = RegularFile.text(path) {
+            serverChanges = StateFile.parseChanges(text)
+            (config, dropped) = serverChanges.apply(to: config)
+        }
         self.config = config
         // Counter slots per server and service: one per worker, fixed before any table exists.
         Counters.slotCount = config.global.workers ?? max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
         self.table = ServiceTable.build(config: config, generation: 1, previous: nil, now: monotonicMillis())
         self.shared = ProxyShared(maxconn: config.global.maxconn)
         self.startMaxconn = config.global.maxconn
-        self.logger = Logger(label: "ballast")
+        for name in dropped { logger.notice("state file: the server changes made at run time to service \(name) are dropped: the config changed the service") }
+        for (name, c) in serverChanges.services {
+            logger.info("state file: service \(name) keeps the server changes made at run time (\(c.added.count) added, \(c.deleted.count) deleted, \(c.addresses.count) moved)")
+        }
     }
 
     var workerCount: Int {
@@ -230,6 +250,17 @@ public final class Runtime {
             table: table, checker: checker, workers: workers, shared: shared, logger: logger, hardMaxconn: startMaxconn,
             onTransition: transition)
         ctx.stateFile.withLock { $0 = config.global.stateFile }
+        ctx.serverChanges.withLock { $0 = serverChanges }
+        do {
+            let queue = try ChangeQueue()
+            changes = queue
+            ctx.changeServers = { queue.ask($0) }
+            let d = try DNSWatcher(logger: logger, resolve: Resolver.system) { ctx.table }
+            d.start()
+            dns = d
+        } catch {
+            return abortStart("cannot start the DNS resolver thread: \(error)")
+        }
         ctx.listeners.store(listeners.values.reduce(0) { $0 + $1.fds.count }, ordering: .relaxed)
         adminContext = ctx
         if let admin, admin.hasListeners {
@@ -259,10 +290,11 @@ public final class Runtime {
         // Every worker is also pinged four times a second, so `ballast health` can tell a stuck
         // one (its last answer grows old) from an idle one.
         let tick = min(Self.healthPingMs, notifier?.watchdogMicros.map { Int32(max(10, $0 / 2000)) } ?? Self.healthPingMs)
-        var pfd = pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0)
+        var pfds = [pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0), pollfd(fd: changes?.fd ?? -1, events: Int16(POLLIN), revents: 0)]
         var refusals = RefusalReport()
         while true {
-            let r = poll(&pfd, 1, tick)
+            let r = poll(&pfds, 2, tick)
+            if pfds[1].revents != 0 { changes?.serve { apply($0) } }
             if notifier?.watchdogMicros != nil { watchdog() }
             refusals.tick(ctx.table, logger: logger, now: monotonicMillis())
             for w in workers { w.send(.ping) }
@@ -306,6 +338,8 @@ public final class Runtime {
     /// removed), the listeners. Returns the exit status.
     private func abortStart(_ message: String?) -> Int32 {
         if let message { logger.critical("\(message)") }
+        dns?.stop()
+        dns = nil
         checker?.stop()
         checker = nil
         for w in workers { w.send(.exit) }
@@ -339,7 +373,7 @@ public final class Runtime {
     }
 
     /// Sends each worker the current table and its own listener sockets.
-    private func publish() {
+    func publish() {
         for (k, w) in workers.enumerated() {
             var specs: [ListenerSpec] = []
             for svc in config.services where svc.mode == .proxy {
@@ -366,15 +400,21 @@ public final class Runtime {
             return
         }
         for w in next.warnings { logger.warning("\(w)") }
+        if !next.global.maxconnExplicit { next.global.maxconn = startMaxconn }
+        // Server changes made at run time stay over the reload while their service's text does.
+        let file = next
+        var kept = serverChanges
+        let dropped: [String]
+        (next, dropped) = kept.apply(to: next)
         var opened: [String: BoundListener] = [:]
-        var kept: [String: BoundListener] = [:]
+        var keptListeners: [String: BoundListener] = [:]
         do {
             for svc in next.services where svc.mode == .proxy {
                 for b in svc.binds {
                     let key = listenerKey(b, svc.name)
                     if var l = listeners[key] {
                         l.service = svc.name
-                        kept[key] = l
+                        keptListeners[key] = l
                     } else {
                         opened[key] = try openListeners(b, service: svc.name, count: workers.count)
                     }
@@ -385,11 +425,9 @@ public final class Runtime {
             logger.error("reload failed, keeping the current configuration: \(error)")
             return
         }
-        for w in next.warnings { logger.warning("\(w)") }
         if next.global.workers != config.global.workers {
             logger.warning("global.workers changed: takes effect at the next restart")
         }
-        if !next.global.maxconnExplicit { next.global.maxconn = startMaxconn }
         if next.global.maxconn > startMaxconn {
             // The connection tables were sized at start; a larger maxconn needs a restart to be reached.
             logger.warning("global.maxconn raised: connection tables keep their start-up size until the next restart")
@@ -397,12 +435,16 @@ public final class Runtime {
         if next.global.stats.sockets != config.global.stats.sockets || next.global.metrics != config.global.metrics {
             logger.warning("global.stats sockets and global.metrics take effect at the next restart")
         }
-        let removed = listeners.filter { kept[$0.key] == nil }.map(\.value)
+        let removed = listeners.filter { keptListeners[$0.key] == nil }.map(\.value)
         config = next
+        fileConfig = file
+        serverChanges = kept
+        adminContext?.serverChanges.withLock { $0 = kept }
+        for name in dropped { logger.notice("service \(name): the server changes made at run time are dropped: the config changed the service") }
         generation += 1
         nat?.holdSync()
         table = ServiceTable.build(config: next, generation: generation, previous: table, now: monotonicMillis())
-        listeners = kept.merging(opened) { a, _ in a }
+        listeners = keptListeners.merging(opened) { a, _ in a }
         shared.maxconn.store(min(next.global.maxconn, startMaxconn), ordering: .relaxed)
         LogState.set(next.global.log)
         // Workers close the listeners they no longer get; the runtime never closes a worker's fd.
@@ -443,6 +485,8 @@ public final class Runtime {
         notifier?.send("STOPPING=1")
         adminContext?.stopping.store(true, ordering: .relaxed)
         adminContext?.saveState()
+        dns?.stop()
+        dns = nil
         for w in workers { w.send(.stopAccepting) }
         let deadline = monotonicMillis() + config.global.grace.value
         var open = shared.connections.load(ordering: .relaxed)

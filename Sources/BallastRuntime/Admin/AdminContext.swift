@@ -59,10 +59,19 @@ final class AdminContext: @unchecked Sendable {
         set { current.withLock { $0 = newValue } }
     }
 
+    /// Server changes made at run time (`add server` and the like), saved with the state.
+    let serverChanges = Mutex(RuntimeServers())
+    /// Applies a server change on the main thread and says how it went (set by the runtime).
+    var changeServers: (@Sendable (ServerChange) -> Result<String, CLIError>)? {
+        get { changeBox.withLock { $0 } }
+        set { changeBox.withLock { $0 = newValue } }
+    }
+    private let changeBox = Mutex<(@Sendable (ServerChange) -> Result<String, CLIError>)?>(nil)
+
     /// Writes the runtime state of every server to the state file, atomically (temp + rename).
     func saveState() {
         guard let path = stateFile.withLock({ $0 }) else { return }
-        let text = StateFile.render(table, checker: checker)
+        let text = StateFile.render(table, checker: checker) + StateFile.renderChanges(serverChanges.withLock { $0 })
         do { try StateFile.write(text, to: path) } catch {
             logger.error("cannot save server state to \(path): \(error)")
         }

@@ -61,6 +61,9 @@ struct CLI {
 
     static let commands: [Command] = [
         Command(["add", "acl"], "add acl <acl> <network>", "add a network to a service's allow or deny list (<svc>/allow, <svc>/deny)", .admin, maxArgs: 2) { cli, a, _ in cli.changeACL("add", a) },
+        Command(["add", "server"], "add server <bk>/<srv> <addr>:<port> [weight N] [backup] [maxconn N]", "create a new server (in maintenance: 'enable server' puts it in service)", .admin) { cli, a, _ in
+            cli.addServer(a)
+        },
         Command(["clear", "acl"], "clear acl <acl>", "empty a service's allow or deny list", .admin, maxArgs: 1) { cli, a, _ in cli.changeACL("clear", a) },
         Command(["clear", "counters"], "clear counters [all]", "clear max statistics counters (or all counters)", .operator, maxArgs: 1) { cli, a, session in
             if a.first == "all" && session.level < .admin { return "Permission denied\n\n" }
@@ -68,6 +71,7 @@ struct CLI {
             return "\n"
         },
         Command(["del", "acl"], "del acl <acl> <network>", "remove a network from a service's allow or deny list", .admin, maxArgs: 2) { cli, a, _ in cli.changeACL("del", a) },
+        Command(["del", "server"], "del server <bk>/<srv>", "remove a server in maintenance that has no connection", .admin, maxArgs: 1) { cli, a, _ in cli.delServer(a.first) },
         Command(["disable", "health"], "disable health <bk>/<srv>", "disable health checks", .admin, maxArgs: 1) { cli, a, _ in cli.setHealthCheck(a.first, enabled: false) },
         Command(["disable", "server"], "disable server <bk>/<srv>", "disable a server for maintenance (use 'set server' instead)", .admin, maxArgs: 1) { cli, a, _ in cli.setAdmin(a.first, .maint) },
         Command(["enable", "health"], "enable health <bk>/<srv>", "enable health checks", .admin, maxArgs: 1) { cli, a, _ in cli.setHealthCheck(a.first, enabled: true) },
@@ -284,7 +288,7 @@ struct CLI {
         if a.contains("up") {
             rows = rows.filter { $0.kind != .server || $0[.status].hasPrefix("UP") || $0[.status] == "no check" || $0[.status] == "DRAIN" }
         }
-        if a.contains("no-maint") { rows = rows.filter { $0.kind != .server || $0[.status] != "MAINT" } }
+        if a.contains("no-maint") { rows = rows.filter { $0.kind != .server || !$0[.status].hasPrefix("MAINT") } }
         if a.contains("json") {
             out += (StatTable.json(rows) + "\n").utf8
         } else if a.contains("typed") {
@@ -507,11 +511,71 @@ struct CLI {
             default: return "'set server <srv> agent' expects 'up' or 'down'.\n\n"
             }
             return "\n"
-        case "addr", "fqdn", "port", "check-addr", "check-port", "agent-addr", "agent-port", "agent-send", "ssl":
+        case "addr":
+            guard let value else { return "set server <b>/<s> addr requires an address and optionally a port.\n\n" }
+            var port: String?
+            if args.count > 3 {
+                guard args[3] == "port", args.count == 5 else { return "set server <b>/<s> addr requires an address and optionally a port.\n\n" }
+                port = args[4]
+            }
+            return cli(.move(service: svc.name, server: s.name, address: value, port: port), errorEnd: "\n\n")
+        case "fqdn", "port", "check-addr", "check-port", "agent-addr", "agent-port", "agent-send", "ssl":
             return "Ballast does not change '\(args[1])' at run time: edit the config and reload (the server keeps its counters).\n\n"
         default:
             return usage
         }
+    }
+
+    /// Hands a server change to the main thread and returns its answer (an error's text ends
+    /// with `errorEnd`: HAProxy ends some with a blank line, some not).
+    func cli(_ change: ServerChange, errorEnd: String) -> String {
+        guard let apply = ctx.changeServers else { return "Servers cannot be changed at run time here.\n" }
+        switch apply(change) {
+        case .success(let text): return text + "\n"
+        case .failure(let e): return e.message + errorEnd
+        }
+    }
+
+    /// `add server <bk>/<srv> <addr>:<port> [weight N] [backup] [maxconn N]`, as HAProxy 2.6's.
+    func addServer(_ args: [String]) -> String {
+        guard let target = args.first, let slash = target.firstIndex(of: "/") else { return "Require 'backend/server'.\n" }
+        let service = String(target[..<slash]), name = String(target[target.index(after: slash)...])
+        guard args.count >= 2, !name.isEmpty else { return "'server' expects <name> and <addr>[:<port>] as arguments.\n" }
+        let text = args[1]
+        guard let address = try? SocketAddress(parsing: text) else {
+            if HostName.split(text) != nil {
+                return "'\(text)': Ballast adds servers by numeric address; a server known by DNS name belongs in the config (address: name:port).\n"
+            }
+            return "'server' expects <name> and <addr>:<port> as arguments ('\(text)' is not a numeric address and port).\n"
+        }
+        var added = AddedServer(name: name, address: address)
+        var k = 2
+        while k < args.count {
+            switch args[k] {
+            case "backup":
+                added.backup = true
+                k += 1
+            case "weight", "maxconn":
+                guard k + 1 < args.count, let v = Int(args[k + 1]) else { return "'\(args[k])' expects an integer argument.\n" }
+                if args[k] == "weight" {
+                    guard (0...Defaults.maxWeight).contains(v) else { return "weight of server \(name) is not within 0 and \(Defaults.maxWeight).\n" }
+                    added.weight = v
+                } else {
+                    guard v >= 0 else { return "'maxconn' expects a positive integer.\n" }
+                    added.maxconn = v
+                }
+                k += 2
+            default:
+                return "unknown keyword '\(args[k])'.\n"
+            }
+        }
+        return cli(.add(service: service, added), errorEnd: "\n")
+    }
+
+    /// `del server <bk>/<srv>`: only a server in maintenance with no connection, as HAProxy.
+    func delServer(_ target: String?) -> String {
+        guard let target, let slash = target.firstIndex(of: "/") else { return "Require 'backend/server'.\n" }
+        return cli(.delete(service: String(target[..<slash]), server: String(target[target.index(after: slash)...])), errorEnd: "\n")
     }
 
     func forceHealth(_ svc: Service, _ s: Server, up: Bool) {

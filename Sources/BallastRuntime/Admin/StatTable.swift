@@ -199,6 +199,7 @@ enum StatTable {
     /// HAProxy's server status words.
     static func status(_ s: Server, _ check: CheckView?) -> String {
         if s.adminState == .maint { return "MAINT" }
+        if !s.hasAddress.load(ordering: .relaxed) { return "MAINT (resolution)" }
         let up = s.up.load(ordering: .relaxed)
         let checked = check.map { $0.enabled } ?? false
         if !up {
@@ -257,7 +258,7 @@ enum StatTable {
             r[.check_fall] = "\(v.fall)"
             r[.check_health] = "\(v.health)"
         }
-        r[.addr] = s.address.description
+        r[.addr] = s.hasAddress.load(ordering: .relaxed) ? s.address.description : ""
         r[.mode] = "tcp"
         r[.need_conn_est] = "0"
         r[.uweight] = "\(weight)"

@@ -58,7 +58,8 @@ enum StateFile {
             health = 2
         }
         let since = max(0, now - s.lastChange.load(ordering: .relaxed)) / 1000
-        return "\(iid) \(svc.name) \(j + 1) \(s.name) \(s.address.hostText) \(op) \(admin) \(s.weight) \(s.initialWeight.load(ordering: .relaxed)) \(since) \(status) \(result) \(health) \(state) \(agent) 0 0 - \(s.address.port) - 0 \(checkPort) \(checkAddr) - 0\n"
+        let addr = s.hasAddress.load(ordering: .relaxed) ? s.address.hostText : "-"
+        return "\(iid) \(svc.name) \(j + 1) \(s.name) \(addr) \(op) \(admin) \(s.weight) \(s.initialWeight.load(ordering: .relaxed)) \(since) \(status) \(result) \(health) \(state) \(agent) 0 0 \(s.hostname ?? "-") \(s.address.port) - 0 \(checkPort) \(checkAddr) - 0\n"
     }
 
     static func render(_ table: ServiceTable, checker: HealthChecker?, only: Service? = nil) -> String {
@@ -119,6 +120,54 @@ enum StateFile {
         return out
     }
 
+    // MARK: - Server changes made at run time
+
+    /// The runtime API's `add server`, `del server` and `set server … addr`, as comment lines
+    /// after the rows (HAProxy reads `#` lines as comments), each service's under the digest of
+    /// the text they were made against:
+    /// `#ballast-service <svc> <digest>`, `#ballast-add <svc> <srv> <addr> <weight> <backup> <maxconn>`,
+    /// `#ballast-del <svc> <srv>`, `#ballast-addr <svc> <srv> <addr>`.
+    static func renderChanges(_ changes: RuntimeServers) -> String {
+        var out = ""
+        for name in changes.services.keys.sorted() {
+            let c = changes.services[name]!
+            out += "#ballast-service \(name) \(String(c.digest, radix: 16))\n"
+            for a in c.added { out += "#ballast-add \(name) \(a.name) \(a.address) \(a.weight) \(a.backup ? 1 : 0) \(a.maxconn)\n" }
+            for d in c.deleted { out += "#ballast-del \(name) \(d)\n" }
+            for (srv, a) in c.addresses.sorted(by: { $0.key < $1.key }) { out += "#ballast-addr \(name) \(srv) \(a)\n" }
+        }
+        return out
+    }
+
+    static func parseChanges(_ text: String) -> RuntimeServers {
+        var all: [String: RuntimeServers.Changes] = [:]
+        for raw in text.split(whereSeparator: \.isNewline) where raw.hasPrefix("#ballast-") {
+            let f = raw.split(separator: " ").map(String.init)
+            guard f.count >= 3 else { continue }
+            let svc = f[1]
+            switch (f[0], f.count) {
+            case ("#ballast-service", 3):
+                if let d = UInt64(f[2], radix: 16) { all[svc] = RuntimeServers.Changes(digest: d) }
+            case ("#ballast-add", 7):
+                guard let a = try? SocketAddress(parsing: f[3]), let w = Int(f[4]), let b = Int(f[5]), let m = Int(f[6]) else { continue }
+                var s = AddedServer(name: f[2], address: a)
+                s.weight = w
+                s.backup = b != 0
+                s.maxconn = m
+                all[svc]?.added.append(s)
+            case ("#ballast-del", 3):
+                all[svc]?.deleted.append(f[2])
+            case ("#ballast-addr", 4):
+                if let a = try? SocketAddress(parsing: f[3]) { all[svc]?.addresses[f[2]] = a }
+            default:
+                continue
+            }
+        }
+        var out = RuntimeServers()
+        for (k, v) in all { out.restore(k, v) }
+        return out
+    }
+
     /// Applies a saved file to a freshly built table. A server whose address or port changed in
     /// the config, or whose configured weight changed, takes the config instead; servers no
     /// longer in the config are simply not found. Returns log lines.
@@ -130,7 +179,8 @@ enum StateFile {
         for svc in table.services {
             for (j, s) in svc.servers.enumerated() {
                 guard let v = saved["\(svc.name)/\(s.name)"] else { continue }
-                if v.address != s.address.hostText || v.port != s.address.port {
+                // A server given by name may have moved since; its name is what the file keeps.
+                if s.hostname == nil, v.address != s.address.hostText || v.port != s.address.port {
                     notes.append("state file: \(svc.name)/\(s.name) now has address \(s.address) in the config (saved: \(v.address):\(v.port)); the config wins")
                     continue
                 }
