@@ -40,9 +40,9 @@ final class ChangeQueue: @unchecked Sendable {
         queue.withLock { $0.append(p) }
         EventFd.signal(fd)
         guard p.done.wait(timeoutMs: 10_000) else {
-            return .failure(CLIError("Timed out: the change is queued and is applied after the reload under way."))
+            return .failure(CLIError("Timed out: the change is queued and is applied after the reload under way.\n\n"))
         }
-        return p.answer.withLock { $0 } ?? .failure(CLIError("The change was not applied."))
+        return p.answer.withLock { $0 } ?? .failure(CLIError("The change was not applied.\n\n"))
     }
 
     /// The main thread: answers every waiting change.
@@ -68,25 +68,28 @@ extension Runtime {
         switch change {
         case .add(let name, let added):
             guard let svc = table.services.first(where: { $0.name == name }), let base = fileConfig.services.first(where: { $0.name == name })
-            else { return .failure(CLIError("No such backend.")) }
+            else { return .failure(CLIError("No such backend.\n")) }
             if svc.servers.contains(where: { $0.name == added.name }) {
-                return .failure(CLIError("Already exists a server with the same name in backend."))
+                return .failure(CLIError("Already exists a server with the same name in backend.\n\n"))
             }
-            if let why = Runtime.refusal(added, in: svc.config, config: config) { return .failure(CLIError(why)) }
+            if let why = Runtime.refusal(added, in: svc.config, config: config) { return .failure(CLIError(why + "\n\n")) }
             var changes = serverChanges
             changes.add(added, to: base)
             install(changes)
+            // As HAProxy: a new server starts in maintenance; `enable server` puts it in service.
+            table.services.first { $0.name == name }?.servers.first { $0.name == added.name }?.setAdmin(.maint, now: monotonicMillis())
+            adminContext?.saveState()
             logger.notice("service \(name): server \(added.name) added at \(added.address) (in maintenance until enabled)")
-            return .success("New server registered.\n")
+            return .success("New server registered.\n\n")
         case .delete(let name, let srv):
             guard let svc = table.services.first(where: { $0.name == name }), let base = fileConfig.services.first(where: { $0.name == name })
-            else { return .failure(CLIError("No such backend.")) }
-            guard let s = svc.servers.first(where: { $0.name == srv }) else { return .failure(CLIError("No such server.")) }
-            guard s.adminState == .maint else { return .failure(CLIError("Only servers in maintenance mode can be deleted.")) }
+            else { return .failure(CLIError("No such backend.\n")) }
+            guard let s = svc.servers.first(where: { $0.name == srv }) else { return .failure(CLIError("No such server.\n")) }
+            guard s.adminState == .maint else { return .failure(CLIError("Only servers in maintenance mode can be deleted.\n")) }
             guard s.active.load(ordering: .relaxed) == 0 else {
-                return .failure(CLIError("Server still has connections attached to it, cannot remove it."))
+                return .failure(CLIError("Server still has connections attached to it, cannot remove it.\n"))
             }
-            guard svc.servers.count > 1 else { return .failure(CLIError("Cannot delete the last server of a backend.")) }
+            guard svc.servers.count > 1 else { return .failure(CLIError("Cannot delete the last server of a backend.\n")) }
             var changes = serverChanges
             changes.delete(srv, from: base)
             install(changes)
@@ -94,21 +97,23 @@ extension Runtime {
             return .success("Server deleted.\n")
         case .move(let name, let srv, let addrText, let portText):
             guard let svc = table.services.first(where: { $0.name == name }), let base = fileConfig.services.first(where: { $0.name == name })
-            else { return .failure(CLIError("No such backend.")) }
-            guard let s = svc.servers.first(where: { $0.name == srv }) else { return .failure(CLIError("No such server.")) }
+            else { return .failure(CLIError("No such backend.\n")) }
+            guard let s = svc.servers.first(where: { $0.name == srv }) else { return .failure(CLIError("No such server.\n\n")) }
             let old = s.address
             let text = addrText.contains(":") ? "[\(addrText)]:\(old.port)" : "\(addrText):\(old.port)"
-            guard var new = try? SocketAddress(parsing: text) else { return .failure(CLIError("Invalid addr '\(addrText)' by 'stats socket command'")) }
+            guard var new = try? SocketAddress(parsing: text) else { return .failure(CLIError("Invalid addr '\(addrText)' by 'stats socket command'\n\n")) }
             if let portText {
                 guard let p = UInt16(portText) else {
-                    return .failure(CLIError("problem converting port '\(portText)' to an int by 'stats socket command'"))
+                    // HAProxy's words; nothing is changed (HAProxy would have applied the address).
+                    let same = new.hostText == old.hostText ? "no need to change the addr, " : ""
+                    return .failure(CLIError("\(same)problem converting port '\(portText)' to an int by 'stats socket command'\n\n"))
                 }
-                guard p != 0 else { return .failure(CLIError("port 0 cannot be connected to; the server keeps \(old).")) }
+                guard p != 0 else { return .failure(CLIError("port 0 cannot be connected to; the server keeps \(old).\n\n")) }
                 new.port = p
             }
-            if let kind = new.notUnicast { return .failure(CLIError("\(new.hostText) is \(kind); a server needs a unicast address.")) }
+            if let kind = new.notUnicast { return .failure(CLIError("\(new.hostText) is \(kind); a server needs a unicast address.\n\n")) }
             if svc.config.mode == .nat, let fam = svc.config.binds.first?.address.family, new.family != fam {
-                return .failure(CLIError("\(new.hostText) is not the family of the nat service's address; the server keeps \(old)."))
+                return .failure(CLIError("\(new.hostText) is not the family of the nat service's address; the server keeps \(old).\n\n"))
             }
             var what: [String] = []
             let had = s.hasAddress.load(ordering: .relaxed)
@@ -129,7 +134,7 @@ extension Runtime {
                 logger.notice("service \(name): server \(srv) moved from \(old) to \(new) (runtime API)")
                 adminContext?.saveState()
             }
-            return .success(what.joined(separator: ", ") + " by 'stats socket command'\n")
+            return .success(what.joined(separator: ", ") + " by 'stats socket command'\n\n")
         }
     }
 

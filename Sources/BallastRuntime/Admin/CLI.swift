@@ -518,7 +518,7 @@ struct CLI {
                 guard args[3] == "port", args.count == 5 else { return "set server <b>/<s> addr requires an address and optionally a port.\n\n" }
                 port = args[4]
             }
-            return cli(.move(service: svc.name, server: s.name, address: value, port: port), errorEnd: "\n\n")
+            return cli(.move(service: svc.name, server: s.name, address: value, port: port))
         case "fqdn", "port", "check-addr", "check-port", "agent-addr", "agent-port", "agent-send", "ssl":
             return "Ballast does not change '\(args[1])' at run time: edit the config and reload (the server keeps its counters).\n\n"
         default:
@@ -526,13 +526,13 @@ struct CLI {
         }
     }
 
-    /// Hands a server change to the main thread and returns its answer (an error's text ends
-    /// with `errorEnd`: HAProxy ends some with a blank line, some not).
-    func cli(_ change: ServerChange, errorEnd: String) -> String {
+    /// Hands a server change to the main thread and returns its answer, as HAProxy 2.6 ends
+    /// it (some replies with a blank line, some not).
+    func cli(_ change: ServerChange) -> String {
         guard let apply = ctx.changeServers else { return "Servers cannot be changed at run time here.\n" }
         switch apply(change) {
-        case .success(let text): return text + "\n"
-        case .failure(let e): return e.message + errorEnd
+        case .success(let text): return text
+        case .failure(let e): return e.message
         }
     }
 
@@ -540,13 +540,13 @@ struct CLI {
     func addServer(_ args: [String]) -> String {
         guard let target = args.first, let slash = target.firstIndex(of: "/") else { return "Require 'backend/server'.\n" }
         let service = String(target[..<slash]), name = String(target[target.index(after: slash)...])
-        guard args.count >= 2, !name.isEmpty else { return "'server' expects <name> and <addr>[:<port>] as arguments.\n" }
+        guard args.count >= 2, !name.isEmpty else { return "'server' expects <name> and <addr>[:<port>] as arguments.\n\n" }
         let text = args[1]
         guard let address = try? SocketAddress(parsing: text) else {
             if HostName.split(text) != nil {
-                return "'\(text)': Ballast adds servers by numeric address; a server known by DNS name belongs in the config (address: name:port).\n"
+                return "'\(text)': Ballast adds servers by numeric address; a server known by DNS name belongs in the config (address: name:port).\n\n"
             }
-            return "'server' expects <name> and <addr>:<port> as arguments ('\(text)' is not a numeric address and port).\n"
+            return "'server' expects <name> and <addr>:<port> as arguments ('\(text)' is not a numeric address and port).\n\n"
         }
         var added = AddedServer(name: name, address: address)
         var k = 2
@@ -556,26 +556,26 @@ struct CLI {
                 added.backup = true
                 k += 1
             case "weight", "maxconn":
-                guard k + 1 < args.count, let v = Int(args[k + 1]) else { return "'\(args[k])' expects an integer argument.\n" }
+                guard k + 1 < args.count, let v = Int(args[k + 1]) else { return "'\(args[k])' expects an integer argument.\n\n" }
                 if args[k] == "weight" {
-                    guard (0...Defaults.maxWeight).contains(v) else { return "weight of server \(name) is not within 0 and \(Defaults.maxWeight).\n" }
+                    guard (0...Defaults.maxWeight).contains(v) else { return "weight of server \(name) is not within 0 and \(Defaults.maxWeight).\n\n" }
                     added.weight = v
                 } else {
-                    guard v >= 0 else { return "'maxconn' expects a positive integer.\n" }
+                    guard v >= 0 else { return "'maxconn' expects a positive integer.\n\n" }
                     added.maxconn = v
                 }
                 k += 2
             default:
-                return "unknown keyword '\(args[k])'.\n"
+                return "unknown keyword '\(args[k])'.\n\n"
             }
         }
-        return cli(.add(service: service, added), errorEnd: "\n")
+        return cli(.add(service: service, added))
     }
 
     /// `del server <bk>/<srv>`: only a server in maintenance with no connection, as HAProxy.
     func delServer(_ target: String?) -> String {
         guard let target, let slash = target.firstIndex(of: "/") else { return "Require 'backend/server'.\n" }
-        return cli(.delete(service: String(target[..<slash]), server: String(target[target.index(after: slash)...])), errorEnd: "\n")
+        return cli(.delete(service: String(target[..<slash]), server: String(target[target.index(after: slash)...])))
     }
 
     func forceHealth(_ svc: Service, _ s: Server, up: Bool) {

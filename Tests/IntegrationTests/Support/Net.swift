@@ -304,8 +304,8 @@ final class TestServer: @unchecked Sendable {
     }
 
     /// Answers each connection with its own name and a newline, then closes.
-    static func named(_ name: String, host: String = "127.0.0.1") throws -> TestServer {
-        try TestServer(name: name, host: host) { c, s in
+    static func named(_ name: String, host: String = "127.0.0.1", port: UInt16 = 0) throws -> TestServer {
+        try TestServer(name: name, host: host, port: port) { c, s in
             try? Net.sendAll(c, s.name + "\n")
             shutdown(c, Int32(SHUT_WR))
             _ = Net.readAll(c, limit: 1 << 20)
