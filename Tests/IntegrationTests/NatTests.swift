@@ -694,6 +694,49 @@ final class NatLab {
         #expect(dcon >= 20 - ok, "dcon \(dcon)")
     }
 
+    @Test(
+        "servers that move: set server addr replaces the server's map element, add server joins the map once enabled, del server leaves it",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func serversMove() throws {
+        let lab = try NatLab(servers: ["s1", "s2", "s3"])
+        let dir = TempDir()
+        let sock = dir.file("admin.sock")
+        // Only s1 in the file; s2 and s3 serve in the lab.
+        let yaml = lab.config(dir: dir).split(separator: "\n", omittingEmptySubsequences: false)
+            .filter { !$0.contains("name: s2,") && !$0.contains("name: s3,") }.joined(separator: "\n")
+        let b = try lab.ballast(yaml)
+        defer { b.stop() }
+        #expect(Set(try lab.connect(lab.vip4, count: 4)) == ["s1"])
+
+        // s1 moves to s2's address: the kernel's map element follows, new connections go there.
+        #expect(try StatsClient.ask(sock, "set server web/s1 addr \(lab.addr4(1))") == "IP changed from '\(lab.addr4(0))' to '\(lab.addr4(1))' by 'stats socket command'\n\n")
+        var map = ""
+        let moved = DiscoveryTests.waitFor(5) {
+            map = (try? lab.nft("list", "map", "ip", "ballast", "be-web")) ?? ""
+            return map.contains("\(lab.addr4(1)) . 80") && !map.contains("\(lab.addr4(0)) . 80")
+        }
+        #expect(moved, "\(map)")
+        #expect(Set(try lab.connect(lab.vip4, count: 4)) == ["s2"])
+
+        // Added: in maintenance (not in the rotation) until enabled; then checked and used.
+        #expect(try StatsClient.ask(sock, "add server web/s3 [\(lab.addr6(2))]:80") == "\(lab.addr6(2)) is not the family of the nat service's address.\n\n")
+        #expect(try StatsClient.ask(sock, "add server web/s3 \(lab.addr4(2)):80") == "New server registered.\n\n")
+        #expect(Set(try lab.connect(lab.vip4, count: 4)) == ["s2"])
+        #expect(try StatsClient.ask(sock, "enable server web/s3") == "\n")
+        #expect(DiscoveryTests.waitFor(5) { DiscoveryTests.row(sock, "s3")["status"] == "UP" }, "\(DiscoveryTests.row(sock, "s3"))")
+        var answers: [String] = []
+        #expect(DiscoveryTests.waitFor(5) {
+            answers = (try? lab.connect(lab.vip4, count: 6)) ?? []
+            return Set(answers) == ["s2", "s3"]
+        }, "\(answers)")
+
+        // Deleted once in maintenance: its element leaves the map.
+        #expect(try StatsClient.ask(sock, "disable server web/s3") == "\n")
+        #expect(try StatsClient.ask(sock, "del server web/s3") == "Server deleted.\n")
+        #expect(DiscoveryTests.waitFor(5) { !((try? lab.nft("list", "map", "ip", "ballast", "be-web")) ?? "").contains("\(lab.addr4(2)) . 80") })
+        #expect(Set(try lab.connect(lab.vip4, count: 4)) == ["s2"])
+    }
+
     @Test("config errors: leastconn and first are not possible in the kernel")
     func configErrors() throws {
         let yaml = """
