@@ -124,30 +124,42 @@ extension NatController {
     /// chains see nothing else), so a refused client's SYN is dropped and nothing is tracked
     /// as balanced.
     func accessRules(_ b: NftBatch, _ st: ServiceState) {
+        accessSets(b, st)
+        accessRulesOnly(b, st)
+    }
+
+    /// The sets behind a service's access rules: the allow and deny lists' interval sets and the
+    /// limits' dynamic sets (filled by the kernel).
+    func accessSets(_ b: NftBatch, _ st: ServiceState) {
         let t = NatController.tableName
         let v6 = st.family == UInt16(NFPROTO_IPV6)
-        for (set, list, invert) in [(st.denySet, st.access.deny, false), (st.allowSet, st.access.allow, true)] where !list.isEmpty {
-            let prefixes = list.filter { $0.isV6 == v6 }
+        for (set, list) in [(st.denySet, st.access.deny), (st.allowSet, st.access.allow)] where !list.isEmpty {
             b.addressSet(t, set, v6: v6)
-            let elements = NatController.intervalElements(prefixes)
+            let elements = NatController.intervalElements(list.filter { $0.isV6 == v6 })
             if !elements.isEmpty { b.elements(t, set, elements) }
+        }
+        if st.config.limits.connections != nil { b.dynamicSet(t, st.connSet, v6: v6, timeoutMs: nil) }
+        if st.config.limits.rate != nil { b.dynamicSet(t, st.rateSet, v6: v6, timeoutMs: UInt64(2 * st.config.limits.ratePeriodMs)) }
+    }
+
+    /// The rules at the head of a service's chain that refuse a client before a server is
+    /// picked. A chain flushed to replace its scheduling rule gets them back first.
+    func accessRulesOnly(_ b: NftBatch, _ st: ServiceState) {
+        let t = NatController.tableName
+        let v6 = st.family == UInt16(NFPROTO_IPV6)
+        let saddr = { Expr.payload(network: true, offset: v6 ? 8 : 12, len: v6 ? 16 : 4, dreg: Expr.reg1) }
+        for (set, list, invert) in [(st.denySet, st.access.deny, false), (st.allowSet, st.access.allow, true)] where !list.isEmpty {
             b.rule(
-                t, st.chain,
-                [
-                    Expr.payload(network: true, offset: v6 ? 8 : 12, len: v6 ? 16 : 4, dreg: Expr.reg1),
-                    Expr.match(set, setID: b.setID(set), sreg: Expr.reg1, invert: invert), Expr.counter(), Expr.drop(),
-                ], "\(st.name): \(invert ? "not in allow" : "deny")")
+                t, st.chain, [saddr(), Expr.match(set, setID: b.setID(set), sreg: Expr.reg1, invert: invert), Expr.counter(), Expr.drop()],
+                "\(st.name): \(invert ? "not in allow" : "deny")")
         }
         // Per-client limits, kept by the kernel per source address: `ct count` (connections
         // tracked now) and a token bucket (new connections per period).
-        let saddr = { Expr.payload(network: true, offset: v6 ? 8 : 12, len: v6 ? 16 : 4, dreg: Expr.reg1) }
         if let n = st.config.limits.connections {
-            b.dynamicSet(t, st.connSet, v6: v6, timeoutMs: nil)
             b.rule(t, st.chain, [saddr(), Expr.dynsetAdd(st.connSet, setID: b.setID(st.connSet), sreg: Expr.reg1, Expr.connlimitOver(n)), Expr.counter(), Expr.drop()], "\(st.name): conn_per_source")
         }
         if let n = st.config.limits.rate {
             let unit = UInt64(st.config.limits.ratePeriodMs / 1000)
-            b.dynamicSet(t, st.rateSet, v6: v6, timeoutMs: UInt64(2 * st.config.limits.ratePeriodMs))
             b.rule(t, st.chain, [saddr(), Expr.dynsetAdd(st.rateSet, setID: b.setID(st.rateSet), sreg: Expr.reg1, Expr.limitOver(n, perSeconds: unit, burst: NatController.rateBurst)), Expr.counter(), Expr.drop()], "\(st.name): new_conn_rate_per_source")
         }
     }

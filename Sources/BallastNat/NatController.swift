@@ -307,6 +307,8 @@ public final class NatController: @unchecked Sendable {
             b.elements(tn, st.sched, [], delete: true)
             let ranges = rangeElements(st)
             if !ranges.isEmpty { b.elements(tn, st.sched, ranges) }
+            // The flush took the access rules too: they go back first, in the same batch.
+            accessRulesOnly(b, st)
             schedRule(b, st)
         }
         return true

@@ -635,6 +635,39 @@ final class NatLab {
     }
 
     @Test(
+        "allow and deny in the kernel, IPv6: ip6 interval sets, a refused client's SYN dropped, the runtime API adds a network",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func accessListsIPv6() throws {
+        let lab = try NatLab()
+        let dir = TempDir()
+        for k in [13, 14] { try NatLab.sh([NatLab.ip, "-n", lab.client, "addr", "add", "fd77:1::\(k)/64", "dev", "\(lab.prefix)c0", "nodad"]) }
+        let yaml = lab.config(v6: true, extra: "deny: [\"fd77:1::13/128\"]\nallow: [\"fd77:1::/112\"]", dir: dir)
+        let b = try lab.ballast(yaml)
+        defer { b.stop() }
+        func answer(_ source: String) throws -> String { try lab.connect(lab.vip6, count: 1, source: source).first ?? "" }
+        for source in ["fd77:1::2", "fd77:1::14"] {
+            let a = try answer(source)
+            #expect(a == "s1" || a == "s2", "\(source): \(a)")
+        }
+        let sets = try lab.nft("list", "set", "ip6", "ballast", "deny-web")
+        let chain = try lab.nft("list", "chain", "ip6", "ballast", "svc-web")
+        #expect(try answer("fd77:1::13").hasPrefix("ERR"), "fd77:1::13 got in\n\(sets)\n\(chain)")
+        #expect(sets.contains("type ipv6_addr") && sets.contains("fd77:1::13"), "\(sets)")
+        // A server's state change rewrites the service's scheduling rule: the access rules stay.
+        let sock = dir.file("admin.sock")
+        #expect(try StatsClient.ask(sock, "set server web/s2 state drain") == "\n")
+        #expect(try StatsClient.ask(sock, "set server web/s2 state ready") == "\n")
+        usleep(300_000)
+        let after = try lab.nft("list", "chain", "ip6", "ballast", "svc-web")
+        #expect(after.contains("ip6 saddr @deny-web counter") && after.contains("ip6 saddr != @allow-web counter"), "\(after)")
+        #expect(try answer("fd77:1::13").hasPrefix("ERR"), "fd77:1::13 got in after a state change")
+        #expect(try StatsClient.ask(sock, "add acl web/deny fd77:1::14") == "\n")
+        #expect(try answer("fd77:1::14").hasPrefix("ERR"), "fd77:1::14 got in after add acl")
+        let back = try answer("fd77:1::2")
+        #expect(back == "s1" || back == "s2", "\(back)")
+    }
+
+    @Test(
         "per-client limits in the kernel: ct count over N and a token bucket per source address, other clients untouched",
         .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func kernelLimits() throws {
