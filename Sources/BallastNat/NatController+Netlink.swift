@@ -29,6 +29,22 @@ extension NatController {
         b.map(t, "services", keyType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), keyLen: v6 ? 20 : 8, dataType: NFT_DATA_VERDICT.rawValue)
         b.map(t, "source-nat", dataType: NFT_DATA_VERDICT.rawValue)
         b.map(t, "traffic", dataType: NFT_DATA_VERDICT.rawValue)
+        // A server's packet that opens no flow this node knows (`ct state new` from a server's
+        // address and port: the node took a flow over before conntrackd committed its entry,
+        // or lost it) would go out to the client with the server's address, and the client's
+        // reset would kill the connection. Dropped instead: the server sends it again, and by
+        // then the entry is there (committed, or picked up from the client's next packet).
+        b.keySet(t, "replies", keyType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), keyLen: v6 ? 20 : 8)
+        b.rule(
+            t, "forward",
+            Expr.ctStateNew(Expr.reg1) + [
+                Expr.metaL4proto(Expr.reg1), Expr.cmpEq(Expr.reg1, [UInt8(IPPROTO_TCP)]),
+                Expr.payload(network: true, offset: v6 ? 8 : 12, len: v6 ? 16 : 4, dreg: Expr.reg1),
+                Expr.payload(network: false, offset: 0, len: 2, dreg: Expr.reg32(v6 ? 4 : 1)),
+                Expr.match("replies", setID: b.setID("replies"), sreg: Expr.reg1, invert: false), Expr.counter(), Expr.drop(),
+            ], "a server's packet of a flow this node does not track")
+        let ends = NatController.replyEnds(list)
+        if !ends.isEmpty { b.elements(t, "replies", ends.sorted { $0.description < $1.description }.map { NftBatch.Element(key: NatController.addressData($0), data: nil) }) }
         for chain in ["prerouting", "output"] {
             b.rule(
                 t, chain,
@@ -259,6 +275,22 @@ extension NatController {
     }
 
     /// `address . port` as nftables stores a concatenation: each field in 32-bit words.
+    /// Every server address and port of these services (the `replies` set), once.
+    static func replyEnds(_ list: [ServiceState]) -> Set<SocketAddress> {
+        Set(list.flatMap { $0.addrs.compactMap { $0 } })
+    }
+
+    /// Brings the `replies` set of a family from `loaded` to `wanted`; false when equal.
+    func updateReplies(_ b: NftBatch, from loaded: Set<SocketAddress>, to wanted: Set<SocketAddress>) -> Bool {
+        guard loaded != wanted else { return false }
+        let t = NatController.tableName
+        let gone = loaded.subtracting(wanted).sorted { $0.description < $1.description }
+        let new = wanted.subtracting(loaded).sorted { $0.description < $1.description }
+        if !gone.isEmpty { b.elements(t, "replies", gone.map { NftBatch.Element(key: NatController.addressData($0), data: nil) }, delete: true) }
+        if !new.isEmpty { b.elements(t, "replies", new.map { NftBatch.Element(key: NatController.addressData($0), data: nil) }) }
+        return true
+    }
+
     static func addressData(_ a: SocketAddress) -> [UInt8] {
         hostBytes(a) + [UInt8(a.port >> 8), UInt8(a.port & 0xff), 0, 0]
     }

@@ -43,6 +43,10 @@ extension NatController {
             })
             out += map("source-nat", "mark : verdict", sv.filter { $0.config.snat != .none }.map { "0x\(hex8($0.id << 16)) : jump \($0.snatChain)" })
             out += map("traffic", "mark : verdict", sv.flatMap { st in st.config.servers.indices.map { "0x\(hex8(st.marks[$0])) : jump \(st.serverChain($0))" } })
+            let ends = NatController.replyEnds(sv).sorted { $0.description < $1.description }
+            out += "\tset replies {\n\t\ttype \(addrType) . inet_service\n"
+            if !ends.isEmpty { out += "\t\telements = { \(ends.map { "\($0.hostText) . \($0.port)" }.joined(separator: ", ")) }\n" }
+            out += "\t}\n"
             for st in sv {
                 for (set, list) in [(st.denySet, st.access.deny), (st.allowSet, st.access.allow)] where !list.isEmpty {
                     let ranges = NatController.textRanges(list.filter { $0.isV6 == v6 })
@@ -86,7 +90,9 @@ extension NatController {
             }
             out += "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
             out += "\t\tct mark 0x00000000/16 accept\n\t\tct mark & 0xffff0000 vmap @source-nat\n\t}\n"
-            out += "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct mark vmap @traffic\n\t}\n"
+            out += "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n"
+            out += "\t\tct state new meta l4proto tcp \(ip) saddr . tcp sport @replies counter drop\n"
+            out += "\t\tct mark vmap @traffic\n\t}\n"
             for st in sv {
                 out += "\tchain \(st.chain) {\n"
                 if !st.access.deny.isEmpty { out += "\t\t\(ip) saddr @\(st.denySet) counter drop\n" }

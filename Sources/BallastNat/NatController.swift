@@ -212,6 +212,10 @@ public final class NatController: @unchecked Sendable {
                     addService(b, st, keeping: NatController.keptServers(old, st))
                     changes.append(old?.family == fam ? "\(st.name) rebuilt" : "\(st.name) added")
                 }
+                let wanted = NatController.replyEnds(mine)
+                if updateReplies(b, from: NatController.replyEnds(services.values.filter { $0.family == fam }), to: wanted) {
+                    changes.append("server addresses")
+                }
                 if changes.count == before { continue }  // nothing of this family changed
             }
             b.finish()
@@ -335,6 +339,10 @@ public final class NatController: @unchecked Sendable {
                 changed = true
                 let b = socket.newBatch(family: st.family)
                 _ = updateMaps(b, st, loaded: before)
+                if st.addrs != before.addrs {
+                    let others = services.values.filter { $0.family == st.family && $0.name != st.name }
+                    _ = updateReplies(b, from: NatController.replyEnds(others + [before]), to: NatController.replyEnds(others + [st]))
+                }
                 b.finish()
                 do {
                     try socket.send(b)

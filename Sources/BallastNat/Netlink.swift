@@ -173,6 +173,20 @@ final class NftBatch {
 
     /// A plain set of addresses (`type ipv4_addr` or `ipv6_addr`, `flags interval`): the
     /// allow and deny lists of a service, matched by `ip saddr @set`.
+    /// A plain set of keys (`type ipv4_addr . inet_service` and the like), looked up by rules.
+    func keySet(_ table: String, _ name: String, keyType: UInt32, keyLen: UInt32) {
+        let id = nextSetID
+        nextSetID += 1
+        setIDs[name] = id
+        let s = setObject(table, name)
+        defer { nftnl_set_free(s) }
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), 0)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), keyType)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), keyLen)
+        nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET.rawValue, NLM_F_CREATE, "create set \(table) \(name)"), s)
+        _ = nftnl_batch_update(batch)
+    }
+
     func addressSet(_ table: String, _ name: String, v6: Bool) {
         let id = nextSetID
         nextSetID += 1

@@ -728,6 +728,91 @@ final class NatLab {
     }
 
     @Test(
+        "a flow whose conntrack entry is gone (a node taking it over): the server's packet that comes first is dropped, not sent to the client with the server's address; the flow goes on when the client speaks",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    func serverSpeaksFirstOnAnUntrackedFlow() throws {
+        let lab = try NatLab()
+        // A server on port 81 that speaks on its own: a numbered line every 200 ms, and an
+        // echo of what the client says.
+        let server = """
+            import socket, threading, time
+            l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            l.bind(("0.0.0.0", 81)); l.listen(8)
+            def serve(c):
+                def reader():
+                    while True:
+                        d = c.recv(100)
+                        if not d: return
+                        c.sendall(b"echo " + d)
+                threading.Thread(target=reader, daemon=True).start()
+                n = 0
+                try:
+                    while True:
+                        c.sendall(b"tick %d\\n" % n); n += 1; time.sleep(0.2)
+                except OSError:
+                    return
+            while True:
+                c, _ = l.accept()
+                threading.Thread(target=serve, args=(c,), daemon=True).start()
+            """
+        for s in lab.servers {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: NatLab.ip)
+            p.arguments = ["netns", "exec", lab.ns(s), "python3", "-c", server]
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            lab.procs.append(p)
+        }
+        usleep(300_000)
+        let yaml = lab.config(balance: "source", check: "").replacingOccurrences(of: ":80\"", with: ":81\"")
+        let b = try lab.ballast(yaml)
+        defer { b.stop() }
+        // The client: reads ticks; on "go" waits 1.5 s (the server speaks into the gap), then says
+        // hello and reads for 2 s more.
+        let client = """
+            import socket, sys, time
+            s = socket.create_connection((sys.argv[1], 81), timeout=5)
+            f = s.makefile("rb")
+            print("first", f.readline().decode().strip(), flush=True)
+            sys.stdin.readline()
+            time.sleep(1.5)
+            try:
+                s.sendall(b"hello\\n")
+                s.settimeout(0.5)
+                end = time.time() + 2; ticks = 0; echo = False
+                while time.time() < end:
+                    try:
+                        line = f.readline().decode()
+                    except socket.timeout:
+                        continue
+                    if not line: print("closed", flush=True); break
+                    if line.startswith("tick"): ticks += 1
+                    if line.startswith("echo hello"): echo = True
+                print("after ticks=%d echo=%s" % (ticks, echo), flush=True)
+            except Exception as e:
+                print("ERR", e, flush=True)
+            """
+        let (p, input, output) = try lab.clientScript(client.replacingOccurrences(of: "sys.argv[1]", with: "\"\(lab.vip4)\""))
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        var first = Data()
+        while !first.contains(10) {
+            let d = output.availableData
+            if d.isEmpty { break }
+            first.append(d)
+        }
+        #expect(String(decoding: first, as: UTF8.self).hasPrefix("first tick"), "\(String(decoding: first, as: UTF8.self))")
+        // The balancer forgets the flow, as a node that takes it over without its entry.
+        try NatLab.sh([NatLab.ip, "netns", "exec", lab.balancer, "/usr/sbin/conntrack", "-D", "-p", "tcp", "--orig-port-dst", "81"])
+        try? input.write(contentsOf: Data("go\n".utf8))
+        NatLab.waitGone(p, timeout: 20)
+        let rest = String(decoding: output.readDataToEndOfFile(), as: UTF8.self)
+        #expect(rest.contains("after ticks=") && rest.contains("echo=True") && !rest.contains("ticks=0"), "\(rest)")
+        let fwd = try lab.nft("list", "chain", "ip", "ballast", "forward")
+        #expect(fwd.contains("saddr . tcp sport @replies counter packets") && !fwd.contains("@replies counter packets 0 "), "\(fwd)")
+    }
+
+    @Test(
         "servers that move: set server addr replaces the server's map element, add server joins the map once enabled, del server leaves it",
         .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func serversMove() throws {
