@@ -21,13 +21,15 @@ import Musl
 ///   map services { type ipv4_addr . inet_service : verdict }      bind → goto svc-<svc>
 ///   map source-nat { type mark : verdict }                          service mark → jump snat-<svc>
 ///   map traffic  { type mark : verdict }                          server mark → jump srv-<svc>-<n>
+///   set replies  { type ipv4_addr . inet_service }                 every server's address . port
 ///   map be-<svc> { type mark : ipv4_addr . inet_service }          server mark → address . port
 ///   map rr-<svc> { type mark : mark; flags interval }              roundrobin/random: weight ranges → mark
 ///   map mg-<svc> { type mark : mark }                              source: Maglev slot → mark
 ///   chain prerouting  { type nat hook prerouting priority dstnat; ip daddr . tcp dport vmap @services }
 ///   chain output      { type nat hook output priority dstnat;     (the same, for the host's own clients) }
 ///   chain postrouting { type nat hook postrouting priority srcnat; ct mark & 0xffff0000 vmap @source-nat }
-///   chain forward     { type filter hook forward priority filter; ct mark vmap @traffic }
+///   chain forward     { type filter hook forward priority filter; ct state new ip saddr . tcp sport @replies drop;
+///                       ct mark vmap @traffic }
 ///   chain svc-<svc>   { ct mark set numgen inc mod W map @rr-<svc>; dnat to ct mark map @be-<svc> }
 ///   chain snat-<svc>  { masquerade }                              (or snat to an address; none: no chain)
 ///   chain srv-<svc>-<n> { ct state new counter; ct direction original counter; … reply counter }
