@@ -48,18 +48,6 @@ extension NatController {
             if !ends.isEmpty { out += "\t\telements = { \(ends.map { "\($0.hostText) . \($0.port)" }.joined(separator: ", ")) }\n" }
             out += "\t}\n"
             for st in sv {
-                for (set, list) in [(st.denySet, st.access.deny), (st.allowSet, st.access.allow)] where !list.isEmpty {
-                    let ranges = NatController.textRanges(list.filter { $0.isV6 == v6 })
-                    out += "\tset \(set) {\n\t\ttype \(addrType)\n\t\tflags interval\n"
-                    if !ranges.isEmpty { out += "\t\telements = { \(ranges.joined(separator: ", ")) }\n" }
-                    out += "\t}\n"
-                }
-                if st.config.limits.connections != nil {
-                    out += "\tset \(st.connSet) {\n\t\ttype \(addrType)\n\t\tsize 65535\n\t\tflags dynamic\n\t}\n"
-                }
-                if st.config.limits.rate != nil {
-                    out += "\tset \(st.rateSet) {\n\t\ttype \(addrType)\n\t\tsize 65535\n\t\tflags dynamic,timeout\n\t\ttimeout \(2 * st.config.limits.ratePeriodMs / 1000)s\n\t}\n"
-                }
                 out += map(st.backends, "mark : \(addrType) . inet_service", st.addrs.enumerated().compactMap { j, a in
                     a.map { "0x\(hex8(st.marks[j])) : \($0.hostText) . \($0.port)" }
                 })
@@ -82,6 +70,18 @@ extension NatController {
                     }
                     let gen = st.config.balance == .random ? "random" : "inc"
                     out += map(st.sched, "", ranges, extra: "\t\tflags interval\n", typeof: "numgen \(gen) mod \(max(1, total)) : ct mark")
+                }
+                for (set, list) in [(st.denySet, st.access.deny), (st.allowSet, st.access.allow)] where !list.isEmpty {
+                    let ranges = NatController.textRanges(list.filter { $0.isV6 == v6 })
+                    out += "\tset \(set) {\n\t\ttype \(addrType)\n\t\tflags interval\n"
+                    if !ranges.isEmpty { out += "\t\telements = { \(ranges.joined(separator: ", ")) }\n" }
+                    out += "\t}\n"
+                }
+                if st.config.limits.connections != nil {
+                    out += "\tset \(st.connSet) {\n\t\ttype \(addrType)\n\t\tsize 65535\n\t\tflags dynamic\n\t}\n"
+                }
+                if st.config.limits.rate != nil {
+                    out += "\tset \(st.rateSet) {\n\t\ttype \(addrType)\n\t\tsize 65535\n\t\tflags dynamic,timeout\n\t\ttimeout \(2 * st.config.limits.ratePeriodMs / 1000)s\n\t}\n"
                 }
             }
             for hook in ["prerouting", "output"] {
@@ -112,13 +112,14 @@ extension NatController {
                     out += "\t\tmeta l4proto tcp dnat \(ip) to ct mark map @\(st.backends)\n"
                 }
                 out += "\t}\n"
+                // In the order the netlink batch creates them (nft lists objects so).
+                for j in st.config.servers.indices {
+                    out += "\tchain \(st.serverChain(j)) {\n\t\tct state new counter\n\t\tct direction original counter\n\t\tct direction reply counter\n\t}\n"
+                }
                 switch st.config.snat {
                 case .none: break
                 case .masquerade: out += "\tchain \(st.snatChain) {\n\t\tmasquerade\n\t}\n"
                 case .address(let a): out += "\tchain \(st.snatChain) {\n\t\tsnat \(ip) to \(a.hostText)\n\t}\n"
-                }
-                for j in st.config.servers.indices {
-                    out += "\tchain \(st.serverChain(j)) {\n\t\tct state new counter\n\t\tct direction original counter\n\t\tct direction reply counter\n\t}\n"
                 }
             }
             out += "}\n"

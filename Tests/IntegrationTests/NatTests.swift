@@ -147,6 +147,32 @@ final class NatLab {
         return shown
     }
 
+    /// A listing without what only says how it was made: counter values and the `typeof`
+    /// declaration nft keeps for a map it was given as text (netlink carries the types only).
+    /// (A numgen map given as text lists its keys as numbers, one made over netlink as marks.)
+    static func normalized(_ listing: String) -> String {
+        var inNumgenMap = false
+        return listing.split(separator: "\n").map { line -> String in
+            var l = String(line)
+            if let r = l.range(of: #"counter packets \d+ bytes \d+"#, options: .regularExpression) { l.replaceSubrange(r, with: "counter") }
+            let t = l.trimmingCharacters(in: .whitespaces)
+            if t.hasPrefix("map ") { inNumgenMap = false }
+            if t.hasPrefix("typeof numgen") || t == "type mark : mark" {
+                inNumgenMap = true
+                l = l.replacingOccurrences(of: #"typeof numgen (inc|random) mod \d+ : ct mark"#, with: "type mark : mark", options: .regularExpression)
+            }
+            if inNumgenMap && t.hasPrefix("elements") {
+                // Keys (before `-` or ` :`, not after `: `) from 0x00000002 to 2.
+                let re = try! NSRegularExpression(pattern: #"(?<!: )0x([0-9a-f]{8})(?=-| :)"#)
+                for m in re.matches(in: l, range: NSRange(l.startIndex..., in: l)).reversed() {
+                    let hex = String(l[Range(m.range(at: 1), in: l)!])
+                    l.replaceSubrange(Range(m.range, in: l)!, with: String(UInt32(hex, radix: 16)!))
+                }
+            }
+            return l
+        }.joined(separator: "\n")
+    }
+
     func nft(_ args: String...) throws -> String { try NatLab.sh([NatLab.ip, "netns", "exec", balancer, "/usr/sbin/nft"] + args) }
 
     func ballast(_ yaml: String, extra: [String] = []) throws -> BallastProcess {
@@ -810,6 +836,37 @@ final class NatLab {
         #expect(rest.contains("after ticks=") && rest.contains("echo=True") && !rest.contains("ticks=0"), "\(rest)")
         let fwd = try lab.nft("list", "chain", "ip", "ballast", "forward")
         #expect(fwd.contains("saddr . tcp sport @replies counter packets") && !fwd.contains("@replies counter packets 0 "), "\(fwd)")
+    }
+
+    @Test(
+        "the two renderings of one plan agree: what Ballast sends over netlink and what `show nft` prints, loaded by nft into a namespace of its own, list the same ruleset",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)), arguments: [false, true])
+    func netlinkAndTextAgree(v6: Bool) throws {
+        let lab = try NatLab()
+        let dir = TempDir()
+        let extra = v6
+            ? "deny: [\"fd77:1::13/128\", \"fd77:9::/32\"]\nlimits: { conn_per_source: 10, new_conn_rate_per_source: 20/s }\nnat: { snat: masquerade }"
+            : "deny: [10.77.1.13, 10.77.1.16/30]\nallow: [10.77.1.0/24]\nlimits: { conn_per_source: 10, new_conn_rate_per_source: 20/m }\nnat: { snat: 10.77.1.1 }"
+        let b = try lab.ballast(lab.config(weights: [3, 1], v6: v6, extra: extra, dir: dir))
+        defer { b.stop() }
+        let family = v6 ? "ip6" : "ip"
+        let kernel = try lab.nft("list", "table", family, "ballast")
+        let text = try StatsClient.ask(dir.file("admin.sock"), "show nft")
+        // The text, loaded by nft itself into a namespace where nothing else runs.
+        let scratch = "\(lab.prefix)-scratch"
+        try NatLab.sh([NatLab.ip, "netns", "add", scratch])
+        defer { _ = try? NatLab.sh([NatLab.ip, "netns", "del", scratch]) }
+        _ = try NatLab.sh([NatLab.ip, "netns", "exec", scratch, "/usr/sbin/nft", "-f", dir.write("shown.nft", text)])
+        let loaded = try NatLab.sh([NatLab.ip, "netns", "exec", scratch, "/usr/sbin/nft", "list", "table", family, "ballast"])
+        let (k, t) = (NatLab.normalized(kernel), NatLab.normalized(loaded))
+        let kl = k.split(separator: "\n"), tl = t.split(separator: "\n")
+        let diff = kl.difference(from: tl).map { change -> String in
+            switch change {
+            case .insert(let o, let line, _): return "+netlink \(o): \(line)"
+            case .remove(let o, let line, _): return "-text \(o): \(line)"
+            }
+        }
+        #expect(diff.isEmpty, "\(diff.joined(separator: "\n"))\n--- netlink:\n\(k)\n--- text:\n\(t)")
     }
 
     @Test(
