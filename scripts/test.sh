@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 bash scripts/check-syscalls.sh
+# The code's layout (.swift-format: 120 columns); `swift format -i -r Sources Tests` fixes it.
+swift format lint --strict -r Sources Tests Package.swift Benchmarks/Sources Benchmarks/Package.swift
 swift build
 # The static release binary (make release), which a test runs without the Swift toolchain visible.
 swift build -c release --static-swift-stdlib --scratch-path .build-static --product ballast

@@ -1,7 +1,7 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// An IPv4 or IPv6 network: `10.0.0.0/8`, `2001:db8::/32`; a bare address is a /32 or /128.
@@ -18,7 +18,8 @@ public struct IPPrefix: Hashable, Sendable, CustomStringConvertible {
 
         public var description: String {
             switch self {
-            case .badAddress(let t): return "'\(t)' is not an IPv4 or IPv6 address or prefix (such as 10.0.0.0/8 or 2001:db8::/32)"
+            case .badAddress(let t):
+                return "'\(t)' is not an IPv4 or IPv6 address or prefix (such as 10.0.0.0/8 or 2001:db8::/32)"
             case .badLength(let t): return "'\(t)': the prefix length is not a number within the address's bits"
             case .hostBits(let g, let n): return "\(g) has host bits set: the network is \(n)"
             }
@@ -169,8 +170,10 @@ public struct AccessList: Sendable, Equatable {
                 return verdict(v4: p)
             case AF_INET6:
                 let p = raw.baseAddress! + MemoryLayout<sockaddr_in6>.offset(of: \sockaddr_in6.sin6_addr)!
-                let mapped = (0..<10).allSatisfy { p.load(fromByteOffset: $0, as: UInt8.self) == 0 }
-                    && p.load(fromByteOffset: 10, as: UInt8.self) == 0xFF && p.load(fromByteOffset: 11, as: UInt8.self) == 0xFF
+                let mapped =
+                    (0..<10).allSatisfy { p.load(fromByteOffset: $0, as: UInt8.self) == 0 }
+                    && p.load(fromByteOffset: 10, as: UInt8.self) == 0xFF
+                    && p.load(fromByteOffset: 11, as: UInt8.self) == 0xFF
                 if mapped { return verdict(v4: p + 12) }
                 if deny6.contains(p, bits: 128) { return .denied }
                 if !allow.isEmpty && !allow6.contains(p, bits: 128) { return .notAllowed }
@@ -206,9 +209,12 @@ public struct AccessList: Sendable, Equatable {
         // A deny network covers an allow network when the deny tree ends somewhere on the allow
         // network's path (at most its length deep): one walk per allow entry.
         let list = AccessList(deny: deny)
-        for a in allow where a.bytes.withUnsafeBytes({ (a.isV6 ? list.deny6 : list.deny4).contains($0.baseAddress!, bits: a.length) }) {
+        for a in allow
+        where a.bytes.withUnsafeBytes({ (a.isV6 ? list.deny6 : list.deny4).contains($0.baseAddress!, bits: a.length) })
+        {
             let d = deny.first { $0.covers(a) }!
-            return a == d ? "\(a) is in both allow and deny" : "allow \(a) is entirely inside deny \(d): it admits nothing"
+            return a == d
+                ? "\(a) is in both allow and deny" : "allow \(a) is entirely inside deny \(d): it admits nothing"
         }
         return nil
     }

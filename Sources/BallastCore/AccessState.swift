@@ -1,9 +1,9 @@
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// Why a client was refused at accept.
@@ -115,7 +115,8 @@ public final class SourceTracker: Sendable {
         let family = Int32(a.ss_family)
         return withUnsafeBytes(of: &s) { raw -> Key in
             if family == AF_INET {
-                let v = raw.load(fromByteOffset: MemoryLayout<sockaddr_in>.offset(of: \sockaddr_in.sin_addr)!, as: UInt32.self)
+                let v = raw.load(
+                    fromByteOffset: MemoryLayout<sockaddr_in>.offset(of: \sockaddr_in.sin_addr)!, as: UInt32.self)
                 return Key(hi: 0, lo: UInt64(v) | 0xFFFF_0000_0000)
             }
             let o = MemoryLayout<sockaddr_in6>.offset(of: \sockaddr_in6.sin6_addr)!
@@ -129,7 +130,9 @@ public final class SourceTracker: Sendable {
         }
     }
 
-    private func shard(_ k: Key) -> Int { Int(truncatingIfNeeded: (k.lo ^ k.hi ^ (k.lo >> 29)) % UInt64(SourceTracker.shards)) }
+    private func shard(_ k: Key) -> Int {
+        Int(truncatingIfNeeded: (k.lo ^ k.hi ^ (k.lo >> 29)) % UInt64(SourceTracker.shards))
+    }
 
     /// Counts a new connection from `address` unless it is over a limit (then counts nothing).
     public func admit(_ address: sockaddr_storage, limits: SourceLimits, now: Int64) -> Refusal? {

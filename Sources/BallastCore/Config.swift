@@ -166,9 +166,11 @@ public struct GlobalConfig: Sendable, Equatable {
     public init() {}
 
     public static func == (a: GlobalConfig, b: GlobalConfig) -> Bool {
-        a.workers == b.workers && a.maxconn == b.maxconn && a.log == b.log && a.pipeSize == b.pipeSize && a.grace == b.grace
+        a.workers == b.workers && a.maxconn == b.maxconn && a.log == b.log && a.pipeSize == b.pipeSize
+            && a.grace == b.grace
             && a.user?.uid == b.user?.uid && a.user?.gid == b.user?.gid && a.group?.gid == b.group?.gid
-            && a.stats == b.stats && a.metrics == b.metrics && a.stateFile == b.stateFile && a.natKeepOnExit == b.natKeepOnExit
+            && a.stats == b.stats && a.metrics == b.metrics && a.stateFile == b.stateFile
+            && a.natKeepOnExit == b.natKeepOnExit
     }
 }
 

@@ -1,9 +1,9 @@
 import Yams
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// Parses and validates a YAML configuration. Everything is checked before anything is returned:
@@ -22,11 +22,15 @@ public enum ConfigLoader {
     public static let logKeys = ["level", "format", "connections"]
     public static let defaultsKeys = ["timeout", "retries", "check"]
     public static let checkKeys = [
-        "type", "interval", "fastinterval", "downinterval", "timeout", "rise", "fall", "port", "address", "method", "path",
-        "host", "expect", "body", "username", "user", "password", "password_file", "role", "require", "query", "send", "send_proxy",
+        "type", "interval", "fastinterval", "downinterval", "timeout", "rise", "fall", "port", "address", "method",
+        "path",
+        "host", "expect", "body", "username", "user", "password", "password_file", "role", "require", "query", "send",
+        "send_proxy",
         "max_lag", "init_state",
     ]
-    public static let sentinelKeys = ["addresses", "master", "username", "password", "password_file", "interval", "timeout"]
+    public static let sentinelKeys = [
+        "addresses", "master", "username", "password", "password_file", "interval", "timeout",
+    ]
     public static let timeoutKeys = ["connect", "client", "server", "queue"]
     public static let serviceKeys = [
         "name", "mode", "bind", "balance", "hash_key", "hash_table_size", "allbackups", "slowstart", "timeout",
@@ -45,7 +49,8 @@ public enum ConfigLoader {
     public static let bindKeys = ["address", "accept_proxy", "freebind"]
 
     /// `resolve` looks up servers given by DNS name (nil: such a server is an error).
-    public static func load(path: String, contents: String, resolve: NameResolver? = nil) throws(ConfigError) -> Config {
+    public static func load(path: String, contents: String, resolve: NameResolver? = nil) throws(ConfigError) -> Config
+    {
         let parser = Parser(file: path, resolve: resolve)
         return try parser.parse(contents)
     }
@@ -77,7 +82,9 @@ public enum ConfigLoader {
                 throw ConfigError(SourceLocation(file: file, line: 1, column: 1), "cannot parse YAML: \(error)")
             }
             guard let root else {
-                throw ConfigError(SourceLocation(file: file, line: 1, column: 1), "the file is empty: at least one service is required")
+                throw ConfigError(
+                    SourceLocation(file: file, line: 1, column: 1),
+                    "the file is empty: at least one service is required")
             }
             let top = try mapping(root, "the top level", allowed: ConfigLoader.topKeys)
             var config = Config(file: file)
@@ -121,13 +128,19 @@ public enum ConfigLoader {
         func checkListeners(_ config: Config) throws(ConfigError) {
             var all: [(SocketAddress, String, SourceLocation)] = []
             for svc in config.services {
-                for b in svc.binds where b.address.port != 0 { all.append((b.address, "the bind of service '\(svc.name)'", b.location)) }
+                for b in svc.binds where b.address.port != 0 {
+                    all.append((b.address, "the bind of service '\(svc.name)'", b.location))
+                }
             }
             for sock in config.global.stats.sockets {
                 if let a = sock.address, a.port != 0 { all.append((a, "a TCP stats socket", sock.location)) }
             }
             if let m = config.global.metrics, m.port != 0 {
-                all.append((m, "the metrics endpoint", config.global.metricsLocation ?? SourceLocation(file: file, line: 1, column: 1)))
+                all.append(
+                    (
+                        m, "the metrics endpoint",
+                        config.global.metricsLocation ?? SourceLocation(file: file, line: 1, column: 1)
+                    ))
             }
             for (i, (a, what, at)) in all.enumerated() {
                 for (b, other, otherAt) in all[..<i] where a.covers(b) || b.covers(a) {
@@ -144,11 +157,15 @@ public enum ConfigLoader {
             for svc in config.services {
                 for s in svc.servers where !s.allowSelf {
                     for other in config.services {
-                        for b in other.binds where b.address.covers(s.address) && (b.address == s.address || s.address.isLoopback) {
-                            let whose = other.name == svc.name ? "this service's own bind" : "the bind of service '\(other.name)'"
+                        for b in other.binds
+                        where b.address.covers(s.address) && (b.address == s.address || s.address.isLoopback) {
+                            let whose =
+                                other.name == svc.name
+                                ? "this service's own bind" : "the bind of service '\(other.name)'"
                             throw ConfigError(
                                 s.location,
-                                "service '\(svc.name)' server '\(s.name)': \(s.address) is \(whose) (\(b.location)): every connection would come back to Ballast; set allow_self: true if a chain through Ballast is meant")
+                                "service '\(svc.name)' server '\(s.name)': \(s.address) is \(whose) (\(b.location)): every connection would come back to Ballast; set allow_self: true if a chain through Ballast is meant"
+                            )
                         }
                     }
                 }
@@ -165,7 +182,9 @@ public enum ConfigLoader {
                 let ctx = context.map { "\($0.text) " } ?? ""
                 return at(mark, "invalid YAML: \(ctx)\(problem)")
             case .duplicatedKeysInMapping(let duplicates, let context):
-                return at(context.mark, "duplicate key '\(duplicates.joined(separator: "', '"))' in the mapping that starts here")
+                return at(
+                    context.mark,
+                    "duplicate key '\(duplicates.joined(separator: "', '"))' in the mapping that starts here")
             case .reader(let problem, _, _, _):
                 return ConfigError(SourceLocation(file: file, line: 1, column: 1), "cannot read YAML: \(problem)")
             default:
@@ -192,7 +211,8 @@ public enum ConfigLoader {
                 if !allowed.contains(key) {
                     let hint = suggestion(key, allowed).map { " (did you mean '\($0)'?)" } ?? ""
                     throw fail(
-                        k, "unknown key '\(key)' in \(what)\(hint); expected one of: \(allowed.joined(separator: ", "))")
+                        k, "unknown key '\(key)' in \(what)\(hint); expected one of: \(allowed.joined(separator: ", "))"
+                    )
                 }
                 if out[key] != nil { throw fail(k, "duplicate key '\(key)' in \(what)") }
                 out[key] = Entry(key: k, value: v)
@@ -234,13 +254,17 @@ public enum ConfigLoader {
             let name = try string(node, what)
             guard !name.isEmpty else { throw fail(node, "\(what) is empty") }
             guard name.utf8.count <= ConfigLoader.maxNameLength else {
-                throw fail(node, "\(what) '\(name.prefix(32))…' is \(name.utf8.count) characters long; at most \(ConfigLoader.maxNameLength)")
+                throw fail(
+                    node,
+                    "\(what) '\(name.prefix(32))…' is \(name.utf8.count) characters long; at most \(ConfigLoader.maxNameLength)"
+                )
             }
             guard name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) }) else {
                 throw fail(node, "\(what) '\(name)' may contain only letters, digits, '-', '_', '.' and ':'")
             }
             guard name != "FRONTEND" && name != "BACKEND" else {
-                throw fail(node, "\(what) '\(name)' is reserved: show stat names a service's own rows FRONTEND and BACKEND")
+                throw fail(
+                    node, "\(what) '\(name)' is reserved: show stat names a service's own rows FRONTEND and BACKEND")
             }
             return name
         }
@@ -286,7 +310,8 @@ public enum ConfigLoader {
         func duration(_ node: Node, _ what: String, zeroMeansOff: Bool = false) throws(ConfigError) -> Millis {
             let s = try scalar(node, what)
             guard let v = ConfigLoader.parseDuration(s) else {
-                throw fail(node, "\(what): '\(s)' is not a duration (use a number with ms, s, m, h or d, such as 500ms or 2s)")
+                throw fail(
+                    node, "\(what): '\(s)' is not a duration (use a number with ms, s, m, h or d, such as 500ms or 2s)")
             }
             guard v.value > 0 || zeroMeansOff else { throw fail(node, "\(what) must be greater than zero") }
             guard v.value <= ConfigLoader.maxDurationMillis else {
@@ -308,7 +333,10 @@ public enum ConfigLoader {
         {
             let s = try scalar(node, what)
             guard let v = E(rawValue: s) else {
-                throw fail(node, "\(what): unknown value '\(s)'; expected one of: \(E.allCases.map(\.rawValue).joined(separator: ", "))")
+                throw fail(
+                    node,
+                    "\(what): unknown value '\(s)'; expected one of: \(E.allCases.map(\.rawValue).joined(separator: ", "))"
+                )
             }
             return v
         }
@@ -352,7 +380,9 @@ public enum ConfigLoader {
             if let e = m["stats"] { g.stats = try parseStats(e.value) }
             if let e = m["metrics"] {
                 let mm = try mapping(e.value, "global.metrics", allowed: ConfigLoader.metricsKeys)
-                guard let a = mm["address"] else { throw fail(e.value, "global.metrics: missing required key 'address'") }
+                guard let a = mm["address"] else {
+                    throw fail(e.value, "global.metrics: missing required key 'address'")
+                }
                 g.metrics = try loopbackAddress(a.value, "global.metrics.address")
                 g.metricsLocation = loc(a.value)
             }
@@ -383,7 +413,10 @@ public enum ConfigLoader {
                 throw fail(node, "\(what): '\(text)' is not an ip:port address (\(error))")
             }
             guard a.isLoopback else {
-                throw fail(node, "\(what): \(a) is not a loopback address; the runtime API and metrics have no authentication, so they listen on 127.0.0.0/8 or ::1 only")
+                throw fail(
+                    node,
+                    "\(what): \(a) is not a loopback address; the runtime API and metrics have no authentication, so they listen on 127.0.0.0/8 or ::1 only"
+                )
             }
             return a
         }
@@ -406,7 +439,9 @@ public enum ConfigLoader {
                 case (let p?, nil):
                     let path = try string(p.value, "\(what).path")
                     guard path.hasPrefix("/") else { throw fail(p.value, "\(what).path must be an absolute path") }
-                    guard path.utf8.count < 108 else { throw fail(p.value, "\(what).path is longer than a Unix socket path may be (107 bytes)") }
+                    guard path.utf8.count < 108 else {
+                        throw fail(p.value, "\(what).path is longer than a Unix socket path may be (107 bytes)")
+                    }
                     sock.path = path
                 case (nil, let a?):
                     sock.address = try loopbackAddress(a.value, "\(what).address")
@@ -438,15 +473,23 @@ public enum ConfigLoader {
                     sock.gid = gr.pointee.gr_gid
                 }
                 if let e = sm["level"] { sock.level = try enumValue(e.value, "\(what).level", CLILevel.self) }
-                let insist = try sm["allow_world_writable"].map { e throws(ConfigError) in try bool(e.value, "\(what).allow_world_writable") } ?? false
+                let insist =
+                    try sm["allow_world_writable"].map { e throws(ConfigError) in
+                        try bool(e.value, "\(what).allow_world_writable")
+                    } ?? false
                 // Connecting to a Unix socket takes write permission: o+w lets every local user in.
                 if sock.path != nil && sock.mode & 0o002 != 0 && !insist {
                     let at = sm["mode"].map { loc($0.value) } ?? loc(item)
                     switch sock.level {
                     case .admin:
-                        throw ConfigError(at, "\(what): mode \(String(sock.mode, radix: 8)) lets every local user in at level admin (the runtime API has no authentication); use 600 or 660 with group, or set allow_world_writable: true")
+                        throw ConfigError(
+                            at,
+                            "\(what): mode \(String(sock.mode, radix: 8)) lets every local user in at level admin (the runtime API has no authentication); use 600 or 660 with group, or set allow_world_writable: true"
+                        )
                     case .operator:
-                        warnings.append("\(at): \(what): mode \(String(sock.mode, radix: 8)) lets every local user in at level operator (they can drain servers and clear counters)")
+                        warnings.append(
+                            "\(at): \(what): mode \(String(sock.mode, radix: 8)) lets every local user in at level operator (they can drain servers and clear counters)"
+                        )
                     case .user:
                         break
                     }
@@ -468,7 +511,9 @@ public enum ConfigLoader {
 
         func parseDefaults(_ node: Node, into config: inout Config) throws(ConfigError) {
             let m = try mapping(node, "defaults", allowed: ConfigLoader.defaultsKeys)
-            if let e = m["timeout"] { config.timeouts = try parseTimeouts(e.value, "defaults.timeout", base: config.timeouts) }
+            if let e = m["timeout"] {
+                config.timeouts = try parseTimeouts(e.value, "defaults.timeout", base: config.timeouts)
+            }
             if let e = m["retries"] { config.retries = try integer(e.value, "defaults.retries", min: 0, max: 100) }
             if let e = m["check"] { config.check = try parseCheck(e.value, "defaults.check", base: config.check) }
         }
@@ -490,7 +535,10 @@ public enum ConfigLoader {
             if let e = m["port"] { c.port = UInt16(try integer(e.value, "\(what).port", min: 1, max: 65535)) }
             if let e = m["address"] {
                 let text = try string(e.value, "\(what).address")
-                do { c.address = try SocketAddress(parsing: text.contains(":") && !text.hasPrefix("[") ? "[\(text)]:0" : "\(text):0") } catch {
+                do {
+                    c.address = try SocketAddress(
+                        parsing: text.contains(":") && !text.hasPrefix("[") ? "[\(text)]:0" : "\(text):0")
+                } catch {
                     throw fail(e.value, "\(what).address: '\(text)' is not a numeric IPv4 or IPv6 address")
                 }
             }
@@ -503,7 +551,9 @@ public enum ConfigLoader {
             if let e = m["body"] { c.body = try string(e.value, "\(what).body") }
             if let e = m["expect"] {
                 // mysql: the value the query must return; otherwise HTTP status codes.
-                if c.type == .mysql { c.queryExpect = try scalar(e.value, "\(what).expect") } else {
+                if c.type == .mysql {
+                    c.queryExpect = try scalar(e.value, "\(what).expect")
+                } else {
                     c.expect = try parseExpect(e.value, "\(what).expect")
                 }
             }
@@ -528,21 +578,27 @@ public enum ConfigLoader {
                 throw fail(m["expect"]?.key ?? node, "\(what): expect needs a query whose first value it checks")
             }
             if c.type == .mysql, c.query != nil || c.mysqlRequire != .any, c.username == nil {
-                throw fail(m["query"]?.key ?? m["require"]?.key ?? node, "\(what): query and require need a user to log in as")
+                throw fail(
+                    m["query"]?.key ?? m["require"]?.key ?? node, "\(what): query and require need a user to log in as")
             }
             if c.maxLag != nil {
-                let replica = (c.type == .redis && c.role == .replica) || (c.type == .mysql && c.mysqlRequire == .replica)
+                let replica =
+                    (c.type == .redis && c.role == .replica) || (c.type == .mysql && c.mysqlRequire == .replica)
                 guard replica else {
                     throw fail(
                         m["max_lag"]?.key ?? node,
-                        "\(what): max_lag applies to replica checks only (type: redis with role: replica, or type: mysql with require: replica), not to a \(c.type.rawValue) check")
+                        "\(what): max_lag applies to replica checks only (type: redis with role: replica, or type: mysql with require: replica), not to a \(c.type.rawValue) check"
+                    )
                 }
             }
             if m["timeout"] != nil { c.timeoutSet = true }
             // As HAProxy: with no timeout written, a check never outlasts its interval.
             if !c.timeoutSet { c.timeout = min(Defaults.checkTimeout, c.interval) }
             if c.timeout > c.interval {
-                throw fail(m["timeout"]?.value ?? m["interval"]?.value ?? node, "\(what): timeout \(c.timeout) is above interval \(c.interval); a check must end before the next one starts")
+                throw fail(
+                    m["timeout"]?.value ?? m["interval"]?.value ?? node,
+                    "\(what): timeout \(c.timeout) is above interval \(c.interval); a check must end before the next one starts"
+                )
             }
             return c
         }
@@ -572,12 +628,16 @@ public enum ConfigLoader {
             for item in items {
                 let text = try string(item, "\(what).addresses")
                 let addr: SocketAddress
-                do { addr = try SocketAddress(parsing: text) } catch { throw fail(item, "\(what).addresses: '\(text)': \(error)") }
+                do { addr = try SocketAddress(parsing: text) } catch {
+                    throw fail(item, "\(what).addresses: '\(text)': \(error)")
+                }
                 if addr.port == 0 { throw fail(item, "\(what).addresses: '\(text)': port 0 cannot be connected to") }
                 if addrs.contains(addr) { throw fail(item, "\(what).addresses: \(addr) is listed twice") }
                 addrs.append(addr)
             }
-            guard let n = m["master"] else { throw fail(node, "\(what): missing required key 'master' (the name in 'sentinel monitor NAME …')") }
+            guard let n = m["master"] else {
+                throw fail(node, "\(what): missing required key 'master' (the name in 'sentinel monitor NAME …')")
+            }
             var c = SentinelConfig(addresses: addrs, master: try string(n.value, "\(what).master"), location: loc(node))
             if let e = m["username"] { c.username = try string(e.value, "\(what).username") }
             if m["password"] != nil && m["password_file"] != nil {
@@ -604,10 +664,13 @@ public enum ConfigLoader {
             for item in items {
                 let t = try scalar(item, what)
                 let parts = t.split(separator: "-", omittingEmptySubsequences: false)
-                guard (1...2).contains(parts.count), let lo = Int(parts[0]), let hi = Int(parts.last!), (100...599).contains(lo),
+                guard (1...2).contains(parts.count), let lo = Int(parts[0]), let hi = Int(parts.last!),
+                    (100...599).contains(lo),
                     (100...599).contains(hi), lo <= hi
                 else {
-                    throw fail(item, "\(what): '\(t)' is not a status code or range between 100 and 599 (such as 200 or 200-299)")
+                    throw fail(
+                        item,
+                        "\(what): '\(t)' is not a status code or range between 100 and 599 (such as 200 or 200-299)")
                 }
                 out.append(lo...hi)
             }
@@ -627,43 +690,61 @@ public enum ConfigLoader {
             if let e = m["balance"] { svc.balance = try enumValue(e.value, "\(what): balance", Balance.self) }
             if let e = m["hash_key"] {
                 guard svc.balance == .source else {
-                    throw fail(e.key, "\(what): hash_key applies only to balance: source (balance is \(svc.balance.rawValue))")
+                    throw fail(
+                        e.key, "\(what): hash_key applies only to balance: source (balance is \(svc.balance.rawValue))")
                 }
                 svc.hashKey = try enumValue(e.value, "\(what): hash_key", HashKey.self)
             }
             if let e = m["hash_table_size"] {
                 guard svc.balance == .source else {
-                    throw fail(e.key, "\(what): hash_table_size applies only to balance: source (balance is \(svc.balance.rawValue))")
+                    throw fail(
+                        e.key,
+                        "\(what): hash_table_size applies only to balance: source (balance is \(svc.balance.rawValue))")
                 }
                 let n = try integer(e.value, "\(what): hash_table_size", min: 2, max: 10_000_000)
                 guard MaglevTable.isPrime(n) else {
-                    throw fail(e.value, "\(what): hash_table_size \(n) is not prime (Maglev needs a prime table size; the next prime is \(ConfigLoader.nextPrime(n)))")
+                    throw fail(
+                        e.value,
+                        "\(what): hash_table_size \(n) is not prime (Maglev needs a prime table size; the next prime is \(ConfigLoader.nextPrime(n)))"
+                    )
                 }
                 svc.hashTableSize = n
             }
             if let e = m["allbackups"] { svc.allbackups = try bool(e.value, "\(what): allbackups") }
             let allow = try m["allow"].map { e throws(ConfigError) in try prefixes(e.value, "\(what): allow") } ?? []
             let deny = try m["deny"].map { e throws(ConfigError) in try prefixes(e.value, "\(what): deny") } ?? []
-            if let problem = AccessList.conflict(allow: allow, deny: deny) { throw fail(m["allow"]!.key, "\(what): \(problem)") }
+            if let problem = AccessList.conflict(allow: allow, deny: deny) {
+                throw fail(m["allow"]!.key, "\(what): \(problem)")
+            }
             svc.access = AccessList(allow: allow, deny: deny)
             if let e = m["limits"] {
                 let lm = try mapping(e.value, "\(what) limits", allowed: ConfigLoader.limitKeys)
-                if let c = lm["conn_per_source"] { svc.limits.connections = try integer(c.value, "\(what) limits.conn_per_source", min: 1, max: 10_000_000) }
+                if let c = lm["conn_per_source"] {
+                    svc.limits.connections = try integer(
+                        c.value, "\(what) limits.conn_per_source", min: 1, max: 10_000_000)
+                }
                 if let r = lm["new_conn_rate_per_source"] {
                     let text = try scalar(r.value, "\(what) limits.new_conn_rate_per_source")
                     guard let (n, period) = SourceLimits.parseRate(text) else {
-                        throw fail(r.value, "\(what) limits.new_conn_rate_per_source: '\(text)' is not a rate (connections per s, m or h, such as 50/s)")
+                        throw fail(
+                            r.value,
+                            "\(what) limits.new_conn_rate_per_source: '\(text)' is not a rate (connections per s, m or h, such as 50/s)"
+                        )
                     }
                     svc.limits.rate = n
                     svc.limits.ratePeriodMs = period
                 }
             }
             var serviceSlowstart = Millis(0)
-            if let e = m["slowstart"] { serviceSlowstart = try duration(e.value, "\(what): slowstart", zeroMeansOff: true) }
+            if let e = m["slowstart"] {
+                serviceSlowstart = try duration(e.value, "\(what): slowstart", zeroMeansOff: true)
+            }
             // For the servers given by DNS name (numeric ones have nothing to resolve).
             var naming = Naming()
             if let e = m["init_addr"] { naming.initAddr = try initAddr(e.value, "\(what): init_addr") }
-            if let e = m["resolve_interval"] { naming.interval = try resolveInterval(e.value, "\(what): resolve_interval") }
+            if let e = m["resolve_interval"] {
+                naming.interval = try resolveInterval(e.value, "\(what): resolve_interval")
+            }
             var serviceCheck: CheckConfig?
             if let e = m["check"] { serviceCheck = try parseCheck(e.value, "\(what) check", base: config.check) }
             if let e = m["observe"] {
@@ -676,15 +757,24 @@ public enum ConfigLoader {
             }
             if let e = m["sentinel"] {
                 guard let c = serviceCheck, c.type == .redis, c.role == .master else {
-                    throw fail(e.key, "\(what): sentinel needs the service's check to be 'type: redis, role: master' (Sentinel names the master; the check confirms it)")
+                    throw fail(
+                        e.key,
+                        "\(what): sentinel needs the service's check to be 'type: redis, role: master' (Sentinel names the master; the check confirms it)"
+                    )
                 }
                 svc.sentinel = try parseSentinel(e.value, "\(what) sentinel")
             }
-            if let e = m["on_marked_down"] { svc.onMarkedDown = try enumValue(e.value, "\(what): on_marked_down", MarkedDownAction.self) }
-            if let e = m["on_marked_up"] { svc.onMarkedUp = try enumValue(e.value, "\(what): on_marked_up", MarkedUpAction.self) }
+            if let e = m["on_marked_down"] {
+                svc.onMarkedDown = try enumValue(e.value, "\(what): on_marked_down", MarkedDownAction.self)
+            }
+            if let e = m["on_marked_up"] {
+                svc.onMarkedUp = try enumValue(e.value, "\(what): on_marked_up", MarkedUpAction.self)
+            }
             if let e = m["timeout"] { svc.timeouts = try parseTimeouts(e.value, "\(what) timeout", base: svc.timeouts) }
             if let e = m["retries"] { svc.retries = try integer(e.value, "\(what): retries", min: 0, max: 100) }
-            if let e = m["maxqueue"] { svc.maxqueue = try integer(e.value, "\(what): maxqueue", min: 0, max: 10_000_000) }
+            if let e = m["maxqueue"] {
+                svc.maxqueue = try integer(e.value, "\(what): maxqueue", min: 0, max: 10_000_000)
+            }
 
             guard let bindEntry = m["bind"] else { throw fail(node, "\(what): missing required key 'bind'") }
             let bindNodes: [Node]
@@ -700,21 +790,29 @@ public enum ConfigLoader {
                 var freebind: Node?
                 if case .mapping = bindNode {
                     let bm = try mapping(bindNode, "\(what) bind", allowed: ConfigLoader.bindKeys)
-                    guard let a = bm["address"] else { throw fail(bindNode, "\(what) bind: missing required key 'address'") }
+                    guard let a = bm["address"] else {
+                        throw fail(bindNode, "\(what) bind: missing required key 'address'")
+                    }
                     b = a.value
                     if let e = bm["accept_proxy"] { acceptProxy = try bool(e.value, "\(what) bind accept_proxy") }
                     if let e = bm["freebind"], try bool(e.value, "\(what) bind freebind") { freebind = e.key }
                 }
                 let text = try string(b, "\(what): bind address")
                 let addr: SocketAddress
-                do { addr = try SocketAddress(parsing: text) } catch { throw fail(b, "\(what): bind '\(text)': \(error)") }
+                do { addr = try SocketAddress(parsing: text) } catch {
+                    throw fail(b, "\(what): bind '\(text)': \(error)")
+                }
                 if svc.binds.contains(where: { $0.address == addr }) {
                     throw fail(b, "\(what): bind \(addr) is listed twice")
                 }
                 if let f = freebind, svc.mode == .nat {
-                    throw fail(f, "\(what): freebind applies to proxy mode (nat mode matches the service address whether or not this host holds it)")
+                    throw fail(
+                        f,
+                        "\(what): freebind applies to proxy mode (nat mode matches the service address whether or not this host holds it)"
+                    )
                 }
-                svc.binds.append(BindConfig(address: addr, acceptProxy: acceptProxy, freebind: freebind != nil, location: loc(b)))
+                svc.binds.append(
+                    BindConfig(address: addr, acceptProxy: acceptProxy, freebind: freebind != nil, location: loc(b)))
             }
 
             guard let serversEntry = m["servers"] else { throw fail(node, "\(what): missing required key 'servers'") }
@@ -725,15 +823,19 @@ public enum ConfigLoader {
                 svc.serverCheck = serviceCheck
                 svc.serverSlowstart = serviceSlowstart
                 let server = try parseServer(
-                    sn, index: i, service: what, slowstart: serviceSlowstart, check: serviceCheck, defaults: config.check,
+                    sn, index: i, service: what, slowstart: serviceSlowstart, check: serviceCheck,
+                    defaults: config.check,
                     naming: naming, family: svc.mode == .nat ? svc.binds.first?.address.family : nil)
                 if let prev = svc.servers.first(where: { $0.name == server.name }) {
                     throw ConfigError(
-                        server.location, "\(what): duplicate server name '\(server.name)' (first defined at \(prev.location))")
+                        server.location,
+                        "\(what): duplicate server name '\(server.name)' (first defined at \(prev.location))")
                 }
                 svc.servers.append(server)
             }
-            if svc.mode == .nat { try validateNat(&svc, m, node) } else if let e = m["nat"] {
+            if svc.mode == .nat {
+                try validateNat(&svc, m, node)
+            } else if let e = m["nat"] {
                 throw fail(e.key, "\(what): 'nat' applies to mode: nat services")
             }
             if svc.balance == .source, let e = m["hash_table_size"] ?? m["balance"],
@@ -741,7 +843,8 @@ public enum ConfigLoader {
             {
                 throw fail(
                     e.value,
-                    "\(what): hash_table_size \(svc.hashTableSize) is too small for \(svc.servers.count) servers (Maglev needs at least 10 slots per server; try \(ConfigLoader.nextPrime(100 * svc.servers.count)))")
+                    "\(what): hash_table_size \(svc.hashTableSize) is too small for \(svc.servers.count) servers (Maglev needs at least 10 slots per server; try \(ConfigLoader.nextPrime(100 * svc.servers.count)))"
+                )
             }
             return svc
         }
@@ -752,7 +855,8 @@ public enum ConfigLoader {
             if svc.balance == .leastconn || svc.balance == .first {
                 throw fail(
                     m["balance"]!.value,
-                    "\(what): balance \(svc.balance.rawValue) is not possible in nat mode (the kernel does not count connections per server); use roundrobin or random (weighted), source (Maglev, the same table as proxy mode), or mode: proxy")
+                    "\(what): balance \(svc.balance.rawValue) is not possible in nat mode (the kernel does not count connections per server); use roundrobin or random (weighted), source (Maglev, the same table as proxy mode), or mode: proxy"
+                )
             }
             if let e = m["nat"] {
                 let nm = try mapping(e.value, "\(what) nat", allowed: ConfigLoader.serviceNatKeys)
@@ -764,35 +868,74 @@ public enum ConfigLoader {
                     default:
                         let text = v.contains(":") ? "[\(v)]:0" : "\(v):0"
                         guard let a = try? SocketAddress(parsing: text) else {
-                            throw fail(sn.value, "\(what) nat.snat: '\(v)' is not none, masquerade or a numeric IPv4/IPv6 address")
+                            throw fail(
+                                sn.value,
+                                "\(what) nat.snat: '\(v)' is not none, masquerade or a numeric IPv4/IPv6 address")
                         }
                         svc.snat = .address(a)
                     }
                 }
             }
-            if let e = m["slowstart"] { throw fail(e.key, "\(what): slowstart is not possible in nat mode (the kernel map has fixed weights)") }
+            if let e = m["slowstart"] {
+                throw fail(e.key, "\(what): slowstart is not possible in nat mode (the kernel map has fixed weights)")
+            }
 
-            if let e = m["maxqueue"] { throw fail(e.key, "\(what): maxqueue is not possible in nat mode (the kernel does not queue)") }
-            if let e = m["observe"] { throw fail(e.key, "\(what): observe is not possible in nat mode (the kernel's connects are not seen); use an active check") }
-            if let e = m["timeout"] { throw fail(e.key, "\(what): timeouts do not apply in nat mode (conntrack's timeouts do)") }
+            if let e = m["maxqueue"] {
+                throw fail(e.key, "\(what): maxqueue is not possible in nat mode (the kernel does not queue)")
+            }
+            if let e = m["observe"] {
+                throw fail(
+                    e.key,
+                    "\(what): observe is not possible in nat mode (the kernel's connects are not seen); use an active check"
+                )
+            }
+            if let e = m["timeout"] {
+                throw fail(e.key, "\(what): timeouts do not apply in nat mode (conntrack's timeouts do)")
+            }
             let family = svc.binds.first?.address.family
             for b in svc.binds {
                 if b.address.port == 0 || b.address.hostText == "0.0.0.0" || b.address.hostText == "::" {
-                    throw ConfigError(b.location, "\(what): a nat bind needs an explicit address and port (the service address the kernel matches), not \(b.address)")
+                    throw ConfigError(
+                        b.location,
+                        "\(what): a nat bind needs an explicit address and port (the service address the kernel matches), not \(b.address)"
+                    )
                 }
-                if b.acceptProxy { throw ConfigError(b.location, "\(what): accept_proxy is not possible in nat mode (the kernel forwards packets, it reads no header)") }
-                if b.address.family != family { throw ConfigError(b.location, "\(what): a nat service is IPv4 or IPv6, not both (make two services)") }
+                if b.acceptProxy {
+                    throw ConfigError(
+                        b.location,
+                        "\(what): accept_proxy is not possible in nat mode (the kernel forwards packets, it reads no header)"
+                    )
+                }
+                if b.address.family != family {
+                    throw ConfigError(
+                        b.location, "\(what): a nat service is IPv4 or IPv6, not both (make two services)")
+                }
             }
             if case .address(let a) = svc.snat, a.family != family {
-                throw fail(m["nat"]!.value, "\(what): nat.snat \(a.hostText) is not the same family as the service address")
+                throw fail(
+                    m["nat"]!.value, "\(what): nat.snat \(a.hostText) is not the same family as the service address")
             }
             for s in svc.servers {
                 if s.address.family != family {
-                    throw ConfigError(s.location, "\(what): server \(s.name) \(s.address) is not the same family as the service address")
+                    throw ConfigError(
+                        s.location,
+                        "\(what): server \(s.name) \(s.address) is not the same family as the service address")
                 }
-                if s.maxconn > 0 { throw ConfigError(s.location, "\(what): server \(s.name): maxconn is not possible in nat mode (the kernel does not count connections per server)") }
-                if s.sendProxy != nil { throw ConfigError(s.location, "\(what): server \(s.name): send_proxy is not possible in nat mode (the kernel forwards packets unchanged)") }
-                if s.slowstart.value > 0 { throw ConfigError(s.location, "\(what): server \(s.name): slowstart is not possible in nat mode") }
+                if s.maxconn > 0 {
+                    throw ConfigError(
+                        s.location,
+                        "\(what): server \(s.name): maxconn is not possible in nat mode (the kernel does not count connections per server)"
+                    )
+                }
+                if s.sendProxy != nil {
+                    throw ConfigError(
+                        s.location,
+                        "\(what): server \(s.name): send_proxy is not possible in nat mode (the kernel forwards packets unchanged)"
+                    )
+                }
+                if s.slowstart.value > 0 {
+                    throw ConfigError(s.location, "\(what): server \(s.name): slowstart is not possible in nat mode")
+                }
             }
             if svc.servers.count > 4095 { throw fail(node, "\(what): nat mode takes at most 4095 servers per service") }
         }
@@ -818,7 +961,10 @@ public enum ConfigLoader {
                 case "libc": out.append(.libc)
                 case "none": out.append(.none)
                 case "last":
-                    throw fail(node, "\(what): 'last' (the address in a state file) is not supported; use libc, none or an address, in the order to try them")
+                    throw fail(
+                        node,
+                        "\(what): 'last' (the address in a state file) is not supported; use libc, none or an address, in the order to try them"
+                    )
                 default:
                     let t = part.contains(":") ? "[\(part)]:1" : "\(part):1"
                     guard let a = try? SocketAddress(parsing: t) else {
@@ -863,13 +1009,16 @@ public enum ConfigLoader {
                     return (try! SocketAddress(parsing: any), false)
                 case .address(var a):
                     a.port = port
-                    if let family, a.family != family { throw fail(node, "\(what): init_addr \(a.hostText) is not the service's family") }
+                    if let family, a.family != family {
+                        throw fail(node, "\(what): init_addr \(a.hostText) is not the service's family")
+                    }
                     return (a, true)
                 }
             }
             throw fail(
                 node,
-                "\(what): '\(host)' does not resolve (\(why.joined(separator: "; "))); init_addr: none starts the server out of service until it does")
+                "\(what): '\(host)' does not resolve (\(why.joined(separator: "; "))); init_addr: none starts the server out of service until it does"
+            )
         }
 
         func parseServer(
@@ -877,7 +1026,9 @@ public enum ConfigLoader {
             naming serviceNaming: Naming, family: Int32?
         ) throws(ConfigError) -> ServerConfig {
             let m = try mapping(node, "\(service) servers[\(index)]", allowed: ConfigLoader.serverKeys)
-            guard let n = m["name"] else { throw fail(node, "\(service) servers[\(index)]: missing required key 'name'") }
+            guard let n = m["name"] else {
+                throw fail(node, "\(service) servers[\(index)]: missing required key 'name'")
+            }
             let name = try identifier(n.value, "server name")
             let what = "\(service) server '\(name)'"
             guard let a = m["address"] else { throw fail(node, "\(what): missing required key 'address'") }
@@ -887,11 +1038,16 @@ public enum ConfigLoader {
             var resolved = true
             var naming = serviceNaming
             if let e = m["init_addr"] { naming.initAddr = try initAddr(e.value, "\(what): init_addr") }
-            if let e = m["resolve_interval"] { naming.interval = try resolveInterval(e.value, "\(what): resolve_interval") }
+            if let e = m["resolve_interval"] {
+                naming.interval = try resolveInterval(e.value, "\(what): resolve_interval")
+            }
             switch Result(catching: { () throws(SocketAddress.ParseError) in try SocketAddress(parsing: text) }) {
             case .success(let numeric):
                 if let e = m["init_addr"] ?? m["resolve_interval"] {
-                    throw fail(e.key, "\(what): \(e.key.string ?? "init_addr") applies to a server given by DNS name, and '\(text)' is an address")
+                    throw fail(
+                        e.key,
+                        "\(what): \(e.key.string ?? "init_addr") applies to a server given by DNS name, and '\(text)' is an address"
+                    )
                 }
                 addr = numeric
             case .failure(let error):
@@ -904,13 +1060,18 @@ public enum ConfigLoader {
             }
             if addr.port == 0 { throw fail(a.value, "\(what): address '\(text)': port 0 cannot be connected to") }
             if resolved, let kind = addr.notUnicast {
-                throw fail(a.value, "\(what): address '\(text)'\(hostname == nil ? "" : " (\(addr.hostText))") is \(kind); a server needs a unicast address")
+                throw fail(
+                    a.value,
+                    "\(what): address '\(text)'\(hostname == nil ? "" : " (\(addr.hostText))") is \(kind); a server needs a unicast address"
+                )
             }
             var s = ServerConfig(name: name, address: addr, location: loc(node))
             s.hostname = hostname
             s.resolved = resolved
             s.resolveInterval = naming.interval
-            if let e = m["weight"] { s.weight = try integer(e.value, "\(what): weight", min: 0, max: Defaults.maxWeight) }
+            if let e = m["weight"] {
+                s.weight = try integer(e.value, "\(what): weight", min: 0, max: Defaults.maxWeight)
+            }
             if let e = m["maxconn"] { s.maxconn = try integer(e.value, "\(what): maxconn", min: 0, max: 10_000_000) }
             if let e = m["backup"] { s.backup = try bool(e.value, "\(what): backup") }
             s.slowstart = slowstart
@@ -932,7 +1093,8 @@ public enum ConfigLoader {
                 case "ready": s.state = .ready
                 case "drain": s.state = .drain
                 case "maint": s.state = .maint
-                default: throw fail(e.value, "\(what): state: unknown value '\(v)'; expected one of: ready, drain, maint")
+                default:
+                    throw fail(e.value, "\(what): state: unknown value '\(v)'; expected one of: ready, drain, maint")
                 }
             }
             return s
@@ -996,7 +1158,8 @@ extension String {
 }
 
 public func editDistance(_ a: String, _ b: String) -> Int {
-    let a = Array(a), b = Array(b)
+    let a = Array(a)
+    let b = Array(b)
     if a.isEmpty { return b.count }
     if b.isEmpty { return a.count }
     var prev = Array(0...b.count)

@@ -1,7 +1,7 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// Bob Jenkins' lookup3 hash exactly as the Linux kernel's `jhash()` (include/linux/jhash.h),
@@ -15,23 +15,42 @@ public enum JHash {
 
     @inline(__always)
     static func mix(_ a: inout UInt32, _ b: inout UInt32, _ c: inout UInt32) {
-        a &-= c; a ^= rol(c, 4); c &+= b
-        b &-= a; b ^= rol(a, 6); a &+= c
-        c &-= b; c ^= rol(b, 8); b &+= a
-        a &-= c; a ^= rol(c, 16); c &+= b
-        b &-= a; b ^= rol(a, 19); a &+= c
-        c &-= b; c ^= rol(b, 4); b &+= a
+        a &-= c
+        a ^= rol(c, 4)
+        c &+= b
+        b &-= a
+        b ^= rol(a, 6)
+        a &+= c
+        c &-= b
+        c ^= rol(b, 8)
+        b &+= a
+        a &-= c
+        a ^= rol(c, 16)
+        c &+= b
+        b &-= a
+        b ^= rol(a, 19)
+        a &+= c
+        c &-= b
+        c ^= rol(b, 4)
+        b &+= a
     }
 
     @inline(__always)
     static func final(_ a: inout UInt32, _ b: inout UInt32, _ c: inout UInt32) {
-        c ^= b; c &-= rol(b, 14)
-        a ^= c; a &-= rol(c, 11)
-        b ^= a; b &-= rol(a, 25)
-        c ^= b; c &-= rol(b, 16)
-        a ^= c; a &-= rol(c, 4)
-        b ^= a; b &-= rol(a, 14)
-        c ^= b; c &-= rol(b, 24)
+        c ^= b
+        c &-= rol(b, 14)
+        a ^= c
+        a &-= rol(c, 11)
+        b ^= a
+        b &-= rol(a, 25)
+        c ^= b
+        c &-= rol(b, 16)
+        a ^= c
+        a &-= rol(c, 4)
+        b ^= a
+        b &-= rol(a, 14)
+        c ^= b
+        c &-= rol(b, 24)
     }
 
     /// `jhash(key, length, seed)`; 32-bit words are read in the CPU's byte order (little-endian

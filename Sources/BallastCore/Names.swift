@@ -23,7 +23,8 @@ public enum HostName {
         if trimmed.last == UInt8(ascii: ".") { trimmed = trimmed.dropLast() }  // a rooted name
         var sawLetter = false
         for label in trimmed.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false) {
-            guard (1...63).contains(label.count), label.first != UInt8(ascii: "-"), label.last != UInt8(ascii: "-") else {
+            guard (1...63).contains(label.count), label.first != UInt8(ascii: "-"), label.last != UInt8(ascii: "-")
+            else {
                 return false
             }
             for c in label {
@@ -62,7 +63,9 @@ public enum AddressChoice: Equatable, Sendable {
 
     /// Chooses from `answers` (port 0) for a server on `port` that has `current` (nil: none
     /// yet) and must stay in `family` when one is given (nat services are one family).
-    public static func choose(current: SocketAddress?, answers: [SocketAddress], port: UInt16, family: Int32?) -> AddressChoice {
+    public static func choose(current: SocketAddress?, answers: [SocketAddress], port: UInt16, family: Int32?)
+        -> AddressChoice
+    {
         let withPort = answers.map { a -> SocketAddress in
             var a = a
             a.port = port

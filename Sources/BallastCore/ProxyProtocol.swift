@@ -1,7 +1,7 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// The PROXY protocol (versions 1 and 2, the specification published with HAProxy): a header
@@ -157,7 +157,9 @@ public enum ProxyProtocol {
             let command = data[12] & 0x0F
             guard command <= 1 else { return .invalid("unknown command \(command)") }
             let length = Int(data[14]) << 8 | Int(data[15])
-            guard 16 + length <= maxHeader else { return .invalid("header of \(16 + length) bytes is over the \(maxHeader)-byte limit") }
+            guard 16 + length <= maxHeader else {
+                return .invalid("header of \(16 + length) bytes is over the \(maxHeader)-byte limit")
+            }
             if data.count < 16 + length { return .incomplete }
             if command == 0 { return .header(length: 16 + length, source: nil) }  // LOCAL
             switch data[13] {
@@ -166,14 +168,20 @@ public enum ProxyProtocol {
                 var sa = sockaddr_in()
                 sa.sin_family = sa_family_t(AF_INET)
                 withUnsafeMutableBytes(of: &sa.sin_addr) { for j in 0..<4 { $0[j] = data[16 + j] } }
-                withUnsafeMutableBytes(of: &sa.sin_port) { $0[0] = data[24]; $0[1] = data[25] }
+                withUnsafeMutableBytes(of: &sa.sin_port) {
+                    $0[0] = data[24]
+                    $0[1] = data[25]
+                }
                 return .header(length: 16 + length, source: .v4(sa))
             case 0x21:
                 guard length >= 36 else { return .invalid("wrong length \(length) for TCP over IPv6") }
                 var sa = sockaddr_in6()
                 sa.sin6_family = sa_family_t(AF_INET6)
                 withUnsafeMutableBytes(of: &sa.sin6_addr) { for j in 0..<16 { $0[j] = data[16 + j] } }
-                withUnsafeMutableBytes(of: &sa.sin6_port) { $0[0] = data[48]; $0[1] = data[49] }
+                withUnsafeMutableBytes(of: &sa.sin6_port) {
+                    $0[0] = data[48]
+                    $0[1] = data[49]
+                }
                 return .header(length: 16 + length, source: .v6(sa))
             case 0x00:
                 return .header(length: 16 + length, source: nil)

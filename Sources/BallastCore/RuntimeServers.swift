@@ -89,7 +89,9 @@ public struct RuntimeServers: Sendable, Equatable {
                 }
             }
             // An added server whose name the file now uses too: the file's wins.
-            svc.servers += c.added.filter { a in !svc.servers.contains { $0.name == a.name } }.map { svc.makeServer($0) }
+            svc.servers += c.added.filter { a in !svc.servers.contains { $0.name == a.name } }.map {
+                svc.makeServer($0)
+            }
             out.services[k] = svc
         }
         return (out, dropped)

@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// How a service picks a server for a new connection (`balance:`).
 public enum Balance: String, Sendable, CaseIterable {
@@ -86,7 +87,8 @@ public struct PickView {
     @inline(__always)
     public func weight(_ i: Int) -> Int {
         guard backup[i] == tier else { return 0 }
-        let now = self.now, staticWeights = self.staticWeights
+        let now = self.now
+        let staticWeights = self.staticWeights
         return servers[i]._withUnsafeGuaranteedRef { s in
             guard s.usable else { return 0 }
             return staticWeights ? s.weight : s.effectiveWeight(now: now)
@@ -139,7 +141,9 @@ public final class SharedTurn: Sendable {
     public init() {}
 }
 
-public func makeScheduler(_ balance: Balance, servers: [ServerConfig], tableSize: Int, seed: UInt64, turn: SharedTurn? = nil) -> Scheduler {
+public func makeScheduler(
+    _ balance: Balance, servers: [ServerConfig], tableSize: Int, seed: UInt64, turn: SharedTurn? = nil
+) -> Scheduler {
     switch balance {
     case .roundrobin: return SmoothWeightedRoundRobin(count: servers.count, turn: turn)
     case .leastconn: return LeastConnections(count: servers.count)
@@ -355,8 +359,10 @@ public final class PowerOfTwoChoices: Scheduler {
         let a = draw(view, total: total)
         let b = draw(view, total: total)
         if a == b { return a }
-        let la = view.load(a), lb = view.load(b)
-        let wa = view.weight(a), wb = view.weight(b)
+        let la = view.load(a)
+        let lb = view.load(b)
+        let wa = view.weight(a)
+        let wb = view.weight(b)
         return la * wb <= lb * wa ? a : b
     }
 }

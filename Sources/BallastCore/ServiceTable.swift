@@ -73,7 +73,9 @@ public final class Server: Sendable {
         if let c = config.check, c.effectiveInitState == .down || c.effectiveInitState == .fullyDown {
             up.store(false, ordering: .relaxed)
         }
-        if config.state == .maint || !up.load(ordering: .relaxed) || !config.resolved { downSince.store(monotonicMillis(), ordering: .relaxed) }
+        if config.state == .maint || !up.load(ordering: .relaxed) || !config.resolved {
+            downSince.store(monotonicMillis(), ordering: .relaxed)
+        }
     }
 
     /// Out of service for statistics: DOWN by health, in maintenance, or without an address.
@@ -267,13 +269,17 @@ public final class ServiceTable: Sendable {
             return Service(
                 config: sc, stats: stats,
                 servers: sc.servers.map { c -> Server in
-                    guard let (o, oc) = old["\(sc.name)/\(c.name)"], oc.addressKey == c.addressKey || o.address == c.address && c.hostname == nil else {
+                    guard let (o, oc) = old["\(sc.name)/\(c.name)"],
+                        oc.addressKey == c.addressKey || o.address == c.address && c.hostname == nil
+                    else {
                         return Server(config: c)
                     }
                     // The address this load gives (a name resolved again, a runtime `set server
                     // addr` dropped because the config changed the service): new connections go
                     // there. A name that did not resolve now keeps the address it had.
-                    if c.resolved, o.address != c.address || !o.hasAddress.load(ordering: .relaxed) { o.setAddress(c.address, now: now) }
+                    if c.resolved, o.address != c.address || !o.hasAddress.load(ordering: .relaxed) {
+                        o.setAddress(c.address, now: now)
+                    }
                     o.maxconnValue.store(c.maxconn, ordering: .relaxed)
                     o.slowstartMs.store(c.slowstart.value, ordering: .relaxed)
                     o.sendProxy.store(c.sendProxy?.rawValue ?? 0, ordering: .relaxed)

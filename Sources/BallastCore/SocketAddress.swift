@@ -1,7 +1,7 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// A numeric IPv4 or IPv6 address with a port, as written in the config (`10.0.0.1:6379`,
@@ -191,7 +191,9 @@ public enum SocketAddress: Hashable, Sendable, CustomStringConvertible {
         var st = storage
         switch Int32(st.ss_family) {
         case AF_INET:
-            self = withUnsafePointer(to: &st) { $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { .v4($0.pointee) } }
+            self = withUnsafePointer(to: &st) {
+                $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { .v4($0.pointee) }
+            }
         case AF_INET6:
             self = withUnsafePointer(to: &st) {
                 $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { .v6($0.pointee) }

@@ -5,9 +5,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// `role: master` services: every master answer through the service's `MasterArbiter`, the
@@ -26,7 +26,8 @@ extension HealthChecker {
             }
             return false
         }
-        let claim = MasterArbiter.Claim(name: t.server.name, address: t.server.address, replid: rep.replid, replid2: rep.replid2)
+        let claim = MasterArbiter.Claim(
+            name: t.server.name, address: t.server.address, replid: rep.replid, replid2: rep.replid2)
         switch arbiter.masterAnswer(t.key, claim) {
         case .refuse(let reason):
             v = Verdict(.l7response, reason, definite: true, replication: rep)
@@ -35,7 +36,9 @@ extension HealthChecker {
             arbiters[t.service] = arbiter
             demoteTasks(t.service, demote, now)
             if takeover {
-                logger.notice("Service \(t.service): \(t.server.name) takes the writes (\(arbiter.usesSentinel ? "named by sentinel" : "replication history")).")
+                logger.notice(
+                    "Service \(t.service): \(t.server.name) takes the writes (\(arbiter.usesSentinel ? "named by sentinel" : "replication history"))."
+                )
             }
             return takeover || (arbiter.usesSentinel && arbiter.named != nil)
         }
@@ -63,7 +66,9 @@ extension HealthChecker {
         var fresh: [String: MasterArbiter] = [:]
         for (service, live) in keys {
             let usesSentinel = sentinelConfigs[service] != nil
-            var a = arbiters[service].flatMap { $0.usesSentinel == usesSentinel ? $0 : nil } ?? MasterArbiter(usesSentinel: usesSentinel)
+            var a =
+                arbiters[service].flatMap { $0.usesSentinel == usesSentinel ? $0 : nil }
+                ?? MasterArbiter(usesSentinel: usesSentinel)
             for k in a.claims.keys where !live.contains(k) { a.noClaim(k) }
             fresh[service] = a
         }
@@ -90,12 +95,15 @@ extension HealthChecker {
         let now = monotonic()
         demoteTasks(service, demote, now)
         // Ask the named server now (unless it is already UP): its answer brings it UP at once.
-        for case let t? in tasks where t.service == service && t.server.address == address && t.fd < 0 && t.enabled && !t.up {
+        for case let t? in tasks
+        where t.service == service && t.server.address == address && t.fd < 0 && t.enabled && !t.up {
             t.nextDue = now
         }
         guard changed else { return }
         if !tasks.contains(where: { $0?.service == service && $0?.server.address == address }) {
-            logger.warning("Service \(service): sentinel names \(address) the master, which is not a server of this service; no server takes writes.")
+            logger.warning(
+                "Service \(service): sentinel names \(address) the master, which is not a server of this service; no server takes writes."
+            )
         }
     }
 }

@@ -5,9 +5,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// One check's state machine: begin (connect), progress (send, read), judge, time out, finish
@@ -87,7 +87,9 @@ extension HealthChecker {
                 var header = [UInt8](repeating: 0, count: 128)
                 let n = header.withUnsafeMutableBytes { buf in
                     withUnsafePointer(to: &local) { src in
-                        withUnsafePointer(to: &peer) { dst in ProxyProtocol.encode(v, src: src, dst: dst, into: buf.baseAddress!) }
+                        withUnsafePointer(to: &peer) { dst in
+                            ProxyProtocol.encode(v, src: src, dst: dst, into: buf.baseAddress!)
+                        }
                     }
                 }
                 t.request = Array(header[0..<n]) + t.request
@@ -126,7 +128,9 @@ extension HealthChecker {
             if !out.isEmpty {
                 t.request += out
                 while t.sent < t.request.count {
-                    let r = try? t.request.withUnsafeBytes { try Sys.send(t.fd, $0.baseAddress! + t.sent, $0.count - t.sent) }
+                    let r = try? t.request.withUnsafeBytes {
+                        try Sys.send(t.fd, $0.baseAddress! + t.sent, $0.count - t.sent)
+                    }
                     guard case .done(let n)? = r else { break }
                     t.sent += n
                 }
@@ -169,8 +173,11 @@ extension HealthChecker {
 
     func timedOut(_ t: CheckTask, _ now: Int64) {
         let status: CheckStatus = t.connected ? .l7timeout : .l4timeout
-        var detail = t.connected ? "no complete answer within \(t.config.timeout)" : "no connection within \(t.config.timeout)"
-        if t.connected && t.config.type == .redis, let partial = RedisJudge.judge(t.response, config: t.config, eof: true) {
+        var detail =
+            t.connected ? "no complete answer within \(t.config.timeout)" : "no connection within \(t.config.timeout)"
+        if t.connected && t.config.type == .redis,
+            let partial = RedisJudge.judge(t.response, config: t.config, eof: true)
+        {
             detail += " (\(partial.detail))"
         }
         finish(t, Verdict(status, detail), now)
@@ -250,7 +257,9 @@ extension HealthChecker {
         if let m = a.maxconn { t.server.maxconnValue.store(m, ordering: .relaxed) }
         if let s = a.admin, s != t.server.adminState {
             t.server.setAdmin(s, now: now)
-            logger.notice("Server \(t.service)/\(t.server.name) is \(s == .ready ? "READY" : s == .drain ? "DRAIN" : "MAINT") (agent).")
+            logger.notice(
+                "Server \(t.service)/\(t.server.name) is \(s == .ready ? "READY" : s == .drain ? "DRAIN" : "MAINT") (agent)."
+            )
         }
     }
 }

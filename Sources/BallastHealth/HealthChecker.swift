@@ -5,9 +5,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// HAProxy's check status vocabulary.
@@ -73,7 +73,6 @@ public struct CheckView: Sendable {
 public final class HealthChecker: @unchecked Sendable {
     /// Called on the checker thread when a server goes down or comes back.
     public typealias Transition = @Sendable (_ service: String, _ server: Server, _ up: Bool) -> Void
-
 
     static let maxResponse = 16 << 10
 
@@ -148,8 +147,10 @@ public final class HealthChecker: @unchecked Sendable {
     func publish(_ t: CheckTask) {
         let health = t.up ? t.config.rise + t.config.fall - 1 - t.failures : t.successes
         let v = CheckView(
-            type: t.config.type, last: t.last, running: t.running, health: health, rise: t.config.rise, fall: t.config.fall,
-            enabled: t.enabled, successes: t.successes, failures: t.failures, up: t.up, port: t.target.port, address: t.target)
+            type: t.config.type, last: t.last, running: t.running, health: health, rise: t.config.rise,
+            fall: t.config.fall,
+            enabled: t.enabled, successes: t.successes, failures: t.failures, up: t.up, port: t.target.port,
+            address: t.target)
         views.withLock { $0[ObjectIdentifier(t.server)] = v }
     }
 
@@ -194,7 +195,8 @@ public final class HealthChecker: @unchecked Sendable {
         _ = perform { c in
             guard let t = c.task(server) else { return }
             handled.store(true, ordering: .relaxed)
-            let r = CheckResult(status: t.last?.status ?? (up ? .l4ok : .l4con), code: nil, detail: "changed from CLI", durationMs: 0)
+            let r = CheckResult(
+                status: t.last?.status ?? (up ? .l4ok : .l4con), code: nil, detail: "changed from CLI", durationMs: 0)
             if t.up != up || server.up.load(ordering: .relaxed) != up {
                 c.transition(t, up: up, r, reason: "changed from CLI")
             }
@@ -245,7 +247,11 @@ public final class HealthChecker: @unchecked Sendable {
                         if t.mysql == nil { hangUp(t) } else { t.retired = true }
                     }
                 }
-                if now >= drainUntil! || (!tasks.contains(where: { $0.map { $0.fd >= 0 } ?? false }) && retiring.isEmpty) { break }
+                if now >= drainUntil!
+                    || (!tasks.contains(where: { $0.map { $0.fd >= 0 } ?? false }) && retiring.isEmpty)
+                {
+                    break
+                }
             }
             var timeout: Int64 = 1000
             for t in retiring.values { timeout = min(timeout, max(0, t.deadline - now)) }
@@ -276,7 +282,9 @@ public final class HealthChecker: @unchecked Sendable {
                 let index = Int(data & 0xFFFF_FFFF)
                 let gen = UInt32(data >> 32)
                 if index >= Int(HealthChecker.retiredBase) {
-                    if let t = retiring[UInt32(index) - HealthChecker.retiredBase], t.generation == gen, t.fd >= 0 { progress(t, events[k].events, now) }
+                    if let t = retiring[UInt32(index) - HealthChecker.retiredBase], t.generation == gen, t.fd >= 0 {
+                        progress(t, events[k].events, now)
+                    }
                     continue
                 }
                 guard index < tasks.count, let t = tasks[index], t.generation == gen, t.fd >= 0 else { continue }
@@ -288,7 +296,11 @@ public final class HealthChecker: @unchecked Sendable {
                     if now >= t.deadline { timedOut(t, now) }
                 } else if t.enabled && drainUntil == nil && now >= t.nextDue {
                     // A server whose name has not resolved has nowhere to be checked yet.
-                    if t.server.hasAddress.load(ordering: .relaxed) { begin(t, now) } else { t.nextDue = now + t.config.interval.value }
+                    if t.server.hasAddress.load(ordering: .relaxed) {
+                        begin(t, now)
+                    } else {
+                        t.nextDue = now + t.config.interval.value
+                    }
                 }
             }
             if !retiring.isEmpty {
@@ -307,11 +319,14 @@ public final class HealthChecker: @unchecked Sendable {
     func monotonic() -> Int64 { monotonicMillis() }
 
     func applyPending(_ now: Int64) {
-        guard let (list, sentinelConfigs) = pending.withLock({ p -> ([(String, Server, CheckConfig, Int)], [String: SentinelConfig])? in
-            let l = p
-            p = nil
-            return l
-        }) else { return }
+        guard
+            let (list, sentinelConfigs) = pending.withLock({
+                p -> ([(String, Server, CheckConfig, Int)], [String: SentinelConfig])? in
+                let l = p
+                p = nil
+                return l
+            })
+        else { return }
         var old: [ObjectIdentifier: CheckTask] = [:]
         for t in tasks {
             guard let t else { continue }
@@ -327,7 +342,10 @@ public final class HealthChecker: @unchecked Sendable {
             } else {
                 if let t = previous { ended.append(t) }
                 nextKey += 1
-                next.append(CheckTask(service: service, server: server, config: config, initialWeight: weight, now: now, key: nextKey))
+                next.append(
+                    CheckTask(
+                        service: service, server: server, config: config, initialWeight: weight, now: now, key: nextKey)
+                )
             }
         }
         updateArbiters(next, sentinelConfigs: sentinelConfigs)
@@ -344,7 +362,9 @@ public final class HealthChecker: @unchecked Sendable {
             nextRetiredId = (nextRetiredId + 1) % HealthChecker.retiredBase
             retiring[id] = t
             t.generation &+= 1
-            try? Epoll.modify(epfd, t.fd, events: Epoll.in | Epoll.out | Epoll.rdhup, data: UInt64(HealthChecker.retiredBase + id) | (UInt64(t.generation) << 32))
+            try? Epoll.modify(
+                epfd, t.fd, events: Epoll.in | Epoll.out | Epoll.rdhup,
+                data: UInt64(HealthChecker.retiredBase + id) | (UInt64(t.generation) << 32))
         }
         tasks = next
         views.withLock { $0.removeAll() }
@@ -391,5 +411,3 @@ extension HealthChecker {
         return line + ", check duration: \(r.durationMs)ms."
     }
 }
-
-

@@ -16,11 +16,14 @@ enum HTTPJudge {
         }
         let line = String(decoding: bytes[0..<lineEnd], as: UTF8.self)
         let parts = line.split(separator: " ", maxSplits: 2)
-        guard parts.count >= 2, parts[0].hasPrefix("HTTP/1."), let code = Int(parts[1]), (100...599).contains(code) else {
+        guard parts.count >= 2, parts[0].hasPrefix("HTTP/1."), let code = Int(parts[1]), (100...599).contains(code)
+        else {
             return Verdict(.l7response, code: nil, "not an HTTP answer: \(printable(bytes.prefix(40)))")
         }
         let reason = parts.count > 2 ? String(parts[2]) : ""
-        guard config.accepts(status: code) else { return Verdict(.l7status, code: code, reason.isEmpty ? "status \(code)" : reason) }
+        guard config.accepts(status: code) else {
+            return Verdict(.l7status, code: code, reason.isEmpty ? "status \(code)" : reason)
+        }
         guard let wanted = config.body else { return Verdict(.l7ok, code: code, reason) }
         let body: ArraySlice<UInt8> = find(bytes, [13, 10, 13, 10]).map { bytes[($0 + 4)...] } ?? []
         if find(Array(body), Array(wanted.utf8)) != nil { return Verdict(.l7ok, code: code, reason) }
@@ -165,22 +168,27 @@ enum RedisJudge {
         switch config.role {
         case .master:
             guard r.isMaster else {
-                return Verdict(.l7response, "role is \(r.role), the check requires master", definite: true, replication: r)
+                return Verdict(
+                    .l7response, "role is \(r.role), the check requires master", definite: true, replication: r)
             }
             return Verdict(.l7ok, "role:master", replication: r)
         case .replica:
             guard r.role == "slave" else {
-                return Verdict(.l7response, "role is \(r.role), the check requires replica", definite: true, replication: r)
+                return Verdict(
+                    .l7response, "role is \(r.role), the check requires replica", definite: true, replication: r)
             }
             guard r.linkUp else {
-                return Verdict(.l7response, "replication link to the master is down (master_link_status:down)", definite: true, replication: r)
+                return Verdict(
+                    .l7response, "replication link to the master is down (master_link_status:down)", definite: true,
+                    replication: r)
             }
             if r.syncInProgress {
                 return Verdict(.l7response, "initial sync from the master in progress", definite: true, replication: r)
             }
             if let lag = config.maxLag, let seconds = r.lastIOSeconds, Int64(seconds) * 1000 > lag.value {
                 return Verdict(
-                    .l7response, "replication lag \(seconds) s > \(lag) (master_last_io_seconds_ago)", definite: true, replication: r)
+                    .l7response, "replication lag \(seconds) s > \(lag) (master_last_io_seconds_ago)", definite: true,
+                    replication: r)
             }
             return Verdict(.l7ok, "role:slave, link up", replication: r)
         case .any:

@@ -78,7 +78,10 @@ struct MySQLConversation {
         guard let first = p.first else { return fail(.l7response, "empty packet") }
         switch step {
         case .greeting:
-            if first == 0xFF { verdict = Verdict(.l7response, MySQLConversation.errorText(p)); return [] }
+            if first == 0xFF {
+                verdict = Verdict(.l7response, MySQLConversation.errorText(p))
+                return []
+            }
             guard first == 10, let nul = p[1...].firstIndex(of: 0) else {
                 verdict = Verdict(.l7response, "not a MySQL greeting (protocol \(first))")
                 return []
@@ -107,7 +110,9 @@ struct MySQLConversation {
                 return MySQLConversation.quit
             }
             step = .auth
-            let auth = plugin == "mysql_native_password" ? nativePasswordScramble(password: config.password ?? "", scramble: scramble) : []
+            let auth =
+                plugin == "mysql_native_password"
+                ? nativePasswordScramble(password: config.password ?? "", scramble: scramble) : []
             // CLIENT_LONG_PASSWORD | CLIENT_PROTOCOL_41 | CLIENT_TRANSACTIONS | CLIENT_SECURE_CONNECTION | CLIENT_PLUGIN_AUTH
             let caps: UInt32 = 0x1 | 0x200 | 0x2000 | 0x8000 | 0x8_0000
             var payload: [UInt8] = (0..<4).map { UInt8(truncatingIfNeeded: caps >> ($0 * 8)) }
@@ -129,11 +134,13 @@ struct MySQLConversation {
                 guard let nul = p[1...].firstIndex(of: 0) else { return fail(.l7response, "bad auth switch request") }
                 let plugin = String(decoding: p[1..<nul], as: UTF8.self)
                 guard plugin == "mysql_native_password" else {
-                    return fail(.l7response, "authentication plugin '\(plugin)' is not supported (use mysql_native_password)")
+                    return fail(
+                        .l7response, "authentication plugin '\(plugin)' is not supported (use mysql_native_password)")
                 }
                 var scramble = Array(p[(nul + 1)...])
                 if scramble.last == 0 { scramble.removeLast() }
-                return MySQLConversation.frame(nativePasswordScramble(password: config.password ?? "", scramble: scramble), seq: seq &+ 1)
+                return MySQLConversation.frame(
+                    nativePasswordScramble(password: config.password ?? "", scramble: scramble), seq: seq &+ 1)
             default:
                 return fail(.l7response, "unexpected answer to login (0x\(String(first, radix: 16)))")
             }
@@ -157,7 +164,8 @@ struct MySQLConversation {
 
     /// One statement of the check, and what its result means.
     enum Query {
-        case readOnly, replicaStatus, user(String)
+        case readOnly, replicaStatus
+        case user(String)
 
         var sql: String {
             switch self {
@@ -227,7 +235,10 @@ struct MySQLConversation {
             }
             if io != "Yes" {
                 let err = column("Last_IO_Error").flatMap { $0.isEmpty ? nil : ": \($0)" } ?? ""
-                return fail(.l7response, "replication stopped (IO thread \(io == "Connecting" ? "connecting" : "not running")\(err))", definite: true)
+                return fail(
+                    .l7response,
+                    "replication stopped (IO thread \(io == "Connecting" ? "connecting" : "not running")\(err))",
+                    definite: true)
             }
             guard let lagText = column("Seconds_Behind_Master"), let lag = Int64(lagText) else {
                 return fail(.l7response, "replication lag unknown (Seconds_Behind_Master is NULL)", definite: true)
@@ -267,7 +278,11 @@ struct ResultReader {
         case error(String)
     }
 
-    private enum State { case start, columns(Int), columnsEnd, rows }
+    private enum State {
+        case start
+        case columns(Int)
+        case columnsEnd, rows
+    }
     private var state = State.start
     private var result = ResultSet()
 
@@ -338,4 +353,3 @@ struct ResultReader {
         }
     }
 }
-

@@ -14,7 +14,8 @@ public struct Verdict: Sendable, Equatable {
     public var replication: RedisReplication?
 
     public init(
-        _ status: CheckStatus, code: Int? = nil, _ detail: String, definite: Bool = false, replication: RedisReplication? = nil
+        _ status: CheckStatus, code: Int? = nil, _ detail: String, definite: Bool = false,
+        replication: RedisReplication? = nil
     ) {
         self.status = status
         self.code = code
@@ -92,14 +93,17 @@ public struct MasterArbiter: Sendable {
         if claim.replid != Self.noHistory && !claim.replid.isEmpty {
             for (k, c) in claims where k != key && c.replid2 == claim.replid {
                 if holder == key { holder = k }
-                return .refuse("stale master: \(c.name) was promoted from its replica (its master_replid2 is this server's master_replid)")
+                return .refuse(
+                    "stale master: \(c.name) was promoted from its replica (its master_replid2 is this server's master_replid)"
+                )
             }
         }
         // This server was promoted from another claimer's replicas: it takes over.
         var demote: [Int: String] = [:]
         if claim.replid2 != Self.noHistory && !claim.replid2.isEmpty {
             for (k, c) in claims where k != key && c.replid == claim.replid2 {
-                demote[k] = "stale master: \(claim.name) was promoted from its replica (its master_replid2 is this server's master_replid)"
+                demote[k] =
+                    "stale master: \(claim.name) was promoted from its replica (its master_replid2 is this server's master_replid)"
             }
         }
         if !demote.isEmpty {
@@ -107,7 +111,9 @@ public struct MasterArbiter: Sendable {
             return .accept(takeover: true, demote: demote)
         }
         if let h = holder, h != key, let other = claims[h] {
-            return .refuse("another master (\(other.name)) already takes the writes and the replication history cannot tell which is newer; held down until it stops being master")
+            return .refuse(
+                "another master (\(other.name)) already takes the writes and the replication history cannot tell which is newer; held down until it stops being master"
+            )
         }
         let takeover = holder != key && holder != nil
         holder = key

@@ -5,9 +5,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// Follows the Redis Sentinels of one service: every `interval` it asks each of them
@@ -113,7 +113,8 @@ final class SentinelWatcher: @unchecked Sendable {
         "-failover-abort-slave-timeout", "-failover-abort-master-timeout", "+failover-end-for-timeout",
     ]
 
-    init(service: String, config: SentinelConfig, logger: Logger, onNamed: @escaping @Sendable (SocketAddress) -> Void) {
+    init(service: String, config: SentinelConfig, logger: Logger, onNamed: @escaping @Sendable (SocketAddress) -> Void)
+    {
         self.service = service
         self.config = config
         self.logger = logger
@@ -220,7 +221,9 @@ final class SentinelWatcher: @unchecked Sendable {
             }
             // A subscription that never connected is retried.
             for k in subs.indices {
-                if let c = subs[k], !c.connected, t >= c.deadline { dropSubscription(k, "no connection within \(config.timeout)", t) }
+                if let c = subs[k], !c.connected, t >= c.deadline {
+                    dropSubscription(k, "no connection within \(config.timeout)", t)
+                }
             }
             if roundRunning && (t >= roundDeadline || !queries.contains(where: { $0 != nil })) { endRound(t) }
             publish()
@@ -316,16 +319,20 @@ final class SentinelWatcher: @unchecked Sendable {
             if m != agreed {
                 let was = agreed.map { " (was \($0))" } ?? ""
                 logger.notice(
-                    "Service \(service): sentinels name \(m) the master of '\(config.master)'\(was), \(results.filter { $0 == m }.count) of \(config.addresses.count) agree.")
+                    "Service \(service): sentinels name \(m) the master of '\(config.master)'\(was), \(results.filter { $0 == m }.count) of \(config.addresses.count) agree."
+                )
                 agreed = m
                 onNamed(m)
             }
         case .none:
-            problem("no sentinel answered (\(failures.joined(separator: "; "))); keeping \(agreed.map { "the last agreed master \($0)" } ?? "no master")")
+            problem(
+                "no sentinel answered (\(failures.joined(separator: "; "))); keeping \(agreed.map { "the last agreed master \($0)" } ?? "no master")"
+            )
         case .disagree(let counts):
             let failed = failures.isEmpty ? "" : "; no answer from \(failures.joined(separator: "; "))"
             problem(
-                "sentinels disagree (\(counts.map { "\($0.0): \($0.1)" }.joined(separator: ", "))\(failed)); keeping \(agreed.map { "the last agreed master \($0)" } ?? "no master")")
+                "sentinels disagree (\(counts.map { "\($0.0): \($0.1)" }.joined(separator: ", "))\(failed)); keeping \(agreed.map { "the last agreed master \($0)" } ?? "no master")"
+            )
         }
     }
 
@@ -378,7 +385,8 @@ final class SentinelWatcher: @unchecked Sendable {
         if !subFailureLogged[k] {
             subFailureLogged[k] = true
             logger.warning(
-                "Service \(service): sentinel \(config.addresses[k]): \(why); failovers are seen at the next poll (every \(config.interval)) until it is back.")
+                "Service \(service): sentinel \(config.addresses[k]): \(why); failovers are seen at the next poll (every \(config.interval)) until it is back."
+            )
         }
     }
 
@@ -397,11 +405,14 @@ final class SentinelWatcher: @unchecked Sendable {
                     subscribed[k] = true
                     if subFailureLogged[k] {
                         subFailureLogged[k] = false
-                        logger.notice("Service \(service): sentinel \(config.addresses[k]): subscribed to +switch-master again.")
+                        logger.notice(
+                            "Service \(service): sentinel \(config.addresses[k]): subscribed to +switch-master again.")
                     }
                     continue
                 }
-                guard kind == "message", case .bulk(let channel) = items[1], case .bulk(let payload) = items[2] else { continue }
+                guard kind == "message", case .bulk(let channel) = items[1], case .bulk(let payload) = items[2] else {
+                    continue
+                }
                 event(k, channel, payload, t)
             default:
                 continue  // AUTH's +OK
@@ -417,12 +428,16 @@ final class SentinelWatcher: @unchecked Sendable {
         let from = "sentinel \(config.addresses[k])"
         switch channel {
         case "+switch-master":
-            guard words.count == 5, words[0] == config.master, let new = Self.address(words[3], words[4]) else { return }
+            guard words.count == 5, words[0] == config.master, let new = Self.address(words[3], words[4]) else {
+                return
+            }
             failoverUntil = 0
             nextRound = t  // confirm with every Sentinel at once
             // Every Sentinel publishes the same switch: log the first; each asks the new master again.
             if new != agreed {
-                logger.notice("Service \(service): \(from) reports +switch-master \(words[1]):\(words[2]) -> \(new); writes move now.")
+                logger.notice(
+                    "Service \(service): \(from) reports +switch-master \(words[1]):\(words[2]) -> \(new); writes move now."
+                )
             }
             agreed = new
             lastRoundProblem = nil
@@ -437,19 +452,23 @@ final class SentinelWatcher: @unchecked Sendable {
             // turned back into a replica.
             if let agreed, old != agreed {
                 logger.warning(
-                    "Service \(service): \(from) starts a failover of \(old), which is not the master (\(agreed)); ignored until Sentinel switches.")
+                    "Service \(service): \(from) starts a failover of \(old), which is not the master (\(agreed)); ignored until Sentinel switches."
+                )
                 return
             }
             failoverUntil = t + Self.failoverHold
             guard chosen != agreed else { return }
             logger.notice(
-                "Service \(service): \(from) reports a failover of '\(config.master)': promoting \(chosen); the old master takes no more writes.")
+                "Service \(service): \(from) reports a failover of '\(config.master)': promoting \(chosen); the old master takes no more writes."
+            )
             agreed = chosen
             lastRoundProblem = nil
             onNamed(chosen)
         default:
             // The failover ended without a switch: polls decide again.
-            let name = words.first == "master" && words.count > 1 ? words[1] : (words.firstIndex(of: "@").map { words.count > $0 + 1 ? words[$0 + 1] : "" } ?? "")
+            let name =
+                words.first == "master" && words.count > 1
+                ? words[1] : (words.firstIndex(of: "@").map { words.count > $0 + 1 ? words[$0 + 1] : "" } ?? "")
             guard name == config.master, failoverUntil > 0 else { return }
             logger.warning("Service \(service): \(from) reports \(channel); the master is asked again.")
             failoverUntil = 0

@@ -1,9 +1,9 @@
 import CLinux
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// Linux-only readiness notification (after swift-nio's `Linux.swift`).
@@ -40,7 +40,9 @@ public enum Epoll {
 
     /// Waits for events into a preallocated array. The corresponding C function is `epoll_wait`.
     @inline(never)
-    public static func wait(_ epfd: Int32, _ events: UnsafeMutablePointer<ballast_epoll_event>, max: Int32, timeoutMs: Int32) throws(SysError) -> Int {
+    public static func wait(
+        _ epfd: Int32, _ events: UnsafeMutablePointer<ballast_epoll_event>, max: Int32, timeoutMs: Int32
+    ) throws(SysError) -> Int {
         let r = ballast_epoll_wait(epfd, events, max, timeoutMs)
         if r >= 0 { return Int(r) }
         if errno == EINTR { return 0 }
@@ -73,7 +75,9 @@ public enum Pipe {
     public static func create() throws(SysError) -> (Int32, Int32) {
         var fds: (Int32, Int32) = (-1, -1)
         _ = try Sys.checkBlocking("pipe2") {
-            withUnsafeMutablePointer(to: &fds) { $0.withMemoryRebound(to: Int32.self, capacity: 2) { Int(ballast_pipe2($0)) } }
+            withUnsafeMutablePointer(to: &fds) {
+                $0.withMemoryRebound(to: Int32.self, capacity: 2) { Int(ballast_pipe2($0)) }
+            }
         }
         return fds
     }

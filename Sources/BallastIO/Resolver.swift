@@ -1,9 +1,9 @@
 import BallastCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// The system resolver: getaddrinfo(3), which reads `/etc/hosts`, `/etc/resolv.conf` and

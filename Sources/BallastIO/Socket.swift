@@ -2,9 +2,9 @@ import BallastCore
 import CLinux
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// Socket calls used by the data plane and the tests.
@@ -20,7 +20,10 @@ public enum Socket {
     public static func listen(
         _ address: SocketAddress, reusePort: Bool, backlog: Int32, freebind: Bool = false, listen: Bool = true
     ) throws(SysError) -> Int32 {
-        let fd = Int32(try Sys.checkBlocking("socket") { Int(ballast_socket_nonblock(address.family, Int32(SOCK_STREAM.rawValue), 0)) })
+        let fd = Int32(
+            try Sys.checkBlocking("socket") {
+                Int(ballast_socket_nonblock(address.family, Int32(SOCK_STREAM.rawValue), 0))
+            })
         do throws(SysError) {
             try setOption(fd, SOL_SOCKET, SO_REUSEADDR, 1)
             if reusePort { try setOption(fd, SOL_SOCKET, SO_REUSEPORT, 1) }
@@ -70,10 +73,14 @@ public enum Socket {
     /// functions are `socket` and `connect`.
     public static func connectUnix(_ path: String, nonblocking: Bool = false) throws(SysError) -> Int32 {
         guard var addr = unixAddress(path) else { throw SysError("connect", ENAMETOOLONG) }
-        let type = Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | (nonblocking ? Int32(SOCK_NONBLOCK.rawValue) : 0)
+        let type =
+            Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
+            | (nonblocking ? Int32(SOCK_NONBLOCK.rawValue) : 0)
         let fd = Int32(try Sys.checkBlocking("socket") { Int(Glibc.socket(AF_UNIX, type, 0)) })
         let r = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         if r != 0 {
             let e = errno
@@ -97,10 +104,14 @@ public enum Socket {
             }
             unlink(path)
         }
-        let fd = Int32(try Sys.checkBlocking("socket") { Int(ballast_socket_nonblock(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)) })
+        let fd = Int32(
+            try Sys.checkBlocking("socket") { Int(ballast_socket_nonblock(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)) })
         do throws(SysError) {
             _ = try Sys.checkBlocking("bind") {
-                Int(withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, len) } })
+                Int(
+                    withUnsafePointer(to: &addr) {
+                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, len) }
+                    })
             }
             _ = try Sys.checkBlocking("listen") { Int(Glibc.listen(fd, backlog)) }
         } catch {
@@ -112,7 +123,9 @@ public enum Socket {
 
     /// Accepts one connection, nonblocking and close-on-exec. The corresponding C function is `accept4`.
     @inline(never)
-    public static func accept(_ fd: Int32, _ peer: UnsafeMutablePointer<sockaddr_storage>) throws(SysError) -> IOResult<Int32> {
+    public static func accept(_ fd: Int32, _ peer: UnsafeMutablePointer<sockaddr_storage>) throws(SysError) -> IOResult<
+        Int32
+    > {
         var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
         let r = try Sys.check("accept4") {
             peer.withMemoryRebound(to: sockaddr.self, capacity: 1) { Int(ballast_accept4(fd, $0, &len)) }
@@ -132,7 +145,10 @@ public enum Socket {
     /// The corresponding C functions are `socket` and `connect`.
     @inline(never)
     public static func connect(_ address: SocketAddress) throws(SysError) -> ConnectResult {
-        let fd = Int32(try Sys.checkBlocking("socket") { Int(ballast_socket_nonblock(address.family, Int32(SOCK_STREAM.rawValue), 0)) })
+        let fd = Int32(
+            try Sys.checkBlocking("socket") {
+                Int(ballast_socket_nonblock(address.family, Int32(SOCK_STREAM.rawValue), 0))
+            })
         let r = address.withSockAddr { Glibc.connect(fd, $0, $1) }
         if r == 0 { return .connected(fd) }
         let e = errno
@@ -144,8 +160,13 @@ public enum Socket {
     /// A blocking connect for command-line clients (`ballast ctl`, `ballast health`), with a
     /// receive timeout on the connected socket. The corresponding C functions are `socket`,
     /// `connect` and `setsockopt(SO_RCVTIMEO)`.
-    public static func connectBlocking(_ address: SocketAddress, receiveTimeoutSeconds: Int = 10) throws(SysError) -> Int32 {
-        let fd = Int32(try Sys.checkBlocking("socket") { Int(Glibc.socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)) })
+    public static func connectBlocking(_ address: SocketAddress, receiveTimeoutSeconds: Int = 10) throws(SysError)
+        -> Int32
+    {
+        let fd = Int32(
+            try Sys.checkBlocking("socket") {
+                Int(Glibc.socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0))
+            })
         let r = address.withSockAddr { Glibc.connect(fd, $0, $1) }
         if r != 0 {
             let e = errno

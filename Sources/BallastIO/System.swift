@@ -1,9 +1,9 @@
 import CLinux
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// A failed system call: its name and errno. Thrown with typed throws, so no allocation.
@@ -40,7 +40,8 @@ public enum Sys {
             switch e {
             case EINTR: continue
             case EAGAIN: return .wouldBlock
-            case EBADF, EFAULT: preconditionFailure("\(call) failed with \(String(cString: strerror(e))): a bug in Ballast")
+            case EBADF, EFAULT:
+                preconditionFailure("\(call) failed with \(String(cString: strerror(e))): a bug in Ballast")
             default: throw SysError(call, e)
             }
         }
@@ -110,7 +111,9 @@ public enum Sys {
 
     /// Reads from a blocking descriptor: the byte count (0 at EOF), retried after EINTR. A
     /// receive timeout (`SO_RCVTIMEO`) shows as `.wouldBlock`. The corresponding C function is `read`.
-    public static func readBlocking(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ len: Int) throws(SysError) -> IOResult<Int> {
+    public static func readBlocking(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ len: Int) throws(SysError)
+        -> IOResult<Int>
+    {
         while true {
             let n = Glibc.read(fd, buf, len)
             if n >= 0 { return .done(n) }

@@ -6,9 +6,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// The plan as netlink objects: the tables, base chains and shared maps, a service's chains, maps
@@ -26,7 +26,9 @@ extension NatController {
         b.chain(t, "forward", hook: UInt32(NF_INET_FORWARD.rawValue), priority: 0, type: "filter")
         // Services are found by one lookup of `daddr . dport` (whatever their number), and each
         // service's objects are its own: a reload adds or removes elements, never base rules.
-        b.map(t, "services", keyType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), keyLen: v6 ? 20 : 8, dataType: NFT_DATA_VERDICT.rawValue)
+        b.map(
+            t, "services", keyType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), keyLen: v6 ? 20 : 8,
+            dataType: NFT_DATA_VERDICT.rawValue)
         b.map(t, "source-nat", dataType: NFT_DATA_VERDICT.rawValue)
         b.map(t, "traffic", dataType: NFT_DATA_VERDICT.rawValue)
         // A server's packet that opens no flow this node knows (`ct state new` from a server's
@@ -41,10 +43,17 @@ extension NatController {
                 Expr.metaL4proto(Expr.reg1), Expr.cmpEq(Expr.reg1, [UInt8(IPPROTO_TCP)]),
                 Expr.payload(network: true, offset: v6 ? 8 : 12, len: v6 ? 16 : 4, dreg: Expr.reg1),
                 Expr.payload(network: false, offset: 0, len: 2, dreg: Expr.reg32(v6 ? 4 : 1)),
-                Expr.match("replies", setID: b.setID("replies"), sreg: Expr.reg1, invert: false), Expr.counter(), Expr.drop(),
+                Expr.match("replies", setID: b.setID("replies"), sreg: Expr.reg1, invert: false), Expr.counter(),
+                Expr.drop(),
             ], "a server's packet of a flow this node does not track")
         let ends = NatController.replyEnds(list)
-        if !ends.isEmpty { b.elements(t, "replies", ends.sorted { $0.description < $1.description }.map { NftBatch.Element(key: NatController.addressData($0), data: nil) }) }
+        if !ends.isEmpty {
+            b.elements(
+                t, "replies",
+                ends.sorted { $0.description < $1.description }.map {
+                    NftBatch.Element(key: NatController.addressData($0), data: nil)
+                })
+        }
         for chain in ["prerouting", "output"] {
             b.rule(
                 t, chain,
@@ -55,13 +64,26 @@ extension NatController {
                     Expr.vmap("services", setID: b.setID("services"), sreg: Expr.reg1),
                 ], "daddr . dport → service")
         }
-        b.rule(t, "forward", [Expr.ctMarkLoad(Expr.reg1), Expr.vmap("traffic", setID: b.setID("traffic"), sreg: Expr.reg1)], "per-server counters")
+        b.rule(
+            t, "forward",
+            [Expr.ctMarkLoad(Expr.reg1), Expr.vmap("traffic", setID: b.setID("traffic"), sreg: Expr.reg1)],
+            "per-server counters")
         // Flows Ballast did not balance are none of postrouting's business. The rule also keeps
         // a conntrack expression in the table at all times: the kernel turns conntrack off in
         // a namespace when the last one goes, and established flows would lose their NAT the
         // moment a service's chain is emptied (no usable server).
-        b.rule(t, "postrouting", [Expr.ctMarkLoad(Expr.reg1), Expr.and(Expr.reg1, mask: 0xffff_0000), Expr.cmpEq(Expr.reg1, [0, 0, 0, 0]), Expr.accept()], "not balanced by Ballast")
-        b.rule(t, "postrouting", [Expr.ctMarkLoad(Expr.reg1), Expr.and(Expr.reg1, mask: 0xffff_0000), Expr.vmap("source-nat", setID: b.setID("source-nat"), sreg: Expr.reg1)], "service → its source NAT")
+        b.rule(
+            t, "postrouting",
+            [
+                Expr.ctMarkLoad(Expr.reg1), Expr.and(Expr.reg1, mask: 0xffff_0000),
+                Expr.cmpEq(Expr.reg1, [0, 0, 0, 0]), Expr.accept(),
+            ], "not balanced by Ballast")
+        b.rule(
+            t, "postrouting",
+            [
+                Expr.ctMarkLoad(Expr.reg1), Expr.and(Expr.reg1, mask: 0xffff_0000),
+                Expr.vmap("source-nat", setID: b.setID("source-nat"), sreg: Expr.reg1),
+            ], "service → its source NAT")
         for st in list { addService(b, st, keeping: []) }
     }
 
@@ -72,7 +94,9 @@ extension NatController {
         let v6 = st.family == UInt16(NFPROTO_IPV6)
         b.chain(t, st.chain)
         b.map(t, st.backends, interval: false, dataType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), dataLen: v6 ? 20 : 8)
-        let backends = st.addrs.enumerated().compactMap { j, a in a.map { NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData($0)) } }
+        let backends = st.addrs.enumerated().compactMap { j, a in
+            a.map { NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData($0)) }
+        }
         if !backends.isEmpty { b.elements(t, st.backends, backends) }
         if st.config.balance == .source {
             b.map(t, st.sched, interval: false, dataType: 19, dataLen: 4, size: UInt32(st.config.hashTableSize))
@@ -93,7 +117,11 @@ extension NatController {
             b.rule(t, chain, Expr.ctDirection(Expr.reg1, reply: false) + [Expr.counter()], "\(chain): client to server")
             b.rule(t, chain, Expr.ctDirection(Expr.reg1, reply: true) + [Expr.counter()], "\(chain): server to client")
         }
-        if !fresh.isEmpty { b.elements(t, "traffic", fresh.map { NftBatch.Element(key: le(st.marks[$0]), data: nil, jump: st.serverChain($0)) }) }
+        if !fresh.isEmpty {
+            b.elements(
+                t, "traffic", fresh.map { NftBatch.Element(key: le(st.marks[$0]), data: nil, jump: st.serverChain($0)) }
+            )
+        }
         switch st.config.snat {
         case .none: break
         case .masquerade:
@@ -102,23 +130,39 @@ extension NatController {
         case .address(let a):
             b.chain(t, st.snatChain)
             let nfproto = UInt32(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4)
-            b.rule(t, st.snatChain, [Expr.immediate(Expr.reg1, NatController.hostBytes(a)), Expr.snat(family: nfproto, addrReg: Expr.reg1)], "\(st.name): snat to \(a.hostText)")
+            b.rule(
+                t, st.snatChain,
+                [
+                    Expr.immediate(Expr.reg1, NatController.hostBytes(a)),
+                    Expr.snat(family: nfproto, addrReg: Expr.reg1),
+                ], "\(st.name): snat to \(a.hostText)")
         }
-        if st.config.snat != .none { b.elements(t, "source-nat", [NftBatch.Element(key: le(st.id << 16), data: nil, jump: st.snatChain)]) }
-        b.elements(t, "services", st.config.binds.map { NftBatch.Element(key: NatController.addressData($0.address), data: nil, jump: st.chain, goto: true) })
+        if st.config.snat != .none {
+            b.elements(t, "source-nat", [NftBatch.Element(key: le(st.id << 16), data: nil, jump: st.snatChain)])
+        }
+        b.elements(
+            t, "services",
+            st.config.binds.map {
+                NftBatch.Element(key: NatController.addressData($0.address), data: nil, jump: st.chain, goto: true)
+            })
     }
 
     /// Takes a service's objects out (the reverse order of `addService`: references first).
     func removeService(_ b: NftBatch, _ st: ServiceState, keeping: Set<Int>) {
         let t = NatController.tableName
-        b.elements(t, "services", st.config.binds.map { NftBatch.Element(key: NatController.addressData($0.address), data: nil) }, delete: true)
+        b.elements(
+            t, "services",
+            st.config.binds.map { NftBatch.Element(key: NatController.addressData($0.address), data: nil) },
+            delete: true)
         if st.config.snat != .none {
             b.elements(t, "source-nat", [NftBatch.Element(key: le(st.id << 16), data: nil)], delete: true)
             b.flushChain(t, st.snatChain)
             b.deleteChain(t, st.snatChain)
         }
         let gone = st.config.servers.indices.filter { !keeping.contains($0) }
-        if !gone.isEmpty { b.elements(t, "traffic", gone.map { NftBatch.Element(key: le(st.marks[$0]), data: nil) }, delete: true) }
+        if !gone.isEmpty {
+            b.elements(t, "traffic", gone.map { NftBatch.Element(key: le(st.marks[$0]), data: nil) }, delete: true)
+        }
         for j in gone {
             b.flushChain(t, st.serverChain(j))
             b.deleteChain(t, st.serverChain(j))
@@ -155,7 +199,9 @@ extension NatController {
             if !elements.isEmpty { b.elements(t, set, elements) }
         }
         if st.config.limits.connections != nil { b.dynamicSet(t, st.connSet, v6: v6, timeoutMs: nil) }
-        if st.config.limits.rate != nil { b.dynamicSet(t, st.rateSet, v6: v6, timeoutMs: UInt64(2 * st.config.limits.ratePeriodMs)) }
+        if st.config.limits.rate != nil {
+            b.dynamicSet(t, st.rateSet, v6: v6, timeoutMs: UInt64(2 * st.config.limits.ratePeriodMs))
+        }
     }
 
     /// The rules at the head of a service's chain that refuse a client before a server is
@@ -164,19 +210,38 @@ extension NatController {
         let t = NatController.tableName
         let v6 = st.family == UInt16(NFPROTO_IPV6)
         let saddr = { Expr.payload(network: true, offset: v6 ? 8 : 12, len: v6 ? 16 : 4, dreg: Expr.reg1) }
-        for (set, list, invert) in [(st.denySet, st.access.deny, false), (st.allowSet, st.access.allow, true)] where !list.isEmpty {
+        for (set, list, invert) in [(st.denySet, st.access.deny, false), (st.allowSet, st.access.allow, true)]
+        where !list.isEmpty {
             b.rule(
-                t, st.chain, [saddr(), Expr.match(set, setID: b.setID(set), sreg: Expr.reg1, invert: invert), Expr.counter(), Expr.drop()],
+                t, st.chain,
+                [
+                    saddr(), Expr.match(set, setID: b.setID(set), sreg: Expr.reg1, invert: invert), Expr.counter(),
+                    Expr.drop(),
+                ],
                 "\(st.name): \(invert ? "not in allow" : "deny")")
         }
         // Per-client limits, kept by the kernel per source address: `ct count` (connections
         // tracked now) and a token bucket (new connections per period).
         if let n = st.config.limits.connections {
-            b.rule(t, st.chain, [saddr(), Expr.dynsetAdd(st.connSet, setID: b.setID(st.connSet), sreg: Expr.reg1, Expr.connlimitOver(n)), Expr.counter(), Expr.drop()], "\(st.name): conn_per_source")
+            b.rule(
+                t, st.chain,
+                [
+                    saddr(),
+                    Expr.dynsetAdd(st.connSet, setID: b.setID(st.connSet), sreg: Expr.reg1, Expr.connlimitOver(n)),
+                    Expr.counter(), Expr.drop(),
+                ], "\(st.name): conn_per_source")
         }
         if let n = st.config.limits.rate {
             let unit = UInt64(st.config.limits.ratePeriodMs / 1000)
-            b.rule(t, st.chain, [saddr(), Expr.dynsetAdd(st.rateSet, setID: b.setID(st.rateSet), sreg: Expr.reg1, Expr.limitOver(n, perSeconds: unit, burst: NatController.rateBurst)), Expr.counter(), Expr.drop()], "\(st.name): new_conn_rate_per_source")
+            b.rule(
+                t, st.chain,
+                [
+                    saddr(),
+                    Expr.dynsetAdd(
+                        st.rateSet, setID: b.setID(st.rateSet), sreg: Expr.reg1,
+                        Expr.limitOver(n, perSeconds: unit, burst: NatController.rateBurst)), Expr.counter(),
+                    Expr.drop(),
+                ], "\(st.name): new_conn_rate_per_source")
         }
     }
 
@@ -188,10 +253,13 @@ extension NatController {
     /// an end marker at zero when the first range does not start there (as nft writes them).
     static func intervalElements(_ prefixes: [IPPrefix]) -> [NftBatch.Element] {
         var ranges: [([UInt8], [UInt8])] = prefixes.map { p in
-            (p.bytes, p.bytes.enumerated().map { i, byte in
-                let keep = max(0, min(8, p.length - i * 8))
-                return byte | (keep == 8 ? 0 : UInt8(truncatingIfNeeded: 0xFF >> keep))
-            })
+            (
+                p.bytes,
+                p.bytes.enumerated().map { i, byte in
+                    let keep = max(0, min(8, p.length - i * 8))
+                    return byte | (keep == 8 ? 0 : UInt8(truncatingIfNeeded: 0xFF >> keep))
+                }
+            )
         }
         ranges.sort { $0.0.lexicographicallyPrecedes($1.0) }
         var merged: [([UInt8], [UInt8])] = []
@@ -243,7 +311,10 @@ extension NatController {
             e.append(Expr.payload(network: true, offset: v6 ? 8 : 12, len: v6 ? 16 : 4, dreg: Expr.reg2))
             if withPort { e.append(Expr.payload(network: false, offset: 0, len: 2, dreg: Expr.reg32(v6 ? 8 : 5))) }
             let len: UInt32 = (v6 ? 16 : 4) + (withPort ? 4 : 0)
-            e.append(Expr.jhash(sreg: Expr.reg2, len: len, modulus: UInt32(st.config.hashTableSize), seed: SourceHash.seed, dreg: Expr.reg1))
+            e.append(
+                Expr.jhash(
+                    sreg: Expr.reg2, len: len, modulus: UInt32(st.config.hashTableSize), seed: SourceHash.seed,
+                    dreg: Expr.reg1))
             e.append(Expr.lookup(st.sched, setID: b.setID(st.sched), sreg: Expr.reg1, dreg: Expr.reg1))
         default:
             let total = st.weights.reduce(0, +)
@@ -260,7 +331,9 @@ extension NatController {
             [
                 Expr.metaL4proto(Expr.reg1), Expr.cmpEq(Expr.reg1, [UInt8(IPPROTO_TCP)]), Expr.ctMarkLoad(Expr.reg1),
                 Expr.lookup(st.backends, setID: b.setID(st.backends), sreg: Expr.reg1, dreg: Expr.reg1),
-                Expr.dnat(family: UInt32(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4), addrReg: Expr.reg1, protoReg: Expr.reg32(v6 ? 4 : 1)),
+                Expr.dnat(
+                    family: UInt32(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4), addrReg: Expr.reg1,
+                    protoReg: Expr.reg32(v6 ? 4 : 1)),
             ], "\(st.name): dnat")
     }
 
@@ -286,8 +359,14 @@ extension NatController {
         let t = NatController.tableName
         let gone = loaded.subtracting(wanted).sorted { $0.description < $1.description }
         let new = wanted.subtracting(loaded).sorted { $0.description < $1.description }
-        if !gone.isEmpty { b.elements(t, "replies", gone.map { NftBatch.Element(key: NatController.addressData($0), data: nil) }, delete: true) }
-        if !new.isEmpty { b.elements(t, "replies", new.map { NftBatch.Element(key: NatController.addressData($0), data: nil) }) }
+        if !gone.isEmpty {
+            b.elements(
+                t, "replies", gone.map { NftBatch.Element(key: NatController.addressData($0), data: nil) }, delete: true
+            )
+        }
+        if !new.isEmpty {
+            b.elements(t, "replies", new.map { NftBatch.Element(key: NatController.addressData($0), data: nil) })
+        }
         return true
     }
 

@@ -6,9 +6,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// The same plan in nft syntax (`ballast nft show`, `show nft`), for reading and for `nft -c`.
@@ -20,7 +20,8 @@ extension NatController {
         let us = lastApplyMicros.load(ordering: .relaxed)
         let full = lastFullApplyMicros.load(ordering: .relaxed)
         return lock.withLock { _ in
-            "# last full programming: \(full) us; last state change applied in \(us) us\n" + NatController.render(Array(services.values))
+            "# last full programming: \(full) us; last state change applied in \(us) us\n"
+                + NatController.render(Array(services.values))
         }
     }
 
@@ -32,25 +33,39 @@ extension NatController {
             let v6 = fam == UInt16(NFPROTO_IPV6)
             let ip = v6 ? "ip6" : "ip"
             let addrType = v6 ? "ipv6_addr" : "ipv4_addr"
-            func map(_ name: String, _ type: String, _ elements: [String], extra: String = "", typeof: String? = nil) -> String {
+            func map(_ name: String, _ type: String, _ elements: [String], extra: String = "", typeof: String? = nil)
+                -> String
+            {
                 var m = "\tmap \(name) {\n\t\t\(typeof.map { "typeof \($0)" } ?? "type \(type)")\n\(extra)"
                 if !elements.isEmpty { m += "\t\telements = { \(elements.joined(separator: ", ")) }\n" }
                 return m + "\t}\n"
             }
             out += "table \(ip) \(tableName) {\n"
-            out += map("services", "\(addrType) . inet_service : verdict", sv.flatMap { st in
-                st.config.binds.map { "\($0.address.hostText) . \($0.address.port) : goto \(st.chain)" }
-            })
-            out += map("source-nat", "mark : verdict", sv.filter { $0.config.snat != .none }.map { "0x\(hex8($0.id << 16)) : jump \($0.snatChain)" })
-            out += map("traffic", "mark : verdict", sv.flatMap { st in st.config.servers.indices.map { "0x\(hex8(st.marks[$0])) : jump \(st.serverChain($0))" } })
+            out += map(
+                "services", "\(addrType) . inet_service : verdict",
+                sv.flatMap { st in
+                    st.config.binds.map { "\($0.address.hostText) . \($0.address.port) : goto \(st.chain)" }
+                })
+            out += map(
+                "source-nat", "mark : verdict",
+                sv.filter { $0.config.snat != .none }.map { "0x\(hex8($0.id << 16)) : jump \($0.snatChain)" })
+            out += map(
+                "traffic", "mark : verdict",
+                sv.flatMap { st in
+                    st.config.servers.indices.map { "0x\(hex8(st.marks[$0])) : jump \(st.serverChain($0))" }
+                })
             let ends = NatController.replyEnds(sv).sorted { $0.description < $1.description }
             out += "\tset replies {\n\t\ttype \(addrType) . inet_service\n"
-            if !ends.isEmpty { out += "\t\telements = { \(ends.map { "\($0.hostText) . \($0.port)" }.joined(separator: ", ")) }\n" }
+            if !ends.isEmpty {
+                out += "\t\telements = { \(ends.map { "\($0.hostText) . \($0.port)" }.joined(separator: ", ")) }\n"
+            }
             out += "\t}\n"
             for st in sv {
-                out += map(st.backends, "mark : \(addrType) . inet_service", st.addrs.enumerated().compactMap { j, a in
-                    a.map { "0x\(hex8(st.marks[j])) : \($0.hostText) . \($0.port)" }
-                })
+                out += map(
+                    st.backends, "mark : \(addrType) . inet_service",
+                    st.addrs.enumerated().compactMap { j, a in
+                        a.map { "0x\(hex8(st.marks[j])) : \($0.hostText) . \($0.port)" }
+                    })
                 // `typeof` (not `type mark : mark`): nft reads a map keyed by a hash or a
                 // counter back only when told which expression fills the key.
                 let total = st.weights.reduce(0, +)
@@ -65,11 +80,14 @@ extension NatController {
                     var lo = 0
                     var ranges: [String] = []
                     for (j, w) in st.weights.enumerated() where w > 0 {
-                        ranges.append(w == 1 ? "\(lo) : 0x\(hex8(st.marks[j]))" : "\(lo)-\(lo + w - 1) : 0x\(hex8(st.marks[j]))")
+                        ranges.append(
+                            w == 1 ? "\(lo) : 0x\(hex8(st.marks[j]))" : "\(lo)-\(lo + w - 1) : 0x\(hex8(st.marks[j]))")
                         lo += w
                     }
                     let gen = st.config.balance == .random ? "random" : "inc"
-                    out += map(st.sched, "", ranges, extra: "\t\tflags interval\n", typeof: "numgen \(gen) mod \(max(1, total)) : ct mark")
+                    out += map(
+                        st.sched, "", ranges, extra: "\t\tflags interval\n",
+                        typeof: "numgen \(gen) mod \(max(1, total)) : ct mark")
                 }
                 for (set, list) in [(st.denySet, st.access.deny), (st.allowSet, st.access.allow)] where !list.isEmpty {
                     let ranges = NatController.textRanges(list.filter { $0.isV6 == v6 })
@@ -81,11 +99,13 @@ extension NatController {
                     out += "\tset \(st.connSet) {\n\t\ttype \(addrType)\n\t\tsize 65535\n\t\tflags dynamic\n\t}\n"
                 }
                 if st.config.limits.rate != nil {
-                    out += "\tset \(st.rateSet) {\n\t\ttype \(addrType)\n\t\tsize 65535\n\t\tflags dynamic,timeout\n\t\ttimeout \(2 * st.config.limits.ratePeriodMs / 1000)s\n\t}\n"
+                    out +=
+                        "\tset \(st.rateSet) {\n\t\ttype \(addrType)\n\t\tsize 65535\n\t\tflags dynamic,timeout\n\t\ttimeout \(2 * st.config.limits.ratePeriodMs / 1000)s\n\t}\n"
                 }
             }
             for hook in ["prerouting", "output"] {
-                out += "\tchain \(hook) {\n\t\ttype nat hook \(hook) priority \(hook == "output" ? "-100" : "dstnat"); policy accept;\n"
+                out +=
+                    "\tchain \(hook) {\n\t\ttype nat hook \(hook) priority \(hook == "output" ? "-100" : "dstnat"); policy accept;\n"
                 out += "\t\tmeta l4proto tcp \(ip) daddr . tcp dport vmap @services\n\t}\n"
             }
             out += "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
@@ -97,24 +117,32 @@ extension NatController {
                 out += "\tchain \(st.chain) {\n"
                 if !st.access.deny.isEmpty { out += "\t\t\(ip) saddr @\(st.denySet) counter drop\n" }
                 if !st.access.allow.isEmpty { out += "\t\t\(ip) saddr != @\(st.allowSet) counter drop\n" }
-                if let n = st.config.limits.connections { out += "\t\tadd @\(st.connSet) { \(ip) saddr ct count over \(n) } counter drop\n" }
+                if let n = st.config.limits.connections {
+                    out += "\t\tadd @\(st.connSet) { \(ip) saddr ct count over \(n) } counter drop\n"
+                }
                 if let n = st.config.limits.rate {
-                    let unit = ["1": "second", "60": "minute", "3600": "hour"]["\(st.config.limits.ratePeriodMs / 1000)"] ?? "second"
-                    out += "\t\tadd @\(st.rateSet) { \(ip) saddr limit rate over \(n)/\(unit) burst \(NatController.rateBurst) packets } counter drop\n"
+                    let unit =
+                        ["1": "second", "60": "minute", "3600": "hour"]["\(st.config.limits.ratePeriodMs / 1000)"]
+                        ?? "second"
+                    out +=
+                        "\t\tadd @\(st.rateSet) { \(ip) saddr limit rate over \(n)/\(unit) burst \(NatController.rateBurst) packets } counter drop\n"
                 }
                 let total = st.weights.reduce(0, +)
                 if st.config.balance == .source {
                     let key = st.config.hashKey == .sourcePort ? "\(ip) saddr . tcp sport" : "\(ip) saddr"
-                    out += "\t\tct mark set jhash \(key) mod \(st.config.hashTableSize) seed 0x\(hex8(SourceHash.seed)) map @\(st.sched)\n"
+                    out +=
+                        "\t\tct mark set jhash \(key) mod \(st.config.hashTableSize) seed 0x\(hex8(SourceHash.seed)) map @\(st.sched)\n"
                     out += "\t\tmeta l4proto tcp dnat \(ip) to ct mark map @\(st.backends)\n"
                 } else if total > 0 {
-                    out += "\t\tct mark set numgen \(st.config.balance == .random ? "random" : "inc") mod \(total) map @\(st.sched)\n"
+                    out +=
+                        "\t\tct mark set numgen \(st.config.balance == .random ? "random" : "inc") mod \(total) map @\(st.sched)\n"
                     out += "\t\tmeta l4proto tcp dnat \(ip) to ct mark map @\(st.backends)\n"
                 }
                 out += "\t}\n"
                 // In the order the netlink batch creates them (nft lists objects so).
                 for j in st.config.servers.indices {
-                    out += "\tchain \(st.serverChain(j)) {\n\t\tct state new counter\n\t\tct direction original counter\n\t\tct direction reply counter\n\t}\n"
+                    out +=
+                        "\tchain \(st.serverChain(j)) {\n\t\tct state new counter\n\t\tct direction original counter\n\t\tct direction reply counter\n\t}\n"
                 }
                 switch st.config.snat {
                 case .none: break
@@ -141,7 +169,12 @@ extension NatController {
         func last(before b: [UInt8]) -> [UInt8] {
             var x = b
             for i in x.indices.reversed() {
-                if x[i] == 0 { x[i] = 0xFF } else { x[i] -= 1; break }
+                if x[i] == 0 {
+                    x[i] = 0xFF
+                } else {
+                    x[i] -= 1
+                    break
+                }
             }
             return x
         }
@@ -177,10 +210,12 @@ extension NatController {
                 name: svc.name, id: id, family: family(svc.config), config: svc.config,
                 marks: svc.servers.indices.map { (id << 16) | UInt32($0 + 1) })
             st.access = svc.stats.access.list
+            st.addrs = svc.servers.map { $0.hasAddress.load(ordering: .relaxed) ? $0.address : nil }
             let w = svc.servers.indices.map { i in svc.backupFlags[i] ? 0 : svc.servers[i].weight }
             st.weights = w
             if st.config.balance == .source {
-                st.slots = MaglevTable(names: svc.servers.map(\.name), weights: w, size: st.config.hashTableSize).entries
+                st.slots =
+                    MaglevTable(names: svc.servers.map(\.name), weights: w, size: st.config.hashTableSize).entries
             }
             list.append(st)
         }

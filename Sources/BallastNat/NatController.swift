@@ -6,9 +6,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// nat mode: the kernel forwards, Ballast decides. Owns the nftables tables `ip ballast` and
@@ -65,10 +65,13 @@ public final class NatController: @unchecked Sendable {
         /// built from. Weights, backups, checks and the like only change what the maps hold
         /// (`updateMaps`); where the service sits in the file changes nothing.
         func same(as o: ServiceState) -> Bool {
-            let a = config, b = o.config
-            return id == o.id && family == o.family && a.binds.map(\.address) == b.binds.map(\.address) && a.balance == b.balance
+            let a = config
+            let b = o.config
+            return id == o.id && family == o.family && a.binds.map(\.address) == b.binds.map(\.address)
+                && a.balance == b.balance
                 && a.hashKey == b.hashKey && a.hashTableSize == b.hashTableSize && a.snat == b.snat
-                && a.servers.map(\.name) == b.servers.map(\.name) && a.servers.map(\.addressKey) == b.servers.map(\.addressKey)
+                && a.servers.map(\.name) == b.servers.map(\.name)
+                && a.servers.map(\.addressKey) == b.servers.map(\.addressKey)
                 && access == o.access && a.limits == b.limits
         }
         var allowSet: String { "allow-\(name)" }
@@ -169,7 +172,9 @@ public final class NatController: @unchecked Sendable {
             }
             drifted = false
             if !start {
-                logger.info("nat: reload: \(changes.isEmpty ? "no change" : changes.joined(separator: ", ")); \(unchanged) services untouched")
+                logger.info(
+                    "nat: reload: \(changes.isEmpty ? "no change" : changes.joined(separator: ", ")); \(unchanged) services untouched"
+                )
             }
             services = next
             self.table = table
@@ -215,7 +220,9 @@ public final class NatController: @unchecked Sendable {
                     changes.append(old?.family == fam ? "\(st.name) rebuilt" : "\(st.name) added")
                 }
                 let wanted = NatController.replyEnds(mine)
-                if updateReplies(b, from: NatController.replyEnds(services.values.filter { $0.family == fam }), to: wanted) {
+                if updateReplies(
+                    b, from: NatController.replyEnds(services.values.filter { $0.family == fam }), to: wanted)
+                {
                     changes.append("server addresses")
                 }
                 if changes.count == before { continue }  // nothing of this family changed
@@ -246,8 +253,10 @@ public final class NatController: @unchecked Sendable {
     /// service id, same position, same name and address.
     static func keptServers(_ old: ServiceState?, _ new: ServiceState?) -> Set<Int> {
         guard let old, let new, old.id == new.id, old.family == new.family else { return [] }
-        let a = old.config.servers, b = new.config.servers
-        return Set((0..<min(a.count, b.count)).filter { a[$0].name == b[$0].name && a[$0].addressKey == b[$0].addressKey })
+        let a = old.config.servers
+        let b = new.config.servers
+        return Set(
+            (0..<min(a.count, b.count)).filter { a[$0].name == b[$0].name && a[$0].addressKey == b[$0].addressKey })
     }
 
     /// Removes the tables (stop), unless they are to outlive the process.
@@ -258,7 +267,9 @@ public final class NatController: @unchecked Sendable {
                 b.table(NatController.tableName, NFT_MSG_NEWTABLE.rawValue)
                 b.table(NatController.tableName, NFT_MSG_DELTABLE.rawValue)
                 b.finish()
-                do { try socket.send(b) } catch { logger.error("nat: cannot remove table \(NatController.tableName): \(error)") }
+                do { try socket.send(b) } catch {
+                    logger.error("nat: cannot remove table \(NatController.tableName): \(error)")
+                }
             }
             families = []
         }
@@ -295,13 +306,19 @@ public final class NatController: @unchecked Sendable {
         // the old one: conntrack NATs only a connection's first packet).
         let moved = st.addrs.indices.filter { $0 >= before.addrs.count || st.addrs[$0] != before.addrs[$0] }
         let stale = moved.filter { $0 < before.addrs.count && before.addrs[$0] != nil }
-        if !stale.isEmpty { b.elements(tn, st.backends, stale.map { NftBatch.Element(key: le(st.marks[$0]), data: nil) }, delete: true) }
-        let fresh = moved.compactMap { j in st.addrs[j].map { NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData($0)) } }
+        if !stale.isEmpty {
+            b.elements(tn, st.backends, stale.map { NftBatch.Element(key: le(st.marks[$0]), data: nil) }, delete: true)
+        }
+        let fresh = moved.compactMap { j in
+            st.addrs[j].map { NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData($0)) }
+        }
         if !fresh.isEmpty { b.elements(tn, st.backends, fresh) }
         if st.weights == before.weights && st.slots == before.slots { return true }
         if st.config.balance == .source {
             var changed: [Int] = []
-            for k in st.slots.indices where k >= before.slots.count || st.slots[k] != before.slots[k] { changed.append(k) }
+            for k in st.slots.indices where k >= before.slots.count || st.slots[k] != before.slots[k] {
+                changed.append(k)
+            }
             let removed = changed.filter { $0 < before.slots.count && before.slots[$0] >= 0 }
             if !removed.isEmpty {
                 b.elements(tn, st.sched, removed.map { NftBatch.Element(key: le(UInt32($0)), data: nil) }, delete: true)
@@ -343,7 +360,8 @@ public final class NatController: @unchecked Sendable {
                 _ = updateMaps(b, st, loaded: before)
                 if st.addrs != before.addrs {
                     let others = services.values.filter { $0.family == st.family && $0.name != st.name }
-                    _ = updateReplies(b, from: NatController.replyEnds(others + [before]), to: NatController.replyEnds(others + [st]))
+                    _ = updateReplies(
+                        b, from: NatController.replyEnds(others + [before]), to: NatController.replyEnds(others + [st]))
                 }
                 b.finish()
                 do {
@@ -352,7 +370,9 @@ public final class NatController: @unchecked Sendable {
                 } catch {
                     // The kernel's tables are not what Ballast loaded (a flushed ruleset, a
                     // deleted chain): put them back whole, with every service as it should be now.
-                    logger.warning("nat: the kernel refused the update of service \(svc.name) (\(error)); replacing the tables whole")
+                    logger.warning(
+                        "nat: the kernel refused the update of service \(svc.name) (\(error)); replacing the tables whole"
+                    )
                     reprogramWhole(table)
                     return
                 }
@@ -386,10 +406,17 @@ public final class NatController: @unchecked Sendable {
     /// clients get a reset at once instead of hanging.
     public func flush(service: String, server: Server) {
         lock.withLock { _ in
-            guard let st = services[service], let j = table?.services.first(where: { $0.name == service })?.servers.firstIndex(where: { $0 === server }) else { return }
+            guard let st = services[service],
+                let j = table?.services.first(where: { $0.name == service })?.servers.firstIndex(where: {
+                    $0 === server
+                })
+            else { return }
             do {
-                try socket.flushConntrack(mark: st.marks[j], family: st.family == UInt16(NFPROTO_IPV6) ? UInt8(AF_INET6) : UInt8(AF_INET))
-                logger.info("nat: flushed the connections of \(service)/\(server.name) (mark 0x\(String(st.marks[j], radix: 16)))")
+                try socket.flushConntrack(
+                    mark: st.marks[j], family: st.family == UInt16(NFPROTO_IPV6) ? UInt8(AF_INET6) : UInt8(AF_INET))
+                logger.info(
+                    "nat: flushed the connections of \(service)/\(server.name) (mark 0x\(String(st.marks[j], radix: 16)))"
+                )
             } catch {
                 logger.error("nat: cannot flush the connections of \(service)/\(server.name): \(error)")
             }
@@ -423,7 +450,9 @@ public final class NatController: @unchecked Sendable {
         var refused: [String: UInt64] = [:]
         for fam in families {
             // Live flows from conntrack; cumulative connections and bytes from the counters.
-            if let m = try? socket.conntrackByMark(family: fam == UInt16(NFPROTO_IPV6) ? UInt8(AF_INET6) : UInt8(AF_INET)) {
+            if let m = try? socket.conntrackByMark(
+                family: fam == UInt16(NFPROTO_IPV6) ? UInt8(AF_INET6) : UInt8(AF_INET))
+            {
                 for (mark, f) in m { all[mark, default: FlowStats()].flows += f.flows }
             }
             guard let rules = try? socket.ruleCounters(family: fam, table: NatController.tableName) else { continue }
@@ -493,8 +522,12 @@ public final class NatController: @unchecked Sendable {
         lock.withLock { _ in
             guard let table, !held, !drifted else { return }
             for fam in families.sorted() {
-                guard let exists = try? socket.tableExists(family: fam, name: NatController.tableName), !exists else { continue }
-                logger.warning("nat: table \(fam == UInt16(NFPROTO_IPV6) ? "ip6" : "ip") \(NatController.tableName) is gone from the kernel (flushed by another tool?); programming it again")
+                guard let exists = try? socket.tableExists(family: fam, name: NatController.tableName), !exists else {
+                    continue
+                }
+                logger.warning(
+                    "nat: table \(fam == UInt16(NFPROTO_IPV6) ? "ip6" : "ip") \(NatController.tableName) is gone from the kernel (flushed by another tool?); programming it again"
+                )
                 reprogramWhole(table)
                 return
             }
@@ -513,6 +546,5 @@ public final class NatController: @unchecked Sendable {
         if wakeFd >= 0 { close(wakeFd) }
         wakeFd = -1
     }
-
 
 }

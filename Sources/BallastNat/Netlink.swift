@@ -1,9 +1,9 @@
 import CNftables
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// What conntrack knows of one server's flows (bytes and packets need conntrack accounting).
@@ -111,7 +111,8 @@ final class NftBatch {
             nftnl_chain_set_s32(c, UInt16(NFTNL_CHAIN_PRIO.rawValue), priority)
             nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_POLICY.rawValue), UInt32(NF_ACCEPT))
         }
-        nftnl_chain_nlmsg_build_payload(header(NFT_MSG_NEWCHAIN.rawValue, NLM_F_CREATE, "create chain \(table) \(name)"), c)
+        nftnl_chain_nlmsg_build_payload(
+            header(NFT_MSG_NEWCHAIN.rawValue, NLM_F_CREATE, "create chain \(table) \(name)"), c)
         _ = nftnl_batch_update(batch)
     }
 
@@ -145,7 +146,8 @@ final class NftBatch {
     /// A map `type mark : <data>` (`interval` for weighted ranges; `dataType`
     /// `NFT_DATA_VERDICT` makes a verdict map, whose data needs no length).
     func map(
-        _ table: String, _ name: String, interval: Bool = false, keyType: UInt32 = 19, keyLen: UInt32 = 4, dataType: UInt32, dataLen: UInt32? = nil,
+        _ table: String, _ name: String, interval: Bool = false, keyType: UInt32 = 19, keyLen: UInt32 = 4,
+        dataType: UInt32, dataLen: UInt32? = nil,
         size: UInt32 = 0
     ) {
         let id = nextSetID
@@ -153,7 +155,9 @@ final class NftBatch {
         setIDs[name] = id
         let s = setObject(table, name)  // names the new set by its id too
         defer { nftnl_set_free(s) }
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), UInt32(NFT_SET_MAP.rawValue) | (interval ? UInt32(NFT_SET_INTERVAL.rawValue) : 0))
+        nftnl_set_set_u32(
+            s, UInt16(NFTNL_SET_FLAGS.rawValue),
+            UInt32(NFT_SET_MAP.rawValue) | (interval ? UInt32(NFT_SET_INTERVAL.rawValue) : 0))
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), keyType)  // 19: mark
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), keyLen)
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_DATA_TYPE.rawValue), dataType)
@@ -162,10 +166,13 @@ final class NftBatch {
         // Byte-order hints for `nft list` (they change nothing in the kernel): interval keys
         // come from numgen through hton (big-endian); marks are host-endian; a concatenation of
         // header fields (address . port) is network order, which nft assumes when told nothing.
-        var udata: [UInt8] = keyType == 19 ? [0, 4] + withUnsafeBytes(of: UInt32(interval ? 2 : 1).littleEndian) { Array($0) } : []
+        var udata: [UInt8] =
+            keyType == 19 ? [0, 4] + withUnsafeBytes(of: UInt32(interval ? 2 : 1).littleEndian) { Array($0) } : []
         if dataType == 19 { udata += [1, 4] + withUnsafeBytes(of: UInt32(1).littleEndian) { Array($0) } }
         if !udata.isEmpty {
-            _ = udata.withUnsafeBytes { nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), $0.baseAddress, UInt32($0.count)) }
+            _ = udata.withUnsafeBytes {
+                nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), $0.baseAddress, UInt32($0.count))
+            }
         }
         nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET.rawValue, NLM_F_CREATE, "create map \(table) \(name)"), s)
         _ = nftnl_batch_update(batch)
@@ -208,7 +215,9 @@ final class NftBatch {
         setIDs[name] = id
         let s = setObject(table, name)
         defer { nftnl_set_free(s) }
-        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), UInt32(NFT_SET_EVAL.rawValue) | (timeoutMs != nil ? UInt32(NFT_SET_TIMEOUT.rawValue) : 0))
+        nftnl_set_set_u32(
+            s, UInt16(NFTNL_SET_FLAGS.rawValue),
+            UInt32(NFT_SET_EVAL.rawValue) | (timeoutMs != nil ? UInt32(NFT_SET_TIMEOUT.rawValue) : 0))
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), v6 ? 8 : 7)
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), v6 ? 16 : 4)
         nftnl_set_set_u32(s, UInt16(NFTNL_SET_DESC_SIZE.rawValue), 65535)
@@ -235,20 +244,29 @@ final class NftBatch {
             let s = setObject(table, name)
             for e in chunk {
                 let el = nftnl_set_elem_alloc()!
-                e.key.withUnsafeBytes { _ = nftnl_set_elem_set(el, UInt16(NFTNL_SET_ELEM_KEY), $0.baseAddress, UInt32($0.count)) }
-                if let d = e.data {
-                    d.withUnsafeBytes { _ = nftnl_set_elem_set(el, UInt16(NFTNL_SET_ELEM_DATA), $0.baseAddress, UInt32($0.count)) }
+                e.key.withUnsafeBytes {
+                    _ = nftnl_set_elem_set(el, UInt16(NFTNL_SET_ELEM_KEY), $0.baseAddress, UInt32($0.count))
                 }
-                if e.intervalEnd { nftnl_set_elem_set_u32(el, UInt16(NFTNL_SET_ELEM_FLAGS), UInt32(NFT_SET_ELEM_INTERVAL_END.rawValue)) }
+                if let d = e.data {
+                    d.withUnsafeBytes {
+                        _ = nftnl_set_elem_set(el, UInt16(NFTNL_SET_ELEM_DATA), $0.baseAddress, UInt32($0.count))
+                    }
+                }
+                if e.intervalEnd {
+                    nftnl_set_elem_set_u32(el, UInt16(NFTNL_SET_ELEM_FLAGS), UInt32(NFT_SET_ELEM_INTERVAL_END.rawValue))
+                }
                 if let chain = e.jump {
-                    nftnl_set_elem_set_u32(el, UInt16(NFTNL_SET_ELEM_VERDICT), UInt32(bitPattern: e.goto ? NFT_GOTO.rawValue : NFT_JUMP.rawValue))
+                    nftnl_set_elem_set_u32(
+                        el, UInt16(NFTNL_SET_ELEM_VERDICT),
+                        UInt32(bitPattern: e.goto ? NFT_GOTO.rawValue : NFT_JUMP.rawValue))
                     nftnl_set_elem_set_str(el, UInt16(NFTNL_SET_ELEM_CHAIN), chain)
                 }
                 nftnl_set_elem_add(s, el)
             }
             let type = delete ? NFT_MSG_DELSETELEM.rawValue : NFT_MSG_NEWSETELEM.rawValue
             let verb = delete ? (elems.isEmpty ? "flush" : "delete elements of") : "add elements to"
-            nftnl_set_elems_nlmsg_build_payload(header(type, delete ? 0 : NLM_F_CREATE, "\(verb) map \(table) \(name)"), s)
+            nftnl_set_elems_nlmsg_build_payload(
+                header(type, delete ? 0 : NLM_F_CREATE, "\(verb) map \(table) \(name)"), s)
             _ = nftnl_batch_update(batch)
             nftnl_set_free(s)
             start += 1024
@@ -262,7 +280,9 @@ final class NftBatch {
         defer { nftnl_rule_free(r) }
         for e in exprs { nftnl_rule_add_expr(r, e) }  // the rule owns them now
         nftnl_rule_nlmsg_build_payload(
-            header(NFT_MSG_NEWRULE.rawValue, NLM_F_CREATE | NLM_F_APPEND, "add rule \(table) \(chain) (\(description))"), r)
+            header(
+                NFT_MSG_NEWRULE.rawValue, NLM_F_CREATE | NLM_F_APPEND, "add rule \(table) \(chain) (\(description))"), r
+        )
         _ = nftnl_batch_update(batch)
     }
 
@@ -320,7 +340,9 @@ enum Expr {
 
     static func payload(network: Bool, offset: UInt32, len: UInt32, dreg: UInt32) -> OpaquePointer {
         let e = make("payload")
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_BASE), network ? UInt32(NFT_PAYLOAD_NETWORK_HEADER.rawValue) : UInt32(NFT_PAYLOAD_TRANSPORT_HEADER.rawValue))
+        nftnl_expr_set_u32(
+            e, UInt16(NFTNL_EXPR_PAYLOAD_BASE),
+            network ? UInt32(NFT_PAYLOAD_NETWORK_HEADER.rawValue) : UInt32(NFT_PAYLOAD_TRANSPORT_HEADER.rawValue))
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_OFFSET), offset)
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_LEN), len)
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_DREG), dreg)
@@ -345,7 +367,9 @@ enum Expr {
     static func numgen(random: Bool, modulus: UInt32, dreg: UInt32) -> OpaquePointer {
         let e = make("numgen")
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NG_DREG), dreg)
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NG_TYPE), random ? UInt32(NFT_NG_RANDOM.rawValue) : UInt32(NFT_NG_INCREMENTAL.rawValue))
+        nftnl_expr_set_u32(
+            e, UInt16(NFTNL_EXPR_NG_TYPE), random ? UInt32(NFT_NG_RANDOM.rawValue) : UInt32(NFT_NG_INCREMENTAL.rawValue)
+        )
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_NG_MODULUS), modulus)
         return e
     }
@@ -561,8 +585,12 @@ final class NetlinkSocket {
         // Big batches (a 65537-slot Maglev map) and one ACK per message.
         var size: Int32 = 16 << 20
         let fd = mnl_socket_get_fd(nl)
-        if setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, 4) != 0 { _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, 4) }
-        if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, 4) != 0 { _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, 4) }
+        if setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, 4) != 0 {
+            _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, 4)
+        }
+        if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, 4) != 0 {
+            _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, 4)
+        }
         var one: Int32 = 1
         _ = setsockopt(fd, Int32(SOL_NETLINK), Int32(NETLINK_EXT_ACK), &one, 4)
     }
@@ -592,7 +620,9 @@ final class NetlinkSocket {
             }
         }
         guard sent >= 0 else { throw NatError("cannot send to the kernel: \(String(cString: strerror(errno)))") }
-        try readAcks(expected: batch.messages, from: batch.beginSeq, count: batch.seq &- batch.beginSeq) { seq in batch.what[seq] ?? "message \(seq)" }
+        try readAcks(expected: batch.messages, from: batch.beginSeq, count: batch.seq &- batch.beginSeq) { seq in
+            batch.what[seq] ?? "message \(seq)"
+        }
     }
 
     /// True when the kernel has table `name` in `family` (one GETTABLE request).
@@ -601,7 +631,9 @@ final class NetlinkSocket {
         let s = seq
         seq &+= 1
         let sent = req.withUnsafeMutableBytes { raw -> Int in
-            let nlh = nftnl_nlmsg_build_hdr(raw.baseAddress!.assumingMemoryBound(to: CChar.self), UInt16(NFT_MSG_GETTABLE.rawValue), family, UInt16(NLM_F_ACK), s)!
+            let nlh = nftnl_nlmsg_build_hdr(
+                raw.baseAddress!.assumingMemoryBound(to: CChar.self), UInt16(NFT_MSG_GETTABLE.rawValue), family,
+                UInt16(NLM_F_ACK), s)!
             let t = nftnl_table_alloc()!
             nftnl_table_set_str(t, UInt16(NFTNL_TABLE_NAME.rawValue), name)
             nftnl_table_nlmsg_build_payload(nlh, t)
@@ -648,7 +680,9 @@ final class NetlinkSocket {
                     if len < header || off + len > n { return false }  // malformed: read on
                     defer { off += (len + 3) & ~3 }
                     guard isOurs(h.nlmsg_seq) else { continue }
-                    let err = h.nlmsg_type == UInt16(NLMSG_ERROR) && len >= header + 4 ? raw.loadUnaligned(fromByteOffset: off + header, as: Int32.self) : 0
+                    let err =
+                        h.nlmsg_type == UInt16(NLMSG_ERROR) && len >= header + 4
+                        ? raw.loadUnaligned(fromByteOffset: off + header, as: Int32.self) : 0
                     if body(h.nlmsg_type, err, UnsafeRawBufferPointer(rebasing: raw[off..<off + len])) { return true }
                 }
                 return false
@@ -666,7 +700,10 @@ final class NetlinkSocket {
         let fd = mnl_socket_get_fd(nl)
         var tv = timeval(tv_sec: 5, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        try receive(answering: { $0 &- from < count }, "no answer from the kernel after \(acked) of \(expected) acknowledgements") { type, err, message in
+        try receive(
+            answering: { $0 &- from < count },
+            "no answer from the kernel after \(acked) of \(expected) acknowledgements"
+        ) { type, err, message in
             guard type == UInt16(NLMSG_ERROR) else { return false }
             acked += 1
             if err != 0 {
@@ -690,7 +727,8 @@ final class NetlinkSocket {
             nlh.pointee.nlmsg_type = UInt16((NFNL_SUBSYS_CTNETLINK << 8) | Int32(IPCTNL_MSG_CT_GET.rawValue))
             nlh.pointee.nlmsg_flags = UInt16(NLM_F_REQUEST | NLM_F_DUMP)
             nlh.pointee.nlmsg_seq = s
-            let nfg = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<nfgenmsg>.size)!.assumingMemoryBound(to: nfgenmsg.self)
+            let nfg = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<nfgenmsg>.size)!.assumingMemoryBound(
+                to: nfgenmsg.self)
             nfg.pointee.nfgen_family = family
             nfg.pointee.version = UInt8(NFNETLINK_V0)
             return mnl_socket_sendto(nl, nlh, Int(nlh.pointee.nlmsg_len))
@@ -750,7 +788,9 @@ final class NetlinkSocket {
         let s = seq
         seq &+= 1
         let sent = req.withUnsafeMutableBytes { raw -> Int in
-            let nlh = nftnl_nlmsg_build_hdr(raw.baseAddress!.assumingMemoryBound(to: CChar.self), UInt16(NFT_MSG_GETRULE.rawValue), family, UInt16(NLM_F_DUMP), s)!
+            let nlh = nftnl_nlmsg_build_hdr(
+                raw.baseAddress!.assumingMemoryBound(to: CChar.self), UInt16(NFT_MSG_GETRULE.rawValue), family,
+                UInt16(NLM_F_DUMP), s)!
             let r = nftnl_rule_alloc()!
             nftnl_rule_set_str(r, UInt16(NFTNL_RULE_TABLE.rawValue), table)
             nftnl_rule_nlmsg_build_payload(nlh, r)
@@ -769,7 +809,8 @@ final class NetlinkSocket {
             // `ct state` or `ct direction` (then the compared value says which direction).
             var kind: CounterKind?
             var direction = false
-            var packets: UInt64 = 0, bytes: UInt64 = 0
+            var packets: UInt64 = 0
+            var bytes: UInt64 = 0
             var counted = false
             let it = nftnl_expr_iter_create(r)!
             while let e = nftnl_expr_iter_next(it) {
@@ -783,7 +824,9 @@ final class NetlinkSocket {
                     if let d = nftnl_expr_get(e, UInt16(NFTNL_EXPR_CMP_DATA), &len), len >= 1 {
                         kind = d.load(as: UInt8.self) == 1 ? .reply : .original
                     }
-                } else if (name == "lookup" && !nftnl_expr_is_set(e, UInt16(NFTNL_EXPR_LOOKUP_DREG))) || name == "dynset" {
+                } else if (name == "lookup" && !nftnl_expr_is_set(e, UInt16(NFTNL_EXPR_LOOKUP_DREG)))
+                    || name == "dynset"
+                {
                     kind = .refused
                 } else if name == "counter" {
                     packets = nftnl_expr_get_u64(e, UInt16(NFTNL_EXPR_CTR_PACKETS))
@@ -810,7 +853,8 @@ final class NetlinkSocket {
             nlh.pointee.nlmsg_type = UInt16((NFNL_SUBSYS_CTNETLINK << 8) | Int32(IPCTNL_MSG_CT_DELETE.rawValue))
             nlh.pointee.nlmsg_flags = UInt16(NLM_F_REQUEST | NLM_F_ACK)
             nlh.pointee.nlmsg_seq = s
-            let nfg = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<nfgenmsg>.size)!.assumingMemoryBound(to: nfgenmsg.self)
+            let nfg = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<nfgenmsg>.size)!.assumingMemoryBound(
+                to: nfgenmsg.self)
             nfg.pointee.nfgen_family = family
             nfg.pointee.version = UInt8(NFNETLINK_V0)
             nfg.pointee.res_id = 0

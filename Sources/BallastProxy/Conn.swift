@@ -1,9 +1,9 @@
 import BallastCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 enum ConnState: UInt8 {

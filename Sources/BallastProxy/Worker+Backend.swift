@@ -5,9 +5,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// The backend (HAProxy's backend.c): the server choice, the connect and its retries, the PROXY
@@ -36,7 +36,8 @@ extension Worker {
             }
             if exclude >= 0 && settings.logConnections {
                 logger.info(
-                    "\(svc.name): connect to \(svc.service.servers[Int(exclude)].name) failed (\(String(cString: strerror(failedErr)))), retrying on \(s == exclude ? "the same server (no other is usable)" : server.name)")
+                    "\(svc.name): connect to \(svc.service.servers[Int(exclude)].name) failed (\(String(cString: strerror(failedErr)))), retrying on \(s == exclude ? "the same server (no other is usable)" : server.name)"
+                )
             }
             attach(i, server, s, svc)
             startConnect(i)
@@ -72,10 +73,12 @@ extension Worker {
     /// takes the client address it names, and goes on to pick a server.
     func readProxyHeader(_ i: Int32) {
         let c = table[i]
-        var peek = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0),
+        var peek = (
             UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0),
             UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0),
-            UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))  // 240 bytes
+            UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0),
+            UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0)
+        )  // 240 bytes
         let fd = c.pointee.clientFd
         let outcome: ProxyProtocol.Parsed? = withUnsafeMutableBytes(of: &peek) { buf -> ProxyProtocol.Parsed? in
             let r: IOResult<Int>
@@ -83,7 +86,9 @@ extension Worker {
             guard case .done(let n) = r else { return .incomplete }
             if n == 0 { return .invalid("connection closed before a complete header") }
             let parsed = ProxyProtocol.parse(UnsafeRawBufferPointer(rebasing: buf[0..<n]))
-            if parsed == .incomplete && n >= ProxyProtocol.maxHeader { return .invalid("header over \(ProxyProtocol.maxHeader) bytes") }
+            if parsed == .incomplete && n >= ProxyProtocol.maxHeader {
+                return .invalid("header over \(ProxyProtocol.maxHeader) bytes")
+            }
             if case .header(let length, _) = parsed {
                 // Consume exactly the header; the bytes after it belong to the relay.
                 _ = try? Sys.recv(fd, buf.baseAddress!, length)
@@ -121,7 +126,9 @@ extension Worker {
         guard let b = acquireBuffer(c, true) else { return }
         var local = Socket.localStorage(c.pointee.clientFd) ?? sockaddr_storage()
         let n = withUnsafePointer(to: &c.pointee.clientAddr) { src in
-            withUnsafePointer(to: &local) { dst in ProxyProtocol.encode(version, src: src, dst: dst, into: buffers.memory[Int(b)]) }
+            withUnsafePointer(to: &local) { dst in
+                ProxyProtocol.encode(version, src: src, dst: dst, into: buffers.memory[Int(b)])
+            }
         }
         c.pointee.up.bufStart = 0
         c.pointee.up.bufEnd = Int32(n)
@@ -175,7 +182,9 @@ extension Worker {
         c.pointee.serviceSlot?.pointee.sessions &+= 1
         if let server = c.pointee.server { server.lastSession.store(now, ordering: .relaxed) }
         c.pointee.service?.service.stats.lastSession.store(now, ordering: .relaxed)
-        if let server = c.pointee.server, let v = ProxyProtocol.Version(rawValue: server.sendProxy.load(ordering: .relaxed)) {
+        if let server = c.pointee.server,
+            let v = ProxyProtocol.Version(rawValue: server.sendProxy.load(ordering: .relaxed))
+        {
             queueProxyHeader(i, v)
         }
         if let server = c.pointee.server, server.connectFailures.load(ordering: .relaxed) != 0 {
@@ -219,7 +228,8 @@ extension Worker {
         guard n >= svc.observeFails else { return }
         guard server.setUp(false, now: now) else { return }
         logger.warning(
-            "Server \(svc.name)/\(server.name) is DOWN, reason: passive observation, info: \"\(n) consecutive failed connects, last: \(String(cString: strerror(err)))\".")
+            "Server \(svc.name)/\(server.name) is DOWN, reason: passive observation, info: \"\(n) consecutive failed connects, last: \(String(cString: strerror(err)))\"."
+        )
     }
 
     func releaseServer(_ i: Int32) {

@@ -4,9 +4,9 @@ import CLinux
 import Logging
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// A worker's splice pipes: a pipe is an index into its read and write ends; idle ones are kept
@@ -118,7 +118,8 @@ extension Worker {
         let have = withDir(c, up) { $0.pipe }
         if have >= 0 { return have }
         let p = pipes.acquire { error in
-            logger.warning("worker \(id): cannot set pipe size to \(settings.pipeSize) (\(error)); using the kernel default")
+            logger.warning(
+                "worker \(id): cannot set pipe size to \(settings.pipeSize) (\(error)); using the kernel default")
         }
         guard let p else {
             // No pipe (out of descriptors): this direction copies instead.

@@ -5,9 +5,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// The relay (HAProxy's stream.c data path): both directions of a connection, copied through a
@@ -107,7 +107,9 @@ extension Worker {
                     // again (as HAProxy does); only EAGAIN, a full pipe or nothing to read means
                     // waiting for EPOLLOUT (the short write armed it).
                     let room = pipes.capacity - (inPipe - n)
-                    if room < Worker.minRoom || !srcReadable(c, up) || withDir(c, up, { $0.eof }) || moved >= Worker.budget {
+                    if room < Worker.minRoom || !srcReadable(c, up) || withDir(c, up, { $0.eof })
+                        || moved >= Worker.budget
+                    {
                         setDstWritable(c, up, false)
                         return .blocked
                     }

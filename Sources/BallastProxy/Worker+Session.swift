@@ -5,9 +5,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// A connection's life around the data path: its timers, its end and what is counted then, and
@@ -155,7 +155,9 @@ extension Worker {
         for k in 0..<Int(table.highWater) {
             let i = Int32(k)
             let c = table[i]
-            guard c.pointee.state == .established || c.pointee.state == .connecting, matches(c.pointee) else { continue }
+            guard c.pointee.state == .established || c.pointee.state == .connecting, matches(c.pointee) else {
+                continue
+            }
             finish(i, reason)
             closed += 1
         }

@@ -5,9 +5,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// One data-plane thread: its own epoll instance, listeners (one `SO_REUSEPORT` socket per bind),
@@ -72,7 +72,10 @@ public final class Worker: @unchecked Sendable {
 
     // epoll data: index (32 bits) | kind (2 bits) | generation (24 bits).
     enum Kind: UInt64 {
-        case client = 0, server = 1, listener = 2, wake = 3
+        case client = 0
+        case server = 1
+        case listener = 2
+        case wake = 3
     }
 
     public init(id: Int, shared: ProxyShared, settings: WorkerSettings, logger: Logger) throws(SysError) {
@@ -298,10 +301,14 @@ public final class Worker: @unchecked Sendable {
             let slot: Int
             if let free = listeners.firstIndex(where: { $0 == nil }) {
                 slot = free
-                listeners[slot] = Listener(fd: spec.fd, address: spec.address, service: svc, acceptProxy: spec.acceptProxy, gen: listenerGen)
+                listeners[slot] = Listener(
+                    fd: spec.fd, address: spec.address, service: svc, acceptProxy: spec.acceptProxy, gen: listenerGen)
             } else {
                 slot = listeners.count
-                listeners.append(Listener(fd: spec.fd, address: spec.address, service: svc, acceptProxy: spec.acceptProxy, gen: listenerGen))
+                listeners.append(
+                    Listener(
+                        fd: spec.fd, address: spec.address, service: svc, acceptProxy: spec.acceptProxy,
+                        gen: listenerGen))
             }
             let paused = pausedForMaxconn || pausedForFds
             listeners[slot]!.paused = paused
@@ -313,6 +320,5 @@ public final class Worker: @unchecked Sendable {
             }
         }
     }
-
 
 }

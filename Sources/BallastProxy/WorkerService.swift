@@ -25,7 +25,8 @@ public final class WorkerService {
     init(service: Service, seed: UInt64) {
         self.service = service
         let c = service.config
-        scheduler = makeScheduler(c.balance, servers: c.servers, tableSize: c.hashTableSize, seed: seed, turn: service.turn)
+        scheduler = makeScheduler(
+            c.balance, servers: c.servers, tableSize: c.hashTableSize, seed: seed, turn: service.turn)
         connectMs = c.timeouts.connect.value
         clientMs = c.timeouts.client.value
         serverMs = c.timeouts.server.value
@@ -49,7 +50,9 @@ public final class WorkerService {
         // Redispatch order: an active server not tried yet, then a backup not tried yet, then
         // one tried before (not the one that just failed), and only then the one that failed.
         if let i = pickTier(backup: false, exclude: ex, tried: tried, hash: hash, now: now) { return Int32(i) }
-        if !hasUsableActive(except: ex, tried: tried), let i = pickBackup(exclude: ex, tried: tried, hash: hash, now: now) {
+        if !hasUsableActive(except: ex, tried: tried),
+            let i = pickBackup(exclude: ex, tried: tried, hash: hash, now: now)
+        {
             return Int32(i)
         }
         if tried != 0 {
@@ -70,7 +73,8 @@ public final class WorkerService {
     private func pickBackup(exclude ex: Int, tried: UInt64, hash: UInt32, now: Int64) -> Int? {
         if allbackups { return pickTier(backup: true, exclude: ex, tried: tried, hash: hash, now: now) }
         let servers = service.servers
-        for i in service.backupIndices where i != ex && !Self.isTried(i, tried) && servers[i].usable && servers[i].hasRoom {
+        for i in service.backupIndices
+        where i != ex && !Self.isTried(i, tried) && servers[i].usable && servers[i].hasRoom {
             return i
         }
         return nil
@@ -84,7 +88,9 @@ public final class WorkerService {
     }
 
     private func hasUsableActive(except ex: Int, tried: UInt64) -> Bool {
-        for i in service.activeIndices where i != ex && !Self.isTried(i, tried) && service.servers[i].usable { return true }
+        for i in service.activeIndices where i != ex && !Self.isTried(i, tried) && service.servers[i].usable {
+            return true
+        }
         return false
     }
 

@@ -4,9 +4,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// Servers given by DNS name, looked up again on the `ballast-dns` thread: every
@@ -83,7 +83,9 @@ final class DNSWatcher: @unchecked Sendable {
         said = said.filter { seen.contains($0.key) }
     }
 
-    private func apply(_ answer: Result<[SocketAddress], NameLookupError>, to s: Server, service: String, host: String, family: Int32?) {
+    private func apply(
+        _ answer: Result<[SocketAddress], NameLookupError>, to s: Server, service: String, host: String, family: Int32?
+    ) {
         let id = ObjectIdentifier(s)
         let has = s.hasAddress.load(ordering: .relaxed)
         let current = has ? s.address : nil
@@ -92,13 +94,18 @@ final class DNSWatcher: @unchecked Sendable {
         case .failure(let e):
             say(id, "service \(service): server \(s.name): \(host) does not resolve (\(e.message))\(keeping)")
         case .success(let list):
-            switch AddressChoice.choose(current: current, answers: list, port: s.address.port, family: family ?? current?.family) {
+            switch AddressChoice.choose(
+                current: current, answers: list, port: s.address.port, family: family ?? current?.family)
+            {
             case .keep:
                 said[id] = nil
             case .empty:
                 say(id, "service \(service): server \(s.name): \(host) has no address\(keeping)")
             case .otherFamily(let a):
-                say(id, "service \(service): server \(s.name): \(host) now resolves to \(a.hostText) only, another address family than the server's\(keeping)")
+                say(
+                    id,
+                    "service \(service): server \(s.name): \(host) now resolves to \(a.hostText) only, another address family than the server's\(keeping)"
+                )
             case .move(let a):
                 said[id] = nil
                 let old = s.setAddress(a)

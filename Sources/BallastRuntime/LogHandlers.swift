@@ -4,9 +4,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// Writes one line per record to stderr, as text (`2026-11-25T18:00:00.123Z info message key=value`)
@@ -39,8 +39,11 @@ public struct LineLogHandler: LogHandler {
             line = "\(ts) \(event.level) \(event.message)"
             for key in all.keys.sorted() { line += " \(key)=\(LineLogHandler.textValue("\(all[key]!)"))" }
         case .json:
-            line = "{\"ts\":\"\(ts)\",\"level\":\"\(event.level)\",\"msg\":\(LineLogHandler.jsonString("\(event.message)"))"
-            for key in all.keys.sorted() { line += ",\(LineLogHandler.jsonString(key)):\(LineLogHandler.jsonString("\(all[key]!)"))" }
+            line =
+                "{\"ts\":\"\(ts)\",\"level\":\"\(event.level)\",\"msg\":\(LineLogHandler.jsonString("\(event.message)"))"
+            for key in all.keys.sorted() {
+                line += ",\(LineLogHandler.jsonString(key)):\(LineLogHandler.jsonString("\(all[key]!)"))"
+            }
             line += "}"
         }
         line += "\n"

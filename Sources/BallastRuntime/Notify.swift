@@ -2,9 +2,9 @@ import BallastIO
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// systemd's notify protocol (sd_notify(3)) without libsystemd: one datagram per message to the

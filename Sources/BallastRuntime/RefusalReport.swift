@@ -24,9 +24,13 @@ struct RefusalReport {
             let delta = zip(counts, before).map { $0 - $1 }
             let total = delta.reduce(0, +)
             guard total > 0 else { continue }
-            let why = Refusal.allCases.enumerated().filter { delta[$0.offset] > 0 }.map { "\($0.element.text) \(delta[$0.offset])" }
+            let why = Refusal.allCases.enumerated().filter { delta[$0.offset] > 0 }.map {
+                "\($0.element.text) \(delta[$0.offset])"
+            }
             let from = SocketAddress(storage: access.lastRefused)?.hostText ?? "?"
-            logger.notice("service \(svc.name): refused \(total) connections in the last second (\(why.joined(separator: ", "))); the last from \(from)")
+            logger.notice(
+                "service \(svc.name): refused \(total) connections in the last second (\(why.joined(separator: ", "))); the last from \(from)"
+            )
         }
         seen = next
     }

@@ -3,9 +3,9 @@ import BallastIO
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// A change of a service's servers asked for on the runtime API.
@@ -67,59 +67,89 @@ extension Runtime {
     func apply(_ change: ServerChange) -> Result<String, CLIError> {
         switch change {
         case .add(let name, let added):
-            guard let svc = table.services.first(where: { $0.name == name }), let base = fileConfig.services.first(where: { $0.name == name })
+            guard let svc = table.services.first(where: { $0.name == name }),
+                let base = fileConfig.services.first(where: { $0.name == name })
             else { return .failure(CLIError("No such backend.\n")) }
             if svc.servers.contains(where: { $0.name == added.name }) {
                 return .failure(CLIError("Already exists a server with the same name in backend.\n\n"))
             }
-            if let why = Runtime.refusal(added, in: svc.config, config: config) { return .failure(CLIError(why + "\n\n")) }
+            if let why = Runtime.refusal(added, in: svc.config, config: config) {
+                return .failure(CLIError(why + "\n\n"))
+            }
             var changes = serverChanges
             changes.add(added, to: base)
             install(changes)
             // As HAProxy: a new server starts in maintenance; `enable server` puts it in service.
-            table.services.first { $0.name == name }?.servers.first { $0.name == added.name }?.setAdmin(.maint, now: monotonicMillis())
+            table.services.first { $0.name == name }?.servers.first { $0.name == added.name }?.setAdmin(
+                .maint, now: monotonicMillis())
             adminContext?.saveState()
-            logger.notice("service \(name): server \(added.name) added at \(added.address) (in maintenance until enabled)")
+            logger.notice(
+                "service \(name): server \(added.name) added at \(added.address) (in maintenance until enabled)")
             return .success("New server registered.\n\n")
         case .delete(let name, let srv):
-            guard let svc = table.services.first(where: { $0.name == name }), let base = fileConfig.services.first(where: { $0.name == name })
+            guard let svc = table.services.first(where: { $0.name == name }),
+                let base = fileConfig.services.first(where: { $0.name == name })
             else { return .failure(CLIError("No such backend.\n")) }
-            guard let s = svc.servers.first(where: { $0.name == srv }) else { return .failure(CLIError("No such server.\n")) }
-            guard s.adminState == .maint else { return .failure(CLIError("Only servers in maintenance mode can be deleted.\n")) }
+            guard let s = svc.servers.first(where: { $0.name == srv }) else {
+                return .failure(CLIError("No such server.\n"))
+            }
+            guard s.adminState == .maint else {
+                return .failure(CLIError("Only servers in maintenance mode can be deleted.\n"))
+            }
             guard s.active.load(ordering: .relaxed) == 0 else {
                 return .failure(CLIError("Server still has connections attached to it, cannot remove it.\n"))
             }
-            guard svc.servers.count > 1 else { return .failure(CLIError("Cannot delete the last server of a backend.\n")) }
+            guard svc.servers.count > 1 else {
+                return .failure(CLIError("Cannot delete the last server of a backend.\n"))
+            }
             var changes = serverChanges
             changes.delete(srv, from: base)
             install(changes)
             logger.notice("service \(name): server \(srv) deleted")
             return .success("Server deleted.\n")
         case .move(let name, let srv, let addrText, let portText):
-            guard let svc = table.services.first(where: { $0.name == name }), let base = fileConfig.services.first(where: { $0.name == name })
+            guard let svc = table.services.first(where: { $0.name == name }),
+                let base = fileConfig.services.first(where: { $0.name == name })
             else { return .failure(CLIError("No such backend.\n")) }
-            guard let s = svc.servers.first(where: { $0.name == srv }) else { return .failure(CLIError("No such server.\n\n")) }
+            guard let s = svc.servers.first(where: { $0.name == srv }) else {
+                return .failure(CLIError("No such server.\n\n"))
+            }
             let old = s.address
             let text = addrText.contains(":") ? "[\(addrText)]:\(old.port)" : "\(addrText):\(old.port)"
-            guard var new = try? SocketAddress(parsing: text) else { return .failure(CLIError("Invalid addr '\(addrText)' by 'stats socket command'\n\n")) }
+            guard var new = try? SocketAddress(parsing: text) else {
+                return .failure(CLIError("Invalid addr '\(addrText)' by 'stats socket command'\n\n"))
+            }
             if let portText {
                 guard let p = UInt16(portText) else {
                     // HAProxy's words; nothing is changed (HAProxy would have applied the address).
                     let same = new.hostText == old.hostText ? "no need to change the addr, " : ""
-                    return .failure(CLIError("\(same)problem converting port '\(portText)' to an int by 'stats socket command'\n\n"))
+                    return .failure(
+                        CLIError("\(same)problem converting port '\(portText)' to an int by 'stats socket command'\n\n")
+                    )
                 }
-                guard p != 0 else { return .failure(CLIError("port 0 cannot be connected to; the server keeps \(old).\n\n")) }
+                guard p != 0 else {
+                    return .failure(CLIError("port 0 cannot be connected to; the server keeps \(old).\n\n"))
+                }
                 new.port = p
             }
-            if let kind = new.notUnicast { return .failure(CLIError("\(new.hostText) is \(kind); a server needs a unicast address.\n\n")) }
+            if let kind = new.notUnicast {
+                return .failure(CLIError("\(new.hostText) is \(kind); a server needs a unicast address.\n\n"))
+            }
             if svc.config.mode == .nat, let fam = svc.config.binds.first?.address.family, new.family != fam {
-                return .failure(CLIError("\(new.hostText) is not the family of the nat service's address; the server keeps \(old).\n\n"))
+                return .failure(
+                    CLIError(
+                        "\(new.hostText) is not the family of the nat service's address; the server keeps \(old).\n\n"))
             }
             var what: [String] = []
             let had = s.hasAddress.load(ordering: .relaxed)
-            what.append(had && new.hostText == old.hostText ? "no need to change the addr" : "IP changed from '\(had ? old.hostText : "(none)")' to '\(new.hostText)'")
+            what.append(
+                had && new.hostText == old.hostText
+                    ? "no need to change the addr"
+                    : "IP changed from '\(had ? old.hostText : "(none)")' to '\(new.hostText)'")
             if portText != nil {
-                what.append(new.port == old.port ? "no need to change the port" : "port changed from '\(old.port)' to '\(new.port)'")
+                what.append(
+                    new.port == old.port
+                        ? "no need to change the port" : "port changed from '\(old.port)' to '\(new.port)'")
             }
             if new != old || !had {
                 s.setAddress(new)
@@ -141,24 +171,37 @@ extension Runtime {
     /// Why a server cannot join `svc` (nil: it can).
     static func refusal(_ a: AddedServer, in svc: ServiceConfig, config: Config) -> String? {
         guard !a.name.isEmpty, a.name.count <= ConfigLoader.maxNameLength,
-            a.name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }), a.name != "BACKEND", a.name != "FRONTEND"
-        else { return "Invalid server name '\(a.name)': letters, digits, '-', '_' and '.', at most \(ConfigLoader.maxNameLength)." }
+            a.name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }),
+            a.name != "BACKEND", a.name != "FRONTEND"
+        else {
+            return
+                "Invalid server name '\(a.name)': letters, digits, '-', '_' and '.', at most \(ConfigLoader.maxNameLength)."
+        }
         if a.address.port == 0 { return "'server' expects <name> and <addr>:<port>; port 0 cannot be connected to." }
-        if let kind = a.address.notUnicast { return "\(a.address.hostText) is \(kind); a server needs a unicast address." }
+        if let kind = a.address.notUnicast {
+            return "\(a.address.hostText) is \(kind); a server needs a unicast address."
+        }
         for other in config.services {
-            for b in other.binds where b.address == a.address || b.address.port == a.address.port && b.address.isUnspecified && a.address.isLoopback {
-                return "\(a.address) is where service '\(other.name)' listens; a server there would loop back into Ballast."
+            for b in other.binds
+            where b.address == a.address
+                || b.address.port == a.address.port && b.address.isUnspecified && a.address.isLoopback
+            {
+                return
+                    "\(a.address) is where service '\(other.name)' listens; a server there would loop back into Ballast."
             }
         }
         if svc.mode == .nat {
             if let fam = svc.binds.first?.address.family, a.address.family != fam {
                 return "\(a.address.hostText) is not the family of the nat service's address."
             }
-            if a.maxconn > 0 { return "maxconn is not possible in nat mode (the kernel does not count connections per server)." }
+            if a.maxconn > 0 {
+                return "maxconn is not possible in nat mode (the kernel does not count connections per server)."
+            }
             if svc.servers.count >= 4095 { return "nat mode takes at most 4095 servers per service." }
         }
         if svc.balance == .source, svc.hashTableSize < 10 * (svc.servers.count + 1) {
-            return "hash_table_size \(svc.hashTableSize) is too small for \(svc.servers.count + 1) servers (Maglev needs at least 10 slots per server)."
+            return
+                "hash_table_size \(svc.hashTableSize) is too small for \(svc.servers.count + 1) servers (Maglev needs at least 10 slots per server)."
         }
         return nil
     }

@@ -8,16 +8,17 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// Reads a config file and parses it; every failure is a `ConfigError` with file:line:column.
 /// Only a regular file of at most 16 MiB is read (a FIFO or `/dev/zero` is refused at once).
 public func loadConfig(path: String) throws(ConfigError) -> Config {
     switch RegularFile.text(path) {
-    case .failure(let e): throw ConfigError(SourceLocation(file: path, line: 0, column: 0), "cannot read the config: \(e)")
+    case .failure(let e):
+        throw ConfigError(SourceLocation(file: path, line: 0, column: 0), "cannot read the config: \(e)")
     case .success(let text): return try ConfigLoader.load(path: path, contents: text, resolve: Resolver.system)
     }
 }
@@ -38,12 +39,15 @@ struct BoundListener {
 
 /// Opens one socket per worker for `bind`. Port 0 picks a free port once; the other workers bind
 /// the same one. On failure closes what it opened and reports the config location.
-func openListeners(_ bind: BindConfig, service: String, count: Int, listen: Bool = true) throws(ConfigError) -> BoundListener {
+func openListeners(_ bind: BindConfig, service: String, count: Int, listen: Bool = true) throws(ConfigError)
+    -> BoundListener
+{
     var fds: [Int32] = []
     var address = bind.address
     for _ in 0..<count {
         do {
-            let fd = try Socket.listen(address, reusePort: true, backlog: Int32(Defaults.backlog), freebind: bind.freebind, listen: listen)
+            let fd = try Socket.listen(
+                address, reusePort: true, backlog: Int32(Defaults.backlog), freebind: bind.freebind, listen: listen)
             if address.port == 0, let actual = Socket.localAddress(fd) { address = actual }
             fds.append(fd)
         } catch {
@@ -119,9 +123,15 @@ public final class Runtime {
         self.table = ServiceTable.build(config: config, generation: 1, previous: nil, now: monotonicMillis())
         self.shared = ProxyShared(maxconn: config.global.maxconn)
         self.startMaxconn = config.global.maxconn
-        for name in dropped { logger.notice("state file: the server changes made at run time to service \(name) are dropped: the config changed the service") }
+        for name in dropped {
+            logger.notice(
+                "state file: the server changes made at run time to service \(name) are dropped: the config changed the service"
+            )
+        }
         for (name, c) in serverChanges.services {
-            logger.info("state file: service \(name) keeps the server changes made at run time (\(c.added.count) added, \(c.deleted.count) deleted, \(c.addresses.count) moved)")
+            logger.info(
+                "state file: service \(name) keeps the server changes made at run time (\(c.added.count) added, \(c.deleted.count) deleted, \(c.addresses.count) moved)"
+            )
         }
     }
 
@@ -193,13 +203,16 @@ public final class Runtime {
                 created = n
                 try n.apply(table)
                 nat = n
-                logger.info("nat: programmed table ip/ip6 \(NatController.tableName) for \(NatController.natServices(config).count) services")
+                logger.info(
+                    "nat: programmed table ip/ip6 \(NatController.tableName) for \(NatController.natServices(config).count) services"
+                )
                 try injected(.nat)
             } catch {
                 created?.remove()  // a family programmed before another failed goes too
                 nat = nil
                 return abortStart(
-                    "nat: \(error)\(geteuid() != 0 && ballast_has_net_admin() == 0 ? " (nat mode needs CAP_NET_ADMIN: start Ballast as root, with global.user to drop to)" : "")")
+                    "nat: \(error)\(geteuid() != 0 && ballast_has_net_admin() == 0 ? " (nat mode needs CAP_NET_ADMIN: start Ballast as root, with global.user to drop to)" : "")"
+                )
             }
         }
 
@@ -273,24 +286,34 @@ public final class Runtime {
         nat?.start()
         for svc in config.services where svc.mode == .nat {
             logger.info(
-                "service \(svc.name) (nat) on \(svc.binds.map(\.address.description).joined(separator: ", ")), \(svc.servers.count) servers, balance \(svc.balance.rawValue), snat \(svc.snat)")
+                "service \(svc.name) (nat) on \(svc.binds.map(\.address.description).joined(separator: ", ")), \(svc.servers.count) servers, balance \(svc.balance.rawValue), snat \(svc.snat)"
+            )
         }
         for svc in config.services where svc.mode == .proxy {
-            let binds = svc.binds.map { listeners[listenerKey($0, svc.name)]!.actual.description }.joined(separator: ", ")
+            let binds = svc.binds.map { listeners[listenerKey($0, svc.name)]!.actual.description }.joined(
+                separator: ", ")
             logger.info(
-                "service \(svc.name) listening on \(binds), \(svc.servers.count) servers, balance \(svc.balance.rawValue)")
+                "service \(svc.name) listening on \(binds), \(svc.servers.count) servers, balance \(svc.balance.rawValue)"
+            )
         }
         for w in config.warnings { logger.warning("\(w)") }
         logger.info(
             "ballast \(BallastVersion.string) started",
-            metadata: ["pid": "\(getpid())", "workers": "\(workerCount)", "maxconn": "\(config.global.maxconn)", "config": "\(configPath)"])
+            metadata: [
+                "pid": "\(getpid())", "workers": "\(workerCount)", "maxconn": "\(config.global.maxconn)",
+                "config": "\(configPath)",
+            ])
 
         notifier?.send("READY=1\nSTATUS=serving \(config.services.count) services\nMAINPID=\(getpid())")
         // Watchdog: ping at half systemd's interval, and only while every worker answers.
         // Every worker is also pinged four times a second, so `ballast health` can tell a stuck
         // one (its last answer grows old) from an idle one.
-        let tick = min(Self.healthPingMs, notifier?.watchdogMicros.map { Int32(max(10, $0 / 2000)) } ?? Self.healthPingMs)
-        var pfds = [pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0), pollfd(fd: changes?.fd ?? -1, events: Int16(POLLIN), revents: 0)]
+        let tick = min(
+            Self.healthPingMs, notifier?.watchdogMicros.map { Int32(max(10, $0 / 2000)) } ?? Self.healthPingMs)
+        var pfds = [
+            pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: changes?.fd ?? -1, events: Int16(POLLIN), revents: 0),
+        ]
         var refusals = RefusalReport()
         while true {
             let r = poll(&pfds, 2, tick)
@@ -330,7 +353,9 @@ public final class Runtime {
     }
 
     private func injected(_ step: StartStep) throws {
-        if let v = getenv("BALLAST_TEST_FAIL_START"), String(cString: v) == step.rawValue { throw InjectedFailure(step: step) }
+        if let v = getenv("BALLAST_TEST_FAIL_START"), String(cString: v) == step.rawValue {
+            throw InjectedFailure(step: step)
+        }
     }
 
     /// A start that failed stops what it had started, in reverse order: the checker, the
@@ -379,10 +404,13 @@ public final class Runtime {
             for svc in config.services where svc.mode == .proxy {
                 for b in svc.binds {
                     guard let l = listeners[listenerKey(b, svc.name)], k < l.fds.count else { continue }
-                    specs.append(ListenerSpec(fd: l.fds[k], serviceName: svc.name, address: l.actual, acceptProxy: b.acceptProxy))
+                    specs.append(
+                        ListenerSpec(fd: l.fds[k], serviceName: svc.name, address: l.actual, acceptProxy: b.acceptProxy)
+                    )
                 }
             }
-            w.send(.apply(table, specs, logConnections: config.global.log.connections, pipeSize: config.global.pipeSize))
+            w.send(
+                .apply(table, specs, logConnections: config.global.log.connections, pipeSize: config.global.pipeSize))
         }
     }
 
@@ -440,7 +468,10 @@ public final class Runtime {
         fileConfig = file
         serverChanges = kept
         adminContext?.serverChanges.withLock { $0 = kept }
-        for name in dropped { logger.notice("service \(name): the server changes made at run time are dropped: the config changed the service") }
+        for name in dropped {
+            logger.notice(
+                "service \(name): the server changes made at run time are dropped: the config changed the service")
+        }
         generation += 1
         nat?.holdSync()
         table = ServiceTable.build(config: next, generation: generation, previous: table, now: monotonicMillis())
@@ -473,7 +504,9 @@ public final class Runtime {
         }
         for svc in next.services where svc.mode == .proxy {
             for b in svc.binds {
-                if let l = opened[listenerKey(b, svc.name)] { logger.info("service \(svc.name) listening on \(l.actual)") }
+                if let l = opened[listenerKey(b, svc.name)] {
+                    logger.info("service \(svc.name) listening on \(l.actual)")
+                }
             }
         }
         for r in removed { logger.info("stopped listening on \(r.actual) (service \(r.service))") }
@@ -509,7 +542,9 @@ public final class Runtime {
         if let nat {
             nat.stop()
             if config.global.natKeepOnExit {
-                logger.info("nat: table \(NatController.tableName) kept (global.nat.keep_on_exit); the kernel goes on forwarding")
+                logger.info(
+                    "nat: table \(NatController.tableName) kept (global.nat.keep_on_exit); the kernel goes on forwarding"
+                )
             } else {
                 nat.remove()
             }
@@ -525,7 +560,8 @@ public final class Runtime {
         guard let user = config.global.user else {
             if geteuid() == 0 {
                 logger.critical(
-                    "refusing to serve as root: set global.user to the user to run as after binding (or global.user: root to insist)")
+                    "refusing to serve as root: set global.user to the user to run as after binding (or global.user: root to insist)"
+                )
                 return false
             }
             return true
@@ -536,7 +572,8 @@ public final class Runtime {
                 // Already that user; a different group still has to be reachable.
                 if getegid() != gid && setgid(gid) != 0 {
                     logger.critical(
-                        "cannot switch to group \(config.global.group?.name ?? "\(gid)") (gid \(gid)) as user \(user.name): \(String(cString: strerror(errno))); start Ballast as root to switch user and group")
+                        "cannot switch to group \(config.global.group?.name ?? "\(gid)") (gid \(gid)) as user \(user.name): \(String(cString: strerror(errno))); start Ballast as root to switch user and group"
+                    )
                     return false
                 }
                 return true
@@ -551,7 +588,8 @@ public final class Runtime {
             return false
         }
         guard setgroups(1, &groups) == 0, setgid(gid) == 0, setuid(user.uid) == 0 else {
-            logger.critical("cannot switch to user \(user.name) (uid \(user.uid), gid \(gid)): \(String(cString: strerror(errno)))")
+            logger.critical(
+                "cannot switch to user \(user.name) (uid \(user.uid), gid \(gid)): \(String(cString: strerror(errno)))")
             return false
         }
         // Root must be gone for good.
@@ -607,12 +645,14 @@ public final class Runtime {
             if config.global.maxconnExplicit {
                 // Above fs.nr_open not even root can raise it. As HAProxy does for an explicit maxconn: a promise that cannot be kept stops the start.
                 logger.critical(
-                    "global.maxconn \(config.global.maxconn) needs \(needed) open files (2 per connection + 1024) but the limit is \(rl.rlim_cur) and cannot be raised (hard limit \(rl.rlim_max)); raise it (LimitNOFILE=\(needed) in the unit, ulimit -n) or lower global.maxconn to \(max(1, (Int(rl.rlim_cur) - 1024) / 2))")
+                    "global.maxconn \(config.global.maxconn) needs \(needed) open files (2 per connection + 1024) but the limit is \(rl.rlim_cur) and cannot be raised (hard limit \(rl.rlim_max)); raise it (LimitNOFILE=\(needed) in the unit, ulimit -n) or lower global.maxconn to \(max(1, (Int(rl.rlim_cur) - 1024) / 2))"
+                )
                 return false
             }
             // Only when the limit moved down between the start's reading and now.
             logger.warning(
-                "open file limit is \(rl.rlim_cur) but maxconn \(config.global.maxconn) may need \(needed); accept pauses when descriptors run out (set global.maxconn to make the limit a start condition)")
+                "open file limit is \(rl.rlim_cur) but maxconn \(config.global.maxconn) may need \(needed); accept pauses when descriptors run out (set global.maxconn to make the limit a start condition)"
+            )
         }
         return true
     }
@@ -637,12 +677,16 @@ public func checkBinds(_ config: Config) throws(ConfigError) -> [String] {
         var rl = rlimit()
         if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) == 0 && UInt64(rl.rlim_max) < needed {
             // Root may raise the hard limit up to fs.nr_open; nobody goes beyond it.
-            let nrOpen = UInt64(((try? RegularFile.text("/proc/sys/fs/nr_open", limit: 64).get()) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            let nrOpen =
+                UInt64(
+                    ((try? RegularFile.text("/proc/sys/fs/nr_open", limit: 64).get()) ?? "").trimmingCharacters(
+                        in: .whitespacesAndNewlines)) ?? 0
             let ceiling = geteuid() == 0 ? max(nrOpen, UInt64(rl.rlim_max)) : UInt64(rl.rlim_max)
             if ceiling < needed {
                 throw ConfigError(
                     config.global.maxconnLocation ?? SourceLocation(file: config.file, line: 0, column: 0),
-                    "global.maxconn \(config.global.maxconn) needs \(needed) open files (2 per connection + 1024) but this process can have at most \(ceiling)\(geteuid() == 0 ? " (fs.nr_open)" : " (hard limit; LimitNOFILE= in the unit, or start as root)"); lower global.maxconn to \(max(1, (Int(ceiling) - 1024) / 2))")
+                    "global.maxconn \(config.global.maxconn) needs \(needed) open files (2 per connection + 1024) but this process can have at most \(ceiling)\(geteuid() == 0 ? " (fs.nr_open)" : " (hard limit; LimitNOFILE= in the unit, or start as root)"); lower global.maxconn to \(max(1, (Int(ceiling) - 1024) / 2))"
+                )
             }
         }
     }
@@ -658,20 +702,27 @@ public func checkBinds(_ config: Config) throws(ConfigError) -> [String] {
             let d = dir.isEmpty ? "/" : dir
             var st = stat()
             guard stat(d, &st) == 0 else {
-                throw ConfigError(sock.location, "stats socket \(path): directory \(d): \(String(cString: strerror(errno)))")
+                throw ConfigError(
+                    sock.location, "stats socket \(path): directory \(d): \(String(cString: strerror(errno)))")
             }
-            guard st.st_mode & S_IFMT == S_IFDIR else { throw ConfigError(sock.location, "stats socket \(path): \(d) is not a directory") }
+            guard st.st_mode & S_IFMT == S_IFDIR else {
+                throw ConfigError(sock.location, "stats socket \(path): \(d) is not a directory")
+            }
             guard access(d, W_OK | X_OK) == 0 else {
-                throw ConfigError(sock.location, "stats socket \(path): cannot create a socket in \(d): \(String(cString: strerror(errno)))")
+                throw ConfigError(
+                    sock.location,
+                    "stats socket \(path): cannot create a socket in \(d): \(String(cString: strerror(errno)))")
             }
         } else if let a = sock.address {
             do {
                 let fd = try Socket.listen(a, reusePort: false, backlog: 1, listen: false)
                 Sys.close(fd)
-            } catch where error.errno == EADDRINUSE {
-                warnings.append("\(sock.location): stats socket \(a) is in use (by the running Ballast, or the start will fail)")
+            } catch  where error.errno == EADDRINUSE {
+                warnings.append(
+                    "\(sock.location): stats socket \(a) is in use (by the running Ballast, or the start will fail)")
             } catch {
-                throw ConfigError(sock.location, "stats socket \(a): cannot bind: \(String(cString: strerror(error.errno)))")
+                throw ConfigError(
+                    sock.location, "stats socket \(a): cannot bind: \(String(cString: strerror(error.errno)))")
             }
         }
     }
@@ -680,7 +731,7 @@ public func checkBinds(_ config: Config) throws(ConfigError) -> [String] {
         do {
             let fd = try Socket.listen(m, reusePort: false, backlog: 1, listen: false)
             Sys.close(fd)
-        } catch where error.errno == EADDRINUSE {
+        } catch  where error.errno == EADDRINUSE {
             warnings.append("\(at): metrics \(m) is in use (by the running Ballast, or the start will fail)")
         } catch {
             throw ConfigError(at, "metrics \(m): cannot bind: \(String(cString: strerror(error.errno)))")

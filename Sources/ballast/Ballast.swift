@@ -3,9 +3,9 @@ import BallastCore
 import BallastRuntime
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 @main
@@ -35,7 +35,8 @@ struct Run: ParsableCommand {
     func validate() throws {
         if notify && SystemdNotifier.fromProcessEnvironment() == nil {
             throw ValidationError(
-                "--notify needs $NOTIFY_SOCKET, which systemd sets for Type=notify units; run without --notify outside systemd")
+                "--notify needs $NOTIFY_SOCKET, which systemd sets for Type=notify units; run without --notify outside systemd"
+            )
         }
     }
 
@@ -76,7 +77,8 @@ struct Check: ParsableCommand {
 struct CtlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ctl",
-        abstract: "Send a runtime API command (HAProxy's stats socket language) and print the reply; with no command, an interactive prompt.",
+        abstract:
+            "Send a runtime API command (HAProxy's stats socket language) and print the reply; with no command, an interactive prompt.",
         discussion: """
             Examples:
               ballast ctl --socket /run/ballast/admin.sock show stat
@@ -98,7 +100,8 @@ struct CtlCommand: ParsableCommand {
 
     func validate() throws {
         if socket.count > 1 && command.isEmpty {
-            throw ValidationError("with several --socket, give the command to run on each (the interactive prompt takes one node)")
+            throw ValidationError(
+                "with several --socket, give the command to run on each (the interactive prompt takes one node)")
         }
     }
 
@@ -106,7 +109,8 @@ struct CtlCommand: ParsableCommand {
         if socket.count > 1 {
             let failed = Ctl.many(socket, command: command.joined(separator: " "))
             if !failed.isEmpty {
-                writeStderr("ballast: \(failed.count) of \(socket.count) nodes failed: \(failed.joined(separator: ", "))")
+                writeStderr(
+                    "ballast: \(failed.count) of \(socket.count) nodes failed: \(failed.joined(separator: ", "))")
                 throw ExitCode(1)
             }
             return
@@ -136,21 +140,27 @@ func statsSocket(_ socket: String?, config: String?) throws -> String {
     guard let path = config else { return "/run/ballast/admin.sock" }
     let c: Config
     do { c = try loadConfig(path: path) } catch { throw SocketChoiceError(description: "\(error)") }
-    guard let s = Ctl.socketFromConfig(c) else { throw SocketChoiceError(description: "\(path) has no global.stats socket") }
+    guard let s = Ctl.socketFromConfig(c) else {
+        throw SocketChoiceError(description: "\(path) has no global.stats socket")
+    }
     return s
 }
 
 struct HealthCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "health",
-        abstract: "Exit 0 when the running Ballast answers and every worker is alive (for keepalived's track_script); else exit 1 with why.",
+        abstract:
+            "Exit 0 when the running Ballast answers and every worker is alive (for keepalived's track_script); else exit 1 with why.",
         discussion: """
             Prints one line. Examples:
               ballast health --socket /run/ballast/admin.sock
               ballast health -c /etc/ballast/ballast.yaml --service redis-rw
             """)
 
-    @Option(help: "The stats socket: a Unix socket path or a loopback ip:port. Default: the highest-level socket of --config, else /run/ballast/admin.sock.")
+    @Option(
+        help:
+            "The stats socket: a Unix socket path or a loopback ip:port. Default: the highest-level socket of --config, else /run/ballast/admin.sock."
+    )
     var socket: String?
 
     @Option(name: [.short, .customLong("config")], help: "Take the socket from this configuration file.")
@@ -186,7 +196,9 @@ struct Nft: ParsableCommand {
 
     struct Show: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Print the ruleset Ballast owns (tables ip/ip6 ballast) in nft syntax: live from a running Ballast through its stats socket, or what a config would program with every server up.")
+            abstract:
+                "Print the ruleset Ballast owns (tables ip/ip6 ballast) in nft syntax: live from a running Ballast through its stats socket, or what a config would program with every server up."
+        )
 
         @Option(help: "Ask the running Ballast on this stats socket (Unix path or loopback ip:port).")
         var socket: String?
@@ -195,7 +207,9 @@ struct Nft: ParsableCommand {
         var config: String?
 
         func validate() throws {
-            if (socket == nil) == (config == nil) { throw ValidationError("give --socket (live) or -c FILE (from a config)") }
+            if (socket == nil) == (config == nil) {
+                throw ValidationError("give --socket (live) or -c FILE (from a config)")
+            }
         }
 
         func run() throws {
@@ -223,7 +237,8 @@ struct Debug: ParsableCommand {
 
     struct Maglev: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Build the Maglev table `balance: source` uses for these servers and print its digest and slot counts.")
+            abstract:
+                "Build the Maglev table `balance: source` uses for these servers and print its digest and slot counts.")
 
         @Option(help: "Table size (prime).") var size = MaglevTable.defaultSize
         @Argument(help: "Servers as NAME:WEIGHT, in config order.") var servers: [String]

@@ -2,7 +2,7 @@ import BallastCore
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 @Suite struct AccessListTests {
@@ -25,7 +25,8 @@ import Glibc
         for k in 0..<10_000 {
             let len = Int.random(in: 8...32, using: &rng)
             let mask: UInt32 = len == 0 ? 0 : ~UInt32(0) << (32 - len)
-            let net = UInt32.random(in: 0...UInt32.max, using: &rng) & mask & 0x7FFF_FFFF  // half the space: misses happen
+            // half the space: misses happen
+            let net = UInt32.random(in: 0...UInt32.max, using: &rng) & mask & 0x7FFF_FFFF
             if k % 10 == 0 { deny.append((net, len)) } else { allow.append((net, len)) }
         }
         let list = AccessList(
@@ -58,7 +59,9 @@ import Glibc
         #expect(try IPPrefix(parsing: "2001:db8::/32").description == "2001:db8::/32")
         #expect(try IPPrefix(parsing: "[::1]").description == "::1/128")
         #expect(try IPPrefix(parsing: "0.0.0.0/0").covers(IPPrefix(parsing: "10.0.0.0/8")))
-        #expect(throws: IPPrefix.ParseError.hostBits(given: "10.0.0.1/8", network: "10.0.0.0/8")) { try IPPrefix(parsing: "10.0.0.1/8") }
+        #expect(throws: IPPrefix.ParseError.hostBits(given: "10.0.0.1/8", network: "10.0.0.0/8")) {
+            try IPPrefix(parsing: "10.0.0.1/8")
+        }
         #expect(throws: IPPrefix.ParseError.badLength("10.0.0.0/33")) { try IPPrefix(parsing: "10.0.0.0/33") }
         #expect(throws: IPPrefix.ParseError.badAddress("example.com")) { try IPPrefix(parsing: "example.com") }
     }
@@ -72,7 +75,9 @@ import Glibc
             _ = inet_pton(AF_INET6, text, &a)
             withUnsafeMutableBytes(of: &ss) { raw in
                 raw.storeBytes(of: sa_family_t(AF_INET6), toByteOffset: 0, as: sa_family_t.self)
-                withUnsafeBytes(of: a) { raw.baseAddress!.advanced(by: 8).copyMemory(from: $0.baseAddress!, byteCount: 16) }
+                withUnsafeBytes(of: a) {
+                    raw.baseAddress!.advanced(by: 8).copyMemory(from: $0.baseAddress!, byteCount: 16)
+                }
             }
             return ss
         }
@@ -87,7 +92,8 @@ import Glibc
         let t = SourceTracker()
         var limits = SourceLimits()
         limits.connections = 2
-        let a = Self.v4(0x0A00_0001), b = Self.v4(0x0A00_0002)
+        let a = Self.v4(0x0A00_0001)
+        let b = Self.v4(0x0A00_0002)
         #expect(t.admit(a, limits: limits, now: 0) == nil)
         #expect(t.admit(a, limits: limits, now: 0) == nil)
         #expect(t.admit(a, limits: limits, now: 0) == .connectionLimit)

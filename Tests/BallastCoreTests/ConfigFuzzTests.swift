@@ -53,8 +53,10 @@ import Testing
         """
 
     static let pieces = [
-        ":", " ", "\n", "\t", "-", "{", "}", "[", "]", ",", "\"", "'", "#", "&a", "*a", "!!str", "0", "-1", "65536", "99999999999999999999",
-        "106751991167d", "0s", "1ms", "::", "0.0.0.0", "255.255.255.255", "224.0.0.1", "FRONTEND", "é", "\u{0}", "~", "null", "true", "|",
+        ":", " ", "\n", "\t", "-", "{", "}", "[", "]", ",", "\"", "'", "#", "&a", "*a", "!!str", "0", "-1", "65536",
+        "99999999999999999999",
+        "106751991167d", "0s", "1ms", "::", "0.0.0.0", "255.255.255.255", "224.0.0.1", "FRONTEND", "é", "\u{0}", "~",
+        "null", "true", "|",
         ">", "%", "\\", "name: x", "address: 127.0.0.1:1", "- { name: z, address: 10.9.9.9:1 }",
     ]
 
@@ -72,7 +74,8 @@ import Testing
                 }
             case 1:
                 // Insert a piece.
-                line.insert(contentsOf: pieces.randomElement(using: &rng)!, at: Int.random(in: 0...line.count, using: &rng))
+                line.insert(
+                    contentsOf: pieces.randomElement(using: &rng)!, at: Int.random(in: 0...line.count, using: &rng))
             case 2:
                 // Replace a number or a word with a piece.
                 if let k = line.indices.filter({ line[$0].isNumber || line[$0].isLetter }).randomElement(using: &rng) {
@@ -100,7 +103,8 @@ import Testing
         var rng = SystemRandomNumberGenerator()
         let lineCount = Self.seed.split(separator: "\n", omittingEmptySubsequences: false).count
         let end = Date().addingTimeInterval(20)
-        var loaded = 0, refused = 0
+        var loaded = 0
+        var refused = 0
         for _ in 0..<3000 where Date() < end {
             let text = Self.mutate(Self.seed, &rng)
             do {

@@ -51,7 +51,8 @@ struct ConfigTests {
     @Test func defaultsApplyWhenOmitted() throws {
         let c = try ConfigLoader.load(
             path: "min.yaml",
-            contents: "services:\n  - name: a\n    bind: 127.0.0.1:1\n    servers: [{ name: s, address: 127.0.0.1:2 }]\n")
+            contents:
+                "services:\n  - name: a\n    bind: 127.0.0.1:1\n    servers: [{ name: s, address: 127.0.0.1:2 }]\n")
         #expect(c.global.workers == nil)
         #expect(c.global.maxconn == Defaults.maxconn)
         #expect(c.global.pipeSize == Defaults.pipeSize)
@@ -70,19 +71,23 @@ struct ConfigTests {
             "bad.yaml:1:11: unknown key 'workrs' in global (did you mean 'workers'?); expected one of: workers, maxconn, log, pipe_size, grace, user, group, stats, metrics, state_file, nat"
         ),
         (
-            "global:\n  stats:\n    sockets:\n      - { address: 10.1.2.3:9999 }\nservices:\n" + svc("a", "127.0.0.1:1"),
+            "global:\n  stats:\n    sockets:\n      - { address: 10.1.2.3:9999 }\nservices:\n"
+                + svc("a", "127.0.0.1:1"),
             "bad.yaml:4:20: global.stats.sockets[0].address: 10.1.2.3:9999 is not a loopback address; the runtime API and metrics have no authentication, so they listen on 127.0.0.0/8 or ::1 only"
         ),
         (
-            "global:\n  stats:\n    sockets:\n      - { path: /run/b.sock, mode: 8a0 }\nservices:\n" + svc("a", "127.0.0.1:1"),
+            "global:\n  stats:\n    sockets:\n      - { path: /run/b.sock, mode: 8a0 }\nservices:\n"
+                + svc("a", "127.0.0.1:1"),
             "bad.yaml:4:36: global.stats.sockets[0].mode: '8a0' is not an octal file mode such as 600 or 660"
         ),
         (
-            "global:\n  stats:\n    sockets:\n      - { path: /run/b.sock, address: 127.0.0.1:1 }\nservices:\n" + svc("a", "127.0.0.1:1"),
+            "global:\n  stats:\n    sockets:\n      - { path: /run/b.sock, address: 127.0.0.1:1 }\nservices:\n"
+                + svc("a", "127.0.0.1:1"),
             "bad.yaml:4:30: global.stats.sockets[0]: give path or address, not both"
         ),
         (
-            "global:\n  stats:\n    sockets:\n      - { path: /run/b.sock, level: root }\nservices:\n" + svc("a", "127.0.0.1:1"),
+            "global:\n  stats:\n    sockets:\n      - { path: /run/b.sock, level: root }\nservices:\n"
+                + svc("a", "127.0.0.1:1"),
             "bad.yaml:4:37: global.stats.sockets[0].level: unknown value 'root'; expected one of: user, operator, admin"
         ),
         (
@@ -123,17 +128,35 @@ struct ConfigTests {
             "defaults: { timeout: { connect: 2 parsecs } }\nservices: []\n",
             "bad.yaml:1:33: defaults.timeout.connect: '2 parsecs' is not a duration (use a number with ms, s, m, h or d, such as 500ms or 2s)"
         ),
-        ("defaults: { timeout: { client: 0s } }\nservices: []\n", "bad.yaml:1:32: defaults.timeout.client must be greater than zero"),
-        ("defaults: { retries: -1 }\nservices: []\n", "bad.yaml:1:22: defaults.retries must be between 0 and 100, not -1"),
+        (
+            "defaults: { timeout: { client: 0s } }\nservices: []\n",
+            "bad.yaml:1:32: defaults.timeout.client must be greater than zero"
+        ),
+        (
+            "defaults: { retries: -1 }\nservices: []\n",
+            "bad.yaml:1:22: defaults.retries must be between 0 and 100, not -1"
+        ),
         ("global: { maxconn: lots }\nservices: []\n", "bad.yaml:1:20: global.maxconn must be an integer, not 'lots'"),
-        ("global: { log: { format: xml } }\nservices: []\n", "bad.yaml:1:26: global.log.format: unknown value 'xml'; expected one of: text, json"),
+        (
+            "global: { log: { format: xml } }\nservices: []\n",
+            "bad.yaml:1:26: global.log.format: unknown value 'xml'; expected one of: text, json"
+        ),
         (
             svc("a", "127.0.0.1:70000"),
             "bad.yaml:3:12: service 'a': bind '127.0.0.1:70000': port '70000' is not a number between 0 and 65535"
         ),
-        (svc("a", "localhost:80"), "bad.yaml:3:12: service 'a': bind 'localhost:80': 'localhost' is not a numeric IPv4 or IPv6 address"),
-        (svc("a", "::1:80"), "bad.yaml:3:12: service 'a': bind '::1:80': '::1' is not a numeric IPv4 or IPv6 address (write IPv6 addresses as [ADDRESS]:PORT)"),
-        (svc("a", "127.0.0.1"), "bad.yaml:3:12: service 'a': bind '127.0.0.1': expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)"),
+        (
+            svc("a", "localhost:80"),
+            "bad.yaml:3:12: service 'a': bind 'localhost:80': 'localhost' is not a numeric IPv4 or IPv6 address"
+        ),
+        (
+            svc("a", "::1:80"),
+            "bad.yaml:3:12: service 'a': bind '::1:80': '::1' is not a numeric IPv4 or IPv6 address (write IPv6 addresses as [ADDRESS]:PORT)"
+        ),
+        (
+            svc("a", "127.0.0.1"),
+            "bad.yaml:3:12: service 'a': bind '127.0.0.1': expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)"
+        ),
         (
             svc("a", "127.0.0.1:1") + svc("a", "127.0.0.1:2"),
             "bad.yaml:5:5: duplicate service name 'a' (first defined at bad.yaml:2:5)"
@@ -146,7 +169,10 @@ struct ConfigTests {
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers: []\n",
             "bad.yaml:4:14: service 'a': 'servers' must be a non-empty list of servers"
         ),
-        ("services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n", "bad.yaml:2:5: service 'a': missing required key 'servers'"),
+        (
+            "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n",
+            "bad.yaml:2:5: service 'a': missing required key 'servers'"
+        ),
         (
             "services:\n  - name: a\n    bind: [\"127.0.0.1:1\"]\n    servers:\n      - { name: s, address: 10.0.0.1:1 }\n      - { name: s, address: 10.0.0.2:1 }\n",
             "bad.yaml:6:9: service 'a': duplicate server name 's' (first defined at bad.yaml:5:9)"
@@ -388,19 +414,29 @@ struct ConfigTests {
                 """)
         #expect(c.services[0].servers[0].slowstart == Millis(0))
         #expect(c.services[1].servers[0].allowSelf)
-        #expect(c.warnings == ["ok.yaml:2:49: global.stats.sockets[0]: mode 666 lets every local user in at level operator (they can drain servers and clear counters)"])
+        #expect(
+            c.warnings == [
+                "ok.yaml:2:49: global.stats.sockets[0]: mode 666 lets every local user in at level operator (they can drain servers and clear counters)"
+            ])
         // The defaults give no warning.
-        let plain = try ConfigLoader.load(path: "p.yaml", contents: "global:\n  stats: { sockets: [{ path: /run/p.sock }] }\nservices:\n" + Self.svc("a", "127.0.0.1:1"))
+        let plain = try ConfigLoader.load(
+            path: "p.yaml",
+            contents: "global:\n  stats: { sockets: [{ path: /run/p.sock }] }\nservices:\n"
+                + Self.svc("a", "127.0.0.1:1"))
         #expect(plain.warnings.isEmpty)
     }
 
     @Test func freebindOnNatIsAnError() {
-        let yaml = "services:\n  - name: a\n    mode: nat\n    bind: [{ address: \"10.0.0.100:80\", freebind: true }]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n"
+        let yaml =
+            "services:\n  - name: a\n    mode: nat\n    bind: [{ address: \"10.0.0.100:80\", freebind: true }]\n    servers: [{ name: s, address: 10.0.0.1:1 }]\n"
         do {
             _ = try ConfigLoader.load(path: "bad.yaml", contents: yaml)
             Issue.record("accepted")
         } catch {
-            #expect(error.description == "bad.yaml:4:40: service 'a': freebind applies to proxy mode (nat mode matches the service address whether or not this host holds it)")
+            #expect(
+                error.description
+                    == "bad.yaml:4:40: service 'a': freebind applies to proxy mode (nat mode matches the service address whether or not this host holds it)"
+            )
         }
     }
 
@@ -484,7 +520,8 @@ struct ConfigTests {
             #expect(row != nil, "README has no row for \(key)")
             if let row {
                 let cells = row.split(separator: "|").map { $0.trimmingCharacters(in: .whitespaces) }
-                #expect(cells.count > 1 && cells[1] == "`\(value)`", "README says \(cells) for \(key); code says \(value)")
+                #expect(
+                    cells.count > 1 && cells[1] == "`\(value)`", "README says \(cells) for \(key); code says \(value)")
             }
         }
     }
@@ -498,12 +535,16 @@ struct ConfigTests {
             ("top", ConfigLoader.topKeys), ("global", ConfigLoader.globalKeys), ("log", ConfigLoader.logKeys),
             ("defaults", ConfigLoader.defaultsKeys), ("timeout", ConfigLoader.timeoutKeys),
             ("service", ConfigLoader.serviceKeys), ("server", ConfigLoader.serverKeys), ("bind", ConfigLoader.bindKeys),
-            ("check", ConfigLoader.checkKeys), ("stats", ConfigLoader.statsKeys), ("stats socket", ConfigLoader.statsSocketKeys),
-            ("metrics", ConfigLoader.metricsKeys), ("global nat", ConfigLoader.globalNatKeys), ("service nat", ConfigLoader.serviceNatKeys),
+            ("check", ConfigLoader.checkKeys), ("stats", ConfigLoader.statsKeys),
+            ("stats socket", ConfigLoader.statsSocketKeys),
+            ("metrics", ConfigLoader.metricsKeys), ("global nat", ConfigLoader.globalNatKeys),
+            ("service nat", ConfigLoader.serviceNatKeys),
         ]
         for (section, keys) in lists {
             for key in keys {
-                #expect(readme.contains("`\(key)`") || readme.contains(".\(key)`") || readme.contains("`\(key) ") || readme.contains("\(key):"),
+                #expect(
+                    readme.contains("`\(key)`") || readme.contains(".\(key)`") || readme.contains("`\(key) ")
+                        || readme.contains("\(key):"),
                     "README does not document the \(section) key '\(key)'")
             }
         }

@@ -10,7 +10,9 @@ struct Pool {
 
     init(weights: [Int], backups: Set<Int> = []) {
         servers = weights.enumerated().map { i, w in
-            var c = ServerConfig(name: "s\(i)", address: try! SocketAddress(parsing: "10.0.0.\(i + 1):80"), location: SourceLocation(file: "", line: 0, column: 0))
+            var c = ServerConfig(
+                name: "s\(i)", address: try! SocketAddress(parsing: "10.0.0.\(i + 1):80"),
+                location: SourceLocation(file: "", line: 0, column: 0))
             c.weight = w
             return Server(config: c)
         }
@@ -23,13 +25,16 @@ struct Pool {
         staticWeights: Bool = false
     ) -> Int? {
         PickView.with(
-            servers: servers.map { Unmanaged.passUnretained($0) }, backup: backup, tier: tier, exclude: exclude, tried: tried,
+            servers: servers.map { Unmanaged.passUnretained($0) }, backup: backup, tier: tier, exclude: exclude,
+            tried: tried,
             now: now, staticWeights: staticWeights, hash: hash
         ) { s.pick($0) }
     }
 
     /// `n` picks; with `hold`, each pick stays connected (counts as load) until the end.
-    func distribution(_ s: Scheduler, _ n: Int, hold: Bool = false, hashes: ((Int) -> UInt32)? = nil, staticWeights: Bool = false) -> [Int] {
+    func distribution(
+        _ s: Scheduler, _ n: Int, hold: Bool = false, hashes: ((Int) -> UInt32)? = nil, staticWeights: Bool = false
+    ) -> [Int] {
         var counts = [Int](repeating: 0, count: servers.count)
         for k in 0..<n {
             let i = pick(s, hash: hashes?(k) ?? 0, staticWeights: staticWeights)!
@@ -42,7 +47,9 @@ struct Pool {
 }
 
 struct SchedulerTests {
-    static let weightSets: [[Int]] = [[1], [1, 1], [5, 1, 1], [3, 2], [1, 0, 4], [256, 1, 17, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    static let weightSets: [[Int]] = [
+        [1], [1, 1], [5, 1, 1], [3, 2], [1, 0, 4], [256, 1, 17, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+    ]
 
     static func shares(_ w: [Int]) -> [Double] {
         let t = Double(w.reduce(0, +))
@@ -63,11 +70,16 @@ struct SchedulerTests {
         #expect(counts == weights.map { $0 * 1000 })
     }
 
-    @Test("roundrobin with a shared turn: two workers' picks, interleaved at random, follow one smooth order", arguments: weightSets)
+    @Test(
+        "roundrobin with a shared turn: two workers' picks, interleaved at random, follow one smooth order",
+        arguments: weightSets)
     func sharedTurn(weights: [Int]) {
         let pool = Pool(weights: weights)
         let turn = SharedTurn()
-        let workers = [SmoothWeightedRoundRobin(count: weights.count, turn: turn), SmoothWeightedRoundRobin(count: weights.count, turn: turn)]
+        let workers = [
+            SmoothWeightedRoundRobin(count: weights.count, turn: turn),
+            SmoothWeightedRoundRobin(count: weights.count, turn: turn),
+        ]
         let total = weights.reduce(0, +)
         var state: UInt64 = 0x9E37_79B9_7F4A_7C15
         var merged: [Int] = []
@@ -87,7 +99,8 @@ struct SchedulerTests {
     func sharedTurnChanges() {
         let pool = Pool(weights: [1, 1, 1], backups: [2])
         let turn = SharedTurn()
-        let a = SmoothWeightedRoundRobin(count: 3, turn: turn), b = SmoothWeightedRoundRobin(count: 3, turn: turn)
+        let a = SmoothWeightedRoundRobin(count: 3, turn: turn)
+        let b = SmoothWeightedRoundRobin(count: 3, turn: turn)
         #expect([pool.pick(a), pool.pick(b), pool.pick(a), pool.pick(b)] == [0, 1, 0, 1])
         pool.servers[1].setWeight(3, now: 1)
         var counts = [0, 0, 0]
@@ -101,10 +114,16 @@ struct SchedulerTests {
         #expect(pool.pick(a, tier: true, exclude: 2) == nil)  // redispatch away from the only backup
     }
 
-    @Test("a retry never picks a server already tried while another is usable, for every balance", arguments: Balance.allCases)
+    @Test(
+        "a retry never picks a server already tried while another is usable, for every balance",
+        arguments: Balance.allCases)
     func retrySkipsTried(balance: Balance) {
         let pool = Pool(weights: [1, 1, 1, 1])
-        let configs = (0..<4).map { ServerConfig(name: "s\($0)", address: try! SocketAddress(parsing: "10.0.0.\($0 + 1):1"), location: SourceLocation(file: "t", line: 1, column: 1)) }
+        let configs = (0..<4).map {
+            ServerConfig(
+                name: "s\($0)", address: try! SocketAddress(parsing: "10.0.0.\($0 + 1):1"),
+                location: SourceLocation(file: "t", line: 1, column: 1))
+        }
         let s = makeScheduler(balance, servers: configs, tableSize: 65537, seed: 7, turn: SharedTurn())
         for h in 0..<200 {
             // s0 and s1 failed, s2 just failed: only s3 is left untried.
@@ -131,10 +150,12 @@ struct SchedulerTests {
     func sourceShares(weights: [Int]) {
         let pool = Pool(weights: weights)
         let s = MaglevScheduler(names: pool.servers.map(\.name), tableSize: 65537)
-        let counts = pool.distribution(s, 100_000, hashes: { k in
-            var a = UInt32(0x0A00_0000 + k).bigEndian
-            return withUnsafeBytes(of: &a) { JHash.hash($0, seed: SourceHash.seed) }
-        }, staticWeights: true)
+        let counts = pool.distribution(
+            s, 100_000,
+            hashes: { k in
+                var a = UInt32(0x0A00_0000 + k).bigEndian
+                return withUnsafeBytes(of: &a) { JHash.hash($0, seed: SourceHash.seed) }
+            }, staticWeights: true)
         #expect(Self.withinOnePercent(counts, weights), "\(counts)")
     }
 
@@ -170,18 +191,23 @@ struct SchedulerTests {
         #expect((0..<7).map { _ in ["a", "b", "c"][pool.pick(rr)!] } == ["a", "a", "b", "a", "c", "a", "a"])
     }
 
-    @Test("a runtime weight change takes effect at the next pick without a burst to one server",
+    @Test(
+        "a runtime weight change takes effect at the next pick without a burst to one server",
         arguments: [Balance.roundrobin, .leastconn, .random])
     func weightChange(policy: Balance) {
         let pool = Pool(weights: [1, 1])
-        let configs = pool.servers.map { ServerConfig(name: $0.name, address: $0.address, location: SourceLocation(file: "", line: 0, column: 0)) }
+        let configs = pool.servers.map {
+            ServerConfig(name: $0.name, address: $0.address, location: SourceLocation(file: "", line: 0, column: 0))
+        }
         let sched = makeScheduler(policy, servers: configs, tableSize: 0, seed: 7)
         _ = pool.distribution(sched, 11, hold: false)
         pool.servers[1].setWeight(3, now: 1)
         let counts = pool.distribution(sched, 40_000, hold: true)
         #expect(Self.withinOnePercent(counts, [1, 3]), "\(counts)")
         if policy == .roundrobin {
-            var run = 0, longest = 0, last = -1
+            var run = 0
+            var longest = 0
+            var last = -1
             for _ in 0..<400 {
                 let p = pool.pick(sched)!
                 run = p == last ? run + 1 : 1
@@ -205,7 +231,9 @@ struct SchedulerTests {
 
     @Test("slow start ramps the effective weight linearly after a server comes back")
     func slowstart() {
-        var c = ServerConfig(name: "s", address: try! SocketAddress(parsing: "10.0.0.1:80"), location: SourceLocation(file: "", line: 0, column: 0))
+        var c = ServerConfig(
+            name: "s", address: try! SocketAddress(parsing: "10.0.0.1:80"),
+            location: SourceLocation(file: "", line: 0, column: 0))
         c.weight = 100
         c.slowstart = Millis(10_000)
         let s = Server(config: c)
@@ -228,7 +256,8 @@ struct MaglevTests {
         return c
     }
 
-    @Test("slot counts differ by at most one slot per unit weight",
+    @Test(
+        "slot counts differ by at most one slot per unit weight",
         arguments: [[1, 1, 1], [1, 2, 3], [5, 1, 1, 1], [7, 3], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [100, 1]])
     func balanced(weights: [Int]) {
         let t = MaglevTable(names: Self.names(weights.count), weights: weights)
@@ -246,7 +275,8 @@ struct MaglevTests {
             var w = [Int](repeating: 1, count: 10)
             w[removed] = 0
             let less = MaglevTable(names: names, weights: w)
-            var moved = 0, others = 0
+            var moved = 0
+            var others = 0
             for k in 0..<full.size where full.entries[k] != Int32(removed) {
                 others += 1
                 if less.entries[k] != full.entries[k] { moved += 1 }
@@ -261,13 +291,16 @@ struct MaglevTests {
     func crossProcess() throws {
         let names = Self.names(10)
         let here = MaglevTable(names: names, weights: [3, 1, 1, 2, 1, 1, 1, 5, 1, 1]).digest
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
         let bin = root.appendingPathComponent(".build/debug/ballast").path
         var outputs: [String] = []
         for _ in 0..<2 {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: bin)
-            p.arguments = ["debug", "maglev", "--size", "65537"] + zip(names, [3, 1, 1, 2, 1, 1, 1, 5, 1, 1]).map { "\($0):\($1)" }
+            p.arguments =
+                ["debug", "maglev", "--size", "65537"]
+                + zip(names, [3, 1, 1, 2, 1, 1, 1, 5, 1, 1]).map { "\($0):\($1)" }
             let pipe = Pipe()
             p.standardOutput = pipe
             try p.run()

@@ -5,20 +5,26 @@ import Testing
 
 struct ProtocolTests {
     @Test func sha1Vectors() {
-        func hex(_ b: [UInt8]) -> String { b.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined() }
+        func hex(_ b: [UInt8]) -> String {
+            b.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+        }
         #expect(hex(SHA1.hash(Array("abc".utf8))) == "a9993e364706816aba3e25717850c26c9cd0d89d")
         #expect(hex(SHA1.hash([])) == "da39a3ee5e6b4b0d3255bfef95601890afd80709")
-        #expect(hex(SHA1.hash(Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8))) == "84983e441c3bd26ebaae4aa1f95129e5e54670f1")
+        #expect(
+            hex(SHA1.hash(Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)))
+                == "84983e441c3bd26ebaae4aa1f95129e5e54670f1")
     }
 
-    @Test("agent words", arguments: [
-        ("up", AgentReply(weightPercent: nil, maxconn: nil, admin: nil, down: nil, up: true)),
-        ("50% drain", AgentReply(weightPercent: 50, maxconn: nil, admin: .drain, down: nil, up: false)),
-        ("maxconn:30,ready", AgentReply(weightPercent: nil, maxconn: 30, admin: .ready, down: nil, up: false)),
-        ("down #disk full", AgentReply(weightPercent: nil, maxconn: nil, admin: nil, down: "disk full", up: false)),
-        ("stopped", AgentReply(weightPercent: nil, maxconn: nil, admin: nil, down: "", up: false)),
-        ("maint\t75%", AgentReply(weightPercent: 75, maxconn: nil, admin: .maint, down: nil, up: false)),
-    ])
+    @Test(
+        "agent words",
+        arguments: [
+            ("up", AgentReply(weightPercent: nil, maxconn: nil, admin: nil, down: nil, up: true)),
+            ("50% drain", AgentReply(weightPercent: 50, maxconn: nil, admin: .drain, down: nil, up: false)),
+            ("maxconn:30,ready", AgentReply(weightPercent: nil, maxconn: 30, admin: .ready, down: nil, up: false)),
+            ("down #disk full", AgentReply(weightPercent: nil, maxconn: nil, admin: nil, down: "disk full", up: false)),
+            ("stopped", AgentReply(weightPercent: nil, maxconn: nil, admin: nil, down: "", up: false)),
+            ("maint\t75%", AgentReply(weightPercent: 75, maxconn: nil, admin: .maint, down: nil, up: false)),
+        ])
     func agentWords(line: String, expected: AgentReply) {
         #expect(AgentReply(line) == expected)
     }
@@ -47,14 +53,18 @@ struct ProtocolTests {
         c.type = .redis
         c.role = .replica
         c.maxLag = Millis(5000)
-        let up = Self.info(["role:slave", "master_link_status:up", "master_last_io_seconds_ago:1", "master_sync_in_progress:0"])
+        let up = Self.info([
+            "role:slave", "master_link_status:up", "master_last_io_seconds_ago:1", "master_sync_in_progress:0",
+        ])
         #expect(RedisJudge.judge(up, config: c, eof: false)?.status == .l7ok)
         let down = Self.info(["role:slave", "master_link_status:down", "master_last_io_seconds_ago:-1"])
         let vd = RedisJudge.judge(down, config: c, eof: false)
         #expect(vd?.detail == "replication link to the master is down (master_link_status:down)")
         #expect(vd?.definite == true)
         let lag = Self.info(["role:slave", "master_link_status:up", "master_last_io_seconds_ago:9"])
-        #expect(RedisJudge.judge(lag, config: c, eof: false)?.detail == "replication lag 9 s > 5s (master_last_io_seconds_ago)")
+        #expect(
+            RedisJudge.judge(lag, config: c, eof: false)?.detail
+                == "replication lag 9 s > 5s (master_last_io_seconds_ago)")
         let master = Self.info(["role:master", "connected_slaves:0"])
         #expect(RedisJudge.judge(master, config: c, eof: false)?.detail == "role is master, the check requires replica")
     }
@@ -73,8 +83,11 @@ struct ProtocolTests {
         }
     }
 
-    func claim(_ name: String, _ port: UInt16, _ id: String, _ id2: String = MasterArbiter.noHistory) -> MasterArbiter.Claim {
-        MasterArbiter.Claim(name: name, address: try! SocketAddress(parsing: "127.0.0.1:\(port)"), replid: id, replid2: id2)
+    func claim(_ name: String, _ port: UInt16, _ id: String, _ id2: String = MasterArbiter.noHistory)
+        -> MasterArbiter.Claim
+    {
+        MasterArbiter.Claim(
+            name: name, address: try! SocketAddress(parsing: "127.0.0.1:\(port)"), replid: id, replid2: id2)
     }
 
     @Test("arbiter: a promoted replica outranks the old master by its master_replid2")
@@ -113,11 +126,15 @@ struct ProtocolTests {
     @Test("arbiter: with sentinel, only the named server takes writes")
     func arbiterSentinel() throws {
         var a = MasterArbiter(usesSentinel: true)
-        #expect(a.masterAnswer(1, claim("a", 7001, "AAAA")) == .accept(takeover: false, demote: [:]))  // nothing named yet
+        // nothing named yet
+        #expect(a.masterAnswer(1, claim("a", 7001, "AAAA")) == .accept(takeover: false, demote: [:]))
         let demote = a.sentinelNamed(try SocketAddress(parsing: "127.0.0.1:7002"))
         #expect(demote == [1: "not the master named by sentinel (127.0.0.1:7002)"])
-        #expect(a.masterAnswer(1, claim("a", 7001, "AAAA")) == .refuse("not the master named by sentinel (127.0.0.1:7002)"))
-        #expect(a.masterAnswer(2, claim("b", 7002, "BBBB")) == .accept(takeover: true, demote: [1: "not the master named by sentinel (127.0.0.1:7002)"]))
+        #expect(
+            a.masterAnswer(1, claim("a", 7001, "AAAA")) == .refuse("not the master named by sentinel (127.0.0.1:7002)"))
+        #expect(
+            a.masterAnswer(2, claim("b", 7002, "BBBB"))
+                == .accept(takeover: true, demote: [1: "not the master named by sentinel (127.0.0.1:7002)"]))
     }
 
     @Test("sentinel majority of the answers that arrived")
@@ -147,7 +164,9 @@ struct ProtocolTests {
         #expect(r.feed(Self.column("Seconds_Behind_Master")) == .more)
         #expect(r.feed([0xFE, 0, 0, 2, 0]) == .more)
         #expect(r.feed(Self.lenencString("Yes") + Self.lenencString(nil)) == .more)
-        #expect(r.feed([0xFE, 0, 0, 2, 0]) == .done(ResultSet(columns: ["Slave_SQL_Running", "Seconds_Behind_Master"], rows: [["Yes", nil]])))
+        #expect(
+            r.feed([0xFE, 0, 0, 2, 0])
+                == .done(ResultSet(columns: ["Slave_SQL_Running", "Seconds_Behind_Master"], rows: [["Yes", nil]])))
         // A statement that fails while executing: ERR after the column definitions.
         var e = ResultReader()
         #expect(e.feed([1]) == .more)

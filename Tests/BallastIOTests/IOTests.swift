@@ -4,12 +4,13 @@ import Testing
 @testable import BallastIO
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The typed syscall layer on real descriptors.
 struct IOTests {
-    @Test("addresses parse and print back", arguments: ["127.0.0.1:80", "[::1]:6379", "[2001:db8::1]:0", "0.0.0.0:65535"])
+    @Test(
+        "addresses parse and print back", arguments: ["127.0.0.1:80", "[::1]:6379", "[2001:db8::1]:0", "0.0.0.0:65535"])
     func addressRoundTrip(text: String) throws {
         #expect(try SocketAddress(parsing: text).description == text)
     }
@@ -23,7 +24,10 @@ struct IOTests {
     @Test("a pipe takes the size asked for, and splice moves bytes socket → pipe → socket")
     func spliceThroughPipe() throws {
         let (r, w) = try Pipe.create()
-        defer { Sys.close(r); Sys.close(w) }
+        defer {
+            Sys.close(r)
+            Sys.close(w)
+        }
         #expect(try Pipe.setSize(w, 1 << 20) >= 1 << 20)
         var a: [Int32] = [-1, -1]
         var b: [Int32] = [-1, -1]
@@ -60,7 +64,9 @@ struct IOTests {
         }
     }
 
-    @Test("bound without listening refuses connections (what ballast check does); freebind binds an address not on this host")
+    @Test(
+        "bound without listening refuses connections (what ballast check does); freebind binds an address not on this host"
+    )
     func bindWithoutListen() throws {
         let any = try SocketAddress(parsing: "127.0.0.1:0")
         let fd = try Socket.listen(any, reusePort: true, backlog: 16, listen: false)

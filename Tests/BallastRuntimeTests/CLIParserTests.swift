@@ -41,7 +41,11 @@ import Testing
             for level in [CLILevel.user, .operator, .admin] {
                 let r = CLI.resolve(c.words + (c.maxArgs == 0 ? [] : ["x"]), level)
                 if c.level > level {
-                    if case .failure(let e) = r { #expect(e.message == "Permission denied\n\n") } else { Issue.record("\(c.words) allowed at \(level)") }
+                    if case .failure(let e) = r {
+                        #expect(e.message == "Permission denied\n\n")
+                    } else {
+                        Issue.record("\(c.words) allowed at \(level)")
+                    }
                 } else if case .failure(let e) = r {
                     Issue.record("\(c.words) refused at \(level): \(e.message)")
                 }
@@ -54,7 +58,9 @@ import Testing
     @Test("bad lines: unknown commands get the closest ones, extra words are named, 65 commands on a line are refused")
     func badLines() {
         if case .failure(let e) = CLI.resolve(["show", "stats"], .admin) {
-            #expect(e.message.hasPrefix("Unknown command, but maybe one of the following ones is a better match:\n  show stat"))
+            #expect(
+                e.message.hasPrefix(
+                    "Unknown command, but maybe one of the following ones is a better match:\n  show stat"))
         } else {
             Issue.record("show stats resolved")
         }
@@ -63,10 +69,18 @@ import Testing
         } else {
             Issue.record("extra word accepted")
         }
-        if case .success(let (cmd, _)) = CLI.resolve(["help", "set"], .user) { #expect(cmd == nil) } else { Issue.record("help refused") }
+        if case .success(let (cmd, _)) = CLI.resolve(["help", "set"], .user) {
+            #expect(cmd == nil)
+        } else {
+            Issue.record("help refused")
+        }
         let line64 = Array(repeating: "show info", count: 64).joined(separator: ";")
         let line65 = line64 + ";show info"
         #expect((try? CLI.commands(of: line64).get().count) == 64)
-        if case .failure(let e) = CLI.commands(of: line65) { #expect(e.message == "Too many commands on one line (65, at most 64).") } else { Issue.record("65 accepted") }
+        if case .failure(let e) = CLI.commands(of: line65) {
+            #expect(e.message == "Too many commands on one line (65, at most 64).")
+        } else {
+            Issue.record("65 accepted")
+        }
     }
 }

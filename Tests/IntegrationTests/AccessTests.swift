@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Who may connect (proxy mode): allow and deny lists, per-client limits, the runtime API's
@@ -17,7 +17,10 @@ import Glibc
     }
 
     static func attempt(_ port: UInt16, from source: String? = nil, host: String = "127.0.0.1") -> Seen {
-        guard let fd = try? (source.map { try Net.connect(port, from: $0, timeout: 3) } ?? Net.connect(port, host: host, timeout: 3)) else {
+        guard
+            let fd = try?
+                (source.map { try Net.connect(port, from: $0, timeout: 3) } ?? Net.connect(port, host: host, timeout: 3))
+        else {
             return .refused
         }
         defer { close(fd) }
@@ -32,7 +35,9 @@ import Glibc
         return Int(row[header.firstIndex(of: "dcon")!]) ?? -1
     }
 
-    @Test("allow and deny, IPv4 and IPv6: refused clients are reset before any server is picked, counted in dcon and logged once a second")
+    @Test(
+        "allow and deny, IPv4 and IPv6: refused clients are reset before any server is picked, counted in dcon and logged once a second"
+    )
     func lists() throws {
         let echo = try TestServer.echo()
         defer { echo.stop() }
@@ -41,9 +46,13 @@ import Glibc
             config: configYAML(
                 global: "workers: 2\nstats: { sockets: [{ path: \(dir.file("admin.sock")), level: admin }] }",
                 services: [
-                    serviceYAML(name: "v4", servers: [("e", echo.port)], extra: "allow: [127.0.0.0/16]\ndeny: [127.0.9.0/24, 127.0.8.7]"),
-                    serviceYAML(name: "v6ok", bind: "[::1]:0", servers: [("e", echo.port)], extra: "allow: [\"::1/128\"]"),
-                    serviceYAML(name: "v6no", bind: "[::1]:0", servers: [("e", echo.port)], extra: "allow: [\"2001:db8::/32\"]"),
+                    serviceYAML(
+                        name: "v4", servers: [("e", echo.port)],
+                        extra: "allow: [127.0.0.0/16]\ndeny: [127.0.9.0/24, 127.0.8.7]"),
+                    serviceYAML(
+                        name: "v6ok", bind: "[::1]:0", servers: [("e", echo.port)], extra: "allow: [\"::1/128\"]"),
+                    serviceYAML(
+                        name: "v6no", bind: "[::1]:0", servers: [("e", echo.port)], extra: "allow: [\"2001:db8::/32\"]"),
                 ]))
         defer { b.stop() }
         let port = b.port("v4")
@@ -79,7 +88,9 @@ import Glibc
         usleep(1_200_000)
         let lines = b.log.split(separator: "\n").filter { $0.contains("service svc: refused") }
         #expect(lines.count >= 1 && Double(lines.count) <= seconds + 3, "\(lines.count) lines for \(seconds) s")
-        let total = lines.compactMap { l in l.components(separatedBy: "refused ").last?.split(separator: " ").first.flatMap { Int($0) } }.reduce(0, +)
+        let total = lines.compactMap { l in
+            l.components(separatedBy: "refused ").last?.split(separator: " ").first.flatMap { Int($0) }
+        }.reduce(0, +)
         #expect(total == 2000, "\(lines)")
     }
 
@@ -93,7 +104,8 @@ import Glibc
                 global: "workers: 2\nstats: { sockets: [{ path: \(dir.file("admin.sock")), level: admin }] }",
                 services: [
                     serviceYAML(name: "conns", servers: [("e", echo.port)], extra: "limits: { conn_per_source: 3 }"),
-                    serviceYAML(name: "rate", servers: [("e", echo.port)], extra: "limits: { new_conn_rate_per_source: 5/s }"),
+                    serviceYAML(
+                        name: "rate", servers: [("e", echo.port)], extra: "limits: { new_conn_rate_per_source: 5/s }"),
                 ]))
         defer { b.stop() }
         let conns = b.port("conns")
@@ -122,7 +134,10 @@ import Glibc
         let sock = dir.file("admin.sock")
         #expect(try Self.dcon(sock, "conns") == 1)
         #expect(try Self.dcon(sock, "rate") == 5)
-        #expect(b.waitForLog("service rate: refused 5 connections in the last second (over new_conn_rate_per_source 5)", timeout: 3) != nil)
+        #expect(
+            b.waitForLog(
+                "service rate: refused 5 connections in the last second (over new_conn_rate_per_source 5)", timeout: 3)
+                != nil)
     }
 
     @Test("runtime API: show, add, del and clear acl; the change holds over a reload until the config's list changes")
@@ -130,27 +145,42 @@ import Glibc
         let echo = try TestServer.echo()
         defer { echo.stop() }
         let dir = TempDir()
-        let global = "workers: 1\nstats: { sockets: [{ path: \(dir.file("admin.sock")), level: admin }, { path: \(dir.file("user.sock")), level: user }] }"
+        let global =
+            "workers: 1\nstats: { sockets: [{ path: \(dir.file("admin.sock")), level: admin }, { path: \(dir.file("user.sock")), level: user }] }"
         let b = try BallastProcess(
-            config: configYAML(global: global, services: [serviceYAML(servers: [("e", echo.port)], extra: "deny: [127.0.9.0/24]")]))
+            config: configYAML(
+                global: global, services: [serviceYAML(servers: [("e", echo.port)], extra: "deny: [127.0.9.0/24]")]))
         defer { b.stop() }
         let port = b.port("svc")
         let sock = dir.file("admin.sock")
-        #expect(try StatsClient.ask(sock, "show acl") == "# id (name) description\n0 (svc/allow) 0 networks; empty: every client is allowed\n1 (svc/deny) 1 networks; refused first\n\n")
+        #expect(
+            try StatsClient.ask(sock, "show acl")
+                == "# id (name) description\n0 (svc/allow) 0 networks; empty: every client is allowed\n1 (svc/deny) 1 networks; refused first\n\n"
+        )
         #expect(try StatsClient.ask(sock, "show acl svc/deny") == "0x1 127.0.9.0/24\n\n")
         #expect(Self.attempt(port, from: "127.0.0.5") == .admitted)
         #expect(try StatsClient.ask(sock, "add acl svc/deny 127.0.0.5") == "\n")
         #expect(Self.attempt(port, from: "127.0.0.5") == .refused)
         #expect(try StatsClient.ask(sock, "show acl #1") == "0x1 127.0.9.0/24\n0x2 127.0.0.5/32\n\n")
         // Bad input: an error reply naming the reason, nothing changed.
-        #expect(try StatsClient.ask(sock, "add acl svc/deny 10.0.0.1/8") == "10.0.0.1/8 has host bits set: the network is 10.0.0.0/8.\n\n")
-        #expect(try StatsClient.ask(sock, "add acl svc/deny nonsense") == "'nonsense' is not an IPv4 or IPv6 address or prefix (such as 10.0.0.0/8 or 2001:db8::/32).\n\n")
-        #expect(try StatsClient.ask(sock, "add acl svc/allow 127.0.9.0/25") == "allow 127.0.9.0/25 is entirely inside deny 127.0.9.0/24: it admits nothing.\n\n")
-        #expect(try StatsClient.ask(sock, "add acl nosuch/deny 10.0.0.0/8") == "Unknown ACL identifier. Please use #<id> or <service>/allow, <service>/deny.\n\n")
+        #expect(
+            try StatsClient.ask(sock, "add acl svc/deny 10.0.0.1/8")
+                == "10.0.0.1/8 has host bits set: the network is 10.0.0.0/8.\n\n")
+        #expect(
+            try StatsClient.ask(sock, "add acl svc/deny nonsense")
+                == "'nonsense' is not an IPv4 or IPv6 address or prefix (such as 10.0.0.0/8 or 2001:db8::/32).\n\n")
+        #expect(
+            try StatsClient.ask(sock, "add acl svc/allow 127.0.9.0/25")
+                == "allow 127.0.9.0/25 is entirely inside deny 127.0.9.0/24: it admits nothing.\n\n")
+        #expect(
+            try StatsClient.ask(sock, "add acl nosuch/deny 10.0.0.0/8")
+                == "Unknown ACL identifier. Please use #<id> or <service>/allow, <service>/deny.\n\n")
         #expect(try StatsClient.ask(sock, "del acl svc/deny 10.0.0.0/8") == "Key not found.\n\n")
         #expect(try StatsClient.ask(dir.file("user.sock"), "add acl svc/deny 10.0.0.0/8") == "Permission denied\n\n")
         // A reload with the same lists keeps the runtime change.
-        let same = configYAML(global: global, services: [serviceYAML(servers: [("e", echo.port)], extra: "deny: [127.0.9.0/24]\nretries: 1")])
+        let same = configYAML(
+            global: global,
+            services: [serviceYAML(servers: [("e", echo.port)], extra: "deny: [127.0.9.0/24]\nretries: 1")])
         #expect(b.reload(same)?.contains("reloaded") == true)
         #expect(Self.attempt(port, from: "127.0.0.5") == .refused)
         #expect(try StatsClient.ask(sock, "del acl svc/deny 127.0.0.5") == "\n")
@@ -167,7 +197,8 @@ import Glibc
         defer { close(open) }
         try Net.sendAll(open, "a")
         #expect(Net.readExactly(open, 1) == Array("a".utf8))
-        let changed = configYAML(global: global, services: [serviceYAML(servers: [("e", echo.port)], extra: "deny: [127.0.0.0/24]")])
+        let changed = configYAML(
+            global: global, services: [serviceYAML(servers: [("e", echo.port)], extra: "deny: [127.0.0.0/24]")])
         #expect(b.reload(changed)?.contains("reloaded") == true)
         #expect(Self.attempt(port, from: "127.0.0.5") == .refused)
         #expect(Self.attempt(port, from: "127.0.1.5") == .admitted)

@@ -3,7 +3,7 @@ import Synchronization
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// One runtime API client flooding the socket must not stall the others, nor grow the process:
@@ -94,11 +94,15 @@ import Glibc
         let lat = try Self.showInfoLatencies(sock, seconds: 2.5)
         let during = Self.rssMiB(b.pid)
         let p99 = lat[min(lat.count - 1, lat.count * 99 / 100)]
-        print("flood (\(reads ? "reading" : "not reading")): show info n=\(lat.count) p50 \(lat[lat.count / 2]) ms p99 \(p99) ms max \(lat.last!) ms; RSS \(before) → \(during) MiB; flood replies read \(flooder.received.load(ordering: .relaxed)) bytes")
+        print(
+            "flood (\(reads ? "reading" : "not reading")): show info n=\(lat.count) p50 \(lat[lat.count / 2]) ms p99 \(p99) ms max \(lat.last!) ms; RSS \(before) → \(during) MiB; flood replies read \(flooder.received.load(ordering: .relaxed)) bytes"
+        )
         // Before the applet model one flooding client kept every other one waiting for seconds.
         #expect(lat.count >= 20 && lat.last! < 500, "show info latencies (ms): \(lat)")
         #expect(during - before < 24, "RSS grew from \(before) to \(during) MiB")
-        if reads { #expect(flooder.received.load(ordering: .relaxed) > 1 << 20, "the flooding client got its replies as well") }
+        if reads {
+            #expect(flooder.received.load(ordering: .relaxed) > 1 << 20, "the flooding client got its replies as well")
+        }
         // The flooder leaves; the process gives back what it used and still answers.
         flooder.stop()
         usleep(300_000)

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The hot path (accept, pick, connect, relay, close) allocates nothing once warm. Measured with
@@ -31,7 +31,8 @@ import Glibc
         let dir = TempDir()
         let shim = dir.file("malloccount.so")
         let source = Repo.root.appendingPathComponent("Tests/Fixtures/malloccount.c").path
-        let (status, _, err) = try runCommand(Self.compiler!, ["-shared", "-fPIC", "-O2", "-o", shim, source, "-lpthread"])
+        let (status, _, err) = try runCommand(
+            Self.compiler!, ["-shared", "-fPIC", "-O2", "-o", shim, source, "-lpthread"])
         try #require(status == 0, "building the shim failed: \(err)")
         let countFile = dir.file("count")
         let echo = try TestServer.echo()

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Servers that move: DNS names re-resolved while Ballast runs, and servers added, deleted and
@@ -34,7 +34,8 @@ import Glibc
         var prefix: [String] {
             [
                 "/usr/bin/unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
-                "mount --bind \(hosts) /etc/hosts && { mount --bind \(resolv) /etc/resolv.conf 2>/dev/null || true; } && exec \"$@\"", "sh",
+                "mount --bind \(hosts) /etc/hosts && { mount --bind \(resolv) /etc/resolv.conf 2>/dev/null || true; } && exec \"$@\"",
+                "sh",
             ]
         }
     }
@@ -69,7 +70,8 @@ import Glibc
 
     @Test(
         "DNS: a name resolved at start, moved by its DNS answer while a connection to the old address lives on; init_addr none held out of service until it resolves; another family or no answer keeps the address",
-        .enabled(if: canMount, Comment(rawValue: "needs root and unshare (util-linux) to give Ballast its own /etc/hosts")))
+        .enabled(
+            if: canMount, Comment(rawValue: "needs root and unshare (util-linux) to give Ballast its own /etc/hosts")))
     func namesMove() throws {
         // Two servers on one port, on two loopback addresses: the name decides which.
         let a = try TestServer(name: "at-2", host: "127.0.0.2") { c, s in
@@ -117,8 +119,12 @@ import Glibc
         defer { c.stop() }
         try names.set("127.0.0.3 db-0.ballast.test\n127.0.0.3 db-1.ballast.test\n")
         #expect(Self.waitFor { Self.row(sock, "s1")["addr"] == "127.0.0.3:\(a.port)" }, "\(p.log)")
-        #expect(p.waitForLog("server s1 moved from 127.0.0.2:\(a.port) to 127.0.0.3:\(a.port) (db-0.ballast.test)") != nil, "\(p.log)")
-        #expect(Self.waitFor { Self.row(sock, "s2")["status"] == "UP" || Self.row(sock, "s2")["status"] == "no check" }, "\(Self.row(sock, "s2"))")
+        #expect(
+            p.waitForLog("server s1 moved from 127.0.0.2:\(a.port) to 127.0.0.3:\(a.port) (db-0.ballast.test)") != nil,
+            "\(p.log)")
+        #expect(
+            Self.waitFor { Self.row(sock, "s2")["status"] == "UP" || Self.row(sock, "s2")["status"] == "no check" },
+            "\(Self.row(sock, "s2"))")
         // New connections go to the new addresses; the held one still talks to 127.0.0.2.
         var seen = Set<String>()
         for _ in 0..<6 { seen.insert(try Self.line(port)) }
@@ -128,7 +134,10 @@ import Glibc
 
         // An answer of the other family only: refused, the address stays.
         try names.set("::1 db-0.ballast.test\n127.0.0.3 db-1.ballast.test\n")
-        #expect(p.waitForLog("server s1: db-0.ballast.test now resolves to ::1 only, another address family than the server's; keeping 127.0.0.3:\(a.port)") != nil, "\(p.log)")
+        #expect(
+            p.waitForLog(
+                "server s1: db-0.ballast.test now resolves to ::1 only, another address family than the server's; keeping 127.0.0.3:\(a.port)"
+            ) != nil, "\(p.log)")
         // No answer at all: the address stays too, said once.
         try names.set("127.0.0.3 db-1.ballast.test\n")
         #expect(p.waitForLog("server s1: db-0.ballast.test does not resolve") != nil, "\(p.log)")
@@ -138,11 +147,23 @@ import Glibc
         #expect(try Self.line(port) != "")
     }
 
-    @Test("a name that does not resolve is a config error naming file:line:column, unless init_addr: none", .enabled(if: canMount, Comment(rawValue: "needs root and unshare")))
+    @Test(
+        "a name that does not resolve is a config error naming file:line:column, unless init_addr: none",
+        .enabled(if: canMount, Comment(rawValue: "needs root and unshare")))
     func unresolvableName() throws {
         let names = Names("127.0.0.2 known.ballast.test\n")
-        let good = names.dir.write("good.yaml", configYAML(services: [serviceYAML(name: "db", servers: [("s1", 6379)]).replacingOccurrences(of: "127.0.0.1:6379", with: "known.ballast.test:6379")]))
-        let bad = names.dir.write("bad.yaml", configYAML(services: [serviceYAML(name: "db", servers: [("s1", 6379)]).replacingOccurrences(of: "127.0.0.1:6379", with: "unknown.ballast.test:6379")]))
+        let good = names.dir.write(
+            "good.yaml",
+            configYAML(services: [
+                serviceYAML(name: "db", servers: [("s1", 6379)]).replacingOccurrences(
+                    of: "127.0.0.1:6379", with: "known.ballast.test:6379")
+            ]))
+        let bad = names.dir.write(
+            "bad.yaml",
+            configYAML(services: [
+                serviceYAML(name: "db", servers: [("s1", 6379)]).replacingOccurrences(
+                    of: "127.0.0.1:6379", with: "unknown.ballast.test:6379")
+            ]))
         let run = { (file: String) throws -> (Int32, String, String) in
             let pre = names.prefix
             return try runCommand(pre[0], Array(pre.dropFirst()) + [Repo.ballast, "check", "-c", file], timeout: 30)
@@ -151,11 +172,15 @@ import Glibc
         #expect(okStatus == 0, "\(okOut)\(okErr)")
         let (status, out, err) = try run(bad)
         #expect(status == 1)
-        #expect(err.contains("bad.yaml:") && err.contains("service 'db' server 's1': 'unknown.ballast.test' does not resolve"), "\(out)\(err)")
+        #expect(
+            err.contains("bad.yaml:")
+                && err.contains("service 'db' server 's1': 'unknown.ballast.test' does not resolve"), "\(out)\(err)")
         #expect(err.contains("init_addr: none starts the server out of service until it does"), "\(err)")
     }
 
-    @Test("add server, del server and set server addr answer as HAProxy 2.6 does, side by side", .enabled(if: RuntimeAPITests.haveHAProxy))
+    @Test(
+        "add server, del server and set server addr answer as HAProxy 2.6 does, side by side",
+        .enabled(if: RuntimeAPITests.haveHAProxy))
     func repliesAsHAProxy() throws {
         let echo = try TestServer.echo()
         defer { echo.stop() }
@@ -163,7 +188,9 @@ import Glibc
         defer { other.stop() }
         let dir = TempDir()
         let hport = try Net.freePort()
-        let cfg = dir.write("h.cfg", """
+        let cfg = dir.write(
+            "h.cfg",
+            """
             global
                 stats socket \(dir.file("h.sock")) mode 600 level admin
             defaults
@@ -188,11 +215,13 @@ import Glibc
             if haproxy.processIdentifier > 1 { kill(haproxy.processIdentifier, SIGKILL) }
             NatLab.waitGone(haproxy, timeout: 30)
         }
-        let b = try BallastProcess(config: configYAML(
-            global: "workers: 1\nstats: { sockets: [{ path: \(dir.file("b.sock")), level: admin }] }",
-            services: [serviceYAML(name: "svc", servers: [("s1", echo.port), ("s2", echo.port)])]))
+        let b = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1\nstats: { sockets: [{ path: \(dir.file("b.sock")), level: admin }] }",
+                services: [serviceYAML(name: "svc", servers: [("s1", echo.port), ("s2", echo.port)])]))
         defer { b.stop() }
-        let h = dir.file("h.sock"), bs = dir.file("b.sock")
+        let h = dir.file("h.sock")
+        let bs = dir.file("b.sock")
         #expect(Self.waitFor { FileManager.default.fileExists(atPath: h) })
         let commands = [
             "add server svc/s3 127.0.0.1:\(other.port)",
@@ -233,7 +262,9 @@ import Glibc
         #expect(bss == hs, "Ballast \(bss), HAProxy \(hs)")
     }
 
-    @Test("runtime servers: an added server takes traffic once enabled; del server waits for maintenance and no connection; set server addr moves new connections only; all kept over a reload and a restart, dropped when the config changes the service")
+    @Test(
+        "runtime servers: an added server takes traffic once enabled; del server waits for maintenance and no connection; set server addr moves new connections only; all kept over a reload and a restart, dropped when the config changes the service"
+    )
     func addDeleteMoveKeep() throws {
         let one = try TestServer.namedEcho("one")
         defer { one.stop() }
@@ -273,7 +304,10 @@ import Glibc
         #expect(try ask("enable server svc/s1") == "\n")
 
         // set server addr: s1 moves to three's port; the held connection still talks to one.
-        #expect(try ask("set server svc/s1 addr 127.0.0.1 port \(three.port)") == "no need to change the addr, port changed from '\(one.port)' to '\(three.port)' by 'stats socket command'\n\n")
+        #expect(
+            try ask("set server svc/s1 addr 127.0.0.1 port \(three.port)")
+                == "no need to change the addr, port changed from '\(one.port)' to '\(three.port)' by 'stats socket command'\n\n"
+        )
         seen = []
         for _ in 0..<4 { seen.insert(try Self.line(port)) }
         #expect(seen == ["three", "two"], "\(seen)")
@@ -287,10 +321,14 @@ import Glibc
 
         // Restart: the state file brings them back.
         p!.stop()
-        #expect(try String(contentsOfFile: state, encoding: .utf8).contains("#ballast-add svc s2 127.0.0.1:\(two.port)"))
+        #expect(
+            try String(contentsOfFile: state, encoding: .utf8).contains("#ballast-add svc s2 127.0.0.1:\(two.port)"))
         p = try BallastProcess(config: config)
         let port2 = p!.port("svc")
-        #expect(p!.waitForLog("state file: service svc keeps the server changes made at run time (1 added, 0 deleted, 1 moved)") != nil, "\(p!.log)")
+        #expect(
+            p!.waitForLog(
+                "state file: service svc keeps the server changes made at run time (1 added, 0 deleted, 1 moved)")
+                != nil, "\(p!.log)")
         seen = []
         for _ in 0..<4 { seen.insert(try Self.line(port2)) }
         #expect(seen == ["three", "two"], "\(seen)")
@@ -301,7 +339,9 @@ import Glibc
         #expect(Self.row(sock, "s2").isEmpty)
         let changed = config.replacingOccurrences(of: "    servers:\n", with: "    retries: 2\n    servers:\n")
         #expect(p!.reload(changed)?.contains("reloaded") == true)
-        #expect(p!.waitForLog("service svc: the server changes made at run time are dropped: the config changed the service") != nil)
+        #expect(
+            p!.waitForLog(
+                "service svc: the server changes made at run time are dropped: the config changed the service") != nil)
         #expect(Self.row(sock, "s1")["addr"] == "127.0.0.1:\(one.port)")
         for _ in 0..<3 { #expect(try Self.line(port2) == "one") }
         #expect(!(try String(contentsOfFile: state, encoding: .utf8).contains("#ballast-")))

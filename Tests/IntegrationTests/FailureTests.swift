@@ -4,7 +4,7 @@ import Synchronization
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Dead servers, timeouts, queues and overload: each costs the client a clean close, never a hang.
@@ -226,7 +226,9 @@ import Glibc
         let b = try BallastProcess(
             config: configYAML(
                 global: "workers: 1\nlog: { connections: true }",
-                services: [serviceYAML(servers: [("e1", echo.port)], extra: "maxqueue: 1", serverExtra: ["e1": "maxconn: 1"])]))
+                services: [
+                    serviceYAML(servers: [("e1", echo.port)], extra: "maxqueue: 1", serverExtra: ["e1": "maxconn: 1"])
+                ]))
         defer { b.stop() }
         let port = b.port("svc")
         let held = try Net.connect(port)
@@ -276,10 +278,16 @@ import Glibc
         let echo = try TestServer.echo()
         defer { echo.stop() }
         let dir = TempDir()
-        let path = dir.write("b.yaml", configYAML(global: "workers: 1\nmaxconn: 1000000", services: [serviceYAML(servers: [("e1", echo.port)])]))
-        let (status, _, err) = try runCommand("/usr/bin/prlimit", ["--nofile=2000:2000", Repo.ballast, "run", "-c", path], timeout: 20)
+        let path = dir.write(
+            "b.yaml",
+            configYAML(global: "workers: 1\nmaxconn: 1000000", services: [serviceYAML(servers: [("e1", echo.port)])]))
+        let (status, _, err) = try runCommand(
+            "/usr/bin/prlimit", ["--nofile=2000:2000", Repo.ballast, "run", "-c", path], timeout: 20)
         #expect(status == 1)
-        #expect(err.contains("global.maxconn 1000000 needs 2001024 open files (2 per connection + 1024) but the limit is 2000 and cannot be raised (hard limit 2000)"), "\(err)")
+        #expect(
+            err.contains(
+                "global.maxconn 1000000 needs 2001024 open files (2 per connection + 1024) but the limit is 2000 and cannot be raised (hard limit 2000)"
+            ), "\(err)")
         #expect(err.contains("lower global.maxconn to 488"), "\(err)")
     }
 
@@ -314,4 +322,3 @@ import Glibc
         #expect(Net.readExactly(fd, 5) == Array("after".utf8))
     }
 }
-

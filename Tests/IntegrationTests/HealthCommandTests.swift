@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// `ballast health`, as keepalived's `track_script` runs it: exit status and the one line it
@@ -21,8 +21,12 @@ import Glibc
     static func ballast(_ dir: TempDir, servers: [(String, UInt16)], grace: String = "10s") throws -> BallastProcess {
         try BallastProcess(
             config: configYAML(
-                global: "workers: 2\ngrace: \(grace)\nstats: { sockets: [{ path: \"\(dir.file("admin.sock"))\", level: admin }] }",
-                services: [serviceYAML(name: "redis", servers: servers, extra: "check: { type: tcp, interval: 200ms, fall: 1 }")]))
+                global:
+                    "workers: 2\ngrace: \(grace)\nstats: { sockets: [{ path: \"\(dir.file("admin.sock"))\", level: admin }] }",
+                services: [
+                    serviceYAML(
+                        name: "redis", servers: servers, extra: "check: { type: tcp, interval: 200ms, fall: 1 }")
+                ]))
     }
 
     @Test("a running Ballast: exit 0 with ok; --service fails when the service has no usable server")
@@ -53,7 +57,9 @@ import Glibc
         let dir = TempDir()
         // No socket at all.
         let (s1, l1, _) = try Self.health(["--socket", dir.file("missing.sock")])
-        #expect(s1 == 1 && l1 == "fail: no answer on \(dir.file("missing.sock")): no such socket (is Ballast running?)", "\(l1)")
+        #expect(
+            s1 == 1 && l1 == "fail: no answer on \(dir.file("missing.sock")): no such socket (is Ballast running?)",
+            "\(l1)")
         // Something that is not Ballast answers.
         let sock = dir.file("fake.sock")
         let fake = try UnixServer(path: sock) { c in
@@ -77,7 +83,8 @@ import Glibc
         // Not allowed to open the socket (mode 600, owned by root): as nobody.
         if geteuid() == 0 {
             let (s4, l4, _) = try Self.health(
-                ["--socket", dir.file("admin.sock")], prefix: ["/usr/bin/setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+                ["--socket", dir.file("admin.sock")],
+                prefix: ["/usr/bin/setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"])
             #expect(s4 == 1 && l4 == "fail: no answer on \(dir.file("admin.sock")): permission denied", "\(l4)")
         }
     }
@@ -116,7 +123,9 @@ final class UnixServer: @unchecked Sendable {
             for (k, b) in path.utf8.enumerated() { dst[k] = b }
         }
         let r = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(sfd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(sfd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         guard r == 0, listen(sfd, 16) == 0 else { throw Net.Failure("cannot listen on \(path)") }
         let fd = self.fd

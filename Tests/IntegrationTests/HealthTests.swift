@@ -3,7 +3,7 @@ import Synchronization
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Active health checks against real servers; what a user sees: the transition log lines and
@@ -36,8 +36,12 @@ import Glibc
         }
     }
 
-    static func config(_ servers: [(String, UInt16)], check: String, extra: String = "", serverExtra: [String: String] = [:]) -> String {
-        configYAML(global: "workers: 1", services: [serviceYAML(servers: servers, extra: "check: \(check)\n" + extra, serverExtra: serverExtra)])
+    static func config(
+        _ servers: [(String, UInt16)], check: String, extra: String = "", serverExtra: [String: String] = [:]
+    ) -> String {
+        configYAML(
+            global: "workers: 1",
+            services: [serviceYAML(servers: servers, extra: "check: \(check)\n" + extra, serverExtra: serverExtra)])
     }
 
     @Test("tcp: a refused server goes DOWN after fall checks, traffic avoids it, and it comes back UP")
@@ -45,7 +49,10 @@ import Glibc
         let alive = try TestServer.named("alive")
         defer { alive.stop() }
         let deadPort = try Net.freePort()
-        let p = try BallastProcess(config: Self.config([("alive", alive.port), ("dead", deadPort)], check: "{ type: tcp, interval: 200ms, timeout: 100ms, rise: 2, fall: 2 }"))
+        let p = try BallastProcess(
+            config: Self.config(
+                [("alive", alive.port), ("dead", deadPort)],
+                check: "{ type: tcp, interval: 200ms, timeout: 100ms, rise: 2, fall: 2 }"))
         defer { p.stop() }
         let down = try #require(p.waitForLog("Server svc/dead is DOWN", timeout: 5))
         #expect(down.contains("reason: Layer4 connection problem, info: \"Connection refused\", check duration: "))
@@ -65,29 +72,47 @@ import Glibc
         let hole = try FailureTests.BlackHole()
         let alive = try TestServer.named("alive")
         defer { alive.stop() }
-        let p = try BallastProcess(config: Self.config([("alive", alive.port), ("hole", hole.port)], check: "{ type: tcp, interval: 300ms, timeout: 200ms, fall: 1 }"))
+        let p = try BallastProcess(
+            config: Self.config(
+                [("alive", alive.port), ("hole", hole.port)],
+                check: "{ type: tcp, interval: 300ms, timeout: 200ms, fall: 1 }"))
         defer { p.stop() }
         let down = try #require(p.waitForLog("Server svc/hole is DOWN", timeout: 5))
         #expect(down.contains("reason: Layer4 timeout"))
     }
 
-    @Test("http: the request sent, and 200 / 503 / wrong body / silence / garbage judged as HAProxy does",
+    @Test(
+        "http: the request sent, and 200 / 503 / wrong body / silence / garbage judged as HAProxy does",
         arguments: [
             ("HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nhealthy", nil as String?),
-            ("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", "reason: Layer7 wrong status, code: 503, info: \"Service Unavailable\""),
-            ("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nsick", "reason: Layer7 invalid response, code: 200, info: \"body does not contain 'healthy'\""),
+            (
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
+                "reason: Layer7 wrong status, code: 503, info: \"Service Unavailable\""
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nsick",
+                "reason: Layer7 invalid response, code: 200, info: \"body does not contain 'healthy'\""
+            ),
             ("SILENT", "reason: Layer7 timeout"),
-            ("+PONG\r\nthis is not http at all\r\n", "reason: Layer7 invalid response, info: \"not an HTTP answer: +PONG..this is not http at all..\""),
+            (
+                "+PONG\r\nthis is not http at all\r\n",
+                "reason: Layer7 invalid response, info: \"not an HTTP answer: +PONG..this is not http at all..\""
+            ),
         ])
     func http(answer: String, expected: String?) throws {
         let http = try HTTPServer()
         http.answer.value.withLock { $0 = answer }
         let alive = try TestServer.named("alive")
-        defer { http.server.stop(); alive.stop() }
-        let p = try BallastProcess(config: Self.config(
-            [("alive", alive.port), ("web", http.server.port)],
-            check: "{ type: http, method: HEAD, path: /healthz, host: app.example, expect: [200-299], body: healthy, interval: 300ms, timeout: 250ms, fall: 1 }",
-            serverExtra: ["alive": "check: false"]))
+        defer {
+            http.server.stop()
+            alive.stop()
+        }
+        let p = try BallastProcess(
+            config: Self.config(
+                [("alive", alive.port), ("web", http.server.port)],
+                check:
+                    "{ type: http, method: HEAD, path: /healthz, host: app.example, expect: [200-299], body: healthy, interval: 300ms, timeout: 250ms, fall: 1 }",
+                serverExtra: ["alive": "check: false"]))
         defer { p.stop() }
         if let expected {
             let line = try #require(p.waitForLog("Server svc/web is DOWN", timeout: 5))
@@ -101,18 +126,25 @@ import Glibc
         #expect(req.contains("Connection: close\r\n"))
     }
 
-    @Test("redis role: master takes the traffic; a failover moves it and cuts the old master's clients", .enabled(if: RedisTests.haveRedis))
+    @Test(
+        "redis role: master takes the traffic; a failover moves it and cuts the old master's clients",
+        .enabled(if: RedisTests.haveRedis))
     func redisFailover() throws {
         let a = try RedisTests.RedisServer()
         let b = try RedisTests.RedisServer()
         try #require("\(a.port)".count == "\(b.port)".count)
         _ = try b.cli("REPLICAOF", "127.0.0.1", "\(a.port)")
         let interval = 200
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(
-                name: "redis", servers: [("a", a.port), ("b", b.port)],
-                extra: "check: { type: redis, role: master, interval: \(interval)ms, timeout: 150ms, rise: 1, fall: 2 }\non_marked_down: shutdown-sessions")
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        name: "redis", servers: [("a", a.port), ("b", b.port)],
+                        extra:
+                            "check: { type: redis, role: master, interval: \(interval)ms, timeout: 150ms, rise: 1, fall: 2 }\non_marked_down: shutdown-sessions"
+                    )
+                ]))
         defer { p.stop() }
         let down = try #require(p.waitForLog("Server redis/b is DOWN", timeout: 5))
         #expect(down.contains("reason: Layer7 invalid response, info: \"role is slave, the check requires master\""))
@@ -146,15 +178,24 @@ import Glibc
         #expect(p.waitForLog("closed 1 connections (server-down)") != nil)
     }
 
-    @Test("redis AUTH: the right password passes, a wrong one fails with the server's error", .enabled(if: RedisTests.haveRedis),
+    @Test(
+        "redis AUTH: the right password passes, a wrong one fails with the server's error",
+        .enabled(if: RedisTests.haveRedis),
         arguments: [("s3cret", nil as String?), ("wrong", "AUTH failed: WRONGPASS")])
     func redisAuth(password: String, expected: String?) throws {
         let r = try RedisTests.RedisServer(extra: ["--requirepass", "s3cret"])
         let dir = TempDir()
         let pwFile = dir.write("redis.pw", password + "\n")
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(name: "redis", servers: [("r", r.port)], extra: "check: { type: redis, password_file: \(pwFile), interval: 200ms, timeout: 150ms, fall: 1 }")
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        name: "redis", servers: [("r", r.port)],
+                        extra:
+                            "check: { type: redis, password_file: \(pwFile), interval: 200ms, timeout: 150ms, fall: 1 }"
+                    )
+                ]))
         defer { p.stop() }
         if let expected {
             let line = try #require(p.waitForLog("Server redis/r is DOWN", timeout: 5))
@@ -169,19 +210,28 @@ import Glibc
     func passive() throws {
         let alive = try TestServer.named("alive")
         let checkTarget = try TestServer.named("check-target")
-        defer { alive.stop(); checkTarget.stop() }
+        defer {
+            alive.stop()
+            checkTarget.stop()
+        }
         let refusing = try Net.freePort()
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", defaults: "retries: 1", services: [
-            serviceYAML(
-                servers: [("flaky", refusing), ("alive", alive.port)],
-                extra: "check: { type: tcp, interval: 300ms, timeout: 200ms, rise: 2, fall: 3 }\nobserve: { fails: 3 }",
-                serverExtra: ["flaky": "check: { port: \(checkTarget.port) }"])
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1", defaults: "retries: 1",
+                services: [
+                    serviceYAML(
+                        servers: [("flaky", refusing), ("alive", alive.port)],
+                        extra:
+                            "check: { type: tcp, interval: 300ms, timeout: 200ms, rise: 2, fall: 3 }\nobserve: { fails: 3 }",
+                        serverExtra: ["flaky": "check: { port: \(checkTarget.port) }"])
+                ]))
         defer { p.stop() }
         // The check passes (it probes another port) while every relayed connect is refused.
         for _ in 0..<8 { #expect(try LifecycleTests.whoAnswers(p.port("svc")) == "alive") }
         let down = try #require(p.waitForLog("Server svc/flaky is DOWN", timeout: 3))
-        #expect(down.contains("reason: passive observation, info: \"3 consecutive failed connects, last: Connection refused\""))
+        #expect(
+            down.contains(
+                "reason: passive observation, info: \"3 consecutive failed connects, last: Connection refused\""))
         #expect(p.waitForLog("Server svc/flaky is UP", timeout: 5)?.contains("reason: Layer4 check passed") == true)
     }
 
@@ -190,10 +240,12 @@ import Glibc
         let deadPort = try Net.freePort()
         let alive = try TestServer.named("alive")
         defer { alive.stop() }
-        let p = try BallastProcess(config: Self.config(
-            [("alive", alive.port), ("dead", deadPort)],
-            check: "{ type: tcp, interval: 1s, fastinterval: 100ms, downinterval: 2s, timeout: 100ms, rise: 2, fall: 3 }",
-            serverExtra: ["alive": "check: false"]))
+        let p = try BallastProcess(
+            config: Self.config(
+                [("alive", alive.port), ("dead", deadPort)],
+                check:
+                    "{ type: tcp, interval: 1s, fastinterval: 100ms, downinterval: 2s, timeout: 100ms, rise: 2, fall: 3 }",
+                serverExtra: ["alive": "check: false"]))
         defer { p.stop() }
         // First failure within one interval (spread start), then two more at fastinterval.
         let start = Date()
@@ -216,13 +268,21 @@ import Glibc
         let agent = try TestServer(name: "agent") { c, _ in
             try? Net.sendAll(c, word.value.withLock { $0 } + "\n")
         }
-        defer { a.stop(); b.stop(); agent.stop() }
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(
-                servers: [("a", a.port), ("b", b.port)],
-                extra: "check: { type: agent, port: \(agent.port), interval: 100ms, timeout: 90ms, rise: 1, fall: 1 }",
-                serverExtra: ["a": "weight: 100", "b": "weight: 100, check: false"])
-        ]))
+        defer {
+            a.stop()
+            b.stop()
+            agent.stop()
+        }
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        servers: [("a", a.port), ("b", b.port)],
+                        extra:
+                            "check: { type: agent, port: \(agent.port), interval: 100ms, timeout: 90ms, rise: 1, fall: 1 }",
+                        serverExtra: ["a": "weight: 100", "b": "weight: 100, check: false"])
+                ]))
         defer { p.stop() }
         let port = p.port("svc")
         func share(_ n: Int) throws -> [String: Int] {
@@ -259,7 +319,8 @@ import Glibc
         #expect(try share(4) == ["a": 2, "b": 2])
     }
 
-    @Test("bad servers are failed checks with a clear detail, never a stuck check",
+    @Test(
+        "bad servers are failed checks with a clear detail, never a stuck check",
         arguments: [
             ("closes", "reason: Layer7 invalid response, info: \"connection closed without an answer\""),
             ("floods", "reason: Layer7 invalid response, info: \"answer exceeds 16 KiB without a complete reply\""),
@@ -283,10 +344,15 @@ import Glibc
             }
         }
         let alive = try TestServer.named("alive")
-        defer { bad.stop(); alive.stop() }
-        let p = try BallastProcess(config: Self.config(
-            [("alive", alive.port), ("bad", bad.port)], check: "{ type: redis, interval: 300ms, timeout: 250ms, fall: 1 }",
-            serverExtra: ["alive": "check: false"]))
+        defer {
+            bad.stop()
+            alive.stop()
+        }
+        let p = try BallastProcess(
+            config: Self.config(
+                [("alive", alive.port), ("bad", bad.port)],
+                check: "{ type: redis, interval: 300ms, timeout: 250ms, fall: 1 }",
+                serverExtra: ["alive": "check: false"]))
         defer { p.stop() }
         let line = try #require(p.waitForLog("Server svc/bad is DOWN", timeout: 5))
         #expect(line.contains(expected), "\(line)")
@@ -325,12 +391,16 @@ import Glibc
         let spare = try TestServer.namedEcho("spare")
         defer { spare.stop() }
         let activePort = try Net.freePort()
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(
-                servers: [("main", activePort), ("spare", spare.port)],
-                extra: "check: { type: tcp, interval: 200ms, timeout: 150ms, rise: 1, fall: 1 }\non_marked_up: shutdown-backup-sessions",
-                serverExtra: ["spare": "backup: true, check: false"])
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        servers: [("main", activePort), ("spare", spare.port)],
+                        extra:
+                            "check: { type: tcp, interval: 200ms, timeout: 150ms, rise: 1, fall: 1 }\non_marked_up: shutdown-backup-sessions",
+                        serverExtra: ["spare": "backup: true, check: false"])
+                ]))
         defer { p.stop() }
         #expect(p.waitForLog("Server svc/main is DOWN", timeout: 5) != nil)
         let onSpare = try SchedulingTests.open(p.port("svc"))

@@ -3,7 +3,7 @@ import Synchronization
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The command line, reload, graceful stop and scheduling as a user sees them.
@@ -24,7 +24,9 @@ import Glibc
         let dir = TempDir()
         let path = dir.write(
             "ok.yaml",
-            configYAML(services: [serviceYAML(servers: [("a", 7001), ("b", 7002)], serverExtra: ["b": "weight: 3, backup: true"])]))
+            configYAML(services: [
+                serviceYAML(servers: [("a", 7001), ("b", 7002)], serverExtra: ["b": "weight: 3, backup: true"])
+            ]))
         let (status, out, err) = try runCommand(Repo.ballast, ["check", "-c", path])
         #expect(status == 0, "\(err)")
         #expect(out.contains("service svc: mode proxy, balance roundrobin"))
@@ -52,11 +54,14 @@ import Glibc
         let line = Self.line(of: "bind:", in: yaml)
         let (status, _, err) = try runCommand(Repo.ballast, ["check", "-c", path])
         #expect(status == 1)
-        #expect(err == "ballast: \(path):\(line):12: service 'svc': cannot bind 127.0.0.1:\(port): Address already in use\n")
+        #expect(
+            err == "ballast: \(path):\(line):12: service 'svc': cannot bind 127.0.0.1:\(port): Address already in use\n"
+        )
         // `run` refuses to start at all: nothing is applied.
         let (rs, _, rerr) = try runCommand(Repo.ballast, ["run", "-c", path], timeout: 10)
         #expect(rs == 1)
-        #expect(rerr.contains("\(path):\(line):12: service 'svc': cannot bind 127.0.0.1:\(port): Address already in use"))
+        #expect(
+            rerr.contains("\(path):\(line):12: service 'svc': cannot bind 127.0.0.1:\(port): Address already in use"))
         #expect(!rerr.contains("started"))
     }
 
@@ -86,7 +91,9 @@ import Glibc
         }
     }
 
-    @Test("check refuses what run would: a stats socket in a missing directory, a metrics address in use by another program")
+    @Test(
+        "check refuses what run would: a stats socket in a missing directory, a metrics address in use by another program"
+    )
     func checkMatchesRun() throws {
         let dir = TempDir()
         let missing = configYAML(
@@ -102,7 +109,9 @@ import Glibc
         }
         let (busy, port) = try Net.listen()
         defer { close(busy) }
-        let inUse = configYAML(global: "workers: 1\nmetrics: { address: \"127.0.0.1:\(port)\" }", services: [serviceYAML(servers: [("a", 7001)])])
+        let inUse = configYAML(
+            global: "workers: 1\nmetrics: { address: \"127.0.0.1:\(port)\" }",
+            services: [serviceYAML(servers: [("a", 7001)])])
         let p2 = dir.write("inuse.yaml", inUse)
         let (cs, _, cerr) = try runCommand(Repo.ballast, ["check", "-c", p2], timeout: 10)
         #expect(cs == 0 && cerr.contains("warning:") && cerr.contains("metrics 127.0.0.1:\(port) is in use"), "\(cerr)")
@@ -112,7 +121,9 @@ import Glibc
         let huge = configYAML(global: "workers: 1\nmaxconn: 9000000", services: [serviceYAML(servers: [("a", 7001)])])
         let p3 = dir.write("maxconn.yaml", huge)
         let (hs, _, herr) = try runCommand(Repo.ballast, ["check", "-c", p3], timeout: 10)
-        #expect(hs == 1 && herr.contains("\(p3):\(Self.line(of: "maxconn:", in: huge)):") && herr.contains("needs 18001024 open files"), "\(herr)")
+        #expect(
+            hs == 1 && herr.contains("\(p3):\(Self.line(of: "maxconn:", in: huge)):")
+                && herr.contains("needs 18001024 open files"), "\(herr)")
         let (hr, _, hrerr) = try runCommand(Repo.ballast, ["run", "-c", p3], timeout: 10)
         #expect(hr != 0 && hrerr.contains("global.maxconn 9000000 needs 18001024 open files"), "\(hrerr)")
     }
@@ -156,7 +167,10 @@ import Glibc
         let p = try BallastProcess(
             config: configYAML(
                 global: "workers: 1", defaults: "retries: 1",
-                services: [serviceYAML(servers: [("dead", dead), ("spare", spare.port)], serverExtra: ["spare": "backup: true"])]))
+                services: [
+                    serviceYAML(
+                        servers: [("dead", dead), ("spare", spare.port)], serverExtra: ["spare": "backup: true"])
+                ]))
         defer { p.stop() }
         // Without health checks a refusing server still counts as up; the retry goes to the
         // backup because redispatch moves away from the server that failed.
@@ -201,7 +215,11 @@ import Glibc
         let probe = TestThread {
             while !stopProbe.load(ordering: .relaxed) {
                 attempts.wrappingAdd(1, ordering: .relaxed)
-                if let fd = try? Net.connect(listenPort, timeout: 2) { close(fd) } else { refused.wrappingAdd(1, ordering: .relaxed) }
+                if let fd = try? Net.connect(listenPort, timeout: 2) {
+                    close(fd)
+                } else {
+                    refused.wrappingAdd(1, ordering: .relaxed)
+                }
                 usleep(2000)
             }
         }
@@ -248,7 +266,9 @@ import Glibc
         let bad = good.replacingOccurrences(of: "name: a,", with: "nmae: a,")
         let outcome = p.reload(bad)
         #expect(
-            outcome?.contains("reload failed, keeping the current configuration: \(p.configPath):\(Self.line(of: "nmae", in: bad)):11: unknown key 'nmae'") == true,
+            outcome?.contains(
+                "reload failed, keeping the current configuration: \(p.configPath):\(Self.line(of: "nmae", in: bad)):11: unknown key 'nmae'"
+            ) == true,
             "\(outcome ?? p.log)")
         #expect(try Self.whoAnswers(port) == "a")
         // A reload whose new bind cannot be bound is refused whole, too.
@@ -270,7 +290,8 @@ import Glibc
         defer { [echo, a].forEach { $0.stop() } }
         let p = try BallastProcess(
             config: configYAML(services: [
-                serviceYAML(name: "echo", servers: [("e", echo.port)]), serviceYAML(name: "who", servers: [("a", a.port)]),
+                serviceYAML(name: "echo", servers: [("e", echo.port)]),
+                serviceYAML(name: "who", servers: [("a", a.port)]),
             ]))
         defer { p.stop() }
         let echoPort = p.port("echo")
@@ -290,7 +311,8 @@ import Glibc
     func gracefulStop() throws {
         let echo = try TestServer.echo()
         defer { echo.stop() }
-        let p = try BallastProcess(config: configYAML(global: "grace: 10s", services: [serviceYAML(servers: [("e", echo.port)])]))
+        let p = try BallastProcess(
+            config: configYAML(global: "grace: 10s", services: [serviceYAML(servers: [("e", echo.port)])]))
         let port = p.port("svc")
         let open = try Net.connect(port)
         defer { close(open) }
@@ -310,7 +332,8 @@ import Glibc
     func graceExpires() throws {
         let echo = try TestServer.echo()
         defer { echo.stop() }
-        let p = try BallastProcess(config: configYAML(global: "grace: 500ms", services: [serviceYAML(servers: [("e", echo.port)])]))
+        let p = try BallastProcess(
+            config: configYAML(global: "grace: 500ms", services: [serviceYAML(servers: [("e", echo.port)])]))
         let open = try Net.connect(p.port("svc"), timeout: 5)
         defer { close(open) }
         try Net.sendAll(open, "x")
@@ -329,7 +352,8 @@ import Glibc
         let a = try TestServer.named("a")
         defer { a.stop() }
         let p = try BallastProcess(
-            config: configYAML(global: "log: { format: json, connections: true }", services: [serviceYAML(servers: [("a", a.port)])]))
+            config: configYAML(
+                global: "log: { format: json, connections: true }", services: [serviceYAML(servers: [("a", a.port)])]))
         #expect(try Self.whoAnswers(p.port("svc")) == "a")
         let line = try #require(p.waitForLog("connection closed"))
         let obj = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]
@@ -344,14 +368,18 @@ import Glibc
     func floatingAddress() throws {
         let dir = TempDir()
         let port = try Net.freePort()
-        let bad = dir.write("bad.yaml", configYAML(services: [serviceYAML(bind: "192.0.2.77:\(port)", servers: [("s", 1)])]))
+        let bad = dir.write(
+            "bad.yaml", configYAML(services: [serviceYAML(bind: "192.0.2.77:\(port)", servers: [("s", 1)])]))
         let (s1, _, e1) = try runCommand(Repo.ballast, ["check", "-c", bad])
         #expect(s1 == 1)
         #expect(
-            e1.contains("service 'svc': cannot bind 192.0.2.77:\(port): Cannot assign requested address (address not on this host; for a floating address set freebind: true)"),
+            e1.contains(
+                "service 'svc': cannot bind 192.0.2.77:\(port): Cannot assign requested address (address not on this host; for a floating address set freebind: true)"
+            ),
             "\(e1)")
         var yaml = configYAML(services: [serviceYAML(bind: "192.0.2.77:\(port)", servers: [("s", 1)])])
-        yaml = yaml.replacingOccurrences(of: "bind: [\"192.0.2.77:\(port)\"]", with: "bind: [{ address: \"192.0.2.77:\(port)\", freebind: true }]")
+        yaml = yaml.replacingOccurrences(
+            of: "bind: [\"192.0.2.77:\(port)\"]", with: "bind: [{ address: \"192.0.2.77:\(port)\", freebind: true }]")
         let good = dir.write("good.yaml", yaml)
         let (s2, o2, e2) = try runCommand(Repo.ballast, ["check", "-c", good])
         #expect(s2 == 0, "\(o2)\(e2)")
@@ -370,20 +398,28 @@ import Glibc
         let dir = TempDir()
         let sock = dir.file("admin.sock")
         let p = try BallastProcess(
-            config: configYAML(global: "stats: { sockets: [{ path: \"\(sock)\" }] }", services: [serviceYAML(servers: [("s", echo.port)])]),
+            config: configYAML(
+                global: "stats: { sockets: [{ path: \"\(sock)\" }] }",
+                services: [serviceYAML(servers: [("s", echo.port)])]),
             prefix: ["/usr/bin/prlimit", "--nofile=4096:4096"])
         defer { p.stop() }
         usleep(300_000)
-        let warnings = p.logLines.filter { $0.contains(" warning ") || $0.contains(" error ") || $0.contains(" critical ") }
+        let warnings = p.logLines.filter {
+            $0.contains(" warning ") || $0.contains(" error ") || $0.contains(" critical ")
+        }
         #expect(warnings.isEmpty, "\(warnings)")
         let (_, info, _) = try runCommand(Repo.ballast, ["ctl", "--socket", sock, "show", "info"])
-        func field(_ name: String) -> Int { Int(info.split(separator: "\n").first { $0.hasPrefix("\(name): ") }?.split(separator: " ").last ?? "") ?? -1 }
+        func field(_ name: String) -> Int {
+            Int(info.split(separator: "\n").first { $0.hasPrefix("\(name): ") }?.split(separator: " ").last ?? "") ?? -1
+        }
         // Whatever the limit became (root may raise it), maxconn fits in it: 2 per connection + 1024.
         #expect(field("Maxconn") > 0 && field("Maxconn") * 2 + 1024 <= field("Maxsock"), "\(info)")
         if geteuid() != 0 { #expect(field("Maxconn") == (4096 - 1024) / 2) }
     }
 
-    @Test("a start that fails at any step leaves no socket file and no thread behind", arguments: ["admin", "workers", "checker"])
+    @Test(
+        "a start that fails at any step leaves no socket file and no thread behind",
+        arguments: ["admin", "workers", "checker"])
     func failedStartCleansUp(step: String) throws {
         let echo = try TestServer.echo()
         defer { echo.stop() }

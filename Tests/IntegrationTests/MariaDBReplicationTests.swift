@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A MariaDB primary and a GTID replica from Debian's mariadb-server behind `mysql-rw` and
@@ -12,7 +12,9 @@ import Glibc
     /// Primary (server id 1, binary log) and replica (server id 2, read_only), replicating.
     static func pair() throws -> (MySQLTests.MariaDB, MySQLTests.MariaDB) {
         let primary = try MySQLTests.MariaDB(extra: ["--server-id=1", "--log-bin=mysql-bin", "--binlog-format=ROW"])
-        let replica = try MySQLTests.MariaDB(extra: ["--server-id=2", "--read-only=ON", "--log-bin=mysql-bin", "--log-slave-updates=ON"])
+        let replica = try MySQLTests.MariaDB(extra: [
+            "--server-id=2", "--read-only=ON", "--log-bin=mysql-bin", "--log-slave-updates=ON",
+        ])
         try primary.sql("CREATE USER 'repl'@'%' IDENTIFIED BY 'r3pl'; GRANT REPLICATION SLAVE ON *.* TO 'repl'@'%'")
         // The check user reads the replica status (SLAVE MONITOR since MariaDB 10.5).
         for db in [primary, replica] { try db.sql("SET sql_log_bin = 0; GRANT SLAVE MONITOR ON *.* TO 'check'@'%'") }
@@ -41,18 +43,29 @@ import Glibc
     static func serverId(_ port: UInt16) -> String {
         let r = try? runCommand(
             "/usr/bin/mariadb",
-            ["--no-defaults", "-h", "127.0.0.1", "-P", "\(port)", "-u", "check", "-ps3cret", "--connect-timeout=2", "-N", "-B", "-e", "SELECT @@server_id"],
+            [
+                "--no-defaults", "-h", "127.0.0.1", "-P", "\(port)", "-u", "check", "-ps3cret", "--connect-timeout=2",
+                "-N", "-B", "-e", "SELECT @@server_id",
+            ],
             timeout: 10)
         guard let (s, out, err) = r else { return "no answer" }
-        return s == 0 ? out.trimmingCharacters(in: .whitespacesAndNewlines) : err.trimmingCharacters(in: .whitespacesAndNewlines)
+        return s == 0
+            ? out.trimmingCharacters(in: .whitespacesAndNewlines) : err.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
-    @Test("mysql-ro: a stopped SQL thread and an injected lag take the replica out, and it comes back", .enabled(if: MySQLTests.haveMariaDB))
+    @Test(
+        "mysql-ro: a stopped SQL thread and an injected lag take the replica out, and it comes back",
+        .enabled(if: MySQLTests.haveMariaDB))
     func lagTakesReplicaOut() throws {
         let (primary, replica) = try Self.pair()
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(name: "mysql-ro", servers: [("r", replica.port)], extra: Self.check("require: replica, max_lag: 2s"))
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        name: "mysql-ro", servers: [("r", replica.port)],
+                        extra: Self.check("require: replica, max_lag: 2s"))
+                ]))
         defer { p.stop() }
         let up = try #require(p.waitForLog("Server mysql-ro/r is UP", timeout: 5))
         #expect(up.contains("read_only ON, replication lag 0 s"), "\(up)")
@@ -85,22 +98,37 @@ import Glibc
     func missingPrivilege() throws {
         let (_, replica) = try Self.pair()
         try replica.sql("CREATE USER 'weak'@'%' IDENTIFIED BY 'w'")
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(
-                name: "mysql-ro", servers: [("r", replica.port)],
-                extra: "check: { type: mysql, user: weak, password: w, require: replica, max_lag: 2s, interval: 250ms }")
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        name: "mysql-ro", servers: [("r", replica.port)],
+                        extra:
+                            "check: { type: mysql, user: weak, password: w, require: replica, max_lag: 2s, interval: 250ms }"
+                    )
+                ]))
         defer { p.stop() }
         let line = try #require(p.waitForLog("Server mysql-ro/r is DOWN", timeout: 5))
-        #expect(line.contains("SHOW SLAVE STATUS failed: Access denied; you need (at least one of) the SUPER, SLAVE MONITOR privilege(s)"), "\(line)")
+        #expect(
+            line.contains(
+                "SHOW SLAVE STATUS failed: Access denied; you need (at least one of) the SUPER, SLAVE MONITOR privilege(s)"
+            ), "\(line)")
     }
 
-    @Test("mysql-rw: a promotion moves the writes at once and cuts the old primary's sessions", .enabled(if: MySQLTests.haveMariaDB))
+    @Test(
+        "mysql-rw: a promotion moves the writes at once and cuts the old primary's sessions",
+        .enabled(if: MySQLTests.haveMariaDB))
     func promotion() throws {
         let (primary, replica) = try Self.pair()
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(name: "mysql-rw", servers: [("p", primary.port), ("r", replica.port)], extra: "balance: first\n" + Self.check("require: primary"))
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        name: "mysql-rw", servers: [("p", primary.port), ("r", replica.port)],
+                        extra: "balance: first\n" + Self.check("require: primary"))
+                ]))
         defer { p.stop() }
         #expect(p.waitForLog("Server mysql-rw/p is UP", timeout: 5) != nil)
         let port = p.port("mysql-rw")
@@ -124,21 +152,37 @@ import Glibc
         #expect(Self.serverId(port) == "2")
     }
 
-    @Test("query with require: both must pass; expect compares the value; an error while executing fails", .enabled(if: MySQLTests.haveMariaDB))
+    @Test(
+        "query with require: both must pass; expect compares the value; an error while executing fails",
+        .enabled(if: MySQLTests.haveMariaDB))
     func queryWithRequire() throws {
         let db = try MySQLTests.MariaDB()
         func firstLine(_ check: String, _ verb: String) throws -> String {
-            let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-                serviceYAML(name: "db", servers: [("m", db.port)], extra: "check: { type: mysql, user: check, password: s3cret, interval: 250ms, \(check) }")
-            ]))
+            let p = try BallastProcess(
+                config: configYAML(
+                    global: "workers: 1",
+                    services: [
+                        serviceYAML(
+                            name: "db", servers: [("m", db.port)],
+                            extra: "check: { type: mysql, user: check, password: s3cret, interval: 250ms, \(check) }")
+                    ]))
             defer { p.stop() }
             return p.waitForLog("Server db/m is \(verb)", timeout: 5) ?? p.log
         }
-        #expect(try firstLine("require: primary, query: \"SELECT 1\", expect: \"1\"", "UP").contains("read_only OFF, query ok"))
-        #expect(try firstLine("require: primary, query: \"SELECT 1\", expect: \"2\"", "DOWN").contains("query returned '1', expected '2'"))
+        #expect(
+            try firstLine("require: primary, query: \"SELECT 1\", expect: \"1\"", "UP").contains(
+                "read_only OFF, query ok"))
+        #expect(
+            try firstLine("require: primary, query: \"SELECT 1\", expect: \"2\"", "DOWN").contains(
+                "query returned '1', expected '2'"))
         // The query is not skipped because of require (it used to be).
         let missing = try firstLine("require: primary, query: \"SELECT * FROM no_such_db.t\"", "DOWN")
-        #expect(missing.contains("info: \"query failed: SELECT command denied to user 'check'@'localhost' for table `no_such_db`.`t` (error 1142)\""), "\(missing)")
-        #expect(try firstLine("query: \"SELECT (SELECT 1 UNION SELECT 2)\"", "DOWN").contains("query failed: Subquery returns more than 1 row (error 1242)"))
+        #expect(
+            missing.contains(
+                "info: \"query failed: SELECT command denied to user 'check'@'localhost' for table `no_such_db`.`t` (error 1142)\""
+            ), "\(missing)")
+        #expect(
+            try firstLine("query: \"SELECT (SELECT 1 UNION SELECT 2)\"", "DOWN").contains(
+                "query failed: Subquery returns more than 1 row (error 1242)"))
     }
 }

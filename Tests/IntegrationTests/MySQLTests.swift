@@ -2,13 +2,14 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The mysql check against a real MariaDB server (Debian's mariadb-server), set up in a
 /// temporary directory with its own port and socket.
 @Suite(.serialized) struct MySQLTests {
-    static let haveMariaDB = FileManager.default.isExecutableFile(atPath: "/usr/sbin/mariadbd")
+    static let haveMariaDB =
+        FileManager.default.isExecutableFile(atPath: "/usr/sbin/mariadbd")
         && FileManager.default.isExecutableFile(atPath: "/usr/bin/mariadb-install-db")
 
     final class MariaDB: @unchecked Sendable {
@@ -22,15 +23,19 @@ import Glibc
             port = try Net.freePort()
             let (s, _, err) = try runCommand(
                 "/usr/bin/mariadb-install-db",
-                ["--no-defaults", "--datadir=\(dir.file("data"))", "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db"],
+                [
+                    "--no-defaults", "--datadir=\(dir.file("data"))", "--user=root",
+                    "--auth-root-authentication-method=normal", "--skip-test-db",
+                ],
                 timeout: 120)
             guard s == 0 else { throw Net.Failure("mariadb-install-db failed: \(err)") }
             process.executableURL = URL(fileURLWithPath: "/usr/sbin/mariadbd")
-            process.arguments = [
-                "--no-defaults", "--datadir=\(dir.file("data"))", "--socket=\(socket)", "--port=\(port)",
-                "--bind-address=127.0.0.1", "--user=root", "--pid-file=\(dir.file("mysqld.pid"))",
-                "--innodb-buffer-pool-size=16M", "--max-connect-errors=3",
-            ] + (extra.contains { $0.hasPrefix("--log-bin") } ? extra : ["--skip-log-bin"] + extra)
+            process.arguments =
+                [
+                    "--no-defaults", "--datadir=\(dir.file("data"))", "--socket=\(socket)", "--port=\(port)",
+                    "--bind-address=127.0.0.1", "--user=root", "--pid-file=\(dir.file("mysqld.pid"))",
+                    "--innodb-buffer-pool-size=16M", "--max-connect-errors=3",
+                ] + (extra.contains { $0.hasPrefix("--log-bin") } ? extra : ["--skip-log-bin"] + extra)
             process.standardOutput = FileHandle.nullDevice
             process.standardError = FileHandle.nullDevice
             try process.run()
@@ -48,13 +53,16 @@ import Glibc
         /// Runs SQL as root over the Unix socket; returns the output (batch mode, no headers).
         @discardableResult
         func sql(_ q: String) throws -> String {
-            let (s, out, err) = try runCommand("/usr/bin/mariadb", ["--no-defaults", "-S", socket, "-u", "root", "-N", "-B", "-e", q])
+            let (s, out, err) = try runCommand(
+                "/usr/bin/mariadb", ["--no-defaults", "-S", socket, "-u", "root", "-N", "-B", "-e", q])
             guard s == 0 else { throw Net.Failure("mariadb: \(err)") }
             return out
         }
 
         func status(_ name: String) throws -> Int {
-            Int(try sql("SHOW GLOBAL STATUS LIKE '\(name)'").split(separator: "\t").last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? -1
+            Int(
+                try sql("SHOW GLOBAL STATUS LIKE '\(name)'").split(separator: "\t").last?.trimmingCharacters(
+                    in: .whitespacesAndNewlines) ?? "") ?? -1
         }
 
         deinit {
@@ -64,12 +72,19 @@ import Glibc
     }
 
     static func ballast(_ db: MariaDB, check: String) throws -> BallastProcess {
-        try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(name: "db", servers: [("m", db.port)], extra: "check: { type: mysql, interval: 250ms, timeout: 250ms, fall: 1, rise: 1, \(check) }")
-        ]))
+        try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        name: "db", servers: [("m", db.port)],
+                        extra: "check: { type: mysql, interval: 250ms, timeout: 250ms, fall: 1, rise: 1, \(check) }")
+                ]))
     }
 
-    @Test("login with the right password passes, and many checks leave Aborted_connects unchanged", .enabled(if: haveMariaDB))
+    @Test(
+        "login with the right password passes, and many checks leave Aborted_connects unchanged",
+        .enabled(if: haveMariaDB))
     func loginAndQuit() throws {
         let db = try MariaDB()
         let before = try db.status("Aborted_connects")
@@ -96,7 +111,10 @@ import Glibc
                 while true {
                     let n = buf.withUnsafeMutableBytes { recv(u, $0.baseAddress!, $0.count, 0) }
                     if n <= 0 { break }
-                    if first { usleep(delay); first = false }
+                    if first {
+                        usleep(delay)
+                        first = false
+                    }
                     if buf.withUnsafeBytes({ send(c, $0.baseAddress!, n, Int32(MSG_NOSIGNAL)) }) != n { break }
                 }
                 shutdown(c, Int32(SHUT_WR))
@@ -115,10 +133,15 @@ import Glibc
 
     /// A mysql check through the relay (timeout 1 s).
     static func checkThrough(_ relay: TestServer, interval: String) -> String {
-        configYAML(global: "workers: 1", services: [
-            serviceYAML(name: "db", servers: [("m", relay.port)],
-                        extra: "check: { type: mysql, interval: \(interval), timeout: 1s, fall: 1, rise: 1, user: check, password: s3cret }")
-        ])
+        configYAML(
+            global: "workers: 1",
+            services: [
+                serviceYAML(
+                    name: "db", servers: [("m", relay.port)],
+                    extra:
+                        "check: { type: mysql, interval: \(interval), timeout: 1s, fall: 1, rise: 1, user: check, password: s3cret }"
+                )
+            ])
     }
 
     /// Waits until the relay has seen `count` checks, then a little more: the last one now waits
@@ -148,7 +171,9 @@ import Glibc
         #expect(try db.status("Aborted_clients") == 0)
     }
 
-    @Test("a reload that changes the check while one waits for the greeting lets it finish: no aborted connect", .enabled(if: haveMariaDB))
+    @Test(
+        "a reload that changes the check while one waits for the greeting lets it finish: no aborted connect",
+        .enabled(if: haveMariaDB))
     func reloadMidCheck() throws {
         let db = try MariaDB()
         let relay = try Self.slowGreetingRelay(to: db.port, delay: 300_000)
@@ -171,7 +196,10 @@ import Glibc
         let p = try Self.ballast(db, check: "user: check, password: nope")
         defer { p.stop() }
         let line = try #require(p.waitForLog("Server db/m is DOWN", timeout: 5))
-        #expect(line.contains("reason: Layer7 invalid response, info: \"Access denied for user 'check'@'localhost' (using password: YES) (error 1045)\""), "\(line)")
+        #expect(
+            line.contains(
+                "reason: Layer7 invalid response, info: \"Access denied for user 'check'@'localhost' (using password: YES) (error 1045)\""
+            ), "\(line)")
     }
 
     @Test("read_only=ON fails require: primary; require: replica passes", .enabled(if: haveMariaDB))

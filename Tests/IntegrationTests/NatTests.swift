@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A throw-away network: client, balancer and servers in namespaces of their own, joined by
@@ -25,7 +25,8 @@ final class NatLab {
 
     static var available: Bool {
         geteuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/sbin/nft")
-            && FileManager.default.isExecutableFile(atPath: ip) && FileManager.default.isExecutableFile(atPath: "/usr/bin/socat")
+            && FileManager.default.isExecutableFile(atPath: ip)
+            && FileManager.default.isExecutableFile(atPath: "/usr/bin/socat")
     }
 
     /// Waits at most `timeout` for `p` to be gone. Never `waitUntilExit`: Foundation's reaper
@@ -56,14 +57,20 @@ final class NatLab {
             try NatLab.sh([ip, "netns", "add", n])
             try NatLab.sh([ip, "-n", n, "link", "set", "lo", "up"])
         }
-        try link(client, "\(prefix)c0", "10.77.1.2/24", "fd77:1::2/64", balancer, "\(prefix)b0", "10.77.1.1/24", "fd77:1::1/64")
+        try link(
+            client, "\(prefix)c0", "10.77.1.2/24", "fd77:1::2/64", balancer, "\(prefix)b0", "10.77.1.1/24",
+            "fd77:1::1/64")
         try NatLab.sh([ip, "-n", balancer, "addr", "add", "\(vip4)/24", "dev", "\(prefix)b0"])
         try NatLab.sh([ip, "-n", balancer, "addr", "add", "\(vip6)/64", "dev", "\(prefix)b0", "nodad"])
-        for k in 2...9 { try NatLab.sh([ip, "-n", client, "addr", "add", "10.77.1.\(10 + k)/24", "dev", "\(prefix)c0"]) }
+        for k in 2...9 {
+            try NatLab.sh([ip, "-n", client, "addr", "add", "10.77.1.\(10 + k)/24", "dev", "\(prefix)c0"])
+        }
         try NatLab.sh([ip, "-n", client, "route", "add", "default", "via", "10.77.1.1"])
         try NatLab.sh([ip, "-n", client, "-6", "route", "add", "default", "via", "fd77:1::1"])
         for (k, s) in servers.enumerated() {
-            try link(ns(s), "\(prefix)\(s)", "\(addr4(k))/24", "\(addr6(k))/64", balancer, "\(prefix)b\(k + 2)", "10.77.\(k + 2).1/24", "fd77:\(k + 2)::1/64")
+            try link(
+                ns(s), "\(prefix)\(s)", "\(addr4(k))/24", "\(addr6(k))/64", balancer, "\(prefix)b\(k + 2)",
+                "10.77.\(k + 2).1/24", "fd77:\(k + 2)::1/64")
             try NatLab.sh([ip, "-n", ns(s), "route", "add", "default", "via", "10.77.\(k + 2).1"])
             try NatLab.sh([ip, "-n", ns(s), "-6", "route", "add", "default", "via", "fd77:\(k + 2)::1"])
         }
@@ -73,7 +80,9 @@ final class NatLab {
         usleep(300_000)  // IPv6 addresses (nodad) and listeners
     }
 
-    private func link(_ a: String, _ ia: String, _ a4: String, _ a6: String, _ b: String, _ ib: String, _ b4: String, _ b6: String) throws {
+    private func link(
+        _ a: String, _ ia: String, _ a4: String, _ a6: String, _ b: String, _ ib: String, _ b4: String, _ b6: String
+    ) throws {
         let ip = NatLab.ip
         try NatLab.sh([ip, "link", "add", ia, "type", "veth", "peer", "name", ib])
         try NatLab.sh([ip, "link", "set", ia, "netns", a])
@@ -129,7 +138,8 @@ final class NatLab {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: NatLab.ip)
         p.arguments = ["netns", "exec", client, "python3", "-c", script]
-        let inPipe = Pipe(), outPipe = Pipe()
+        let inPipe = Pipe()
+        let outPipe = Pipe()
         p.standardInput = inPipe
         p.standardOutput = outPipe
         try p.run()
@@ -154,12 +164,16 @@ final class NatLab {
         var inNumgenMap = false
         return listing.split(separator: "\n").map { line -> String in
             var l = String(line)
-            if let r = l.range(of: #"counter packets \d+ bytes \d+"#, options: .regularExpression) { l.replaceSubrange(r, with: "counter") }
+            if let r = l.range(of: #"counter packets \d+ bytes \d+"#, options: .regularExpression) {
+                l.replaceSubrange(r, with: "counter")
+            }
             let t = l.trimmingCharacters(in: .whitespaces)
             if t.hasPrefix("map ") { inNumgenMap = false }
             if t.hasPrefix("typeof numgen") || t == "type mark : mark" {
                 inNumgenMap = true
-                l = l.replacingOccurrences(of: #"typeof numgen (inc|random) mod \d+ : ct mark"#, with: "type mark : mark", options: .regularExpression)
+                l = l.replacingOccurrences(
+                    of: #"typeof numgen (inc|random) mod \d+ : ct mark"#, with: "type mark : mark",
+                    options: .regularExpression)
             }
             if inNumgenMap && t.hasPrefix("elements") {
                 // Keys (before `-` or ` :`, not after `: `) from 0x00000002 to 2.
@@ -173,7 +187,9 @@ final class NatLab {
         }.joined(separator: "\n")
     }
 
-    func nft(_ args: String...) throws -> String { try NatLab.sh([NatLab.ip, "netns", "exec", balancer, "/usr/sbin/nft"] + args) }
+    func nft(_ args: String...) throws -> String {
+        try NatLab.sh([NatLab.ip, "netns", "exec", balancer, "/usr/sbin/nft"] + args)
+    }
 
     func ballast(_ yaml: String, extra: [String] = []) throws -> BallastProcess {
         try BallastProcess(config: yaml, prefix: [NatLab.ip, "netns", "exec", balancer])
@@ -181,7 +197,8 @@ final class NatLab {
 
     /// A nat service config in front of the lab's servers.
     func config(
-        balance: String = "roundrobin", weights: [Int]? = nil, v6: Bool = false, extra: String = "", global: String = "workers: 1",
+        balance: String = "roundrobin", weights: [Int]? = nil, v6: Bool = false, extra: String = "",
+        global: String = "workers: 1",
         check: String = "check: { type: tcp, interval: 200ms, timeout: 200ms, rise: 1, fall: 1 }", dir: TempDir? = nil
     ) -> String {
         var s = "  - name: web\n    mode: nat\n    bind: \"\(v6 ? "[\(vip6)]" : vip4):80\"\n    balance: \(balance)\n"
@@ -229,11 +246,16 @@ final class NatLab {
         #expect(!tables.contains("ballast") && tables.contains("keepme"), "\(tables)")
     }
 
-    @Test("roundrobin: weighted shares; the table has the expected shape; other tables are untouched", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    @Test(
+        "roundrobin: weighted shares; the table has the expected shape; other tables are untouched",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func weightedShares() throws {
         let lab = try NatLab()
         // A table of someone else's, which Ballast must leave alone.
-        try NatLab.sh([NatLab.ip, "netns", "exec", lab.balancer, "/usr/sbin/nft", "add table ip keepme ; add chain ip keepme c { type filter hook input priority 0 ; }"])
+        try NatLab.sh([
+            NatLab.ip, "netns", "exec", lab.balancer, "/usr/sbin/nft",
+            "add table ip keepme ; add chain ip keepme c { type filter hook input priority 0 ; }",
+        ])
         let b = try lab.ballast(lab.config(weights: [2, 1]))
         let answers = try lab.connect(lab.vip4, count: 30)
         #expect(counts(answers) == ["s1": 20, "s2": 10], "\(answers)")
@@ -242,7 +264,9 @@ final class NatLab {
         #expect(table.contains("elements = { 0x00010001 : 10.77.2.2 . 80, 0x00010002 : 10.77.3.2 . 80 }"))
         #expect(table.contains("elements = { 0x00000000/31 : 0x00010001, 0x00000002 : 0x00010002 }"))
         #expect(table.contains("elements = { 10.77.1.100 . 80 : goto svc-web }"), "\(table)")
-        #expect(table.components(separatedBy: "ip daddr . tcp dport vmap @services").count - 1 == 2, "prerouting and output: \(table)")
+        #expect(
+            table.components(separatedBy: "ip daddr . tcp dport vmap @services").count - 1 == 2,
+            "prerouting and output: \(table)")
         #expect(table.contains("ct mark set numgen inc mod 3 map @rr-web"))
         #expect(table.contains("meta l4proto tcp dnat ip to ct mark map @be-web"))
         #expect(b.log.contains("nat: programmed table"))
@@ -254,7 +278,9 @@ final class NatLab {
         #expect(shown.contains("10.77.1.100 . 80 : goto svc-web") && shown.contains("vmap @services"), "\(shown)")
     }
 
-    @Test("source: a client sticks to one server, the same one proxy mode's Maglev table names", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    @Test(
+        "source: a client sticks to one server, the same one proxy mode's Maglev table names",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func sourceMatchesProxyMode() throws {
         let lab = try NatLab(servers: ["s1", "s2", "s3"])
         // The same servers behind a proxy-mode service on the balancer (port 81).
@@ -283,7 +309,9 @@ final class NatLab {
         #expect(try lab.checkShown(withPort).contains("typeof jhash ip saddr . tcp sport mod 65537"))
     }
 
-    @Test("a killed server leaves the map within fall × interval + interval; established flows keep their server", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    @Test(
+        "a killed server leaves the map within fall × interval + interval; established flows keep their server",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func killedServerAndLiveFlows() throws {
         let lab = try NatLab()
         let dir = TempDir()
@@ -300,20 +328,26 @@ final class NatLab {
             """
         let (keep, input, output) = try lab.clientScript(script)
         defer { if keep.isRunning { kill(keep.processIdentifier, SIGKILL) } }
-        let first = String(decoding: output.availableData, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        let first = String(decoding: output.availableData, as: UTF8.self).trimmingCharacters(
+            in: .whitespacesAndNewlines)
         #expect(["s1", "s2"].contains(first))
         let other = first == "s1" ? 1 : 0  // index of the server to kill
         let otherName = lab.servers[other]
         // Kill the other server: the listener's namespace loses its process.
         let t0 = Date()
-        for p in try NatLab.sh([NatLab.ip, "netns", "pids", lab.ns(otherName)]).split(separator: "\n") { kill(Int32(p)!, SIGKILL) }
+        for p in try NatLab.sh([NatLab.ip, "netns", "pids", lab.ns(otherName)]).split(separator: "\n") {
+            kill(Int32(p)!, SIGKILL)
+        }
         let line = try #require(b.waitForLog("Server web/\(otherName) is DOWN", timeout: 3))
         _ = line
         // Within fall (1) × interval (200 ms) + interval: allow scheduling slack.
         var gone = false
         while Date().timeIntervalSince(t0) < 2 {
             let map = try lab.nft("list", "map", "ip", "ballast", "rr-web")
-            if !map.contains(String(format: "0x%08x", 0x10001 + other)) { gone = true; break }
+            if !map.contains(String(format: "0x%08x", 0x10001 + other)) {
+                gone = true
+                break
+            }
             usleep(20_000)
         }
         #expect(gone)
@@ -328,7 +362,9 @@ final class NatLab {
         #expect(rest.contains("still here"), "the established flow broke: \(rest)")
     }
 
-    @Test("on_marked_down: shutdown-sessions: a dead server's clients get a reset, not a hang", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    @Test(
+        "on_marked_down: shutdown-sessions: a dead server's clients get a reset, not a hang",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func shutdownSessionsFlushesConntrack() throws {
         let lab = try NatLab()
         let b = try lab.ballast(lab.config(weights: [1, 0], extra: "on_marked_down: shutdown-sessions"))
@@ -363,11 +399,14 @@ final class NatLab {
         try? input.write(contentsOf: Data("go\n".utf8))
         NatLab.waitGone(p, timeout: 60)
         // The first read may have taken "s1" without its newline: what is left can start with it.
-        let out = String(decoding: output.readDataToEndOfFile(), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        let out = String(decoding: output.readDataToEndOfFile(), as: UTF8.self).trimmingCharacters(
+            in: .whitespacesAndNewlines)
         #expect(out.hasPrefix("RESET") || out.hasPrefix("EOF"), "the client did not get a reset: \(out)")
     }
 
-    @Test("DNAT only keeps the client's address; masquerade and snat rewrite it; IPv4 and IPv6", .enabled(if: NatLab.available, Comment(rawValue: skip)), arguments: [false, true])
+    @Test(
+        "DNAT only keeps the client's address; masquerade and snat rewrite it; IPv4 and IPv6",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)), arguments: [false, true])
     func snatModes(v6: Bool) throws {
         let lab = try NatLab(servers: ["s1"], reply: "peer")
         let vip = v6 ? lab.vip6 : lab.vip4
@@ -376,7 +415,8 @@ final class NatLab {
         func full(_ a: String) -> String {
             guard a.contains(":") else { return a }
             var parts = a.components(separatedBy: "::")
-            let head = parts[0].split(separator: ":").map(String.init), tail = parts.count > 1 ? parts[1].split(separator: ":").map(String.init) : []
+            let head = parts[0].split(separator: ":").map(String.init)
+            let tail = parts.count > 1 ? parts[1].split(separator: ":").map(String.init) : []
             parts = head + Array(repeating: "0", count: 8 - head.count - tail.count) + tail
             return parts.map { String(repeating: "0", count: 4 - $0.count) + $0 }.joined(separator: ":")
         }
@@ -399,10 +439,14 @@ final class NatLab {
             b.stop()
         }
         // `ballast nft show` with a source NAT chain (ip: to an address; ip6: masquerade) reads back in nft.
-        #expect(try lab.checkShown(b.configPath).contains(v6 ? "chain snat-web {\n\t\tmasquerade" : "chain snat-web {\n\t\tsnat ip to 10.77.2.9"))
+        #expect(
+            try lab.checkShown(b.configPath).contains(
+                v6 ? "chain snat-web {\n\t\tmasquerade" : "chain snat-web {\n\t\tsnat ip to 10.77.2.9"))
     }
 
-    @Test("restart after kill -9 reconciles without duplicates; keep_on_exit leaves the kernel forwarding", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    @Test(
+        "restart after kill -9 reconciles without duplicates; keep_on_exit leaves the kernel forwarding",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func reconcileAndKeep() throws {
         let lab = try NatLab()
         var b = try lab.ballast(lab.config(global: "workers: 1\nnat: { keep_on_exit: true }"))
@@ -412,8 +456,11 @@ final class NatLab {
         #expect(counts(try lab.connect(lab.vip4, count: 4)) == ["s1": 2, "s2": 2])
         b = try lab.ballast(lab.config(global: "workers: 1\nnat: { keep_on_exit: true }"))
         let table = try lab.nft("list", "table", "ip", "ballast")
-        #expect(table.components(separatedBy: "goto svc-web").count - 1 == 1, "one element in the services map: \(table)")
-        #expect(table.components(separatedBy: "vmap @services").count - 1 == 2, "one rule in prerouting, one in output: \(table)")
+        #expect(
+            table.components(separatedBy: "goto svc-web").count - 1 == 1, "one element in the services map: \(table)")
+        #expect(
+            table.components(separatedBy: "vmap @services").count - 1 == 2,
+            "one rule in prerouting, one in output: \(table)")
         #expect(table.components(separatedBy: "map be-web {").count - 1 == 1)
         b.stop()
         #expect(b.log.contains("nat: table ballast kept"))
@@ -424,7 +471,9 @@ final class NatLab {
         #expect(!(try lab.nft("list", "tables").contains("table ip ballast")))
     }
 
-    @Test("as another user: CAP_NET_ADMIN only, and the kernel still follows health", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    @Test(
+        "as another user: CAP_NET_ADMIN only, and the kernel still follows health",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func privilegeDropKeepsNetAdmin() throws {
         let lab = try NatLab()
         let yaml = lab.config(global: "workers: 1").replacingOccurrences(of: "  user: root\n", with: "  user: nobody\n")
@@ -432,20 +481,27 @@ final class NatLab {
         defer { b.stop() }
         #expect(b.log.contains("with CAP_NET_ADMIN only (nat mode)"), "\(b.log)")
         // The ballast process itself is the child of `ip netns exec`.
-        let pid = try #require(Int32(try NatLab.sh(["/usr/bin/pgrep", "-f", "-n", "ballast run -c \(b.configPath)"]).trimmingCharacters(in: .whitespacesAndNewlines)))
+        let pid = try #require(
+            Int32(
+                try NatLab.sh(["/usr/bin/pgrep", "-f", "-n", "ballast run -c \(b.configPath)"]).trimmingCharacters(
+                    in: .whitespacesAndNewlines)))
         let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
         let uid = status.split(separator: "\n").first { $0.hasPrefix("Uid:") } ?? ""
         #expect(uid.split(separator: "\t").dropFirst().allSatisfy { $0 == "65534" }, "\(uid)")
         let capEff = status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }?.split(separator: "\t").last ?? ""
         #expect(capEff == "0000000000001000", "CapEff \(capEff)")
-        for p in try NatLab.sh([NatLab.ip, "netns", "pids", lab.ns("s2")]).split(separator: "\n") { kill(Int32(p)!, SIGKILL) }
+        for p in try NatLab.sh([NatLab.ip, "netns", "pids", lab.ns("s2")]).split(separator: "\n") {
+            kill(Int32(p)!, SIGKILL)
+        }
         #expect(b.waitForLog("Server web/s2 is DOWN", timeout: 3) != nil)
         usleep(200_000)
         #expect(!(try lab.nft("list", "map", "ip", "ballast", "rr-web")).contains("0x00010002"))
         #expect(try lab.connect(lab.vip4, count: 3) == ["s1", "s1", "s1"])
     }
 
-    @Test("without CAP_NET_ADMIN: a clear error naming the object, nothing applied", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    @Test(
+        "without CAP_NET_ADMIN: a clear error naming the object, nothing applied",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func withoutNetAdmin() throws {
         let lab = try NatLab()
         let yaml = lab.config(global: "workers: 1", check: "").replacingOccurrences(of: "  user: root\n", with: "")
@@ -454,14 +510,20 @@ final class NatLab {
         chmod(dir.path, 0o755)
         chmod(path, 0o644)
         let (status, _, err) = try runCommand(
-            NatLab.ip, ["netns", "exec", lab.balancer, "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", Repo.ballast, "run", "-c", path], timeout: 20)
+            NatLab.ip,
+            [
+                "netns", "exec", lab.balancer, "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                "--inh-caps=-all", Repo.ballast, "run", "-c", path,
+            ], timeout: 20)
         #expect(status == 1)
         #expect(err.contains("nat: create table ip ballast: Operation not permitted"), "\(err)")
         #expect(err.contains("nat mode needs CAP_NET_ADMIN"), "\(err)")
         #expect(!(try lab.nft("list", "tables").contains("ballast")))
     }
 
-    @Test("show stat rows of a nat service carry the kernel's counters: live flows, connections, bytes each way", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    @Test(
+        "show stat rows of a nat service carry the kernel's counters: live flows, connections, bytes each way",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func kernelCounters() throws {
         let lab = try NatLab()
         let dir = TempDir()
@@ -485,20 +547,29 @@ final class NatLab {
         }
         #expect(String(decoding: output.availableData, as: UTF8.self).hasPrefix("ready"))
         let rows = try StatsClient.stat(dir.file("admin.sock"))
-        let s1 = StatsClient.row(rows, "s1"), s2 = StatsClient.row(rows, "s2"), fe = StatsClient.row(rows, "FRONTEND")
+        let s1 = StatsClient.row(rows, "s1")
+        let s2 = StatsClient.row(rows, "s2")
+        let fe = StatsClient.row(rows, "FRONTEND")
         #expect(s1["scur"] == "2" && s2["scur"] == "1", "\(s1["scur"] ?? "?") / \(s2["scur"] ?? "?")")
         #expect(fe["scur"] == "3" && fe["stot"] == "3" && fe["conn_tot"] == "3")
         #expect(s1["stot"] == "2" && s1["lbtot"] == "2" && s2["stot"] == "1")
         // IP bytes (headers included) each way: above the 3000 payload bytes.
-        #expect((Int(fe["bin"] ?? "") ?? 0) > 3000 && (Int(fe["bout"] ?? "") ?? 0) > 3000, "\(fe["bin"] ?? "?") / \(fe["bout"] ?? "?")")
+        #expect(
+            (Int(fe["bin"] ?? "") ?? 0) > 3000 && (Int(fe["bout"] ?? "") ?? 0) > 3000,
+            "\(fe["bin"] ?? "?") / \(fe["bout"] ?? "?")")
         #expect((Int(s1["bin"] ?? "") ?? 0) > 2000)
         // /metrics (inside the balancer's namespace) carries the same numbers.
-        let metrics = try NatLab.sh([NatLab.ip, "netns", "exec", lab.balancer, "/usr/bin/curl", "-s", "http://127.0.0.1:9109/metrics"])
-        #expect(metrics.contains("ballast_server_sessions_total{proxy=\"web\",server=\"s1\"} 2"), "\(metrics.prefix(400))")
+        let metrics = try NatLab.sh([
+            NatLab.ip, "netns", "exec", lab.balancer, "/usr/bin/curl", "-s", "http://127.0.0.1:9109/metrics",
+        ])
+        #expect(
+            metrics.contains("ballast_server_sessions_total{proxy=\"web\",server=\"s1\"} 2"), "\(metrics.prefix(400))")
         #expect(metrics.contains("ballast_server_current_sessions{proxy=\"web\",server=\"s2\"} 1.0"))
     }
 
-    @Test("reload applies the difference: untouched services keep their rules and counters; a changed, added or removed one alone changes", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    @Test(
+        "reload applies the difference: untouched services keep their rules and counters; a changed, added or removed one alone changes",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func reloadDifference() throws {
         let lab = try NatLab()
         let dir = TempDir()
@@ -528,7 +599,9 @@ final class NatLab {
         defer { b.stop() }
         #expect(counts(try lab.connect(lab.vip4, count: 4)) == ["s1": 2, "s2": 2])
         #expect(counts(try lab.connect(lab.vip4, 81, count: 4)) == ["s1": 2, "s2": 2])
-        let api = try handles("svc-api"), apiServer = try handles("srv-api-1"), webServer = try handles("srv-web-1")
+        let api = try handles("svc-api")
+        let apiServer = try handles("srv-api-1")
+        let webServer = try handles("srv-web-1")
         #expect(api.count == 3 && apiServer.count == 4, "the chain and its rules: \(api) \(apiServer)")
 
         // The same file: nothing is sent to the kernel.
@@ -574,7 +647,10 @@ final class NatLab {
 
         // web's balance changes: web is rebuilt, but its servers (same names and addresses) keep
         // their counter chains.
-        #expect(b.reload(yaml(web: [3, 1], apiExtra: "nat: { snat: masquerade }").replacingOccurrences(of: "balance: roundrobin", with: "balance: random"))?.contains("reloaded") == true)
+        #expect(
+            b.reload(
+                yaml(web: [3, 1], apiExtra: "nat: { snat: masquerade }").replacingOccurrences(
+                    of: "balance: roundrobin", with: "balance: random"))?.contains("reloaded") == true)
         #expect(b.log.contains("nat: reload: web rebuilt; 1 services untouched"), "\(b.log)")
         #expect(try lab.nft("list", "chain", "ip", "ballast", "svc-web").contains("numgen random mod 4"))
         #expect(try handles("srv-web-1") == webServer)
@@ -583,10 +659,13 @@ final class NatLab {
         #expect(spread["s1", default: 0] + spread["s2", default: 0] == 4, "\(spread)")
         usleep(1_100_000)
         r = try rows()
-        #expect((Int(stot(r, "web", "s1")) ?? 0) + (Int(stot(r, "web", "s2")) ?? 0) == 20, "web's counters restarted: \(r)")
+        #expect(
+            (Int(stot(r, "web", "s1")) ?? 0) + (Int(stot(r, "web", "s2")) ?? 0) == 20, "web's counters restarted: \(r)")
     }
 
-    @Test("a ruleset flushed or edited by another tool is programmed again: at once when the table is gone, at the next change or reload otherwise", .enabled(if: NatLab.available, Comment(rawValue: skip)))
+    @Test(
+        "a ruleset flushed or edited by another tool is programmed again: at once when the table is gone, at the next change or reload otherwise",
+        .enabled(if: NatLab.available, Comment(rawValue: skip)))
     func repairsTheKernel() throws {
         let lab = try NatLab()
         let dir = TempDir()
@@ -602,7 +681,9 @@ final class NatLab {
 
         // Someone deletes the service's chain; the next state change cannot be applied as a
         // difference, so the tables are replaced whole, with the change in.
-        _ = try lab.nft("delete element ip ballast services { 10.77.1.100 . 80 } ; flush chain ip ballast svc-web ; delete chain ip ballast svc-web")
+        _ = try lab.nft(
+            "delete element ip ballast services { 10.77.1.100 . 80 } ; flush chain ip ballast svc-web ; delete chain ip ballast svc-web"
+        )
         #expect(try lab.connect(lab.vip4, count: 1).first?.hasPrefix("ERR") == true)
         _ = try StatsClient.ask(dir.file("admin.sock"), "set server web/s2 state drain")
         #expect(b.waitForLog("nat: the kernel refused the update of service web", timeout: 3) != nil, "\(b.log)")
@@ -614,7 +695,8 @@ final class NatLab {
         #expect(b.reload(lab.config(balance: "random", dir: dir))?.contains("reloaded") == true)
         #expect(b.log.contains("nat: the kernel refused the difference"), "\(b.log)")
         #expect(b.log.contains("nat: reload: table ip ballast replaced"), "\(b.log)")
-        #expect(counts(try lab.connect(lab.vip4, count: 3)) == ["s1": 3])  // still drained (state kept across the reload)
+        // still drained (state kept across the reload)
+        #expect(counts(try lab.connect(lab.vip4, count: 3)) == ["s1": 3])
     }
 
     @Test(
@@ -626,11 +708,16 @@ final class NatLab {
         // allow .0-.15, deny .13 and .16-.19: .12, .14 and .2 get in; .13 (deny), .17 (deny, and outside allow) do not.
         let yaml = lab.config(extra: "deny: [10.77.1.13, 10.77.1.16/30]\nallow: [10.77.1.0/28]", dir: dir)
         let shown = try lab.checkShown(dir.write("acl.yaml", yaml))
-        #expect(shown.contains("set deny-web") && shown.contains("elements = { 10.77.1.13, 10.77.1.16-10.77.1.19 }"), "\(shown)")
-        #expect(shown.contains("ip saddr @deny-web counter drop") && shown.contains("ip saddr != @allow-web counter drop"))
+        #expect(
+            shown.contains("set deny-web") && shown.contains("elements = { 10.77.1.13, 10.77.1.16-10.77.1.19 }"),
+            "\(shown)")
+        #expect(
+            shown.contains("ip saddr @deny-web counter drop") && shown.contains("ip saddr != @allow-web counter drop"))
         let b = try lab.ballast(yaml)
         defer { b.stop() }
-        func answer(_ source: String) throws -> String { try lab.connect(lab.vip4, count: 1, source: source).first ?? "" }
+        func answer(_ source: String) throws -> String {
+            try lab.connect(lab.vip4, count: 1, source: source).first ?? ""
+        }
         for source in ["10.77.1.12", "10.77.1.14", "10.77.1.2"] {
             let a = try answer(source)
             #expect(a == "s1" || a == "s2", "\(source): \(a)")
@@ -652,7 +739,9 @@ final class NatLab {
         // The runtime API: the kernel's set changes in one batch, for the next client.
         #expect(try StatsClient.ask(sock, "add acl web/deny 10.77.1.12") == "\n")
         #expect(try answer("10.77.1.12").hasPrefix("ERR"))
-        #expect(try StatsClient.ask(sock, "show acl web/deny") == "0x1 10.77.1.13/32\n0x2 10.77.1.16/30\n0x3 10.77.1.12/32\n\n")
+        #expect(
+            try StatsClient.ask(sock, "show acl web/deny")
+                == "0x1 10.77.1.13/32\n0x2 10.77.1.16/30\n0x3 10.77.1.12/32\n\n")
         #expect(try StatsClient.ask(sock, "del acl web/deny 10.77.1.12") == "\n")
         let back = try answer("10.77.1.12")
         #expect(back == "s1" || back == "s2", "\(back)")
@@ -666,11 +755,17 @@ final class NatLab {
     func accessListsIPv6() throws {
         let lab = try NatLab()
         let dir = TempDir()
-        for k in [13, 14] { try NatLab.sh([NatLab.ip, "-n", lab.client, "addr", "add", "fd77:1::\(k)/64", "dev", "\(lab.prefix)c0", "nodad"]) }
+        for k in [13, 14] {
+            try NatLab.sh([
+                NatLab.ip, "-n", lab.client, "addr", "add", "fd77:1::\(k)/64", "dev", "\(lab.prefix)c0", "nodad",
+            ])
+        }
         let yaml = lab.config(v6: true, extra: "deny: [\"fd77:1::13/128\"]\nallow: [\"fd77:1::/112\"]", dir: dir)
         let b = try lab.ballast(yaml)
         defer { b.stop() }
-        func answer(_ source: String) throws -> String { try lab.connect(lab.vip6, count: 1, source: source).first ?? "" }
+        func answer(_ source: String) throws -> String {
+            try lab.connect(lab.vip6, count: 1, source: source).first ?? ""
+        }
         for source in ["fd77:1::2", "fd77:1::14"] {
             let a = try answer(source)
             #expect(a == "s1" || a == "s2", "\(source): \(a)")
@@ -685,7 +780,9 @@ final class NatLab {
         #expect(try StatsClient.ask(sock, "set server web/s2 state ready") == "\n")
         usleep(300_000)
         let after = try lab.nft("list", "chain", "ip6", "ballast", "svc-web")
-        #expect(after.contains("ip6 saddr @deny-web counter") && after.contains("ip6 saddr != @allow-web counter"), "\(after)")
+        #expect(
+            after.contains("ip6 saddr @deny-web counter") && after.contains("ip6 saddr != @allow-web counter"),
+            "\(after)")
         #expect(try answer("fd77:1::13").hasPrefix("ERR"), "fd77:1::13 got in after a state change")
         #expect(try StatsClient.ask(sock, "add acl web/deny fd77:1::14") == "\n")
         #expect(try answer("fd77:1::14").hasPrefix("ERR"), "fd77:1::14 got in after add acl")
@@ -732,11 +829,13 @@ final class NatLab {
                     return len(done)
                 \(body)
                 """
-            return try NatLab.sh([NatLab.ip, "netns", "exec", lab.client, "python3", "-c", script]).trimmingCharacters(in: .whitespacesAndNewlines)
+            return try NatLab.sh([NatLab.ip, "netns", "exec", lab.client, "python3", "-c", script]).trimmingCharacters(
+                in: .whitespacesAndNewlines)
         }
         // Two held connections from .12; a third from .12 is dropped, .14 still gets in; 10 at
         // once from .15 give 2.
-        let conns = try run("""
+        let conns = try run(
+            """
             held = []
             print(attempt("10.77.1.12", held), attempt("10.77.1.12", held), attempt("10.77.1.12"), attempt("10.77.1.14"), burst("10.77.1.15", 10))
             """)
@@ -745,7 +844,8 @@ final class NatLab {
         // 20 SYNs at once from .16 meet a bucket of 5/s with nft's burst of 5; .17 is untouched.
         let rateYaml = lab.config(extra: "limits: { new_conn_rate_per_source: 5/s }", dir: dir)
         #expect(b.reload(rateYaml)?.contains("reloaded") == true)
-        let rate = try run("print(burst(\"10.77.1.16\", 20), attempt(\"10.77.1.17\"))").split(separator: " ").map(String.init)
+        let rate = try run("print(burst(\"10.77.1.16\", 20), attempt(\"10.77.1.17\"))").split(separator: " ").map(
+            String.init)
         let ok = Int(rate.first ?? "") ?? -1
         #expect(ok >= 5 && ok <= 11 && rate.last == "ok", "\(rate)")
         usleep(1_100_000)
@@ -819,7 +919,8 @@ final class NatLab {
             except Exception as e:
                 print("ERR", e, flush=True)
             """
-        let (p, input, output) = try lab.clientScript(client.replacingOccurrences(of: "sys.argv[1]", with: "\"\(lab.vip4)\""))
+        let (p, input, output) = try lab.clientScript(
+            client.replacingOccurrences(of: "sys.argv[1]", with: "\"\(lab.vip4)\""))
         defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
         var first = Data()
         while !first.contains(10) {
@@ -827,15 +928,20 @@ final class NatLab {
             if d.isEmpty { break }
             first.append(d)
         }
-        #expect(String(decoding: first, as: UTF8.self).hasPrefix("first tick"), "\(String(decoding: first, as: UTF8.self))")
+        #expect(
+            String(decoding: first, as: UTF8.self).hasPrefix("first tick"), "\(String(decoding: first, as: UTF8.self))")
         // The balancer forgets the flow, as a node that takes it over without its entry.
-        try NatLab.sh([NatLab.ip, "netns", "exec", lab.balancer, "/usr/sbin/conntrack", "-D", "-p", "tcp", "--orig-port-dst", "81"])
+        try NatLab.sh([
+            NatLab.ip, "netns", "exec", lab.balancer, "/usr/sbin/conntrack", "-D", "-p", "tcp", "--orig-port-dst", "81",
+        ])
         try? input.write(contentsOf: Data("go\n".utf8))
         NatLab.waitGone(p, timeout: 20)
         let rest = String(decoding: output.readDataToEndOfFile(), as: UTF8.self)
         #expect(rest.contains("after ticks=") && rest.contains("echo=True") && !rest.contains("ticks=0"), "\(rest)")
         let fwd = try lab.nft("list", "chain", "ip", "ballast", "forward")
-        #expect(fwd.contains("saddr . tcp sport @replies counter packets") && !fwd.contains("@replies counter packets 0 "), "\(fwd)")
+        #expect(
+            fwd.contains("saddr . tcp sport @replies counter packets") && !fwd.contains("@replies counter packets 0 "),
+            "\(fwd)")
     }
 
     @Test(
@@ -844,7 +950,8 @@ final class NatLab {
     func netlinkAndTextAgree(v6: Bool) throws {
         let lab = try NatLab()
         let dir = TempDir()
-        let extra = v6
+        let extra =
+            v6
             ? "deny: [\"fd77:1::13/128\", \"fd77:9::/32\"]\nlimits: { conn_per_source: 10, new_conn_rate_per_source: 20/s }\nnat: { snat: masquerade }"
             : "deny: [10.77.1.13, 10.77.1.16/30]\nallow: [10.77.1.0/24]\nlimits: { conn_per_source: 10, new_conn_rate_per_source: 20/m }\nnat: { snat: 10.77.1.1 }"
         let b = try lab.ballast(lab.config(weights: [3, 1], v6: v6, extra: extra, dir: dir))
@@ -857,9 +964,12 @@ final class NatLab {
         try NatLab.sh([NatLab.ip, "netns", "add", scratch])
         defer { _ = try? NatLab.sh([NatLab.ip, "netns", "del", scratch]) }
         _ = try NatLab.sh([NatLab.ip, "netns", "exec", scratch, "/usr/sbin/nft", "-f", dir.write("shown.nft", text)])
-        let loaded = try NatLab.sh([NatLab.ip, "netns", "exec", scratch, "/usr/sbin/nft", "list", "table", family, "ballast"])
+        let loaded = try NatLab.sh([
+            NatLab.ip, "netns", "exec", scratch, "/usr/sbin/nft", "list", "table", family, "ballast",
+        ])
         let (k, t) = (NatLab.normalized(kernel), NatLab.normalized(loaded))
-        let kl = k.split(separator: "\n"), tl = t.split(separator: "\n")
+        let kl = k.split(separator: "\n")
+        let tl = t.split(separator: "\n")
         let diff = kl.difference(from: tl).map { change -> String in
             switch change {
             case .insert(let o, let line, _): return "+netlink \(o): \(line)"
@@ -884,7 +994,9 @@ final class NatLab {
         #expect(Set(try lab.connect(lab.vip4, count: 4)) == ["s1"])
 
         // s1 moves to s2's address: the kernel's map element follows, new connections go there.
-        #expect(try StatsClient.ask(sock, "set server web/s1 addr \(lab.addr4(1))") == "IP changed from '\(lab.addr4(0))' to '\(lab.addr4(1))' by 'stats socket command'\n\n")
+        #expect(
+            try StatsClient.ask(sock, "set server web/s1 addr \(lab.addr4(1))")
+                == "IP changed from '\(lab.addr4(0))' to '\(lab.addr4(1))' by 'stats socket command'\n\n")
         var map = ""
         let moved = DiscoveryTests.waitFor(5) {
             map = (try? lab.nft("list", "map", "ip", "ballast", "be-web")) ?? ""
@@ -894,21 +1006,29 @@ final class NatLab {
         #expect(Set(try lab.connect(lab.vip4, count: 4)) == ["s2"])
 
         // Added: in maintenance (not in the rotation) until enabled; then checked and used.
-        #expect(try StatsClient.ask(sock, "add server web/s3 [\(lab.addr6(2))]:80") == "\(lab.addr6(2)) is not the family of the nat service's address.\n\n")
+        #expect(
+            try StatsClient.ask(sock, "add server web/s3 [\(lab.addr6(2))]:80")
+                == "\(lab.addr6(2)) is not the family of the nat service's address.\n\n")
         #expect(try StatsClient.ask(sock, "add server web/s3 \(lab.addr4(2)):80") == "New server registered.\n\n")
         #expect(Set(try lab.connect(lab.vip4, count: 4)) == ["s2"])
         #expect(try StatsClient.ask(sock, "enable server web/s3") == "\n")
-        #expect(DiscoveryTests.waitFor(5) { DiscoveryTests.row(sock, "s3")["status"] == "UP" }, "\(DiscoveryTests.row(sock, "s3"))")
+        #expect(
+            DiscoveryTests.waitFor(5) { DiscoveryTests.row(sock, "s3")["status"] == "UP" },
+            "\(DiscoveryTests.row(sock, "s3"))")
         var answers: [String] = []
-        #expect(DiscoveryTests.waitFor(5) {
-            answers = (try? lab.connect(lab.vip4, count: 6)) ?? []
-            return Set(answers) == ["s2", "s3"]
-        }, "\(answers)")
+        #expect(
+            DiscoveryTests.waitFor(5) {
+                answers = (try? lab.connect(lab.vip4, count: 6)) ?? []
+                return Set(answers) == ["s2", "s3"]
+            }, "\(answers)")
 
         // Deleted once in maintenance: its element leaves the map.
         #expect(try StatsClient.ask(sock, "disable server web/s3") == "\n")
         #expect(try StatsClient.ask(sock, "del server web/s3") == "Server deleted.\n")
-        #expect(DiscoveryTests.waitFor(5) { !((try? lab.nft("list", "map", "ip", "ballast", "be-web")) ?? "").contains("\(lab.addr4(2)) . 80") })
+        #expect(
+            DiscoveryTests.waitFor(5) {
+                !((try? lab.nft("list", "map", "ip", "ballast", "be-web")) ?? "").contains("\(lab.addr4(2)) . 80")
+            })
         #expect(Set(try lab.connect(lab.vip4, count: 4)) == ["s2"])
     }
 

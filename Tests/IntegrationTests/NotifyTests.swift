@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// systemd's notify protocol against a test Unix datagram socket standing in for systemd.
@@ -19,7 +19,9 @@ import Glibc
             let bytes = Array(dir.file("notify.sock").utf8)
             withUnsafeMutableBytes(of: &addr.sun_path) { p in for (k, b) in bytes.enumerated() { p[k] = b } }
             let r = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                }
             }
             guard r == 0 else { throw Net.Failure("bind notify socket: \(errno)") }
             Net.setTimeout(fd, 5)
@@ -69,7 +71,8 @@ import Glibc
     func notifyWithoutSocket() throws {
         let dir = TempDir()
         let path = dir.write("b.yaml", configYAML(services: [serviceYAML(servers: [("e", 7001)])]))
-        let (status, _, err) = try runCommand("/usr/bin/env", ["-u", "NOTIFY_SOCKET", Repo.ballast, "run", "-c", path, "--notify"])
+        let (status, _, err) = try runCommand(
+            "/usr/bin/env", ["-u", "NOTIFY_SOCKET", Repo.ballast, "run", "-c", path, "--notify"])
         #expect(status != 0)
         #expect(err.contains("--notify needs $NOTIFY_SOCKET, which systemd sets for Type=notify units"))
         #expect(!err.contains("started"))

@@ -3,7 +3,7 @@ import Synchronization
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// PROXY protocol v1/v2: sent to servers, accepted from a front balancer, malformed headers refused.
@@ -24,30 +24,41 @@ import Glibc
         return got.value.withLock { $0 }
     }
 
-    @Test("send_proxy writes the header with the real client before the first relayed byte",
+    @Test(
+        "send_proxy writes the header with the real client before the first relayed byte",
         arguments: [("v1", "127.0.0.1"), ("v2", "127.0.0.1"), ("v1", "::1"), ("v2", "::1")])
     func send(version: String, host: String) throws {
         let (rec, got) = try Self.recorder()
         defer { rec.stop() }
         let bind = host == "::1" ? "[::1]:0" : "127.0.0.1:0"
-        let p = try BallastProcess(config: configYAML(services: [
-            serviceYAML(bind: bind, servers: [("rec", rec.port)], serverExtra: ["rec": "send_proxy: \(version)"])
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(services: [
+                serviceYAML(bind: bind, servers: [("rec", rec.port)], serverExtra: ["rec": "send_proxy: \(version)"])
+            ]))
         defer { p.stop() }
         let fd = try Net.connect(p.port("svc"), host: host)
         var st = sockaddr_storage()
         var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        _ = withUnsafeMutablePointer(to: &st) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-        let clientPort = host == "::1"
-            ? withUnsafePointer(to: &st) { $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin6_port) } }
-            : withUnsafePointer(to: &st) { $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) } }
+        _ = withUnsafeMutablePointer(to: &st) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
+        let clientPort =
+            host == "::1"
+            ? withUnsafePointer(to: &st) {
+                $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin6_port) }
+            }
+            : withUnsafePointer(to: &st) {
+                $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) }
+            }
         try Net.sendAll(fd, "payload")
         close(fd)
         let data = try #require(Self.waitFor(got, 1).first)
         let front = p.port("svc")
         if version == "v1" {
             let fam = host == "::1" ? "TCP6" : "TCP4"
-            #expect(String(decoding: data, as: UTF8.self) == "PROXY \(fam) \(host) \(host) \(clientPort) \(front)\r\npayload")
+            #expect(
+                String(decoding: data, as: UTF8.self)
+                    == "PROXY \(fam) \(host) \(host) \(clientPort) \(front)\r\npayload")
         } else {
             let sig: [UInt8] = [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21]
             #expect(Array(data.prefix(13)) == sig)
@@ -55,22 +66,30 @@ import Glibc
             #expect(data[13] == (host == "::1" ? 0x21 : 0x11))
             #expect(Int(data[14]) << 8 | Int(data[15]) == 2 * addrLen + 4)
             let ports = Array(data[(16 + 2 * addrLen)..<(20 + 2 * addrLen)])
-            #expect(ports == [UInt8(clientPort >> 8), UInt8(clientPort & 0xFF), UInt8(front >> 8), UInt8(front & 0xFF)])
+            #expect(
+                ports == [UInt8(clientPort >> 8), UInt8(clientPort & 0xFF), UInt8(front >> 8), UInt8(front & 0xFF)])
             #expect(Array(data[(20 + 2 * addrLen)...]) == Array("payload".utf8))
         }
     }
 
     static func acceptConfig(_ server: UInt16) -> String {
-        configYAML(global: "workers: 1\nlog: { connections: true }", defaults: "timeout: { client: 500ms }", services: [
-            "  - name: svc\n    bind: [{ address: \"127.0.0.1:0\", accept_proxy: true }]\n    servers:\n      - { name: rec, address: \"127.0.0.1:\(server)\" }\n"
-        ])
+        configYAML(
+            global: "workers: 1\nlog: { connections: true }", defaults: "timeout: { client: 500ms }",
+            services: [
+                "  - name: svc\n    bind: [{ address: \"127.0.0.1:0\", accept_proxy: true }]\n    servers:\n      - { name: rec, address: \"127.0.0.1:\(server)\" }\n"
+            ])
     }
 
-    @Test("accept_proxy: v1 and v2 headers give the connection its real client; the rest is relayed",
+    @Test(
+        "accept_proxy: v1 and v2 headers give the connection its real client; the rest is relayed",
         arguments: [
             (Array("PROXY TCP4 198.51.100.7 127.0.0.1 40000 80\r\n".utf8), "198.51.100.7:40000"),
-            ([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11, 0x00, 0x0C,
-              203, 0, 113, 9, 127, 0, 0, 1, 0x9C, 0x41, 0x00, 0x50] as [UInt8], "203.0.113.9:40001"),
+            (
+                [
+                    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11, 0x00, 0x0C,
+                    203, 0, 113, 9, 127, 0, 0, 1, 0x9C, 0x41, 0x00, 0x50,
+                ] as [UInt8], "203.0.113.9:40001"
+            ),
             (Array("PROXY TCP6 2001:db8::5 ::1 40002 80\r\n".utf8), "[2001:db8::5]:40002"),
         ])
     func accept(header: [UInt8], client: String) throws {
@@ -87,12 +106,16 @@ import Glibc
         #expect(p.waitForLog("client=\(client)") != nil, "\(p.log)")
     }
 
-    @Test("malformed PROXY headers: closed with the reason logged, nothing reaches the server",
+    @Test(
+        "malformed PROXY headers: closed with the reason logged, nothing reaches the server",
         arguments: [
             ("GET / HTTP/1.1\r\n\r\n", "rejected: bad signature"),
             ("PROXY TCP4 1.2.3.4\r\n", "rejected: malformed v1 header 'TCP4 1.2.3.4'"),
             ("PROXY TCP4 ::1 ::1 1 2\r\n", "rejected: bad address in v1 header"),
-            ("PROXY TCP4 1.2.3.4 5.6.7.8 1 2" + String(repeating: " ", count: 100) + "\r\n", "rejected: v1 header longer than 107 bytes"),
+            (
+                "PROXY TCP4 1.2.3.4 5.6.7.8 1 2" + String(repeating: " ", count: 100) + "\r\n",
+                "rejected: v1 header longer than 107 bytes"
+            ),
             ("V2LEN", "rejected: wrong length 4 for TCP over IPv4"),
             ("V2FAM", "rejected: unsupported address family/protocol 0x31"),
             ("V2HUGE", "rejected: header of 1040 bytes is over the 232-byte limit"),
@@ -128,9 +151,14 @@ import Glibc
     func checkSendProxy(version: String) throws {
         let (rec, got) = try Self.recorder()
         defer { rec.stop() }
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(servers: [("rec", rec.port)], extra: "check: { type: tcp, send_proxy: \(version), interval: 200ms, timeout: 100ms }")
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        servers: [("rec", rec.port)],
+                        extra: "check: { type: tcp, send_proxy: \(version), interval: 200ms, timeout: 100ms }")
+                ]))
         defer { p.stop() }
         let first = try #require(Self.waitFor(got, 1).first)
         if version == "v1" {
@@ -138,7 +166,10 @@ import Glibc
             #expect(text.hasPrefix("PROXY TCP4 127.0.0.1 127.0.0.1 "))
             #expect(text.hasSuffix(" \(rec.port)\r\n"))
         } else {
-            #expect(Array(first.prefix(14)) == [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11])
+            #expect(
+                Array(first.prefix(14)) == [
+                    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11,
+                ])
             #expect(first.count == 28)
         }
         #expect(!p.log.contains("is DOWN"))

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A real `redis-server` (Debian package) behind Ballast, driven by the real `redis-cli` and
@@ -23,17 +23,21 @@ import Glibc
         init(extra: [String] = []) throws {
             port = try Net.freePort()
             process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
-            process.arguments = [
-                "--port", "\(port)", "--bind", "127.0.0.1", "--dir", dir.path, "--save", "", "--appendonly", "no",
-                "--daemonize", "no", "--logfile", dir.file("redis.log"),
-            ] + extra
+            process.arguments =
+                [
+                    "--port", "\(port)", "--bind", "127.0.0.1", "--dir", dir.path, "--save", "", "--appendonly", "no",
+                    "--daemonize", "no", "--logfile", dir.file("redis.log"),
+                ] + extra
             if let k = extra.firstIndex(of: "--requirepass") { auth = ["-a", extra[k + 1]] }
             process.standardOutput = FileHandle.nullDevice
             process.standardError = FileHandle.nullDevice
             try process.run()
             let deadline = Date().addingTimeInterval(10)
             while Date() < deadline {
-                if let (s, out, _) = try? runCommand("/usr/bin/redis-cli", ["-p", "\(port)", "--no-auth-warning"] + auth + ["PING"]), s == 0, out == "PONG\n" {
+                if let (s, out, _) = try? runCommand(
+                    "/usr/bin/redis-cli", ["-p", "\(port)", "--no-auth-warning"] + auth + ["PING"]), s == 0,
+                    out == "PONG\n"
+                {
                     return
                 }
                 usleep(50_000)
@@ -52,10 +56,12 @@ import Glibc
     @Test(.enabled(if: haveRedis, "redis-server is not installed (apt-get install redis-server)"))
     func setAndGetThroughBallast() throws {
         let redis = try RedisServer()
-        let p = try BallastProcess(config: configYAML(services: [serviceYAML(name: "redis", servers: [("r1", redis.port)])]))
+        let p = try BallastProcess(
+            config: configYAML(services: [serviceYAML(name: "redis", servers: [("r1", redis.port)])]))
         defer { p.stop() }
         let port = "\(p.port("redis"))"
-        let (s1, o1, e1) = try runCommand("/usr/bin/redis-cli", ["-p", port, "SET", "ballast:key", "value through the proxy"])
+        let (s1, o1, e1) = try runCommand(
+            "/usr/bin/redis-cli", ["-p", port, "SET", "ballast:key", "value through the proxy"])
         #expect(s1 == 0, "\(e1)")
         #expect(o1 == "OK\n")
         // Read back directly from the server: the proxy really wrote it there.
@@ -78,10 +84,12 @@ import Glibc
     @Test(.enabled(if: haveRedis, "redis-server is not installed (apt-get install redis-server)"))
     func redisBenchmarkThroughBallast() throws {
         let redis = try RedisServer()
-        let p = try BallastProcess(config: configYAML(services: [serviceYAML(name: "redis", servers: [("r1", redis.port)])]))
+        let p = try BallastProcess(
+            config: configYAML(services: [serviceYAML(name: "redis", servers: [("r1", redis.port)])]))
         defer { p.stop() }
         let (s, out, err) = try runCommand(
-            "/usr/bin/redis-benchmark", ["-p", "\(p.port("redis"))", "-c", "20", "-n", "4000", "-t", "set,get", "-q"], timeout: 60)
+            "/usr/bin/redis-benchmark", ["-p", "\(p.port("redis"))", "-c", "20", "-n", "4000", "-t", "set,get", "-q"],
+            timeout: 60)
         #expect(s == 0, "\(err)")
         #expect(out.contains("SET: "), "\(out)")
         #expect(out.contains("GET: "), "\(out)")

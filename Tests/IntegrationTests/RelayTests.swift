@@ -3,14 +3,16 @@ import Synchronization
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Byte-exact relay, concurrency, half-close and resets, through a real `ballast run`.
 @Suite(.serialized) struct RelayTests {
     /// Sends `size` bytes of a pattern while reading the echo back on another thread; checks every
     /// byte in order, then half-closes and expects the echo server's FIN after exactly `size` bytes.
-    static func echoExchange(port: UInt16, size: Int, seed: UInt64) throws -> (received: Int, mismatch: Int?, end: Net.ReadEnd) {
+    static func echoExchange(port: UInt16, size: Int, seed: UInt64) throws -> (
+        received: Int, mismatch: Int?, end: Net.ReadEnd
+    ) {
         let fd = try Net.connect(port, timeout: 30)
         defer { close(fd) }
         let pattern = Pattern(seed: seed)
@@ -19,7 +21,9 @@ import Glibc
             var off = 0
             while off < size {
                 let n = min(buf.count, size - off)
-                buf.withUnsafeMutableBytes { pattern.fill(UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), from: off) }
+                buf.withUnsafeMutableBytes {
+                    pattern.fill(UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), from: off)
+                }
                 var sent = 0
                 while sent < n {
                     let w = buf.withUnsafeBytes { send(fd, $0.baseAddress! + sent, n - sent, Int32(MSG_NOSIGNAL)) }
@@ -38,7 +42,9 @@ import Glibc
             let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
             if n > 0 {
                 if mismatch == nil {
-                    mismatch = buf.withUnsafeBytes { pattern.firstMismatch(UnsafeRawBufferPointer(rebasing: $0[0..<n]), from: received) }
+                    mismatch = buf.withUnsafeBytes {
+                        pattern.firstMismatch(UnsafeRawBufferPointer(rebasing: $0[0..<n]), from: received)
+                    }
                 }
                 received += n
                 continue
@@ -52,7 +58,9 @@ import Glibc
         return (received, mismatch, end)
     }
 
-    @Test("bytes are relayed exactly, both ways at once", arguments: [0, 1, 100, 16384, 16385, 1 << 20, (4 << 20) + 7, 64 << 20])
+    @Test(
+        "bytes are relayed exactly, both ways at once",
+        arguments: [0, 1, 100, 16384, 16385, 1 << 20, (4 << 20) + 7, 64 << 20])
     func exactRelay(size: Int) throws {
         let echo = try TestServer.echo()
         defer { echo.stop() }
@@ -143,7 +151,9 @@ import Glibc
         }
         defer { server.stop() }
         let b = try BallastProcess(
-            config: configYAML(global: "workers: 1\nlog: { connections: true }", services: [serviceYAML(servers: [("s1", server.port)])]))
+            config: configYAML(
+                global: "workers: 1\nlog: { connections: true }",
+                services: [serviceYAML(servers: [("s1", server.port)])]))
         defer { b.stop() }
         let fd = try Net.connect(b.port("svc"), timeout: 5)
         defer { close(fd) }

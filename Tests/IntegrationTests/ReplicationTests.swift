@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Ballast in front of replicated stores, with the real servers: Redis with three Sentinels,
@@ -12,14 +12,17 @@ import Glibc
     static func sentinelService(_ lab: RedisLab, sentinel: Bool, interval: String = "500ms") -> String {
         let servers = lab.ports.enumerated().map { ("r\($0.offset)", $0.element) }
         let list = lab.sentinelPorts.map { "\"127.0.0.1:\($0)\"" }.joined(separator: ", ")
-        var extra = "balance: first\ncheck: { type: redis, role: master, interval: \(interval) }\non_marked_down: shutdown-sessions"
+        var extra =
+            "balance: first\ncheck: { type: redis, role: master, interval: \(interval) }\non_marked_down: shutdown-sessions"
         if sentinel { extra += "\nsentinel: { addresses: [\(list)], master: \(lab.master), interval: 500ms }" }
-        return configYAML(global: "workers: 1", services: [serviceYAML(name: "redis-rw", servers: servers, extra: extra)])
+        return configYAML(
+            global: "workers: 1", services: [serviceYAML(name: "redis-rw", servers: servers, extra: extra)])
     }
 
     /// Polls the replicas of `old` until one says `role:master`; returns it and when, once the
     /// Sentinels name the same node.
-    static func waitForPromotion(_ lab: RedisLab, from old: Int, replicas: [Int], timeout: Double = 15) -> (Int, Date)? {
+    static func waitForPromotion(_ lab: RedisLab, from old: Int, replicas: [Int], timeout: Double = 15) -> (Int, Date)?
+    {
         let deadline = Date().addingTimeInterval(timeout)
         var seen: [Int: Date] = [:]
         while Date() < deadline {
@@ -49,7 +52,8 @@ import Glibc
         // 1. A graceful failover (SENTINEL FAILOVER does not pause the old master).
         _ = try RedisLab.command(lab.sentinelPorts[0], ["SENTINEL", "FAILOVER", lab.master])
         let (m1, promoted1) = try #require(Self.waitForPromotion(lab, from: 0, replicas: [1, 2]))
-        let resumed1 = try #require(writer.waitForAcks(beyond: writer.count + 50) ? writer.firstAck(after: promoted1) : nil)
+        let resumed1 = try #require(
+            writer.waitForAcks(beyond: writer.count + 50) ? writer.firstAck(after: promoted1) : nil)
         let outage1 = resumed1.timeIntervalSince(promoted1)
         #expect(outage1 < 1.0, "writes resumed \(outage1) s after the promotion")
         #expect(p.waitForLog("Server redis-rw/r\(m1) is UP") != nil)
@@ -58,7 +62,8 @@ import Glibc
         let lostGraceful = try writer.missing(on: lab.ports[m1])
         #expect(
             lostGraceful.isEmpty,
-            "\(lostGraceful.count) acknowledged writes lost in a graceful failover, \(lostGraceful.first.map { "\($0.seq) at \($0.at.timeIntervalSince(promoted1)) s" } ?? "") after the promotion; log:\n\(p.log)")
+            "\(lostGraceful.count) acknowledged writes lost in a graceful failover, \(lostGraceful.first.map { "\($0.seq) at \($0.at.timeIntervalSince(promoted1)) s" } ?? "") after the promotion; log:\n\(p.log)"
+        )
 
         // 2. SIGKILL of the master: Redis's asynchronous replication may lose what it had not
         // sent yet; Ballast must add nothing: every lost write was acknowledged before the kill.
@@ -67,10 +72,13 @@ import Glibc
         #expect(writer.waitForAcks(beyond: writer.count + 200))
         let killedAt = Date()
         lab.kill(m1)
-        let (m2, promoted2) = try #require(Self.waitForPromotion(lab, from: m1, replicas: lab.ports.indices.filter { $0 != m1 }, timeout: 20))
+        let (m2, promoted2) = try #require(
+            Self.waitForPromotion(lab, from: m1, replicas: lab.ports.indices.filter { $0 != m1 }, timeout: 20))
         #expect(writer.waitForAcks(beyond: writer.count + 50))
         let resumed2 = try #require(writer.firstAck(after: promoted2))
-        #expect(resumed2.timeIntervalSince(promoted2) < 1.0, "writes resumed \(resumed2.timeIntervalSince(promoted2)) s after the promotion")
+        #expect(
+            resumed2.timeIntervalSince(promoted2) < 1.0,
+            "writes resumed \(resumed2.timeIntervalSince(promoted2)) s after the promotion")
 
         // 3. The killed master comes back empty, as a master (its config still says so), before
         // Sentinel turns it into a replica: it must take no write.
@@ -88,10 +96,13 @@ import Glibc
         // down-after-milliseconds on a loaded machine) and promote a replica that had not caught
         // up: that is Redis's loss, not Ballast's; say so when it happens.
         let failovers = lab.sentinelLogs().split(separator: "\n").filter { $0.contains("+elected-leader") }.count
-        #expect(failovers == 2, "Sentinel ran \(failovers) failovers (expected 2: the forced one and the one after the kill)")
+        #expect(
+            failovers == 2,
+            "Sentinel ran \(failovers) failovers (expected 2: the forced one and the one after the kill)")
         #expect(
             afterKill.isEmpty,
-            "\(afterKill.count) writes acknowledged after the kill are not on the final master, first \(afterKill.first.map { "\($0.seq) at \($0.at.timeIntervalSince(killedAt)) s after the kill" } ?? ""); log:\n\(p.log)\n\(lab.sentinelLogs())")
+            "\(afterKill.count) writes acknowledged after the kill are not on the final master, first \(afterKill.first.map { "\($0.seq) at \($0.at.timeIntervalSince(killedAt)) s after the kill" } ?? ""); log:\n\(p.log)\n\(lab.sentinelLogs())"
+        )
         // The restarted master shows why it takes no writes (as long as it claims to be a master).
         let status = p.log.split(separator: "\n").filter { $0.contains("redis-rw/r\(m1)") }.last ?? ""
         #expect(held.contains("r\(m1)"), "\(status)")
@@ -125,7 +136,9 @@ import Glibc
         let lost = try writer.missing(on: lab.ports[m])
         // Without Sentinel, writes the old master acknowledged between the promotion and the
         // next check are lost (reported, and the reason to configure sentinel:).
-        print("history failover: writes resumed \(String(format: "%.3f", resumed.timeIntervalSince(promoted))) s after the promotion, \(lost.count) acknowledged writes lost")
+        print(
+            "history failover: writes resumed \(String(format: "%.3f", resumed.timeIntervalSince(promoted))) s after the promotion, \(lost.count) acknowledged writes lost"
+        )
         #expect(resumed.timeIntervalSince(promoted) < 2.0)
     }
 
@@ -164,20 +177,28 @@ import Glibc
         // Two unrelated masters: only a majority of Sentinels, or else the one serving first, may take writes.
         let a = try RedisTests.RedisServer()
         let b = try RedisTests.RedisServer()
-        let answers = [Locked(Self.addrReply(a.port)), Locked(Self.addrReply(b.port)), Locked("hello, I am not a sentinel\r\n")]
+        let answers = [
+            Locked(Self.addrReply(a.port)), Locked(Self.addrReply(b.port)), Locked("hello, I am not a sentinel\r\n"),
+        ]
         let fakes = try answers.map { try Self.fakeSentinel($0) }
         defer { for f in fakes { f.stop() } }
         let list = fakes.map { "\"127.0.0.1:\($0.port)\"" }.joined(separator: ", ")
         let dir = TempDir()
         let sock = dir.file("admin.sock")
-        let p = try BallastProcess(config: configYAML(global: "workers: 1\nstats: { sockets: [{ path: \"\(sock)\" }] }", services: [
-            serviceYAML(
-                name: "rw", servers: [("a", a.port), ("b", b.port)],
-                extra: "check: { type: redis, role: master, interval: 200ms }\nsentinel: { addresses: [\(list)], master: m, interval: 1s }")
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1\nstats: { sockets: [{ path: \"\(sock)\" }] }",
+                services: [
+                    serviceYAML(
+                        name: "rw", servers: [("a", a.port), ("b", b.port)],
+                        extra:
+                            "check: { type: redis, role: master, interval: 200ms }\nsentinel: { addresses: [\(list)], master: m, interval: 1s }"
+                    )
+                ]))
         defer { p.stop() }
         let disagree = try #require(p.waitForLog("sentinels disagree", timeout: 5))
-        #expect(disagree.contains("127.0.0.1:\(a.port): 1") && disagree.contains("127.0.0.1:\(b.port): 1"), "\(disagree)")
+        #expect(
+            disagree.contains("127.0.0.1:\(a.port): 1") && disagree.contains("127.0.0.1:\(b.port): 1"), "\(disagree)")
         // No agreement ever: the replication history decides, and it cannot tell two fresh masters
         // apart, so the first one serving keeps the writes and the other is held down.
         let held = try #require(p.waitForLog("already takes the writes", timeout: 5))
@@ -189,11 +210,14 @@ import Glibc
         // `show sentinel` tells the operator the same.
         let (_, shown, _) = try runCommand(Repo.ballast, ["ctl", "--socket", sock, "show", "sentinel"])
         #expect(shown.contains("service rw master m: none agreed yet"), "\(shown)")
-        #expect(shown.contains("  sentinel 127.0.0.1:\(fakes[0].port): 127.0.0.1:\(a.port), events subscribed"), "\(shown)")
+        #expect(
+            shown.contains("  sentinel 127.0.0.1:\(fakes[0].port): 127.0.0.1:\(a.port), events subscribed"), "\(shown)")
         #expect(shown.contains("  sentinel 127.0.0.1:\(fakes[2].port): unexpected answer: hello"), "\(shown)")
         // A second Sentinel comes round to b: a majority of the answers names b, b takes the writes.
         answers[0].value.withLock { $0 = Self.addrReply(b.port) }
-        #expect(p.waitForLog("sentinels name 127.0.0.1:\(b.port) the master of 'm', 2 of 3 agree", timeout: 5) != nil, "\(p.log)")
+        #expect(
+            p.waitForLog("sentinels name 127.0.0.1:\(b.port) the master of 'm', 2 of 3 agree", timeout: 5) != nil,
+            "\(p.log)")
         #expect(p.waitForLog("Server rw/b is UP", timeout: 3) != nil, "\(p.log)")
         let (_, after, _) = try runCommand(Repo.ballast, ["ctl", "--socket", sock, "show", "sentinel"])
         #expect(after.contains("service rw master m: 127.0.0.1:\(b.port)\n"), "\(after)")
@@ -220,9 +244,14 @@ import Glibc
     func replicaLinkDown() throws {
         let master = try RedisTests.RedisServer()
         let replica = try RedisTests.RedisServer(extra: ["--replicaof", "127.0.0.1", "\(master.port)"])
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(name: "ro", servers: [("r", replica.port)], extra: "check: { type: redis, role: replica, interval: 200ms, fall: 3 }")
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        name: "ro", servers: [("r", replica.port)],
+                        extra: "check: { type: redis, role: replica, interval: 200ms, fall: 3 }")
+                ]))
         defer { p.stop() }
         let up = try #require(p.waitForLog("Server ro/r is UP", timeout: 10))
         #expect(up.contains("role:slave, link up"), "\(up)")

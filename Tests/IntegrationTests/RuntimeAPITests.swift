@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A client for the runtime API socket, as scripts use it: write a line, read until EOF.
@@ -15,7 +15,9 @@ enum StatsClient {
             for (k, b) in path.utf8.enumerated() { dst[k] = b }
         }
         let r = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         guard r == 0 else {
             close(fd)
@@ -91,9 +93,12 @@ enum StatsClient {
             state_file: \(dir.file("state"))
             \(metricsPort > 0 ? "metrics: { address: \"127.0.0.1:\(metricsPort)\" }" : "")
             """
-        return try BallastProcess(config: configYAML(global: global, services: [
-            serviceYAML(name: "svc", servers: servers, extra: extra, serverExtra: serverExtra)
-        ]))
+        return try BallastProcess(
+            config: configYAML(
+                global: global,
+                services: [
+                    serviceYAML(name: "svc", servers: servers, extra: extra, serverExtra: serverExtra)
+                ]))
     }
 
     // MARK: - HAProxy compatibility
@@ -105,7 +110,9 @@ enum StatsClient {
         let dead = try Net.freePort()
         let dir = TempDir()
         let hport = try Net.freePort()
-        let cfg = dir.write("h.cfg", """
+        let cfg = dir.write(
+            "h.cfg",
+            """
             global
                 stats socket \(dir.file("h.sock")) mode 600 level admin
                 stats socket \(dir.file("hu.sock")) mode 600 level user
@@ -133,20 +140,26 @@ enum StatsClient {
             kill(haproxy.processIdentifier, SIGKILL)
             NatLab.waitGone(haproxy, timeout: 60)
         }
-        let b = try BallastProcess(config: configYAML(global: """
-            workers: 1
-            stats:
-              sockets:
-                - { path: \(dir.file("b.sock")), level: admin }
-                - { path: \(dir.file("bu.sock")), level: user }
-            """, services: [
-            serviceYAML(
-                name: "svc", servers: [("s1", echo.port), ("s2", dead), ("s3", echo.port)],
-                extra: "check: { type: tcp, interval: 200ms, timeout: 200ms, rise: 2, fall: 2 }",
-                serverExtra: ["s1": "weight: 100", "s2": "weight: 50", "s3": "weight: 10, backup: true, check: false"])
-        ]))
+        let b = try BallastProcess(
+            config: configYAML(
+                global: """
+                    workers: 1
+                    stats:
+                      sockets:
+                        - { path: \(dir.file("b.sock")), level: admin }
+                        - { path: \(dir.file("bu.sock")), level: user }
+                    """,
+                services: [
+                    serviceYAML(
+                        name: "svc", servers: [("s1", echo.port), ("s2", dead), ("s3", echo.port)],
+                        extra: "check: { type: tcp, interval: 200ms, timeout: 200ms, rise: 2, fall: 2 }",
+                        serverExtra: [
+                            "s1": "weight: 100", "s2": "weight: 50", "s3": "weight: 10, backup: true, check: false",
+                        ])
+                ]))
         defer { b.stop() }
-        let h = dir.file("h.sock"), bs = dir.file("b.sock")
+        let h = dir.file("h.sock")
+        let bs = dir.file("b.sock")
         // Both see s2 down.
         let deadline = Date().addingTimeInterval(10)
         while Date() < deadline {
@@ -171,22 +184,28 @@ enum StatsClient {
         let bLines = bText.split(separator: "\n", omittingEmptySubsequences: false)
         #expect(hLines[0] == bLines[0], "header differs")
         #expect(hText.hasSuffix("\n\n") && bText.hasSuffix("\n\n"))
-        let hRows = try StatsClient.stat(h), bRows = try StatsClient.stat(bs)
+        let hRows = try StatsClient.stat(h)
+        let bRows = try StatsClient.stat(bs)
         for sv in ["FRONTEND", "s1", "s2", "s3", "BACKEND"] {
             let hr = hRows.first { $0.count > 1 && $0[1] == sv }!
             let br = bRows.first { $0.count > 1 && $0[1] == sv }!
             #expect(hr.count == br.count, "\(sv): \(hr.count) fields vs \(br.count)")
             // A check under way ("* " before its status): HAProxy empties last_chk meanwhile, so
             // that field is compared only when neither side is checking at that moment.
-            let statusK = hRows[0].firstIndex(of: "check_status")!, lastK = hRows[0].firstIndex(of: "last_chk")!
+            let statusK = hRows[0].firstIndex(of: "check_status")!
+            let lastK = hRows[0].firstIndex(of: "last_chk")!
             let checking = hr[statusK].hasPrefix("* ") || br[statusK].hasPrefix("* ")
             let hEmpty = hr.indices.filter { hr[$0].isEmpty && !(checking && $0 == lastK) }
             let bEmpty = br.indices.filter { br[$0].isEmpty && !(checking && $0 == lastK) }
             #expect(hEmpty == bEmpty, "\(sv): empty fields differ: HAProxy \(hEmpty) Ballast \(bEmpty)")
             let names = hRows[0]
-            for field in ["type", "status", "act", "bck", "weight", "stot", "bin", "bout", "lbtot", "mode", "check_status", "check_desc", "last_chk", "algo", "check_rise", "check_fall", "check_health", "addr"] {
+            for field in [
+                "type", "status", "act", "bck", "weight", "stot", "bin", "bout", "lbtot", "mode", "check_status",
+                "check_desc", "last_chk", "algo", "check_rise", "check_fall", "check_health", "addr",
+            ] {
                 let k = names.firstIndex(of: field)!
-                var hv = hr[k], bv = br[k]
+                var hv = hr[k]
+                var bv = br[k]
                 if field == "addr" {
                     hv = String(hv.split(separator: ":").first ?? "")
                     bv = String(bv.split(separator: ":").first ?? "")
@@ -207,12 +226,16 @@ enum StatsClient {
         #expect(hs.count == bsState.count)
         // Field by field where the meaning is the same: names, op state, admin state, weights, check result.
         for (hl, bl) in zip(hs.dropFirst(2), bsState.dropFirst(2)) {
-            let hf = hl.split(separator: " "), bf = bl.split(separator: " ")
+            let hf = hl.split(separator: " ")
+            let bf = bl.split(separator: " ")
             #expect(hf.count == bf.count)
-            for k in [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 18] { #expect(hf[k] == bf[k], "servers state field \(k): '\(hl)' vs '\(bl)'") }
+            for k in [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 18] {
+                #expect(hf[k] == bf[k], "servers state field \(k): '\(hl)' vs '\(bl)'")
+            }
             // Check state and result: a check under way on either side (bit 0x1, result 0 while
             // it runs) is timing, not format; compare the rest.
-            let hState = Int(hf[13]) ?? -1, bState = Int(bf[13]) ?? -1
+            let hState = Int(hf[13]) ?? -1
+            let bState = Int(bf[13]) ?? -1
             #expect(hState & ~1 == bState & ~1, "servers state field 13: '\(hl)' vs '\(bl)'")
             if (hState | bState) & 1 == 0 { #expect(hf[11] == bf[11], "servers state field 11: '\(hl)' vs '\(bl)'") }
             if hState & 1 != 0 { #expect(hf[11] == "0") }
@@ -225,7 +248,8 @@ enum StatsClient {
             "set server svc/s1 health foo", "set server svc/zz state ready", "set server nope/s1 state ready",
             "shutdown session 0x1234", "shutdown session", "show servers state nope", "show stat nope 1 -1",
             "set maxconn server svc/s1", "set maxconn server svc/s1 abc", "show sess 0xdead", "disable server svc",
-            "enable health nope/s1", "shutdown sessions server svc/zz", "get weight #99/s1", "show backend", "show cli level",
+            "enable health nope/s1", "shutdown sessions server svc/zz", "get weight #99/s1", "show backend",
+            "show cli level",
         ]
         for cmd in bad {
             let hr = try StatsClient.ask(h, cmd)
@@ -237,10 +261,12 @@ enum StatsClient {
             #expect(try StatsClient.ask(dir.file("bu.sock"), cmd) == "Permission denied\n\n")
         }
         // The unknown-command reply starts the same way and ends with help, prompt and quit.
-        let hu = try StatsClient.ask(h, "foo"), bu = try StatsClient.ask(bs, "foo")
+        let hu = try StatsClient.ask(h, "foo")
+        let bu = try StatsClient.ask(bs, "foo")
         #expect(hu.hasPrefix("Unknown command, but maybe one of the following ones is a better match:\n"))
         #expect(bu.hasPrefix("Unknown command, but maybe one of the following ones is a better match:\n"))
-        let tail = "  help [<command>]                        : list matching or all commands\n  prompt                                  : toggle interactive mode with prompt\n  quit                                    : disconnect\n\n"
+        let tail =
+            "  help [<command>]                        : list matching or all commands\n  prompt                                  : toggle interactive mode with prompt\n  quit                                    : disconnect\n\n"
         #expect(hu.hasSuffix(tail) && bu.hasSuffix(tail))
     }
 
@@ -257,7 +283,8 @@ enum StatsClient {
             ("show info", "user"), ("show stat", "user"), ("show servers state", "user"), ("show backend", "user"),
             ("get weight svc/s1", "user"), ("show version", "user"), ("show cli level", "user"), ("help", "user"),
             ("show sess", "operator"), ("clear counters", "operator"), ("clear counters all", "admin"),
-            ("set weight svc/s1 1", "admin"), ("set server svc/s1 weight 1", "admin"), ("set server svc/s2 state ready", "admin"),
+            ("set weight svc/s1 1", "admin"), ("set server svc/s1 weight 1", "admin"),
+            ("set server svc/s2 state ready", "admin"),
             ("enable server svc/s2", "admin"), ("disable health svc/s2", "admin"), ("enable health svc/s2", "admin"),
             ("set maxconn server svc/s2 0", "admin"), ("shutdown sessions server svc/s2", "admin"),
             ("shutdown session 0x1", "admin"), ("set server svc/s2 health up", "admin"),
@@ -270,7 +297,9 @@ enum StatsClient {
                 if rank[level]! < rank[need]! {
                     #expect(reply == "Permission denied\n\n", "\(cmd) at \(level): \(reply.debugDescription)")
                 } else {
-                    #expect(reply != "Permission denied\n\n" && reply.hasSuffix("\n"), "\(cmd) at \(level): \(reply.debugDescription)")
+                    #expect(
+                        reply != "Permission denied\n\n" && reply.hasSuffix("\n"),
+                        "\(cmd) at \(level): \(reply.debugDescription)")
                 }
             }
             // help lists exactly what this level may run.
@@ -280,8 +309,11 @@ enum StatsClient {
             #expect(help.contains("show sess") == (level != "user"), "\(level) help")
         }
         // Lowering works, raising does not.
-        #expect(try StatsClient.ask(dir.file("admin.sock"), "operator;show cli level;set weight svc/s1 2") == "\noperator\n\nPermission denied\n\n")
-        #expect(try StatsClient.ask(dir.file("user.sock"), "operator;show cli level") == "Permission denied\n\nuser\n\n")
+        #expect(
+            try StatsClient.ask(dir.file("admin.sock"), "operator;show cli level;set weight svc/s1 2")
+                == "\noperator\n\nPermission denied\n\n")
+        #expect(
+            try StatsClient.ask(dir.file("user.sock"), "operator;show cli level") == "Permission denied\n\nuser\n\n")
         // The user socket has the configured mode.
         var st = stat()
         #expect(lstat(dir.file("user.sock"), &st) == 0 && st.st_mode & 0o777 == 0o660)
@@ -297,7 +329,9 @@ enum StatsClient {
         defer { b.stop() }
         let sock = dir.file("admin.sock")
         // Chained: one reply per command, each ending with an empty line; `\;` escapes.
-        #expect(try StatsClient.ask(sock, "show cli level;get weight svc/s1;get weight x/y") == "admin\n\n7 (initial 7)\n\nNo such backend.\n\n")
+        #expect(
+            try StatsClient.ask(sock, "show cli level;get weight svc/s1;get weight x/y")
+                == "admin\n\n7 (initial 7)\n\nNo such backend.\n\n")
         #expect(try StatsClient.ask(sock, "get weight svc/s1\\;x") == "No such server.\n\n")
         // Without a newline nothing runs (HAProxy does the same); the connection just closes.
         #expect(try StatsClient.raw(sock, Array("show info".utf8), shutdownAfter: true) == "")
@@ -322,7 +356,9 @@ enum StatsClient {
         #expect(rest.isEmpty && end == .eof)
     }
 
-    @Test("extra words after a command's arguments are an error and change nothing; maxconn above the process's is refused")
+    @Test(
+        "extra words after a command's arguments are an error and change nothing; maxconn above the process's is refused"
+    )
     func extraWords() throws {
         let echo = try TestServer.echo()
         defer { echo.stop() }
@@ -330,16 +366,30 @@ enum StatsClient {
         let b = try Self.start([("s1", echo.port), ("s2", echo.port)], dir: dir)
         defer { b.stop() }
         let sock = dir.file("admin.sock")
-        #expect(try StatsClient.ask(sock, "set weight svc/s1 5 extra") == "Unexpected argument 'extra'. Usage: set weight <bk>/<srv>  (DEPRECATED)\n\n")
-        #expect(try StatsClient.ask(sock, "set server svc/s1 weight 5 extra") == "Unexpected argument 'extra'. Usage: set server <bk>/<srv> weight <value>\n\n")
-        #expect(try StatsClient.ask(sock, "set server svc/s1 state drain now") == "Unexpected argument 'now'. Usage: set server <bk>/<srv> state <value>\n\n")
-        #expect(try StatsClient.ask(sock, "get weight svc/s1 svc/s2") == "Unexpected argument 'svc/s2'. Usage: get weight <bk>/<srv>\n\n")
-        #expect(try StatsClient.ask(sock, "show version please") == "Unexpected argument 'please'. Usage: show version\n\n")
+        #expect(
+            try StatsClient.ask(sock, "set weight svc/s1 5 extra")
+                == "Unexpected argument 'extra'. Usage: set weight <bk>/<srv>  (DEPRECATED)\n\n")
+        #expect(
+            try StatsClient.ask(sock, "set server svc/s1 weight 5 extra")
+                == "Unexpected argument 'extra'. Usage: set server <bk>/<srv> weight <value>\n\n")
+        #expect(
+            try StatsClient.ask(sock, "set server svc/s1 state drain now")
+                == "Unexpected argument 'now'. Usage: set server <bk>/<srv> state <value>\n\n")
+        #expect(
+            try StatsClient.ask(sock, "get weight svc/s1 svc/s2")
+                == "Unexpected argument 'svc/s2'. Usage: get weight <bk>/<srv>\n\n")
+        #expect(
+            try StatsClient.ask(sock, "show version please") == "Unexpected argument 'please'. Usage: show version\n\n")
         #expect(try StatsClient.ask(sock, "get weight svc/s1") == "1 (initial 1)\n\n")
         let row = try StatsClient.stat(sock).first { $0.count > 1 && $0[1] == "s1" }
         #expect(row?[17] == "no check", "the refused drain changed nothing (DRAIN otherwise): \(row ?? [])")
-        let maxconn = try StatsClient.ask(sock, "show info").split(separator: "\n").first { $0.hasPrefix("Maxconn: ") }?.dropFirst(9) ?? ""
-        #expect(try StatsClient.ask(sock, "set maxconn server svc/s1 99999999999") == "maxconn 99999999999 is above the process's maxconn (\(maxconn)); this server could never reach it.\n\n")
+        let maxconn =
+            try StatsClient.ask(sock, "show info").split(separator: "\n").first { $0.hasPrefix("Maxconn: ") }?
+            .dropFirst(9) ?? ""
+        #expect(
+            try StatsClient.ask(sock, "set maxconn server svc/s1 99999999999")
+                == "maxconn 99999999999 is above the process's maxconn (\(maxconn)); this server could never reach it.\n\n"
+        )
         #expect(try StatsClient.ask(sock, "set maxconn server svc/s1 \(maxconn)") == "\n")
     }
 
@@ -358,9 +408,12 @@ enum StatsClient {
         #expect(try StatsClient.ask(sock, "show cli level") == "admin\n\n")
         // 10,000 random lines in prompt mode, each answered before the next is sent.
         var rng = SystemRandomNumberGenerator()
-        let words = ["show", "stat", "info", "sess", "servers", "state", "set", "server", "weight", "get", "svc/s1", "svc/s2",
-                     "svc", "#1/#1", "health", "up", "down", "drain", "ready", "maint", "clear", "counters", "help", "enable",
-                     "disable", "100", "-1", "50%", "0x1", "typed", "json", "backend", "version", "cli", "level", "shutdown", "agent"]
+        let words = [
+            "show", "stat", "info", "sess", "servers", "state", "set", "server", "weight", "get", "svc/s1", "svc/s2",
+            "svc", "#1/#1", "health", "up", "down", "drain", "ready", "maint", "clear", "counters", "help", "enable",
+            "disable", "100", "-1", "50%", "0x1", "typed", "json", "backend", "version", "cli", "level", "shutdown",
+            "agent",
+        ]
         let fd = try StatsClient.connect(sock)
         defer { close(fd) }
         try Net.sendAll(fd, "prompt\n")
@@ -371,9 +424,13 @@ enum StatsClient {
             if k % 3 == 0 {
                 // Raw printable garbage (no newline, no command separators).
                 let n = Int.random(in: 0...80, using: &rng)
-                line = String((0..<n).map { _ in Character(Unicode.Scalar(UInt8.random(in: 32...126, using: &rng))) }.filter { $0 != ";" && $0 != "\\" })
+                line = String(
+                    (0..<n).map { _ in Character(Unicode.Scalar(UInt8.random(in: 32...126, using: &rng))) }.filter {
+                        $0 != ";" && $0 != "\\"
+                    })
             } else {
-                line = (0..<Int.random(in: 1...5, using: &rng)).map { _ in words.randomElement(using: &rng)! }.joined(separator: " ")
+                line = (0..<Int.random(in: 1...5, using: &rng)).map { _ in words.randomElement(using: &rng)! }.joined(
+                    separator: " ")
             }
             try Net.sendAll(fd, line + "\n")
             guard let r = StatsClient.untilPrompt(fd) else {
@@ -404,14 +461,20 @@ enum StatsClient {
         defer { b.stop() }
         let sock = dir.file("admin.sock")
         let seeds = [
-            "show stat", "show stat -1 4 -1 typed", "show stat svc 2 -1 json", "show info typed", "show servers state svc",
-            "set server svc/s1 state drain", "set server svc/s1 state ready", "set server svc/#2 weight 50%", "set weight svc/s2 3",
+            "show stat", "show stat -1 4 -1 typed", "show stat svc 2 -1 json", "show info typed",
+            "show servers state svc",
+            "set server svc/s1 state drain", "set server svc/s1 state ready", "set server svc/#2 weight 50%",
+            "set weight svc/s2 3",
             "get weight svc/s1", "set maxconn server svc/s1 10", "set server svc/s1 health up", "enable health svc/s1",
-            "show sess", "shutdown session 0x1", "show cli level; show version; show backend", "help set", "clear counters",
+            "show sess", "shutdown session 0x1", "show cli level; show version; show backend", "help set",
+            "clear counters",
             "show health svc", "show stat up\\ no-maint", "operator; show cli level",
         ]
-        let pieces = [";", "\\", " ", "\t", "\r", "/", "#", "%", "0x", "-1", "99999999999999999999", "é", "\u{1}", "svc", "s1", "#0",
-                      "stat", "server", "weight", "state", "maint", "up", "json", "typed", "\u{7f}"]
+        let pieces = [
+            ";", "\\", " ", "\t", "\r", "/", "#", "%", "0x", "-1", "99999999999999999999", "é", "\u{1}", "svc", "s1",
+            "#0",
+            "stat", "server", "weight", "state", "maint", "up", "json", "typed", "\u{7f}",
+        ]
         var rng = SystemRandomNumberGenerator()
         var fd = try StatsClient.connect(sock)
         defer { close(fd) }
@@ -420,7 +483,8 @@ enum StatsClient {
             _ = StatsClient.untilPrompt(fd)
         }
         try enterPrompt()
-        var answered = 0, reconnects = 0
+        var answered = 0
+        var reconnects = 0
         let end = Date().addingTimeInterval(30)
         for _ in 0..<3000 where Date() < end {
             var line = Array(seeds.randomElement(using: &rng)!)
@@ -428,7 +492,10 @@ enum StatsClient {
                 let at = Int.random(in: 0...line.count, using: &rng)
                 switch Int.random(in: 0..<3, using: &rng) {
                 case 0: line.insert(contentsOf: pieces.randomElement(using: &rng)!, at: at)
-                case 1: if at < line.count { line.removeSubrange(at..<min(line.count, at + Int.random(in: 1...5, using: &rng))) }
+                case 1:
+                    if at < line.count {
+                        line.removeSubrange(at..<min(line.count, at + Int.random(in: 1...5, using: &rng)))
+                    }
                 default: line.insert(Character(Unicode.Scalar(UInt8.random(in: 32...126, using: &rng))), at: at)
                 }
             }
@@ -456,7 +523,8 @@ enum StatsClient {
 
     @Test("stot, bin, bout and lbtot equal what the clients sent and received")
     func countersMatchTraffic() throws {
-        let a = try TestServer.echo(name: "a"), c = try TestServer.echo(name: "c")
+        let a = try TestServer.echo(name: "a")
+        let c = try TestServer.echo(name: "c")
         defer {
             a.stop()
             c.stop()
@@ -465,7 +533,8 @@ enum StatsClient {
         let b = try Self.start([("s1", a.port), ("s2", c.port)], dir: dir)
         defer { b.stop() }
         let port = b.port("svc")
-        let n = 20, size = 100_003
+        let n = 20
+        let size = 100_003
         for k in 0..<n {
             let fd = try Net.connect(port)
             let payload = [UInt8](repeating: UInt8(k), count: size)
@@ -477,10 +546,15 @@ enum StatsClient {
             // One at a time from the proxy's side too (its close can trail the client's), so the
             // maximum of concurrent connections is exactly 1.
             let settle = Date().addingTimeInterval(2)
-            while Date() < settle, StatsClient.row(try StatsClient.stat(dir.file("user.sock")), "FRONTEND")["scur"] != "0" { usleep(2_000) }
+            while Date() < settle,
+                StatsClient.row(try StatsClient.stat(dir.file("user.sock")), "FRONTEND")["scur"] != "0"
+            { usleep(2_000) }
         }
         // Counters are added when bytes move and when connections end; the last close is async.
-        var fe: [String: String] = [:], be: [String: String] = [:], s1: [String: String] = [:], s2: [String: String] = [:]
+        var fe: [String: String] = [:]
+        var be: [String: String] = [:]
+        var s1: [String: String] = [:]
+        var s2: [String: String] = [:]
         let deadline = Date().addingTimeInterval(5)
         repeat {
             let rows = try StatsClient.stat(dir.file("user.sock"))
@@ -493,9 +567,11 @@ enum StatsClient {
         } while Date() < deadline
         #expect(fe["stot"] == "\(n)" && fe["conn_tot"] == "\(n)")
         #expect(fe["bin"] == "\(n * size)" && fe["bout"] == "\(n * size)")
-        #expect(be["stot"] == "\(n)" && be["lbtot"] == "\(n)" && be["bin"] == "\(n * size)" && be["bout"] == "\(n * size)")
+        #expect(
+            be["stot"] == "\(n)" && be["lbtot"] == "\(n)" && be["bin"] == "\(n * size)" && be["bout"] == "\(n * size)")
         // Two workers, each with its own round robin: the split is near 1:1, the sums are exact.
-        let st1 = Int(s1["stot"] ?? "") ?? -1, st2 = Int(s2["stot"] ?? "") ?? -1
+        let st1 = Int(s1["stot"] ?? "") ?? -1
+        let st2 = Int(s2["stot"] ?? "") ?? -1
         #expect(st1 + st2 == n && abs(st1 - st2) <= 2, "\(st1) + \(st2)")
         #expect(s1["lbtot"] == "\(st1)" && s2["lbtot"] == "\(st2)")
         #expect(s1["bin"] == "\(st1 * size)" && s2["bin"] == "\(st2 * size)")
@@ -504,7 +580,9 @@ enum StatsClient {
         #expect(s1["econ"] == "0" && s1["lastsess"] != "-1")
         // show info agrees, and `clear counters all` starts over.
         let info = try StatsClient.ask(dir.file("user.sock"), "show info")
-        #expect(info.contains("CumConns: \(n)\n") && info.contains("Name: Ballast\n") && info.contains("TotalBytesOut: \(n * size)\n"))
+        #expect(
+            info.contains("CumConns: \(n)\n") && info.contains("Name: Ballast\n")
+                && info.contains("TotalBytesOut: \(n * size)\n"))
         #expect(try StatsClient.ask(dir.file("admin.sock"), "clear counters all") == "\n")
         let after = StatsClient.row(try StatsClient.stat(dir.file("user.sock")), "s1")
         #expect(after["stot"] == "0" && after["bin"] == "0" && after["smax"] == "0")
@@ -529,7 +607,9 @@ enum StatsClient {
         #expect(Net.readExactly(keep, 1) == [UInt8(ascii: "y")])
         var local = sockaddr_in()
         var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        withUnsafeMutablePointer(to: &local) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = getsockname(victim, $0, &len) } }
+        withUnsafeMutablePointer(to: &local) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = getsockname(victim, $0, &len) }
+        }
         let victimPort = UInt16(bigEndian: local.sin_port)
         let sess = try StatsClient.ask(dir.file("operator.sock"), "show sess")
         let lines = sess.split(separator: "\n")
@@ -541,7 +621,9 @@ enum StatsClient {
         Net.setTimeout(victim, 3)
         let (_, end) = Net.readAll(victim)
         #expect(end == .eof || end == .reset)
-        #expect(try StatsClient.ask(dir.file("admin.sock"), "shutdown session \(id)") == "No such session (use 'show sess').\n\n")
+        #expect(
+            try StatsClient.ask(dir.file("admin.sock"), "shutdown session \(id)")
+                == "No such session (use 'show sess').\n\n")
         try Net.sendAll(keep, "z")
         #expect(Net.readExactly(keep, 1) == [UInt8(ascii: "z")])
     }
@@ -550,16 +632,19 @@ enum StatsClient {
 
     @Test("drain, maint, weight and forced health drive traffic and show in show stat")
     func adminChangesDriveTraffic() throws {
-        let a = try TestServer.namedEcho("A"), c = try TestServer.namedEcho("C")
+        let a = try TestServer.namedEcho("A")
+        let c = try TestServer.namedEcho("C")
         defer {
             a.stop()
             c.stop()
         }
         let dir = TempDir()
         let b = try Self.start(
-            [("s1", a.port), ("s2", c.port)], extra: "check: { type: tcp, interval: 300ms, timeout: 300ms, rise: 2, fall: 2 }", dir: dir)
+            [("s1", a.port), ("s2", c.port)],
+            extra: "check: { type: tcp, interval: 300ms, timeout: 300ms, rise: 2, fall: 2 }", dir: dir)
         defer { b.stop() }
-        let admin = dir.file("admin.sock"), port = b.port("svc")
+        let admin = dir.file("admin.sock")
+        let port = b.port("svc")
         func who() throws -> String {
             let fd = try Net.connect(port)
             defer { close(fd) }
@@ -602,7 +687,9 @@ enum StatsClient {
 
     @Test("state kept: drained and reweighted servers stay so across reload and restart; config changes win")
     func stateKept() throws {
-        let a = try TestServer.namedEcho("A"), c = try TestServer.namedEcho("C"), d = try TestServer.namedEcho("D")
+        let a = try TestServer.namedEcho("A")
+        let c = try TestServer.namedEcho("C")
+        let d = try TestServer.namedEcho("D")
         defer {
             a.stop()
             c.stop()
@@ -611,7 +698,9 @@ enum StatsClient {
         let dir = TempDir()
         var b = try Self.start([("s1", a.port), ("s2", c.port), ("s3", c.port)], dir: dir)
         let admin = dir.file("admin.sock")
-        #expect(try StatsClient.ask(admin, "set server svc/s1 state drain;set weight svc/s2 33;set server svc/s3 state maint") == "\n\n\n")
+        #expect(
+            try StatsClient.ask(
+                admin, "set server svc/s1 state drain;set weight svc/s2 33;set server svc/s3 state maint") == "\n\n\n")
         // Reload with the same config: nothing changes.
         let same = try String(contentsOfFile: b.configPath, encoding: .utf8)
         #expect(b.reload(same)?.contains("reloaded") == true)
@@ -644,7 +733,8 @@ enum StatsClient {
 
     @Test("/metrics parses with the Prometheus client's parser and carries the expected series")
     func metrics() throws {
-        let a = try TestServer.echo(name: "a"), c = try TestServer.echo(name: "c")
+        let a = try TestServer.echo(name: "a")
+        let c = try TestServer.echo(name: "c")
         defer {
             a.stop()
             c.stop()
@@ -662,7 +752,9 @@ enum StatsClient {
         }
         #expect(try StatsClient.ask(dir.file("admin.sock"), "set server svc/s2 state drain") == "\n")
         usleep(200_000)
-        let script = dir.write("parse.py", """
+        let script = dir.write(
+            "parse.py",
+            """
             import json, sys, urllib.request
             from prometheus_client.parser import text_string_to_metric_families
             text = urllib.request.urlopen("http://127.0.0.1:\(mport)/metrics", timeout=5).read().decode()
@@ -686,7 +778,9 @@ enum StatsClient {
         #expect(samples["ballast_server_bytes_in_total{proxy=svc,server=s1}"] == 50)
         #expect(samples["ballast_server_bytes_out_total{proxy=svc,server=s2}"] == 50)
         #expect(samples["ballast_server_loadbalanced_total{proxy=svc,server=s2}"] == 5)
-        #expect(samples["ballast_server_status{proxy=svc,server=s1,state=UP}"] == 1 || samples["ballast_server_status{proxy=svc,server=s1,state=NOCHECK}"] == 1)
+        #expect(
+            samples["ballast_server_status{proxy=svc,server=s1,state=UP}"] == 1
+                || samples["ballast_server_status{proxy=svc,server=s1,state=NOCHECK}"] == 1)
         #expect(samples["ballast_server_status{proxy=svc,server=s2,state=DRAIN}"] == 1)
         #expect(samples["ballast_server_weight{proxy=svc,server=s1}"] == 1)
         #expect(samples["ballast_frontend_current_sessions{proxy=svc}"] == 0)

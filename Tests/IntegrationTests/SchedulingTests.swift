@@ -3,7 +3,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Balancing policies and server states through a real `ballast run`.
@@ -41,9 +41,12 @@ import Glibc
     func leastconn() throws {
         let s = try Self.servers(["a", "b", "c"])
         defer { s.forEach { $0.stop() } }
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(servers: s.map { ($0.name, $0.port) }, extra: "balance: leastconn")
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(servers: s.map { ($0.name, $0.port) }, extra: "balance: leastconn")
+                ]))
         defer { p.stop() }
         let port = p.port("svc")
         var held = try (0..<6).map { _ in try Self.open(port) }
@@ -59,9 +62,14 @@ import Glibc
     func roundrobinAcrossWorkers() throws {
         let s = try Self.servers(["a", "b", "c"])
         defer { s.forEach { $0.stop() } }
-        let p = try BallastProcess(config: configYAML(global: "workers: 2", services: [
-            serviceYAML(servers: s.map { ($0.name, $0.port) }, serverExtra: ["a": "weight: 3", "b": "weight: 2", "c": "weight: 1"])
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 2",
+                services: [
+                    serviceYAML(
+                        servers: s.map { ($0.name, $0.port) },
+                        serverExtra: ["a": "weight: 3", "b": "weight: 2", "c": "weight: 1"])
+                ]))
         defer { p.stop() }
         let port = p.port("svc")
         var order: [String] = []
@@ -73,7 +81,8 @@ import Glibc
         // SO_REUSEPORT spreads these connections over both workers' listeners (by the client's
         // port); the order is still the smooth weighted one, period after period.
         for k in stride(from: 0, to: 60, by: 6) {
-            #expect(Self.tally(order[k..<k + 6].map { Held(fd: -1, server: $0) }) == ["a": 3, "b": 2, "c": 1], "\(order)")
+            #expect(
+                Self.tally(order[k..<k + 6].map { Held(fd: -1, server: $0) }) == ["a": 3, "b": 2, "c": 1], "\(order)")
         }
         #expect(s.map(\.connections) == [30, 20, 10])
     }
@@ -82,9 +91,12 @@ import Glibc
     func random() throws {
         let s = try Self.servers(["a", "b", "c"])
         defer { s.forEach { $0.stop() } }
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(servers: s.map { ($0.name, $0.port) }, extra: "balance: random")
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(servers: s.map { ($0.name, $0.port) }, extra: "balance: random")
+                ]))
         defer { p.stop() }
         let port = p.port("svc")
         var held = try (0..<30).map { _ in try Self.open(port) }
@@ -102,9 +114,10 @@ import Glibc
     func source() throws {
         let s = try Self.servers(["a", "b", "c"])
         defer { s.forEach { $0.stop() } }
-        let p = try BallastProcess(config: configYAML(services: [
-            serviceYAML(servers: s.map { ($0.name, $0.port) }, extra: "balance: source\nhash_table_size: 1009")
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(services: [
+                serviceYAML(servers: s.map { ($0.name, $0.port) }, extra: "balance: source\nhash_table_size: 1009")
+            ]))
         defer { p.stop() }
         let port = p.port("svc")
         let table = MaglevTable(names: ["a", "b", "c"], weights: [1, 1, 1], size: 1009)
@@ -113,7 +126,8 @@ import Glibc
             let source = "127.0.0.\(k)"
             var a = in_addr()
             inet_pton(AF_INET, source, &a)
-            let expected = ["a", "b", "c"][Int(table.lookup(withUnsafeBytes(of: a.s_addr) { JHash.hash($0, seed: SourceHash.seed) }))]
+            let expected = ["a", "b", "c"][
+                Int(table.lookup(withUnsafeBytes(of: a.s_addr) { JHash.hash($0, seed: SourceHash.seed) }))]
             for _ in 0..<3 {
                 let h = try Self.open(port, from: source)
                 close(h.fd)
@@ -128,9 +142,10 @@ import Glibc
     func sourcePort() throws {
         let s = try Self.servers(["a", "b", "c"])
         defer { s.forEach { $0.stop() } }
-        let p = try BallastProcess(config: configYAML(services: [
-            serviceYAML(servers: s.map { ($0.name, $0.port) }, extra: "balance: source\nhash_key: source-port")
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(services: [
+                serviceYAML(servers: s.map { ($0.name, $0.port) }, extra: "balance: source\nhash_key: source-port")
+            ]))
         defer { p.stop() }
         var seen = Set<String>()
         for _ in 0..<30 {
@@ -146,9 +161,11 @@ import Glibc
         let s = try Self.servers(["a", "b"])
         defer { s.forEach { $0.stop() } }
         func config(_ aState: String) -> String {
-            configYAML(global: "workers: 1", services: [
-                serviceYAML(servers: s.map { ($0.name, $0.port) }, serverExtra: ["a": "state: \(aState)"])
-            ])
+            configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(servers: s.map { ($0.name, $0.port) }, serverExtra: ["a": "state: \(aState)"])
+                ])
         }
         let p = try BallastProcess(config: config("ready"))
         defer { p.stop() }
@@ -172,11 +189,14 @@ import Glibc
     func allbackups(all: Bool) throws {
         let s = try Self.servers(["a", "b1", "b2"])
         defer { s.forEach { $0.stop() } }
-        let p = try BallastProcess(config: configYAML(global: "workers: 1", services: [
-            serviceYAML(
-                servers: s.map { ($0.name, $0.port) }, extra: "allbackups: \(all)",
-                serverExtra: ["a": "state: maint", "b1": "backup: true", "b2": "backup: true"])
-        ]))
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        servers: s.map { ($0.name, $0.port) }, extra: "allbackups: \(all)",
+                        serverExtra: ["a": "state: maint", "b1": "backup: true", "b2": "backup: true"])
+                ]))
         defer { p.stop() }
         let held = try (0..<6).map { _ in try Self.open(p.port("svc")) }
         #expect(Self.tally(held) == (all ? ["b1": 3, "b2": 3] : ["b1": 6]))
@@ -188,11 +208,13 @@ import Glibc
         let s = try Self.servers(["a", "b"])
         defer { s.forEach { $0.stop() } }
         func config(_ aState: String) -> String {
-            configYAML(global: "workers: 1", services: [
-                serviceYAML(
-                    servers: s.map { ($0.name, $0.port) }, extra: "slowstart: 3s",
-                    serverExtra: ["a": "weight: 100, state: \(aState)", "b": "weight: 100"])
-            ])
+            configYAML(
+                global: "workers: 1",
+                services: [
+                    serviceYAML(
+                        servers: s.map { ($0.name, $0.port) }, extra: "slowstart: 3s",
+                        serverExtra: ["a": "weight: 100, state: \(aState)", "b": "weight: 100"])
+                ])
         }
         let p = try BallastProcess(config: config("maint"))
         defer { p.stop() }

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The release binary (`make release`: `--static-swift-stdlib`) runs where no Swift runtime is
@@ -13,10 +13,13 @@ import Glibc
     static let toolchain = "/opt/swift"
     static var ready: Bool {
         geteuid() == 0 && FileManager.default.isExecutableFile(atPath: binary)
-            && FileManager.default.fileExists(atPath: toolchain) && FileManager.default.isExecutableFile(atPath: "/usr/bin/unshare")
+            && FileManager.default.fileExists(atPath: toolchain)
+            && FileManager.default.isExecutableFile(atPath: "/usr/bin/unshare")
     }
 
-    @Test("the static binary needs no Swift libraries", .enabled(if: ready, "needs root, /usr/bin/unshare and `make release` first (scripts/test.sh builds it)"))
+    @Test(
+        "the static binary needs no Swift libraries",
+        .enabled(if: ready, "needs root, /usr/bin/unshare and `make release` first (scripts/test.sh builds it)"))
     func runsWithoutToolchain() throws {
         let (ls, lddOut, _) = try runCommand("/usr/bin/ldd", [Self.binary])
         #expect(ls == 0)
@@ -24,7 +27,8 @@ import Glibc
         #expect(!lddOut.contains("libFoundation"), "\(lddOut)")
         let dir = TempDir()
         let config = dir.write("b.yaml", configYAML(services: [serviceYAML(servers: [("e", 7001)])]))
-        let script = "mount -t tmpfs none \(Self.toolchain) && test -z \"$(ls -A \(Self.toolchain))\" && \(Self.binary) --version && \(Self.binary) check -c \(config)"
+        let script =
+            "mount -t tmpfs none \(Self.toolchain) && test -z \"$(ls -A \(Self.toolchain))\" && \(Self.binary) --version && \(Self.binary) check -c \(config)"
         let (status, out, err) = try runCommand("/usr/bin/unshare", ["-m", "/bin/sh", "-c", script])
         #expect(status == 0, "\(err)")
         #expect(out.hasPrefix("ballast 0.1.0 (release build, "))

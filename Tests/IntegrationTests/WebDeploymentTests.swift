@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// examples/deployments/web as a test: two real nginx servers (Debian's nginx-light) behind
@@ -10,7 +10,8 @@ import Glibc
 /// again mid-run.
 @Suite(.serialized) struct WebDeploymentTests {
     static let available =
-        FileManager.default.isExecutableFile(atPath: "/usr/sbin/nginx") && FileManager.default.isExecutableFile(atPath: "/usr/bin/wrk")
+        FileManager.default.isExecutableFile(atPath: "/usr/sbin/nginx")
+        && FileManager.default.isExecutableFile(atPath: "/usr/bin/wrk")
 
     final class Nginx: @unchecked Sendable {
         let name: String
@@ -26,8 +27,10 @@ import Glibc
                 contentsOf: Repo.root.appendingPathComponent("examples/deployments/web/nginx.conf.in"), encoding: .utf8)
             _ = dir.write(
                 "\(name).conf",
-                template.replacingOccurrences(of: "@DIR@", with: dir.path).replacingOccurrences(of: "@NAME@", with: name)
-                    .replacingOccurrences(of: "@PORT@", with: "\(port)"))
+                template.replacingOccurrences(of: "@DIR@", with: dir.path).replacingOccurrences(
+                    of: "@NAME@", with: name
+                )
+                .replacingOccurrences(of: "@PORT@", with: "\(port)"))
             try start()
         }
 
@@ -113,9 +116,14 @@ import Glibc
             let numbers = errors.split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) }
             // connect, read, write, timeout: keep-alive connections open on web1 when it stopped
             // end (read errors, at most the 20 connections); nothing else.
-            #expect(numbers.count == 4 && numbers[0] == 0 && numbers[2] == 0 && numbers[3] == 0 && numbers[1] <= 20, "\(report)")
+            #expect(
+                numbers.count == 4 && numbers[0] == 0 && numbers[2] == 0 && numbers[3] == 0 && numbers[1] <= 20,
+                "\(report)")
         }
-        let requests = report.split(separator: "\n").first { $0.contains("requests in") }.flatMap { Int($0.split(separator: " ")[0]) } ?? 0
+        let requests =
+            report.split(separator: "\n").first { $0.contains("requests in") }.flatMap {
+                Int($0.split(separator: " ")[0])
+            } ?? 0
         #expect(requests > 1000, "\(report)")
         // Both servers answer again after the restart.
         var seen = Set<String>()
@@ -124,9 +132,13 @@ import Glibc
             try Net.sendAll(fd, "GET / HTTP/1.0\r\n\r\n")
             let (data, _) = Net.readAll(fd)
             close(fd)
-            if let line = String(decoding: data, as: UTF8.self).split(whereSeparator: \.isNewline).last { seen.insert(String(line)) }
+            if let line = String(decoding: data, as: UTF8.self).split(whereSeparator: \.isNewline).last {
+                seen.insert(String(line))
+            }
         }
         #expect(seen == ["served by web1", "served by web2"], "\(seen)")
-        print("web: \(requests) requests through Ballast in 6 s with one nginx stopped for 1.5 s; \(errors.isEmpty ? "no socket errors" : errors)")
+        print(
+            "web: \(requests) requests through Ballast in 6 s with one nginx stopped for 1.5 s; \(errors.isEmpty ? "no socket errors" : errors)"
+        )
     }
 }

@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 func connect(_ port: UInt16) -> Int32 {
@@ -11,7 +11,9 @@ func connect(_ port: UInt16) -> Int32 {
     var tv = timeval(tv_sec: 5, tv_usec: 0)
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     let r = withUnsafePointer(to: &sa) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+        }
     }
     if r != 0 {
         close(fd)
@@ -24,7 +26,9 @@ let ping: [UInt8] = Array("PING\r\n".utf8)
 
 /// PING and wait for the 7-byte +PONG\r\n.
 func pingPong(_ fd: Int32) -> Bool {
-    guard ping.withUnsafeBytes({ send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }) == ping.count else { return false }
+    guard ping.withUnsafeBytes({ send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }) == ping.count else {
+        return false
+    }
     var buf = [UInt8](repeating: 0, count: 64)
     var got = 0
     while got < 7 {
@@ -51,7 +55,6 @@ struct Job: @unchecked Sendable {
     let deadline: Double
     let counter: UnsafeMutablePointer<Counter>
 }
-
 
 /// The connrate thread body: short connections until the deadline.
 func connrateThread(_ arg: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {

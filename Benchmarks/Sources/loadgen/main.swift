@@ -4,7 +4,7 @@
 //   loadgen hold PORT COUNT SECONDS         opens COUNT connections, checks each with PING/+PONG,
 //                                           prints "ready N", holds them SECONDS, closes them
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 let args = CommandLine.arguments

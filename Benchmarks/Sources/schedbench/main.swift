@@ -4,7 +4,7 @@ import BallastCore
 import CMallocCount
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 @inline(never)
@@ -17,7 +17,8 @@ func nowNs() -> UInt64 {
 func pool(_ n: Int) -> ([Server], [ServerConfig]) {
     let configs = (0..<n).map { i in
         var c = ServerConfig(
-            name: "server-\(i)", address: try! SocketAddress(parsing: "10.\(i / 65536).\((i / 256) % 256).\(i % 256):6379"),
+            name: "server-\(i)",
+            address: try! SocketAddress(parsing: "10.\(i / 65536).\((i / 256) % 256).\(i % 256):6379"),
             location: SourceLocation(file: "", line: 0, column: 0))
         c.weight = 1 + i % 4
         return c
@@ -35,17 +36,19 @@ func measure(_ policy: Balance, servers n: Int) -> Result {
     let backup = [Bool](repeating: false, count: n)
     let handles = servers.map { Unmanaged.passUnretained($0) }
     // The shared turn, as the proxy gives every service (roundrobin reads it).
-    let scheduler = makeScheduler(policy, servers: configs, tableSize: MaglevTable.defaultSize, seed: 1, turn: SharedTurn())
+    let scheduler = makeScheduler(
+        policy, servers: configs, tableSize: MaglevTable.defaultSize, seed: 1, turn: SharedTurn())
     // Loads as a busy service would have them, so leastconn and random compare real numbers.
     for (i, s) in servers.enumerated() { s.active.store((i * 7) % 13, ordering: .relaxed) }
     let picks = n >= 1000 ? 20_000 : 1_000_000
     var sink = 0
     func run(_ count: Int, _ base: Int) {
         for k in 0..<count {
-            sink &+= PickView.with(
-                servers: handles, backup: backup, tier: false, exclude: -1, now: 1_000,
-                staticWeights: policy == .source, hash: UInt32(truncatingIfNeeded: (base + k) &* 2_654_435_761)
-            ) { scheduler.pick($0) } ?? 0
+            sink &+=
+                PickView.with(
+                    servers: handles, backup: backup, tier: false, exclude: -1, now: 1_000,
+                    staticWeights: policy == .source, hash: UInt32(truncatingIfNeeded: (base + k) &* 2_654_435_761)
+                ) { scheduler.pick($0) } ?? 0
         }
         withExtendedLifetime(servers) {}
     }
@@ -80,7 +83,9 @@ print("|---|" + sizes.map { _ in "---:" }.joined(separator: "|") + "|---:|")
 for policy in Balance.allCases {
     let results = sizes.map { measure(policy, servers: $0) }
     let allocs = results.map(\.allocs).max()!
-    print("| \(policy.rawValue) | " + results.map { String(format: "%.1f", $0.ns) }.joined(separator: " | ") + " | \(allocs == 0 ? "0" : String(format: "%.4f", allocs)) |")
+    print(
+        "| \(policy.rawValue) | " + results.map { String(format: "%.1f", $0.ns) }.joined(separator: " | ")
+            + " | \(allocs == 0 ? "0" : String(format: "%.4f", allocs)) |")
 }
 print("")
 print("| Maglev table rebuild, 65537 slots | ms (median of 5) |")

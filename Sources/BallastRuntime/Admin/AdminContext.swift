@@ -6,9 +6,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// What the runtime API and `/metrics` read and act on: the current table, the checker, the
@@ -79,7 +79,9 @@ final class AdminContext: @unchecked Sendable {
 
     /// Finds `backend/server` (names or `#id`), with HAProxy's error texts.
     func lookup(_ arg: String?) -> Result<(Service, Server, Int), CLIError> {
-        guard let arg, let slash = arg.firstIndex(of: "/") else { return .failure(CLIError("Require 'backend/server'.")) }
+        guard let arg, let slash = arg.firstIndex(of: "/") else {
+            return .failure(CLIError("Require 'backend/server'."))
+        }
         let b = String(arg[..<slash])
         let s = String(arg[arg.index(after: slash)...])
         guard let svc = service(b) else { return .failure(CLIError("No such backend.")) }

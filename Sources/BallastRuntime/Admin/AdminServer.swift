@@ -5,9 +5,9 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// The runtime API sockets and the metrics endpoint, served by one thread ("ballast-admin") with
@@ -127,7 +127,10 @@ final class AdminServer: @unchecked Sendable {
             do {
                 if let path = s.path {
                     let fd = try Socket.listenUnix(path, backlog: 64)
-                    if chmod(path, mode_t(s.mode)) != 0 || ((s.uid != nil || s.gid != nil) && chown(path, s.uid ?? UInt32.max, s.gid ?? UInt32.max) != 0) {
+                    if chmod(path, mode_t(s.mode)) != 0
+                        || ((s.uid != nil || s.gid != nil)
+                            && chown(path, s.uid ?? UInt32.max, s.gid ?? UInt32.max) != 0)
+                    {
                         let e = String(cString: strerror(errno))
                         Sys.close(fd)
                         unlink(path)
@@ -141,7 +144,8 @@ final class AdminServer: @unchecked Sendable {
                 }
             } catch let e as SysError {
                 close()
-                throw ConfigError(s.location, "stats socket \(s.name): cannot listen: \(String(cString: strerror(e.errno)))")
+                throw ConfigError(
+                    s.location, "stats socket \(s.name): cannot listen: \(String(cString: strerror(e.errno)))")
             } catch let e as ConfigError {
                 close()
                 throw e
@@ -157,7 +161,8 @@ final class AdminServer: @unchecked Sendable {
                 listeners.append(Listener(fd: fd, level: .user, metrics: true, path: nil, name: actual))
             } catch {
                 close()
-                throw ConfigError(config.metricsLocation ?? SourceLocation(file: "", line: 0, column: 0),
+                throw ConfigError(
+                    config.metricsLocation ?? SourceLocation(file: "", line: 0, column: 0),
                     "metrics \(m): cannot listen: \(String(cString: strerror(error.errno)))")
             }
         }
@@ -235,7 +240,8 @@ final class AdminServer: @unchecked Sendable {
 
     /// Once a second: session rates for every service and server, and the process.
     private func sample() {
-        var accepted: UInt64 = 0, sessions: UInt64 = 0
+        var accepted: UInt64 = 0
+        var sessions: UInt64 = 0
         var keep = Set<ObjectIdentifier>()
         for svc in ctx.table.services {
             let c = svc.stats.counters.raw()
@@ -252,7 +258,9 @@ final class AdminServer: @unchecked Sendable {
         }
         ctx.rates.sample(RateKeys.process, accepted)
         ctx.rates.sample(RateKeys.processSessions, sessions)
-        for k in [RateKeys.process, RateKeys.processSessions, RateKeys.processBytesOut] { keep.insert(ObjectIdentifier(k)) }
+        for k in [RateKeys.process, RateKeys.processSessions, RateKeys.processBytesOut] {
+            keep.insert(ObjectIdentifier(k))
+        }
         ctx.rates.forget(except: keep)
     }
 
@@ -265,7 +273,9 @@ final class AdminServer: @unchecked Sendable {
             // At the cap, the client idle the longest makes room: a new operator always gets in.
             let cap = limits.withLock { $0.maxconn }
             let same = clients.values.filter { $0.metrics == l.metrics }
-            if same.count >= cap, let victim = same.filter(\.idle).min(by: { $0.last < $1.last }) ?? same.min(by: { $0.last < $1.last }) {
+            if same.count >= cap,
+                let victim = same.filter(\.idle).min(by: { $0.last < $1.last }) ?? same.min(by: { $0.last < $1.last })
+            {
                 drop(victim)
             }
             let c = Client(id: nextId, fd: fd, level: l.level, metrics: l.metrics, now: now)
@@ -358,7 +368,9 @@ final class AdminServer: @unchecked Sendable {
                     c.queued = 0
                 }
             }
-            if !c.closing && c.queued == c.queue.count && c.unconsumed > AdminServer.maxLine && !c.hasWork { tooLong(c) }
+            if !c.closing && c.queued == c.queue.count && c.unconsumed > AdminServer.maxLine && !c.hasWork {
+                tooLong(c)
+            }
         }
         // A line without its newline is never run (as in HAProxy); what was answered is sent.
         if c.eof && !c.hasWork { c.closing = true }
@@ -382,7 +394,9 @@ final class AdminServer: @unchecked Sendable {
     /// Reading while there is room (and until EOF when discarding), writing while output waits.
     private func updateInterest(_ c: Client) {
         var want: UInt32 = 0
-        if !c.eof && (c.discarding || (!c.closing && c.unconsumed <= AdminServer.maxLine)) { want |= Epoll.in | Epoll.rdhup }
+        if !c.eof && (c.discarding || (!c.closing && c.unconsumed <= AdminServer.maxLine)) {
+            want |= Epoll.in | Epoll.rdhup
+        }
         if c.pending > 0 { want |= Epoll.out }
         if want != c.interest {
             c.interest = want
@@ -425,7 +439,8 @@ final class AdminServer: @unchecked Sendable {
     private func serveHTTP(_ c: Client) {
         guard let end = findHeaderEnd(c.input) else {
             if c.input.count > 8192 {
-                reply(c, "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                reply(
+                    c, "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 c.closing = true
                 c.discarding = true
             }
@@ -454,7 +469,10 @@ final class AdminServer: @unchecked Sendable {
             body = metrics.render()
         }
         let bytes = Array(body.utf8)
-        reply(c, "HTTP/1.1 \(status)\r\nContent-Type: \(type)\r\nContent-Length: \(bytes.count)\r\nConnection: close\r\n\r\n")
+        reply(
+            c,
+            "HTTP/1.1 \(status)\r\nContent-Type: \(type)\r\nContent-Length: \(bytes.count)\r\nConnection: close\r\n\r\n"
+        )
         if parts.first != "HEAD" { c.output += bytes }
         c.closing = true
     }

@@ -3,9 +3,9 @@ import BallastHealth
 import BallastProxy
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// One runtime API conversation's state: its level (which `operator`/`user` only lower) and
@@ -41,7 +41,10 @@ struct CLI {
         var maxArgs: Int? = nil
         var handler: Handler
 
-        init(_ words: [String], _ usage: String, _ help: String, _ level: CLILevel, maxArgs: Int? = nil, _ run: @escaping @Sendable (CLI, [String], inout CLISession) -> String) {
+        init(
+            _ words: [String], _ usage: String, _ help: String, _ level: CLILevel, maxArgs: Int? = nil,
+            _ run: @escaping @Sendable (CLI, [String], inout CLISession) -> String
+        ) {
             self.words = words
             self.usage = usage
             self.help = help
@@ -50,7 +53,10 @@ struct CLI {
             handler = .text(run)
         }
 
-        init(_ words: [String], _ usage: String, _ help: String, _ level: CLILevel, stream: @escaping @Sendable (CLI, [String], inout [UInt8]) -> Void) {
+        init(
+            _ words: [String], _ usage: String, _ help: String, _ level: CLILevel,
+            stream: @escaping @Sendable (CLI, [String], inout [UInt8]) -> Void
+        ) {
             self.words = words
             self.usage = usage
             self.help = help
@@ -60,53 +66,124 @@ struct CLI {
     }
 
     static let commands: [Command] = [
-        Command(["add", "acl"], "add acl <acl> <network>", "add a network to a service's allow or deny list (<svc>/allow, <svc>/deny)", .admin, maxArgs: 2) { cli, a, _ in cli.changeACL("add", a) },
-        Command(["add", "server"], "add server <bk>/<srv> <addr>:<port> [weight N] [backup] [maxconn N]", "create a new server (in maintenance: 'enable server' puts it in service)", .admin) { cli, a, _ in
+        Command(
+            ["add", "acl"], "add acl <acl> <network>",
+            "add a network to a service's allow or deny list (<svc>/allow, <svc>/deny)", .admin, maxArgs: 2
+        ) { cli, a, _ in cli.changeACL("add", a) },
+        Command(
+            ["add", "server"], "add server <bk>/<srv> <addr>:<port> [weight N] [backup] [maxconn N]",
+            "create a new server (in maintenance: 'enable server' puts it in service)", .admin
+        ) { cli, a, _ in
             cli.addServer(a)
         },
-        Command(["clear", "acl"], "clear acl <acl>", "empty a service's allow or deny list", .admin, maxArgs: 1) { cli, a, _ in cli.changeACL("clear", a) },
-        Command(["clear", "counters"], "clear counters [all]", "clear max statistics counters (or all counters)", .operator, maxArgs: 1) { cli, a, session in
+        Command(["clear", "acl"], "clear acl <acl>", "empty a service's allow or deny list", .admin, maxArgs: 1) {
+            cli, a, _ in cli.changeACL("clear", a)
+        },
+        Command(
+            ["clear", "counters"], "clear counters [all]", "clear max statistics counters (or all counters)", .operator,
+            maxArgs: 1
+        ) { cli, a, session in
             if a.first == "all" && session.level < .admin { return "Permission denied\n\n" }
             cli.clearCounters(all: a.first == "all")
             return "\n"
         },
-        Command(["del", "acl"], "del acl <acl> <network>", "remove a network from a service's allow or deny list", .admin, maxArgs: 2) { cli, a, _ in cli.changeACL("del", a) },
-        Command(["del", "server"], "del server <bk>/<srv>", "remove a server in maintenance that has no connection", .admin, maxArgs: 1) { cli, a, _ in cli.delServer(a.first) },
-        Command(["disable", "health"], "disable health <bk>/<srv>", "disable health checks", .admin, maxArgs: 1) { cli, a, _ in cli.setHealthCheck(a.first, enabled: false) },
-        Command(["disable", "server"], "disable server <bk>/<srv>", "disable a server for maintenance (use 'set server' instead)", .admin, maxArgs: 1) { cli, a, _ in cli.setAdmin(a.first, .maint) },
-        Command(["enable", "health"], "enable health <bk>/<srv>", "enable health checks", .admin, maxArgs: 1) { cli, a, _ in cli.setHealthCheck(a.first, enabled: true) },
-        Command(["enable", "server"], "enable server <bk>/<srv>", "enable a disabled server (use 'set server' instead)", .admin, maxArgs: 1) { cli, a, _ in cli.setAdmin(a.first, .ready) },
-        Command(["get", "weight"], "get weight <bk>/<srv>", "report a server's current weight", .user, maxArgs: 1) { cli, a, _ in
+        Command(
+            ["del", "acl"], "del acl <acl> <network>", "remove a network from a service's allow or deny list", .admin,
+            maxArgs: 2
+        ) { cli, a, _ in cli.changeACL("del", a) },
+        Command(
+            ["del", "server"], "del server <bk>/<srv>", "remove a server in maintenance that has no connection", .admin,
+            maxArgs: 1
+        ) { cli, a, _ in cli.delServer(a.first) },
+        Command(["disable", "health"], "disable health <bk>/<srv>", "disable health checks", .admin, maxArgs: 1) {
+            cli, a, _ in cli.setHealthCheck(a.first, enabled: false)
+        },
+        Command(
+            ["disable", "server"], "disable server <bk>/<srv>",
+            "disable a server for maintenance (use 'set server' instead)", .admin, maxArgs: 1
+        ) { cli, a, _ in cli.setAdmin(a.first, .maint) },
+        Command(["enable", "health"], "enable health <bk>/<srv>", "enable health checks", .admin, maxArgs: 1) {
+            cli, a, _ in cli.setHealthCheck(a.first, enabled: true)
+        },
+        Command(
+            ["enable", "server"], "enable server <bk>/<srv>", "enable a disabled server (use 'set server' instead)",
+            .admin, maxArgs: 1
+        ) { cli, a, _ in cli.setAdmin(a.first, .ready) },
+        Command(["get", "weight"], "get weight <bk>/<srv>", "report a server's current weight", .user, maxArgs: 1) {
+            cli, a, _ in
             switch cli.ctx.lookup(a.first) {
             case .failure(let e): return e.message + "\n\n"
             case .success(let (_, s, _)): return "\(s.weight) (initial \(s.initialWeight.load(ordering: .relaxed)))\n\n"
             }
         },
-        Command(["operator"], "operator", "lower the level of the current CLI session to operator", .user, maxArgs: 0) { _, _, session in CLI.lower(&session, to: .operator) },
-        Command(["set", "maxconn", "server"], "set maxconn server <bk>/<srv>", "change a server's maxconn setting", .admin, maxArgs: 2) { cli, a, _ in cli.setMaxconn(a) },
-        Command(["set", "server"], "set server <bk>/<srv> [opts]", "change a server's state, weight or health", .admin) { cli, a, _ in cli.setServer(a) },
-        Command(["set", "weight"], "set weight <bk>/<srv>  (DEPRECATED)", "change a server's weight (use 'set server' instead)", .admin, maxArgs: 2) { cli, a, _ in
+        Command(["operator"], "operator", "lower the level of the current CLI session to operator", .user, maxArgs: 0) {
+            _, _, session in CLI.lower(&session, to: .operator)
+        },
+        Command(
+            ["set", "maxconn", "server"], "set maxconn server <bk>/<srv>", "change a server's maxconn setting", .admin,
+            maxArgs: 2
+        ) { cli, a, _ in cli.setMaxconn(a) },
+        Command(["set", "server"], "set server <bk>/<srv> [opts]", "change a server's state, weight or health", .admin)
+        { cli, a, _ in cli.setServer(a) },
+        Command(
+            ["set", "weight"], "set weight <bk>/<srv>  (DEPRECATED)",
+            "change a server's weight (use 'set server' instead)", .admin, maxArgs: 2
+        ) { cli, a, _ in
             cli.setWeight(a.first, a.dropFirst().first)
         },
-        Command(["show", "acl"], "show acl [<acl>]", "the access lists, or the networks of one (<svc>/allow, <svc>/deny or #id)", .user, maxArgs: 1) { cli, a, _ in cli.showACL(a.first) },
-        Command(["show", "backend"], "show backend", "list backends in the current running config", .user, maxArgs: 0) { cli, _, _ in
+        Command(
+            ["show", "acl"], "show acl [<acl>]",
+            "the access lists, or the networks of one (<svc>/allow, <svc>/deny or #id)", .user, maxArgs: 1
+        ) { cli, a, _ in cli.showACL(a.first) },
+        Command(["show", "backend"], "show backend", "list backends in the current running config", .user, maxArgs: 0) {
+            cli, _, _ in
             "# name\n" + cli.ctx.table.services.map { $0.name + "\n" }.joined() + "\n"
         },
-        Command(["show", "cli", "level"], "show cli level", "display the level of the current CLI session", .user, maxArgs: 0) { _, _, session in "\(session.level.rawValue)\n\n" },
-        Command(["show", "health"], "show health [<backend>]*", "ok, or why not: every worker answered recently, the backends have a usable server", .user) { cli, a, _ in cli.showHealth(a) },
-        Command(["show", "info"], "show info [desc|json|typed|float]*", "report information about the running process", .user) { cli, a, _ in
+        Command(
+            ["show", "cli", "level"], "show cli level", "display the level of the current CLI session", .user,
+            maxArgs: 0
+        ) { _, _, session in "\(session.level.rawValue)\n\n" },
+        Command(
+            ["show", "health"], "show health [<backend>]*",
+            "ok, or why not: every worker answered recently, the backends have a usable server", .user
+        ) { cli, a, _ in cli.showHealth(a) },
+        Command(
+            ["show", "info"], "show info [desc|json|typed|float]*", "report information about the running process",
+            .user
+        ) { cli, a, _ in
             ShowInfo.render(cli.ctx, typed: a.contains("typed"), json: a.contains("json"))
         },
-        Command(["show", "nft"], "show nft", "print the nftables ruleset of the nat services, in nft syntax", .user, maxArgs: 0) { cli, _, _ in (cli.ctx.nat?.render() ?? "") + "\n" },
-        Command(["show", "servers", "state"], "show servers state [<backend>]", "dump volatile server information (all or for a single backend)", .user, maxArgs: 1) { cli, a, _ in
+        Command(
+            ["show", "nft"], "show nft", "print the nftables ruleset of the nat services, in nft syntax", .user,
+            maxArgs: 0
+        ) { cli, _, _ in (cli.ctx.nat?.render() ?? "") + "\n" },
+        Command(
+            ["show", "servers", "state"], "show servers state [<backend>]",
+            "dump volatile server information (all or for a single backend)", .user, maxArgs: 1
+        ) { cli, a, _ in
             cli.showServersState(a.first)
         },
-        Command(["show", "sentinel"], "show sentinel", "the master each Sentinel names, per service with sentinel:", .user, maxArgs: 0) { cli, _, _ in cli.showSentinel() },
-        Command(["show", "sess"], "show sess [id]", "report the list of current sessions or dump this exact session", .operator, maxArgs: 1) { cli, a, _ in cli.showSess(a) },
-        Command(["show", "stat"], "show stat [desc|json|no-maint|typed|up]*", "report counters for each proxy and server", .user, stream: { cli, a, out in cli.showStat(a, into: &out) }),
-        Command(["show", "version"], "show version", "show version of the current process", .user, maxArgs: 0) { _, _, _ in "\(BallastVersion.string)\n\n" },
-        Command(["shutdown", "session"], "shutdown session [id]", "kill a specific session", .admin, maxArgs: 1) { cli, a, _ in cli.shutdownSession(a.first) },
-        Command(["shutdown", "sessions", "server"], "shutdown sessions server <bk>/<srv>", "kill sessions on a server", .admin, maxArgs: 1) { cli, a, _ in
+        Command(
+            ["show", "sentinel"], "show sentinel", "the master each Sentinel names, per service with sentinel:", .user,
+            maxArgs: 0
+        ) { cli, _, _ in cli.showSentinel() },
+        Command(
+            ["show", "sess"], "show sess [id]", "report the list of current sessions or dump this exact session",
+            .operator, maxArgs: 1
+        ) { cli, a, _ in cli.showSess(a) },
+        Command(
+            ["show", "stat"], "show stat [desc|json|no-maint|typed|up]*", "report counters for each proxy and server",
+            .user, stream: { cli, a, out in cli.showStat(a, into: &out) }),
+        Command(["show", "version"], "show version", "show version of the current process", .user, maxArgs: 0) {
+            _, _, _ in "\(BallastVersion.string)\n\n"
+        },
+        Command(["shutdown", "session"], "shutdown session [id]", "kill a specific session", .admin, maxArgs: 1) {
+            cli, a, _ in cli.shutdownSession(a.first)
+        },
+        Command(
+            ["shutdown", "sessions", "server"], "shutdown sessions server <bk>/<srv>", "kill sessions on a server",
+            .admin, maxArgs: 1
+        ) { cli, a, _ in
             switch cli.ctx.lookup(a.first) {
             case .failure(let e): return e.message + "\n\n"
             case .success(let (_, s, _)):
@@ -114,7 +191,9 @@ struct CLI {
                 return "\n"
             }
         },
-        Command(["user"], "user", "lower the level of the current CLI session to user", .user, maxArgs: 0) { _, _, session in CLI.lower(&session, to: .user) },
+        Command(["user"], "user", "lower the level of the current CLI session to user", .user, maxArgs: 0) {
+            _, _, session in CLI.lower(&session, to: .user)
+        },
     ]
 
     /// `operator` and `user`: a connection's level only goes down.
@@ -125,7 +204,8 @@ struct CLI {
     }
 
     static let tail: [(String, String)] = [
-        ("help [<command>]", "list matching or all commands"), ("prompt", "toggle interactive mode with prompt"), ("quit", "disconnect"),
+        ("help [<command>]", "list matching or all commands"), ("prompt", "toggle interactive mode with prompt"),
+        ("quit", "disconnect"),
     ]
 
     static func helpLine(_ usage: String, _ help: String) -> String {
@@ -188,7 +268,8 @@ struct CLI {
     static func commands(of line: String) -> Result<[[String]], CLIError> {
         let commands = split(line)
         if commands.count > maxCommandsPerLine {
-            return .failure(CLIError("Too many commands on one line (\(commands.count), at most \(maxCommandsPerLine))."))
+            return .failure(
+                CLIError("Too many commands on one line (\(commands.count), at most \(maxCommandsPerLine))."))
         }
         return .success(commands)
     }
@@ -219,10 +300,14 @@ struct CLI {
     /// reply that refuses it: unknown, above the connection's level, too many arguments.
     static func resolve(_ w: [String], _ level: CLILevel) -> Result<(Command?, [String]), CLIError> {
         guard let first = w.first else {
-            return .failure(CLIError("Unknown command. Please enter one of the following commands only:\n" + CLI.helpText(level: level) + "\n"))
+            return .failure(
+                CLIError(
+                    "Unknown command. Please enter one of the following commands only:\n" + CLI.helpText(level: level)
+                        + "\n"))
         }
         if ["prompt", "quit", "help"].contains(first) { return .success((nil, [])) }
-        guard let cmd = CLI.commands.filter({ w.starts(with: $0.words) }).max(by: { $0.words.count < $1.words.count }) else {
+        guard let cmd = CLI.commands.filter({ w.starts(with: $0.words) }).max(by: { $0.words.count < $1.words.count })
+        else {
             return .failure(CLIError(unknown(w, level)))
         }
         if cmd.level > level { return .failure(CLIError("Permission denied\n\n")) }
@@ -248,7 +333,8 @@ struct CLI {
             session.closeAfter = true
             return ""
         default:
-            return "The following commands are valid at this level:\n" + CLI.helpText(level: session.level, matching: Array(w.dropFirst())) + "\n"
+            return "The following commands are valid at this level:\n"
+                + CLI.helpText(level: session.level, matching: Array(w.dropFirst())) + "\n"
         }
     }
 
@@ -286,7 +372,9 @@ struct CLI {
         }
         var rows = StatTable.rows(ctx, service: filter, kinds: kinds, sid: sid)
         if a.contains("up") {
-            rows = rows.filter { $0.kind != .server || $0[.status].hasPrefix("UP") || $0[.status] == "no check" || $0[.status] == "DRAIN" }
+            rows = rows.filter {
+                $0.kind != .server || $0[.status].hasPrefix("UP") || $0[.status] == "no check" || $0[.status] == "DRAIN"
+            }
         }
         if a.contains("no-maint") { rows = rows.filter { $0.kind != .server || !$0[.status].hasPrefix("MAINT") } }
         if a.contains("json") {
@@ -311,7 +399,8 @@ struct CLI {
         }
         guard let slash = name.lastIndex(of: "/") else { return nil }
         let kind = name[name.index(after: slash)...]
-        guard kind == "allow" || kind == "deny", let k = services.firstIndex(where: { $0.name == name[..<slash] }) else { return nil }
+        guard kind == "allow" || kind == "deny", let k = services.firstIndex(where: { $0.name == name[..<slash] })
+        else { return nil }
         return (services[k], kind == "deny", 2 * k + (kind == "deny" ? 1 : 0))
     }
 
@@ -320,14 +409,19 @@ struct CLI {
             var out = "# id (name) description\n"
             for (k, svc) in ctx.table.services.enumerated() {
                 let list = svc.stats.access.list
-                out += "\(2 * k) (\(svc.name)/allow) \(list.allow.count) networks; \(list.allow.isEmpty ? "empty: every client is allowed" : "only these are allowed")\n"
+                out +=
+                    "\(2 * k) (\(svc.name)/allow) \(list.allow.count) networks; \(list.allow.isEmpty ? "empty: every client is allowed" : "only these are allowed")\n"
                 out += "\(2 * k + 1) (\(svc.name)/deny) \(list.deny.count) networks; refused first\n"
             }
             return out + "\n"
         }
-        guard let (svc, deny, _) = acl(name) else { return "Unknown ACL identifier. Please use #<id> or <service>/allow, <service>/deny.\n\n" }
+        guard let (svc, deny, _) = acl(name) else {
+            return "Unknown ACL identifier. Please use #<id> or <service>/allow, <service>/deny.\n\n"
+        }
         let list = svc.stats.access.list
-        return (deny ? list.deny : list.allow).enumerated().map { "0x\(String($0.offset + 1, radix: 16)) \($0.element)\n" }.joined() + "\n"
+        return (deny ? list.deny : list.allow).enumerated().map {
+            "0x\(String($0.offset + 1, radix: 16)) \($0.element)\n"
+        }.joined() + "\n"
     }
 
     /// `add acl`, `del acl`, `clear acl`: the change applies to the next accepted client, and
@@ -346,7 +440,9 @@ struct CLI {
             let p: IPPrefix
             do { p = try IPPrefix(parsing: args[1]) } catch { return "\(error).\n\n" }
             if verb == "add" {
-                guard let n = list.adding(p, deny: deny) else { return "\(p) is already in \(svc.name)/\(deny ? "deny" : "allow").\n\n" }
+                guard let n = list.adding(p, deny: deny) else {
+                    return "\(p) is already in \(svc.name)/\(deny ? "deny" : "allow").\n\n"
+                }
                 if let problem = AccessList.conflict(allow: n.allow, deny: n.deny) { return "\(problem).\n\n" }
                 next = n
             } else {
@@ -362,7 +458,9 @@ struct CLI {
                 return "nat mode could not apply the change: \(error)\n\n"
             }
         }
-        ctx.logger.notice("service \(svc.name): \(verb) acl \(svc.name)/\(deny ? "deny" : "allow")\(args.count > 1 ? " " + args[1] : "") from the runtime API")
+        ctx.logger.notice(
+            "service \(svc.name): \(verb) acl \(svc.name)/\(deny ? "deny" : "allow")\(args.count > 1 ? " " + args[1] : "") from the runtime API"
+        )
         return "\n"
     }
 
@@ -380,7 +478,9 @@ struct CLI {
     func shutdownSession(_ arg: String?) -> String {
         guard let arg else { return "Session pointer expected (use 'show sess').\n\n" }
         let hex = arg.hasPrefix("0x") ? String(arg.dropFirst(2)) : arg
-        guard let id = UInt64(hex, radix: 16), let (worker, index, gen) = SessionID.parse(id), worker < ctx.workers.count else {
+        guard let id = UInt64(hex, radix: 16), let (worker, index, gen) = SessionID.parse(id),
+            worker < ctx.workers.count
+        else {
             return "No such session (use 'show sess').\n\n"
         }
         let report = SessionReport()
@@ -427,7 +527,9 @@ struct CLI {
         case .maint: ctx.logger.warning("Server \(svc.name)/\(s.name) is going DOWN for maintenance.")
         case .drain: ctx.logger.warning("Server \(svc.name)/\(s.name) enters drain state.")
         case .ready:
-            ctx.logger.notice("Server \(svc.name)/\(s.name) is UP/READY (leaving forced \(before == .maint ? "maintenance" : "drain")).")
+            ctx.logger.notice(
+                "Server \(svc.name)/\(s.name) is UP/READY (leaving forced \(before == .maint ? "maintenance" : "drain"))."
+            )
         }
         ctx.saveState()
     }
@@ -447,7 +549,9 @@ struct CLI {
             weight = min(Defaults.maxWeight, s.initialWeight.load(ordering: .relaxed) * pct / 100)
         } else {
             guard let v = Int(value) else { return "Empty weight string empty or preceded by garbage\n" }
-            guard (0...Defaults.maxWeight).contains(v) else { return "Absolute weight can only be between 0 and 256 inclusive.\n\n" }
+            guard (0...Defaults.maxWeight).contains(v) else {
+                return "Absolute weight can only be between 0 and 256 inclusive.\n\n"
+            }
             weight = v
         }
         s.setWeight(weight, now: monotonicMillis())
@@ -464,7 +568,8 @@ struct CLI {
         guard args.count >= 2 else { return "Require <maxconn>.\n\n" }
         guard let v = Int(args[1]), v >= 0 else { return "maxconn string empty or preceded by garbage\n" }
         guard v <= ctx.hardMaxconn else {
-            return "maxconn \(v) is above the process's maxconn (\(ctx.hardMaxconn)); this server could never reach it.\n\n"
+            return
+                "maxconn \(v) is above the process's maxconn (\(ctx.hardMaxconn)); this server could never reach it.\n\n"
         }
         s.maxconnValue.store(v, ordering: .relaxed)
         ServerStateClock.bump()
@@ -472,7 +577,8 @@ struct CLI {
     }
 
     func setServer(_ args: [String]) -> String {
-        let svc: Service, s: Server
+        let svc: Service
+        let s: Server
         switch ctx.lookup(args.first) {
         case .failure(let e): return e.message + "\n\n"
         case .success(let (a, b, _)):
@@ -504,7 +610,9 @@ struct CLI {
             }
             return "\n"
         case "agent":
-            guard ctx.checker?.view(s)?.type == .agent else { return "agent checks are not enabled on this server.\n\n" }
+            guard ctx.checker?.view(s)?.type == .agent else {
+                return "agent checks are not enabled on this server.\n\n"
+            }
             switch value {
             case "up": forceHealth(svc, s, up: true)
             case "down": forceHealth(svc, s, up: false)
@@ -515,12 +623,15 @@ struct CLI {
             guard let value else { return "set server <b>/<s> addr requires an address and optionally a port.\n\n" }
             var port: String?
             if args.count > 3 {
-                guard args[3] == "port", args.count == 5 else { return "set server <b>/<s> addr requires an address and optionally a port.\n\n" }
+                guard args[3] == "port", args.count == 5 else {
+                    return "set server <b>/<s> addr requires an address and optionally a port.\n\n"
+                }
                 port = args[4]
             }
             return cli(.move(service: svc.name, server: s.name, address: value, port: port))
         case "fqdn", "port", "check-addr", "check-port", "agent-addr", "agent-port", "agent-send", "ssl":
-            return "Ballast does not change '\(args[1])' at run time: edit the config and reload (the server keeps its counters).\n\n"
+            return
+                "Ballast does not change '\(args[1])' at run time: edit the config and reload (the server keeps its counters).\n\n"
         default:
             return usage
         }
@@ -538,15 +649,22 @@ struct CLI {
 
     /// `add server <bk>/<srv> <addr>:<port> [weight N] [backup] [maxconn N]`, as HAProxy 2.6's.
     func addServer(_ args: [String]) -> String {
-        guard let target = args.first, let slash = target.firstIndex(of: "/") else { return "Require 'backend/server'.\n" }
-        let service = String(target[..<slash]), name = String(target[target.index(after: slash)...])
-        guard args.count >= 2, !name.isEmpty else { return "'server' expects <name> and <addr>[:<port>] as arguments.\n\n" }
+        guard let target = args.first, let slash = target.firstIndex(of: "/") else {
+            return "Require 'backend/server'.\n"
+        }
+        let service = String(target[..<slash])
+        let name = String(target[target.index(after: slash)...])
+        guard args.count >= 2, !name.isEmpty else {
+            return "'server' expects <name> and <addr>[:<port>] as arguments.\n\n"
+        }
         let text = args[1]
         guard let address = try? SocketAddress(parsing: text) else {
             if HostName.split(text) != nil {
-                return "'\(text)': Ballast adds servers by numeric address; a server known by DNS name belongs in the config (address: name:port).\n\n"
+                return
+                    "'\(text)': Ballast adds servers by numeric address; a server known by DNS name belongs in the config (address: name:port).\n\n"
             }
-            return "'server' expects <name> and <addr>:<port> as arguments ('\(text)' is not a numeric address and port).\n\n"
+            return
+                "'server' expects <name> and <addr>:<port> as arguments ('\(text)' is not a numeric address and port).\n\n"
         }
         var added = AddedServer(name: name, address: address)
         var k = 2
@@ -556,9 +674,13 @@ struct CLI {
                 added.backup = true
                 k += 1
             case "weight", "maxconn":
-                guard k + 1 < args.count, let v = Int(args[k + 1]) else { return "'\(args[k])' expects an integer argument.\n\n" }
+                guard k + 1 < args.count, let v = Int(args[k + 1]) else {
+                    return "'\(args[k])' expects an integer argument.\n\n"
+                }
                 if args[k] == "weight" {
-                    guard (0...Defaults.maxWeight).contains(v) else { return "weight of server \(name) is not within 0 and \(Defaults.maxWeight).\n\n" }
+                    guard (0...Defaults.maxWeight).contains(v) else {
+                        return "weight of server \(name) is not within 0 and \(Defaults.maxWeight).\n\n"
+                    }
                     added.weight = v
                 } else {
                     guard v >= 0 else { return "'maxconn' expects a positive integer.\n\n" }
@@ -616,7 +738,8 @@ struct CLI {
             out += v.failover ? " (failover under way)\n" : "\n"
             if let p = v.problem { out += "  problem: \(p)\n" }
             for s in v.sentinels {
-                out += "  sentinel \(s.address): \(s.answer), events \(s.subscribed ? "subscribed" : "not subscribed")\n"
+                out +=
+                    "  sentinel \(s.address): \(s.answer), events \(s.subscribed ? "subscribed" : "not subscribed")\n"
             }
         }
         return out + "\n"

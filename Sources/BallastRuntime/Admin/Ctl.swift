@@ -1,10 +1,11 @@
 import BallastCore
 import BallastIO
+import BallastNat
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// `ballast ctl`: the runtime API from the shell, like `echo CMD | socat - UNIX:sock`, and an
@@ -63,7 +64,9 @@ public enum Ctl {
         var reply: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 65536)
         while true {
-            let r = try? buf.withUnsafeMutableBytes { b throws(SysError) in try Sys.readBlocking(fd, b.baseAddress!, b.count) }
+            let r = try? buf.withUnsafeMutableBytes { b throws(SysError) in
+                try Sys.readBlocking(fd, b.baseAddress!, b.count)
+            }
             guard let r else { break }
             guard case .done(let n) = r else { throw Failure(description: "no answer from \(target) within 10 s") }
             if n == 0 { break }
@@ -112,10 +115,13 @@ public enum Ctl {
         var reply: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 65536)
         while true {
-            let r = try? buf.withUnsafeMutableBytes { b throws(SysError) in try Sys.readBlocking(fd, b.baseAddress!, b.count) }
+            let r = try? buf.withUnsafeMutableBytes { b throws(SysError) in
+                try Sys.readBlocking(fd, b.baseAddress!, b.count)
+            }
             guard case .done(let n)? = r, n > 0 else { return (reply, false) }
             reply += buf[0..<n]
-            if reply.count >= 2 && reply[reply.count - 2] == UInt8(ascii: ">") && reply[reply.count - 1] == UInt8(ascii: " ")
+            if reply.count >= 2 && reply[reply.count - 2] == UInt8(ascii: ">")
+                && reply[reply.count - 1] == UInt8(ascii: " ")
                 && (reply.count == 2 || reply[reply.count - 3] == UInt8(ascii: "\n"))
             {
                 return (Array(reply.dropLast(2)), true)
@@ -212,7 +218,8 @@ final class LineEditor {
         var cursor = 0
         var index = history.count
         func redraw() {
-            let text = "\r" + prompt + String(buf) + "\u{1b}[K" + (cursor < buf.count ? "\u{1b}[\(buf.count - cursor)D" : "")
+            let text =
+                "\r" + prompt + String(buf) + "\u{1b}[K" + (cursor < buf.count ? "\u{1b}[\(buf.count - cursor)D" : "")
             Ctl.out(Array(text.utf8))
         }
         redraw()
@@ -233,9 +240,16 @@ final class LineEditor {
                     Ctl.out(Array("\r\n".utf8))
                     return nil
                 }
-            case 1: cursor = 0; redraw()
-            case 5: cursor = buf.count; redraw()
-            case 21: buf.removeFirst(cursor); cursor = 0; redraw()
+            case 1:
+                cursor = 0
+                redraw()
+            case 5:
+                cursor = buf.count
+                redraw()
+            case 21:
+                buf.removeFirst(cursor)
+                cursor = 0
+                redraw()
             case 127, 8:
                 if cursor > 0 {
                     buf.remove(at: cursor - 1)
@@ -278,8 +292,6 @@ final class LineEditor {
         return nil
     }
 }
-
-import BallastNat
 
 /// `ballast nft show -c FILE`: the ruleset a config would program.
 public enum NatRendering {

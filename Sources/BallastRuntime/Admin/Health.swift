@@ -2,9 +2,9 @@ import BallastCore
 import BallastIO
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// `ballast health`: for keepalived's `track_script` and container health checks. Asks the
@@ -60,8 +60,12 @@ public enum Health {
         let lines = text.split(separator: "\n").map(String.init).filter { !$0.isEmpty }
         if lines.count == 1, lines[0].hasPrefix("ok: ") { return Outcome(ok: true, line: lines[0]) }
         let fails = lines.filter { $0.hasPrefix("fail: ") }.map { String($0.dropFirst(6)) }
-        if !fails.isEmpty && fails.count == lines.count { return Outcome(ok: false, line: fails.joined(separator: "; ")) }
-        if lines.isEmpty { return Outcome(ok: false, line: "no answer on \(target): connection closed without a reply") }
+        if !fails.isEmpty && fails.count == lines.count {
+            return Outcome(ok: false, line: fails.joined(separator: "; "))
+        }
+        if lines.isEmpty {
+            return Outcome(ok: false, line: "no answer on \(target): connection closed without a reply")
+        }
         let shown = String(lines.joined(separator: " ").prefix(80))
         return Outcome(ok: false, line: "unexpected answer from \(target): \(shown)")
     }
@@ -81,7 +85,9 @@ public enum Health {
 
     static func connect(_ target: String, _ left: () -> Int32) throws(Failure) -> Int32 {
         if target.hasPrefix("/") || target.hasPrefix(".") || !target.contains(":") {
-            do { return try Socket.connectUnix(target, nonblocking: true) } catch { throw Failure(description: reason(error.errno)) }
+            do { return try Socket.connectUnix(target, nonblocking: true) } catch {
+                throw Failure(description: reason(error.errno))
+            }
         }
         let address: SocketAddress
         do { address = try SocketAddress(parsing: target) } catch { throw Failure(description: "\(error)") }

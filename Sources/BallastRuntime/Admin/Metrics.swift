@@ -19,7 +19,8 @@ final class MetricsExporter: @unchecked Sendable {
     }
 
     private func counter(_ sub: String, _ name: String, _ help: String, _ labels: [(String, String)], _ value: UInt64) {
-        let d = MetricNameDescriptor(namespace: "ballast", subsystem: sub, metricName: name, unitName: "total", helpText: help)
+        let d = MetricNameDescriptor(
+            namespace: "ballast", subsystem: sub, metricName: name, unitName: "total", helpText: help)
         let k = key(d.name, labels)
         let c = counters[k] ?? registry.makeCounter(descriptor: d, labels: labels)
         counters[k] = c
@@ -28,8 +29,12 @@ final class MetricsExporter: @unchecked Sendable {
         c.increment(by: Int64(clamping: value))
     }
 
-    private func gauge(_ sub: String, _ name: String, _ unit: String = "", _ help: String, _ labels: [(String, String)], _ value: Double) {
-        let d = MetricNameDescriptor(namespace: "ballast", subsystem: sub, metricName: name, unitName: unit, helpText: help)
+    private func gauge(
+        _ sub: String, _ name: String, _ unit: String = "", _ help: String, _ labels: [(String, String)],
+        _ value: Double
+    ) {
+        let d = MetricNameDescriptor(
+            namespace: "ballast", subsystem: sub, metricName: name, unitName: unit, helpText: help)
         let k = key(d.name, labels)
         let g = gauges[k] ?? registry.makeGauge(descriptor: d, labels: labels)
         gauges[k] = g
@@ -58,19 +63,30 @@ final class MetricsExporter: @unchecked Sendable {
             let p = [("proxy", svc.name)]
             let st = svc.stats
             let c = st.counters.raw()
-            gauge("frontend", "current_sessions", "", "Client connections open", p, Double(st.clients.load(ordering: .relaxed)))
-            gauge("frontend", "max_sessions", "", "Most client connections open at once", p, Double(st.clientsMax.load(ordering: .relaxed)))
+            gauge(
+                "frontend", "current_sessions", "", "Client connections open", p,
+                Double(st.clients.load(ordering: .relaxed)))
+            gauge(
+                "frontend", "max_sessions", "", "Most client connections open at once", p,
+                Double(st.clientsMax.load(ordering: .relaxed)))
             counter("frontend", "connections", "Client connections accepted", p, c.accepted)
-            counter("frontend", "request_errors", "Client connections refused for a bad PROXY header", p, c.requestErrors)
-            counter("frontend", "denied_connections", "Client connections refused by the access list or a per-client limit", p, svc.config.mode == .nat ? ctx.nat?.refused(service: svc.name) ?? 0 : st.access.totalRefused)
+            counter(
+                "frontend", "request_errors", "Client connections refused for a bad PROXY header", p, c.requestErrors)
+            counter(
+                "frontend", "denied_connections", "Client connections refused by the access list or a per-client limit",
+                p, svc.config.mode == .nat ? ctx.nat?.refused(service: svc.name) ?? 0 : st.access.totalRefused)
             counter("frontend", "bytes_in", "Bytes received from clients", p, c.bytesIn)
             counter("frontend", "bytes_out", "Bytes sent to clients", p, c.bytesOut)
             traffic("backend", p, c)
-            gauge("backend", "current_sessions", "", "Connections with a server or waiting for one", p,
+            gauge(
+                "backend", "current_sessions", "", "Connections with a server or waiting for one", p,
                 Double(st.assigned.load(ordering: .relaxed) + st.queued.load(ordering: .relaxed)))
-            gauge("backend", "current_queue", "", "Connections waiting for a server below maxconn", p, Double(st.queued.load(ordering: .relaxed)))
+            gauge(
+                "backend", "current_queue", "", "Connections waiting for a server below maxconn", p,
+                Double(st.queued.load(ordering: .relaxed)))
             gauge("backend", "max_queue", "", "Longest queue seen", p, Double(st.queuedMax.load(ordering: .relaxed)))
-            var act = 0, bck = 0
+            var act = 0
+            var bck = 0
             for (j, s) in svc.servers.enumerated() where s.usable {
                 if svc.config.servers[j].backup { bck += 1 } else { act += 1 }
             }
@@ -92,32 +108,51 @@ final class MetricsExporter: @unchecked Sendable {
                 }
                 traffic("server", l, sc)
                 gauge("server", "current_sessions", "", "Connections to the server", l, Double(current))
-                gauge("server", "max_sessions", "", "Most connections to the server at once", l, Double(s.activeMax.load(ordering: .relaxed)))
+                gauge(
+                    "server", "max_sessions", "", "Most connections to the server at once", l,
+                    Double(s.activeMax.load(ordering: .relaxed)))
                 gauge("server", "limit_sessions", "", "The server's maxconn (0: none)", l, Double(s.maxconn))
                 gauge("server", "weight", "", "Effective weight", l, Double(s.effectiveWeight(now: now)))
                 let check = ctx.checker?.view(s)
                 let status = StatTable.status(s, check)
                 for state in ["UP", "DOWN", "MAINT", "DRAIN", "NOCHECK"] {
                     let on = state == "NOCHECK" ? status == "no check" : status.hasPrefix(state)
-                    gauge("server", "status", "", "Current state (one series per state, 1 for the current one)", l + [("state", state)], on ? 1 : 0)
+                    gauge(
+                        "server", "status", "", "Current state (one series per state, 1 for the current one)",
+                        l + [("state", state)], on ? 1 : 0)
                 }
                 if let v = check, let last = v.last {
-                    gauge("server", "check_duration", "seconds", "Duration of the last health check", l, Double(last.durationMs) / 1000)
-                    gauge("server", "check_up", "", "1 when the last health check passed", l, last.status.passed ? 1 : 0)
+                    gauge(
+                        "server", "check_duration", "seconds", "Duration of the last health check", l,
+                        Double(last.durationMs) / 1000)
+                    gauge(
+                        "server", "check_up", "", "1 when the last health check passed", l, last.status.passed ? 1 : 0)
                 }
-                counter("server", "check_failures", "Failed health checks while UP", l, UInt64(s.failedChecks.load(ordering: .relaxed)))
-                counter("server", "check_up_down", "UP to DOWN transitions", l, UInt64(s.downTransitions.load(ordering: .relaxed)))
-                gauge("server", "downtime", "seconds", "Time spent DOWN or in maintenance", l, Double(s.downtime(now: now)) / 1000)
+                counter(
+                    "server", "check_failures", "Failed health checks while UP", l,
+                    UInt64(s.failedChecks.load(ordering: .relaxed)))
+                counter(
+                    "server", "check_up_down", "UP to DOWN transitions", l,
+                    UInt64(s.downTransitions.load(ordering: .relaxed)))
+                gauge(
+                    "server", "downtime", "seconds", "Time spent DOWN or in maintenance", l,
+                    Double(s.downtime(now: now)) / 1000)
             }
         }
-        var pipesTotal = 0, pipesIdle = 0
+        var pipesTotal = 0
+        var pipesIdle = 0
         for w in ctx.workers {
             pipesTotal += w.pipesTotal.load(ordering: .relaxed)
             pipesIdle += w.pipesIdle.load(ordering: .relaxed)
         }
-        gauge("process", "current_connections", "", "Client connections open in the process", [], Double(ctx.shared.connections.load(ordering: .relaxed)))
-        counter("process", "connections", "Client connections accepted since start", [], UInt64(ctx.shared.totalConnections.load(ordering: .relaxed)))
-        gauge("process", "max_connections", "", "global.maxconn", [], Double(ctx.shared.maxconn.load(ordering: .relaxed)))
+        gauge(
+            "process", "current_connections", "", "Client connections open in the process", [],
+            Double(ctx.shared.connections.load(ordering: .relaxed)))
+        counter(
+            "process", "connections", "Client connections accepted since start", [],
+            UInt64(ctx.shared.totalConnections.load(ordering: .relaxed)))
+        gauge(
+            "process", "max_connections", "", "global.maxconn", [], Double(ctx.shared.maxconn.load(ordering: .relaxed)))
         gauge("process", "pipes_used", "", "Splice pipes holding bytes in flight", [], Double(pipesTotal - pipesIdle))
         gauge("process", "pipes_free", "", "Idle splice pipes in the worker pools", [], Double(pipesIdle))
         gauge("process", "uptime", "seconds", "Seconds since start", [], Double(ctx.uptimeSeconds()))

@@ -89,7 +89,6 @@ enum StatTable {
         }
     }
 
-
     /// Extra (per-module) counters after `-`: HAProxy writes zeros for these on proxies, and only
     /// the three ssl ones on servers.
     static let moduleFields: [F] = ((staticEnd + 1)..<names.count).map { F(rawValue: $0)! }
@@ -103,7 +102,8 @@ enum StatTable {
         for (k, svc) in table.services.enumerated() where filter == nil || filter === svc {
             let iid = k + 1
             // nat services: the kernel's counters (conntrack by server mark), not the workers'.
-            let flows: [FlowStats]? = svc.config.mode == .nat
+            let flows: [FlowStats]? =
+                svc.config.mode == .nat
                 ? ctx.nat.map { nat in svc.servers.indices.map { nat.flowStats(service: svc.name, server: $0) } } : nil
             let total = flows?.reduce(into: FlowStats()) { $0.add($1) }
             if kinds & Kind.frontend.mask != 0 && (sid == -1 || sid == 0) {
@@ -155,8 +155,10 @@ enum StatTable {
         r[.stot] = "\(c.accepted)"
         r[.bin] = "\(c.bytesIn)"
         r[.bout] = "\(c.bytesOut)"
-        r.zero([.dreq, .dresp, .req_rate, .req_rate_max, .req_tot, .comp_in, .comp_out, .comp_byp, .comp_rsp,
-                .dses, .wrew, .eint, .rate_lim])
+        r.zero([
+            .dreq, .dresp, .req_rate, .req_rate_max, .req_tot, .comp_in, .comp_out, .comp_byp, .comp_rsp,
+            .dses, .wrew, .eint, .rate_lim,
+        ])
         // Clients refused by the access list or a per-client limit (HAProxy: tcp-request connection reject).
         r[.dcon] = "\(svc.config.mode == .nat ? ctx.nat?.refused(service: svc.name) ?? 0 : st.access.totalRefused)"
         r[.ereq] = "\(c.requestErrors)"
@@ -221,8 +223,10 @@ enum StatTable {
         let backup = svc.config.servers[j].backup
         r[.pxname] = svc.name
         r[.svname] = s.name
-        r.zero([.qcur, .qmax, .dresp, .wrew, .reuse, .srv_icur, .qtime, .ctime, .rtime, .ttime, .qtime_max,
-                .ctime_max, .rtime_max, .ttime_max, .eint, .idle_conn_cur, .safe_conn_cur, .used_conn_cur])
+        r.zero([
+            .qcur, .qmax, .dresp, .wrew, .reuse, .srv_icur, .qtime, .ctime, .rtime, .ttime, .qtime_max,
+            .ctime_max, .rtime_max, .ttime_max, .eint, .idle_conn_cur, .safe_conn_cur, .used_conn_cur,
+        ])
         r[.scur] = "\(s.active.load(ordering: .relaxed))"
         r[.smax] = "\(s.activeMax.load(ordering: .relaxed))"
         if s.maxconn > 0 { r[.slim] = "\(s.maxconn)" }
@@ -272,8 +276,14 @@ enum StatTable {
         let st = svc.stats
         let c = st.counters.total()
         let (rate, rateMax) = ctx.rates.rate(st)
-        var act = 0, bck = 0, weight = 0, uweight = 0, bweight = 0, buweight = 0
-        for (j, s) in svc.servers.enumerated() where s.usable || (s.up.load(ordering: .relaxed) && s.adminState == .ready) {
+        var act = 0
+        var bck = 0
+        var weight = 0
+        var uweight = 0
+        var bweight = 0
+        var buweight = 0
+        for (j, s) in svc.servers.enumerated()
+        where s.usable || (s.up.load(ordering: .relaxed) && s.adminState == .ready) {
             if svc.config.servers[j].backup {
                 bck += 1
                 bweight += s.effectiveWeight(now: now)
@@ -286,7 +296,9 @@ enum StatTable {
         }
         if act == 0 {
             // Running on backups: HAProxy reports their weight (the first only without allbackups).
-            weight = svc.config.allbackups ? bweight : min(bweight, svc.backupIndices.first.map { svc.servers[$0].weight } ?? 0)
+            weight =
+                svc.config.allbackups
+                ? bweight : min(bweight, svc.backupIndices.first.map { svc.servers[$0].weight } ?? 0)
             uweight = svc.config.allbackups ? buweight : weight
         }
         let up = act + bck > 0
@@ -300,9 +312,11 @@ enum StatTable {
         r[.smax] = "\(st.assignedMax.load(ordering: .relaxed))"
         r[.slim] = "\((ctx.shared.maxconn.load(ordering: .relaxed) + 9) / 10)"
         sessions(&r, c, lastSession: st.lastSession.load(ordering: .relaxed), now: now)
-        r.zero([.dreq, .dresp, .comp_in, .comp_out, .comp_byp, .comp_rsp, .qtime, .ctime, .rtime, .ttime,
-                .wrew, .reuse, .qtime_max, .ctime_max, .rtime_max, .ttime_max, .eint,
-                .agg_server_status, .agg_server_check_status, .agg_check_status])
+        r.zero([
+            .dreq, .dresp, .comp_in, .comp_out, .comp_byp, .comp_rsp, .qtime, .ctime, .rtime, .ttime,
+            .wrew, .reuse, .qtime_max, .ctime_max, .rtime_max, .ttime_max, .eint,
+            .agg_server_status, .agg_server_check_status, .agg_check_status,
+        ])
         r[.status] = up ? "UP" : "DOWN"
         r[.weight] = "\(weight)"
         r[.act] = "\(act)"
@@ -390,7 +404,8 @@ enum StatTable {
             "O": "Output", "D": "Duration",
         ]
         let scope: [Character: String] = ["P": "Process", "S": "Service", "s": "System"]
-        return "{\"origin\":\"\(origin[c[0]] ?? "Unknown")\",\"nature\":\"\(nature[c[1]] ?? "Unknown")\",\"scope\":\"\(scope[c[2]] ?? "Unknown")\"}"
+        return
+            "{\"origin\":\"\(origin[c[0]] ?? "Unknown")\",\"nature\":\"\(nature[c[1]] ?? "Unknown")\",\"scope\":\"\(scope[c[2]] ?? "Unknown")\"}"
     }
 
     /// JSON string literal (the log handler's encoder: one implementation in the module).

@@ -1,11 +1,11 @@
 import BallastCore
-import BallastIO
 import BallastHealth
+import BallastIO
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// `show servers state` (format version 1), which is also the state file: what an operator set
@@ -41,7 +41,11 @@ enum StateFile {
         case .drain: admin = 0x08
         case .ready: admin = 0
         }
-        var status = 1, result = 0, health = 0, state = 0, agent = 0
+        var status = 1
+        var result = 0
+        var health = 0
+        var state = 0
+        var agent = 0
         var checkPort = 0
         var checkAddr = "-"
         if let v = check {
@@ -59,7 +63,8 @@ enum StateFile {
         }
         let since = max(0, now - s.lastChange.load(ordering: .relaxed)) / 1000
         let addr = s.hasAddress.load(ordering: .relaxed) ? s.address.hostText : "-"
-        return "\(iid) \(svc.name) \(j + 1) \(s.name) \(addr) \(op) \(admin) \(s.weight) \(s.initialWeight.load(ordering: .relaxed)) \(since) \(status) \(result) \(health) \(state) \(agent) 0 0 \(s.hostname ?? "-") \(s.address.port) - 0 \(checkPort) \(checkAddr) - 0\n"
+        return
+            "\(iid) \(svc.name) \(j + 1) \(s.name) \(addr) \(op) \(admin) \(s.weight) \(s.initialWeight.load(ordering: .relaxed)) \(since) \(status) \(result) \(health) \(state) \(agent) 0 0 \(s.hostname ?? "-") \(s.address.port) - 0 \(checkPort) \(checkAddr) - 0\n"
     }
 
     static func render(_ table: ServiceTable, checker: HealthChecker?, only: Service? = nil) -> String {
@@ -115,7 +120,8 @@ enum StateFile {
             guard f.count >= 19, let op = Int(f[5]), let admin = Int(f[6]), let uw = Int(f[7]), let iw = Int(f[8]),
                 let port = UInt16(f[18])
             else { continue }
-            out["\(f[1])/\(f[3])"] = Saved(address: f[4], port: port, opState: op, admin: admin, weight: uw, initialWeight: iw)
+            out["\(f[1])/\(f[3])"] = Saved(
+                address: f[4], port: port, opState: op, admin: admin, weight: uw, initialWeight: iw)
         }
         return out
     }
@@ -132,7 +138,9 @@ enum StateFile {
         for name in changes.services.keys.sorted() {
             let c = changes.services[name]!
             out += "#ballast-service \(name) \(String(c.digest, radix: 16))\n"
-            for a in c.added { out += "#ballast-add \(name) \(a.name) \(a.address) \(a.weight) \(a.backup ? 1 : 0) \(a.maxconn)\n" }
+            for a in c.added {
+                out += "#ballast-add \(name) \(a.name) \(a.address) \(a.weight) \(a.backup ? 1 : 0) \(a.maxconn)\n"
+            }
             for d in c.deleted { out += "#ballast-del \(name) \(d)\n" }
             for (srv, a) in c.addresses.sorted(by: { $0.key < $1.key }) { out += "#ballast-addr \(name) \(srv) \(a)\n" }
         }
@@ -149,7 +157,8 @@ enum StateFile {
             case ("#ballast-service", 3):
                 if let d = UInt64(f[2], radix: 16) { all[svc] = RuntimeServers.Changes(digest: d) }
             case ("#ballast-add", 7):
-                guard let a = try? SocketAddress(parsing: f[3]), let w = Int(f[4]), let b = Int(f[5]), let m = Int(f[6]) else { continue }
+                guard let a = try? SocketAddress(parsing: f[3]), let w = Int(f[4]), let b = Int(f[5]), let m = Int(f[6])
+                else { continue }
                 var s = AddedServer(name: f[2], address: a)
                 s.weight = w
                 s.backup = b != 0
@@ -181,12 +190,16 @@ enum StateFile {
                 guard let v = saved["\(svc.name)/\(s.name)"] else { continue }
                 // A server given by name may have moved since; its name is what the file keeps.
                 if s.hostname == nil, v.address != s.address.hostText || v.port != s.address.port {
-                    notes.append("state file: \(svc.name)/\(s.name) now has address \(s.address) in the config (saved: \(v.address):\(v.port)); the config wins")
+                    notes.append(
+                        "state file: \(svc.name)/\(s.name) now has address \(s.address) in the config (saved: \(v.address):\(v.port)); the config wins"
+                    )
                     continue
                 }
                 let state: AdminState = v.admin & 0x05 != 0 ? .maint : v.admin & 0x18 != 0 ? .drain : .ready
                 if state != s.adminState { s.setAdmin(state, now: now) }
-                if v.initialWeight == svc.config.servers[j].weight, v.weight != s.weight, (0...Defaults.maxWeight).contains(v.weight) {
+                if v.initialWeight == svc.config.servers[j].weight, v.weight != s.weight,
+                    (0...Defaults.maxWeight).contains(v.weight)
+                {
                     s.setWeight(v.weight, now: now)
                 }
                 if v.opState == 0 { s.setUp(false, now: now) }

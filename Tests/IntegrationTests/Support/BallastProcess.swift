@@ -2,7 +2,7 @@ import Foundation
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Paths of the repository and of the built `ballast` binary (`swift build` first; CI does).
@@ -62,8 +62,14 @@ func runCommand(_ path: String, _ args: [String], timeout: Double = 60) throws -
     try p.run()
     let outData = Mutex(Data())
     let errData = Mutex(Data())
-    let t1 = TestThread { let d = out.fileHandleForReading.readDataToEndOfFile(); outData.withLock { $0 = d } }
-    let t2 = TestThread { let d = err.fileHandleForReading.readDataToEndOfFile(); errData.withLock { $0 = d } }
+    let t1 = TestThread {
+        let d = out.fileHandleForReading.readDataToEndOfFile()
+        outData.withLock { $0 = d }
+    }
+    let t2 = TestThread {
+        let d = err.fileHandleForReading.readDataToEndOfFile()
+        errData.withLock { $0 = d }
+    }
     let deadline = Date().addingTimeInterval(timeout)
     while p.isRunning && Date() < deadline { usleep(10_000) }
     if p.isRunning {
@@ -79,7 +85,6 @@ func runCommand(_ path: String, _ args: [String], timeout: Double = 60) throws -
         String(decoding: errData.withLock { $0 }, as: UTF8.self)
     )
 }
-
 
 /// A `ballast run` child process with its log captured line by line.
 final class BallastProcess: @unchecked Sendable {

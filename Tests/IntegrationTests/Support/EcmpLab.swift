@@ -1,7 +1,7 @@
 import Foundation
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Active/active nat mode behind routers that spread flows over both balancers (ECMP), each host
@@ -84,7 +84,8 @@ final class EcmpLab: @unchecked Sendable {
             try plug(n, "\(n)k", backAddr(n), sw: "sw2")
             try ipn(n, "route", "add", "10.80.0.0/24", "via", "10.80.1.1")
             try ipn(n, "route", "add", "10.80.3.0/24", "via", "10.80.2.1")
-            try sysctl(n, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.netfilter.nf_conntrack_tcp_loose=1")
+            try sysctl(
+                n, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.netfilter.nf_conntrack_tcp_loose=1")
         }
         try Self.sh([Self.ip, "link", "add", dev("ay"), "type", "veth", "peer", "name", dev("by")])
         for n in ["a", "b"] {
@@ -92,8 +93,12 @@ final class EcmpLab: @unchecked Sendable {
             try ipn(n, "addr", "add", "\(syncAddr(n))/24", "dev", dev("\(n)y"))
             try ipn(n, "link", "set", dev("\(n)y"), "up")
         }
-        try sysctl("r", "net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=3", "net.ipv4.fib_multipath_hash_fields=0x0011")
-        try sysctl("rs", "net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=3", "net.ipv4.fib_multipath_hash_fields=0x0022")
+        try sysctl(
+            "r", "net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=3",
+            "net.ipv4.fib_multipath_hash_fields=0x0011")
+        try sysctl(
+            "rs", "net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=3",
+            "net.ipv4.fib_multipath_hash_fields=0x0022")
         // Kernels from 6.11 seed the hash per namespace when asked: give both routers one seed.
         if FileManager.default.fileExists(atPath: "/proc/sys/net/ipv4/fib_multipath_hash_seed") {
             try sysctl("r", "net.ipv4.fib_multipath_hash_seed=4242")
@@ -105,7 +110,9 @@ final class EcmpLab: @unchecked Sendable {
             try ipn(s, "route", "add", "default", "via", "10.80.3.1")
             let p = Process()
             p.executableURL = URL(fileURLWithPath: Self.ip)
-            p.arguments = ["netns", "exec", ns(s), "/usr/bin/socat", "TCP4-LISTEN:80,fork,reuseaddr", "SYSTEM:echo \(s); cat"]
+            p.arguments = [
+                "netns", "exec", ns(s), "/usr/bin/socat", "TCP4-LISTEN:80,fork,reuseaddr", "SYSTEM:echo \(s); cat",
+            ]
             p.standardOutput = FileHandle.nullDevice
             p.standardError = FileHandle.nullDevice
             try p.run()
@@ -142,7 +149,8 @@ final class EcmpLab: @unchecked Sendable {
             let conf = dir.write(
                 "conntrackd-\(n).conf",
                 NatHALab.conntrackdConfig(
-                    dir: dir, node: n, local: syncAddr(n), peer: syncAddr(peer), interface: dev("\(n)y"), ignore: "10.80.4.0/24",
+                    dir: dir, node: n, local: syncAddr(n), peer: syncAddr(peer), interface: dev("\(n)y"),
+                    ignore: "10.80.4.0/24",
                     externalCache: false))
             let p = Process()
             p.executableURL = URL(fileURLWithPath: Self.ip)
@@ -165,12 +173,16 @@ final class EcmpLab: @unchecked Sendable {
 
     /// The conntrack entries of node `n` for the VIP: client port → server address.
     func flows(on n: String) -> [Int: String] {
-        guard let out = try? Self.sh([Self.ip, "netns", "exec", ns(n), "cat", "/proc/net/nf_conntrack"]) else { return [:] }
+        guard let out = try? Self.sh([Self.ip, "netns", "exec", ns(n), "cat", "/proc/net/nf_conntrack"]) else {
+            return [:]
+        }
         var result: [Int: String] = [:]
         for line in out.split(separator: "\n") where line.contains("dst=\(vip) ") {
             let fields = line.split(separator: " ")
             let srcs = fields.filter { $0.hasPrefix("src=") }
-            guard let sport = fields.first(where: { $0.hasPrefix("sport=") }).flatMap({ Int($0.dropFirst(6)) }), srcs.count == 2 else { continue }
+            guard let sport = fields.first(where: { $0.hasPrefix("sport=") }).flatMap({ Int($0.dropFirst(6)) }),
+                srcs.count == 2
+            else { continue }
             result[sport] = String(srcs[1].dropFirst(4))
         }
         return result
@@ -240,9 +252,10 @@ final class EcmpLab: @unchecked Sendable {
         var ports: [Int] = []
         while ports.isEmpty && p.isRunning && Date() < ready {
             usleep(20_000)
-            ports = ((try? String(contentsOfFile: out + ".ports", encoding: .utf8)) ?? "").split(separator: " ").compactMap {
-                Int($0.trimmingCharacters(in: .whitespacesAndNewlines))
-            }
+            ports = ((try? String(contentsOfFile: out + ".ports", encoding: .utf8)) ?? "").split(separator: " ")
+                .compactMap {
+                    Int($0.trimmingCharacters(in: .whitespacesAndNewlines))
+                }
         }
         usleep(UInt32(withdrawAfter * 1_000_000))
         var carrier: [Int: String] = [:]
@@ -252,15 +265,18 @@ final class EcmpLab: @unchecked Sendable {
         NatLab.waitGone(p, timeout: seconds + 15)
         if p.isRunning { kill(p.processIdentifier, SIGKILL) }
         let afterwards = flows(on: other)
-        guard let text = try? String(contentsOfFile: out, encoding: .utf8) else { 
-            throw Net.Failure("the conversations wrote no result: \((try? String(contentsOfFile: out + ".err", encoding: .utf8)) ?? "")")
+        guard let text = try? String(contentsOfFile: out, encoding: .utf8) else {
+            throw Net.Failure(
+                "the conversations wrote no result: \((try? String(contentsOfFile: out + ".err", encoding: .utf8)) ?? "")"
+            )
         }
         return text.split(separator: "\n").compactMap { line -> Flow? in
             guard let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
                 let port = o["port"] as? Int
             else { return nil }
             var f = Flow(
-                port: port, server: o["server"] as? String ?? "", sent: o["sent"] as? Int ?? 0, ok: o["ok"] as? Int ?? 0,
+                port: port, server: o["server"] as? String ?? "", sent: o["sent"] as? Int ?? 0,
+                ok: o["ok"] as? Int ?? 0,
                 error: o["error"] as? String ?? "")
             f.carrier = carrier[port] ?? ""
             f.after = afterwards[port] ?? ""
@@ -271,7 +287,8 @@ final class EcmpLab: @unchecked Sendable {
     /// The balancer router `r` sends the client's flow from `port` to.
     func carrier(_ port: Int) throws -> String {
         let out = try Self.sh([
-            Self.ip, "-n", ns("r"), "route", "get", vip, "from", "10.80.0.10", "iif", dev("rc"), "ipproto", "tcp", "sport", "\(port)",
+            Self.ip, "-n", ns("r"), "route", "get", vip, "from", "10.80.0.10", "iif", dev("rc"), "ipproto", "tcp",
+            "sport", "\(port)",
             "dport", "80",
         ])
         return out.contains("via \(frontAddr("a")) ") ? "a" : out.contains("via \(frontAddr("b")) ") ? "b" : "?"

@@ -1,7 +1,7 @@
 import Foundation
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Two balancer nodes on one L2 segment with a client and two servers, each host a network
@@ -19,7 +19,8 @@ final class HALab: @unchecked Sendable {
 
     static var available: Bool {
         geteuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/sbin/keepalived")
-            && FileManager.default.isExecutableFile(atPath: ip) && FileManager.default.isExecutableFile(atPath: "/usr/bin/socat")
+            && FileManager.default.isExecutableFile(atPath: ip)
+            && FileManager.default.isExecutableFile(atPath: "/usr/bin/socat")
     }
 
     func ns(_ host: String) -> String { "\(prefix)-\(host)" }
@@ -36,7 +37,9 @@ final class HALab: @unchecked Sendable {
         try HALab.sh([ip, "netns", "add", ns("sw")])
         try HALab.sh([ip, "-n", ns("sw"), "link", "add", "br0", "type", "bridge"])
         try HALab.sh([ip, "-n", ns("sw"), "link", "set", "br0", "up"])
-        let addrs = ["c": "10.78.0.10", "a": nodeAddr("a"), "b": nodeAddr("b"), "s1": serverAddr(0), "s2": serverAddr(1)]
+        let addrs = [
+            "c": "10.78.0.10", "a": nodeAddr("a"), "b": nodeAddr("b"), "s1": serverAddr(0), "s2": serverAddr(1),
+        ]
         for h in hosts {
             try HALab.sh([ip, "netns", "add", ns(h)])
             try HALab.sh([ip, "-n", ns(h), "link", "set", "lo", "up"])
@@ -51,7 +54,9 @@ final class HALab: @unchecked Sendable {
             _ = k
             let p = Process()
             p.executableURL = URL(fileURLWithPath: ip)
-            p.arguments = ["netns", "exec", ns(s), "/usr/bin/socat", "TCP4-LISTEN:80,fork,reuseaddr", "SYSTEM:echo \(s); cat"]
+            p.arguments = [
+                "netns", "exec", ns(s), "/usr/bin/socat", "TCP4-LISTEN:80,fork,reuseaddr", "SYSTEM:echo \(s); cat",
+            ]
             p.standardOutput = FileHandle.nullDevice
             p.standardError = FileHandle.nullDevice
             try p.run()
@@ -116,7 +121,8 @@ final class HALab: @unchecked Sendable {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: HALab.ip)
         p.arguments = [
-            "netns", "exec", ns(n), "/usr/sbin/keepalived", "-n", "-l", "-P", "-f", conf, "-p", dir.file("ka-\(n).pid"), "-r",
+            "netns", "exec", ns(n), "/usr/sbin/keepalived", "-n", "-l", "-P", "-f", conf, "-p", dir.file("ka-\(n).pid"),
+            "-r",
             dir.file("vrrp-\(n).pid"),
         ]
         FileManager.default.createFile(atPath: dir.file("keepalived-\(n).log"), contents: nil)
@@ -133,12 +139,18 @@ final class HALab: @unchecked Sendable {
         keepalived[n] = nil
     }
 
-    func keepalivedLog(_ n: String) -> String { (try? String(contentsOfFile: dir.file("keepalived-\(n).log"), encoding: .utf8)) ?? "" }
+    func keepalivedLog(_ n: String) -> String {
+        (try? String(contentsOfFile: dir.file("keepalived-\(n).log"), encoding: .utf8)) ?? ""
+    }
 
     /// Which node holds the floating address now.
     func holder() -> String? {
         for n in nodes {
-            if let out = try? HALab.sh([HALab.ip, "-n", ns(n), "-4", "addr", "show", "dev", dev(n)]), out.contains("\(vip)/") { return n }
+            if let out = try? HALab.sh([HALab.ip, "-n", ns(n), "-4", "addr", "show", "dev", dev(n)]),
+                out.contains("\(vip)/")
+            {
+                return n
+            }
         }
         return nil
     }
@@ -153,7 +165,9 @@ final class HALab: @unchecked Sendable {
     }
 
     /// Times a node entered MASTER state, from its keepalived log.
-    func masterEntries(_ n: String) -> Int { keepalivedLog(n).components(separatedBy: "Entering MASTER STATE").count - 1 }
+    func masterEntries(_ n: String) -> Int {
+        keepalivedLog(n).components(separatedBy: "Entering MASTER STATE").count - 1
+    }
 
     /// A client in its namespace opening a new connection to the VIP every 50 ms for `seconds`;
     /// each line of the result: `epoch-seconds ok <server>` or `epoch-seconds err <why>`.

@@ -1,7 +1,7 @@
 import Foundation
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The standard LVS-NAT pair in network namespaces: a client segment (client, node a, node b;
@@ -67,7 +67,9 @@ final class NatHALab: @unchecked Sendable {
             // A node taking a flow back holds an older entry for it (conntrackd commits only new
             // ones): without this its TCP window check finds the sequence numbers far ahead and
             // the packets INVALID.
-            try Self.sh([Self.ip, "netns", "exec", ns(n), "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_be_liberal=1"])
+            try Self.sh([
+                Self.ip, "netns", "exec", ns(n), "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_be_liberal=1",
+            ])
         }
         try Self.sh([Self.ip, "link", "add", sync("a"), "type", "veth", "peer", "name", sync("b")])
         for n in ["a", "b"] {
@@ -80,7 +82,9 @@ final class NatHALab: @unchecked Sendable {
             try ipn(s, "route", "add", "default", "via", backVip)
             let p = Process()
             p.executableURL = URL(fileURLWithPath: Self.ip)
-            p.arguments = ["netns", "exec", ns(s), "/usr/bin/socat", "TCP4-LISTEN:80,fork,reuseaddr", "SYSTEM:echo \(s); cat"]
+            p.arguments = [
+                "netns", "exec", ns(s), "/usr/bin/socat", "TCP4-LISTEN:80,fork,reuseaddr", "SYSTEM:echo \(s); cat",
+            ]
             p.standardOutput = FileHandle.nullDevice
             p.standardError = FileHandle.nullDevice
             try p.run()
@@ -91,7 +95,8 @@ final class NatHALab: @unchecked Sendable {
 
     func ballastConfig(_ n: String) -> String {
         configYAML(
-            global: "workers: 1\nstats: { sockets: [{ path: \"\(dir.file("\(n).sock"))\", level: admin }] }\nnat: { keep_on_exit: true }",
+            global:
+                "workers: 1\nstats: { sockets: [{ path: \"\(dir.file("\(n).sock"))\", level: admin }] }\nnat: { keep_on_exit: true }",
             services: [
                 "  - name: web\n    mode: nat\n    bind: \"\(vip):80\"\n    balance: source\n    check: { type: tcp, interval: 500ms }\n"
                     + "    servers:\n      - { name: s1, address: \"\(serverAddr(0)):80\" }\n      - { name: s2, address: \"\(serverAddr(1)):80\" }\n"
@@ -132,7 +137,8 @@ final class NatHALab: @unchecked Sendable {
     /// in a cache until a notify script commits them (active/backup); without it they go into
     /// the kernel's table as they arrive (active/active, where either node may see any flow).
     static func conntrackdConfig(
-        dir: TempDir, node n: String, local: String, peer: String, interface: String, ignore: String, externalCache: Bool
+        dir: TempDir, node n: String, local: String, peer: String, interface: String, ignore: String,
+        externalCache: Bool
     ) -> String {
         """
         Sync {
@@ -173,7 +179,8 @@ final class NatHALab: @unchecked Sendable {
         let notify = dir.write(
             "notify-\(n).sh",
             (try String(contentsOf: Repo.root.appendingPathComponent("examples/ha/ballast-notify.sh"), encoding: .utf8))
-                .replacingOccurrences(of: "${CONNTRACKD_CONF:-/etc/conntrackd/conntrackd.conf}", with: conntrackdConf(n)))
+                .replacingOccurrences(
+                    of: "${CONNTRACKD_CONF:-/etc/conntrackd/conntrackd.conf}", with: conntrackdConf(n)))
         chmod(notify, 0o755)
         chmod(dir.path, 0o755)
         let conf = dir.write(
@@ -238,14 +245,23 @@ final class NatHALab: @unchecked Sendable {
             """)
         try run(
             "keepalived", n,
-            ["/usr/sbin/keepalived", "-n", "-l", "-P", "-f", conf, "-p", dir.file("ka-\(n).pid"), "-r", dir.file("vrrp-\(n).pid")])
+            [
+                "/usr/sbin/keepalived", "-n", "-l", "-P", "-f", conf, "-p", dir.file("ka-\(n).pid"), "-r",
+                dir.file("vrrp-\(n).pid"),
+            ])
     }
 
-    func log(_ name: String, _ n: String) -> String { (try? String(contentsOfFile: dir.file("\(name)-\(n).log"), encoding: .utf8)) ?? "" }
+    func log(_ name: String, _ n: String) -> String {
+        (try? String(contentsOfFile: dir.file("\(name)-\(n).log"), encoding: .utf8)) ?? ""
+    }
 
     func holder() -> String? {
         for n in ["a", "b"] {
-            if let out = try? Self.sh([Self.ip, "-n", ns(n), "-4", "addr", "show", "dev", front(n)]), out.contains("\(vip)/") { return n }
+            if let out = try? Self.sh([Self.ip, "-n", ns(n), "-4", "addr", "show", "dev", front(n)]),
+                out.contains("\(vip)/")
+            {
+                return n
+            }
         }
         return nil
     }

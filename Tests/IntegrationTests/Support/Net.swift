@@ -3,7 +3,7 @@ import Foundation
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Blocking socket helpers for the tests' own clients and servers (loopback only).
@@ -13,7 +13,8 @@ enum Net {
         init(_ d: String) { description = d }
     }
 
-    static func listen(_ host: String = "127.0.0.1", port: UInt16 = 0, backlog: Int32 = 1024) throws -> (Int32, UInt16) {
+    static func listen(_ host: String = "127.0.0.1", port: UInt16 = 0, backlog: Int32 = 1024) throws -> (Int32, UInt16)
+    {
         let addr = try SocketAddress(parsing: host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)")
         let fd = socket(addr.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw Failure("socket: \(errno)") }
@@ -208,7 +209,10 @@ final class TestServer: @unchecked Sendable {
 
     var connections: Int { accepted.load(ordering: .relaxed) }
 
-    init(name: String = "server", host: String = "127.0.0.1", port: UInt16 = 0, handler: @escaping @Sendable (Int32, TestServer) -> Void) throws {
+    init(
+        name: String = "server", host: String = "127.0.0.1", port: UInt16 = 0,
+        handler: @escaping @Sendable (Int32, TestServer) -> Void
+    ) throws {
         ignoreSIGPIPE
         (fd, self.port) = try Net.listen(host, port: port)
         self.name = name
@@ -320,7 +324,8 @@ extension Net {
         let local = try SocketAddress(parsing: "\(source):0")
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         Net.setTimeout(fd, timeout)
-        guard local.withSockAddr({ bind(fd, $0, $1) }) == 0, addr.withSockAddr({ Glibc.connect(fd, $0, $1) }) == 0 else {
+        guard local.withSockAddr({ bind(fd, $0, $1) }) == 0, addr.withSockAddr({ Glibc.connect(fd, $0, $1) }) == 0
+        else {
             let e = errno
             close(fd)
             throw Net.Failure("connect from \(source): \(String(cString: strerror(e)))")

@@ -2,7 +2,7 @@ import Foundation
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A Redis master, its replicas and three Sentinels from Debian's `redis-server`, on loopback in
@@ -86,7 +86,8 @@ final class RedisLab: @unchecked Sendable {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
         var args = [
-            "--port", "\(ports[k])", "--bind", "127.0.0.1", "--dir", dir.path, "--dbfilename", "dump-\(k).rdb", "--save", "",
+            "--port", "\(ports[k])", "--bind", "127.0.0.1", "--dir", dir.path, "--dbfilename", "dump-\(k).rdb",
+            "--save", "",
             "--appendonly", "no", "--daemonize", "no", "--logfile", dir.file("redis-\(k).log"),
             "--repl-diskless-sync-delay", "0",
         ]
@@ -107,7 +108,8 @@ final class RedisLab: @unchecked Sendable {
     /// The Sentinels' own logs, for a failure message.
     func sentinelLogs() -> String {
         sentinelPorts.indices.map { k in
-            "--- sentinel \(sentinelPorts[k])\n" + ((try? String(contentsOfFile: dir.file("sentinel-\(k).log"), encoding: .utf8)) ?? "")
+            "--- sentinel \(sentinelPorts[k])\n"
+                + ((try? String(contentsOfFile: dir.file("sentinel-\(k).log"), encoding: .utf8)) ?? "")
         }.joined(separator: "\n")
     }
 
