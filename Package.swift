@@ -38,7 +38,9 @@ let package = Package(
         // nat mode: nftables NAT rules and maps programmed over netlink in atomic batches.
         .target(
             name: "BallastNat",
-            dependencies: ["BallastCore", "BallastIO", "CNftables", "CLinux", .product(name: "Logging", package: "swift-log")]
+            dependencies: [
+                "BallastCore", "BallastIO", "CNftables", "CLinux", .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         // Active health checks on one event loop of their own.
         .target(
@@ -65,6 +67,7 @@ let package = Package(
         .testTarget(name: "BallastRuntimeTests", dependencies: ["BallastRuntime", "BallastCore"]),
         .testTarget(name: "BallastHealthTests", dependencies: ["BallastHealth", "BallastCore"]),
         .testTarget(name: "BallastIOTests", dependencies: ["BallastIO", "BallastCore", "CLinux"]),
+        .testTarget(name: "BallastNatTests", dependencies: ["BallastNat", "BallastCore"]),
         .testTarget(name: "IntegrationTests", dependencies: ["BallastIO", "BallastCore", "CLinux"]),
     ],
     swiftLanguageModes: [.v6]
