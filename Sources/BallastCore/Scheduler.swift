@@ -43,27 +43,30 @@ public struct PickView {
     public let staticWeights: Bool
     /// The client's source hash (only `source` reads it).
     public let hash: UInt32
+    /// `ServerStates.version` when the pick began: a precomputed order older than it is rebuilt.
+    public let version: UInt64
 
     /// Runs `body` with a view over `servers`; the view must not escape `body`.
     @inline(__always)
     public static func with<R>(
         servers: [Unmanaged<Server>], backup: [Bool], tier: Bool, exclude: Int, tried: UInt64 = 0, now: Int64,
-        staticWeights: Bool, hash: UInt32, _ body: (PickView) -> R
+        staticWeights: Bool, hash: UInt32, version: UInt64, _ body: (PickView) -> R
     ) -> R {
         servers.withUnsafeBufferPointer { sp in
             backup.withUnsafeBufferPointer { bp in
                 body(
                     PickView(
                         servers: sp, backup: bp, tier: tier, exclude: exclude, tried: tried, now: now,
-                        staticWeights: staticWeights, hash: hash))
+                        staticWeights: staticWeights, hash: hash, version: version))
             }
         }
     }
 
     public init(
         servers: UnsafeBufferPointer<Unmanaged<Server>>, backup: UnsafeBufferPointer<Bool>, tier: Bool, exclude: Int,
-        tried: UInt64 = 0, now: Int64, staticWeights: Bool, hash: UInt32
+        tried: UInt64 = 0, now: Int64, staticWeights: Bool, hash: UInt32, version: UInt64
     ) {
+        self.version = version
         self.tried = tried
         self.servers = servers
         self.backup = backup
@@ -117,21 +120,37 @@ public protocol Scheduler: AnyObject {
     func pick(_ view: PickView) -> Int?
 }
 
-/// Process-wide counter bumped whenever a server's state or weight changes; schedulers that
-/// precompute (Maglev) rebuild when it moves.
-public enum ServerStateClock {
-    public static let version = Atomic<UInt64>(1)
-    /// An eventfd to kick on every change (nat mode reprograms the kernel then); -1: none.
-    public static let notifyFd = Atomic<Int32>(-1)
+/// Where a process's server state changes are announced: one per process (the runtime makes
+/// it and hands it to every table it builds), so nothing about it is process-wide. Every change
+/// of a server's health, admin state, weight or address goes through `changed()` exactly once:
+/// the version moves (schedulers that precompute, Maglev and the shared round-robin order,
+/// rebuild when it does) and every subscriber is told (nat mode wakes its thread). It also
+/// carries the number of per-worker counter slots, fixed before any table is built.
+public final class ServerStates: Sendable {
+    public let version = Atomic<UInt64>(1)
+    /// Counter slots per server and service: one per worker.
+    public let slots: Int
+    private let subscribers = Mutex<[(id: Int, call: @Sendable () -> Void)]>([])
+    private let nextID = Atomic<Int>(1)
 
-    public static func bump() {
+    public init(slots: Int = 1) { self.slots = max(1, slots) }
+
+    /// A server's state changed: the version moves and the subscribers are told (on the
+    /// changing thread; a subscriber only kicks its own thread).
+    public func changed() {
         version.wrappingAdd(1, ordering: .releasing)
-        let fd = notifyFd.load(ordering: .relaxed)
-        if fd >= 0 {
-            var one: UInt64 = 1
-            _ = write(fd, &one, 8)
-        }
+        for s in subscribers.withLock({ $0 }) { s.call() }
     }
+
+    /// Calls `body` after every change until `unsubscribe(id)`.
+    @discardableResult
+    public func subscribe(_ body: @escaping @Sendable () -> Void) -> Int {
+        let id = nextID.wrappingAdd(1, ordering: .relaxed).oldValue
+        subscribers.withLock { $0.append((id, body)) }
+        return id
+    }
+
+    public func unsubscribe(_ id: Int) { subscribers.withLock { $0.removeAll { $0.id == id } } }
 }
 
 /// A service's place in its round-robin order, shared by all workers (one atomic increment
@@ -201,7 +220,7 @@ public final class SmoothWeightedRoundRobin: Scheduler {
     public func pick(_ view: PickView) -> Int? {
         if let turn {
             let order = orders + (view.tier ? 1 : 0)
-            let version = ServerStateClock.version.load(ordering: .acquiring)
+            let version = view.version
             if version != order.pointee.version { rebuild(view, order, version) }
             if order.pointee.valid { return pickShared(view, order.pointee.sequence, turn) }
         }
@@ -399,7 +418,7 @@ public final class MaglevScheduler: Scheduler {
 
     public func pick(_ view: PickView) -> Int? {
         let t = view.tier ? 1 : 0
-        let version = ServerStateClock.version.load(ordering: .acquiring)
+        let version = view.version
         if tables[t] == nil || version != builtVersion[t] { rebuild(view, t, version) }
         guard let table = tables[t] else { return nil }
         var slot = Int(JHash.scale(view.hash, UInt32(tableSize)))

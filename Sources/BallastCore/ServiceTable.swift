@@ -41,7 +41,9 @@ public final class Server: Sendable {
     public let upSince = Atomic<Int64>(0)
 
     // Statistics (the runtime API and /metrics). Cumulative counters live in per-worker slots.
-    public let counters = Counters()
+    public let counters: Counters
+    /// Where this server's changes are announced.
+    public let states: ServerStates
     public let activeMax = Atomic<Int>(0)
     /// Monotonic ms of the last connection given to this server (0: never).
     public let lastSession = Atomic<Int64>(0)
@@ -57,7 +59,9 @@ public final class Server: Sendable {
     /// The weight the config gives (HAProxy's initial weight: `set weight 50%` is relative to it).
     public let initialWeight: Atomic<Int>
 
-    public init(config: ServerConfig) {
+    public init(config: ServerConfig, states: ServerStates = ServerStates()) {
+        self.states = states
+        counters = Counters(slots: states.slots)
         name = config.name
         addressBox = Mutex(config.address)
         hostname = config.hostname
@@ -98,7 +102,7 @@ public final class Server: Sendable {
         hasAddress.store(true, ordering: .relaxed)
         if !had { upSince.store(max(now, 1), ordering: .relaxed) }
         noteChange(wasDown: wasDown, now: now)
-        ServerStateClock.bump()
+        states.changed()
         return had ? old : nil
     }
 
@@ -124,7 +128,7 @@ public final class Server: Sendable {
         let (changed, _) = up.compareExchange(expected: !value, desired: value, ordering: .relaxed)
         guard changed else { return false }
         noteChange(wasDown: wasDown, now: now)
-        ServerStateClock.bump()
+        states.changed()
         return true
     }
 
@@ -157,7 +161,7 @@ public final class Server: Sendable {
         let old = admin.exchange(state.rawValue, ordering: .relaxed)
         if !was && usable { upSince.store(max(now, 1), ordering: .relaxed) }
         if old != state.rawValue { noteChange(wasDown: wasDown, now: now) }
-        ServerStateClock.bump()
+        states.changed()
     }
 
     /// Changes the weight (0...256); a server that becomes usable starts its slow start.
@@ -165,7 +169,7 @@ public final class Server: Sendable {
         let was = usable
         weightValue.store(weight, ordering: .relaxed)
         if !was && usable { upSince.store(max(now, 1), ordering: .relaxed) }
-        ServerStateClock.bump()
+        states.changed()
     }
 
     public var adminState: AdminState { AdminState(rawValue: admin.load(ordering: .relaxed)) ?? .ready }
@@ -221,7 +225,11 @@ public final class Service: Sendable {
     /// Round robin's place in its order, shared by the workers.
     public let turn = SharedTurn()
 
-    public init(config: ServiceConfig, stats: ServiceStats = ServiceStats(), servers: [Server]) {
+    /// Where its servers' changes are announced.
+    public let states: ServerStates
+
+    public init(config: ServiceConfig, stats: ServiceStats, servers: [Server], states: ServerStates) {
+        self.states = states
         self.config = config
         self.stats = stats
         self.servers = servers
@@ -253,7 +261,9 @@ public final class ServiceTable: Sendable {
     /// name and address are unchanged (so live connection counts carry over). Weight, maxconn and
     /// slow start follow the new config; `state` is applied when the config changed it, so a state
     /// set at run time survives a reload that does not mention it.
-    public static func build(config: Config, generation: UInt64, previous: ServiceTable?, now: Int64) -> ServiceTable {
+    public static func build(
+        config: Config, generation: UInt64, previous: ServiceTable?, now: Int64, states: ServerStates
+    ) -> ServiceTable {
         var old: [String: (Server, ServerConfig)] = [:]
         var oldStats: [String: ServiceStats] = [:]
         if let previous {
@@ -263,7 +273,7 @@ public final class ServiceTable: Sendable {
             }
         }
         let services = config.services.map { sc in
-            let stats = oldStats[sc.name] ?? ServiceStats()
+            let stats = oldStats[sc.name] ?? ServiceStats(slots: states.slots)
             // Runtime access-list changes stay unless the config's lists changed.
             stats.access.apply(sc.access, limits: sc.limits)
             return Service(
@@ -272,7 +282,7 @@ public final class ServiceTable: Sendable {
                     guard let (o, oc) = old["\(sc.name)/\(c.name)"],
                         oc.addressKey == c.addressKey || o.address == c.address && c.hostname == nil
                     else {
-                        return Server(config: c)
+                        return Server(config: c, states: states)
                     }
                     // The address this load gives (a name resolved again, a runtime `set server
                     // addr` dropped because the config changed the service): new connections go
@@ -288,9 +298,9 @@ public final class ServiceTable: Sendable {
                     if oc.weight != c.weight { o.setWeight(c.weight, now: now) }
                     if oc.state != c.state { o.setAdmin(c.state, now: now) }
                     return o
-                })
+                }, states: states)
         }
-        ServerStateClock.bump()
+        states.changed()
         return ServiceTable(generation: generation, config: config, services: services)
     }
 }

@@ -100,15 +100,13 @@ public struct CounterSlot: Sendable {
 /// Per-worker counter slots of one service or server. Summed on demand; `clear counters all`
 /// moves a baseline instead of writing into slots a worker owns, so a clear never races a worker.
 public final class Counters: @unchecked Sendable {
-    /// Slots per object: the number of workers, fixed at start-up before any table is built.
-    nonisolated(unsafe) public static var slotCount = 1
-
     private let slots: UnsafeMutablePointer<CounterSlot>
     private let count: Int
     private let baseline = Mutex<CounterSlot>(CounterSlot())
 
-    public init() {
-        count = max(1, Counters.slotCount)
+    /// `slots`: one per worker (`ServerStates.slots`).
+    public init(slots n: Int) {
+        count = max(1, n)
         let raw = UnsafeMutableRawPointer.allocate(byteCount: count * MemoryLayout<CounterSlot>.stride, alignment: 128)
         slots = raw.bindMemory(to: CounterSlot.self, capacity: count)
         slots.initialize(repeating: CounterSlot(), count: count)
@@ -156,7 +154,7 @@ public func raiseMax(_ max: borrowing Atomic<Int>, to value: Int) {
 /// A service's statistics: the FRONTEND side (client connections) and the BACKEND side
 /// (connections given to servers). Kept by name across reloads.
 public final class ServiceStats: Sendable {
-    public let counters = Counters()
+    public let counters: Counters
     /// Client connections open (FRONTEND scur) and its maximum.
     public let clients = Atomic<Int>(0)
     public let clientsMax = Atomic<Int>(0)
@@ -173,10 +171,12 @@ public final class ServiceStats: Sendable {
     public let downSince = Atomic<Int64>(0)
     public let downtimeMs = Atomic<Int64>(0)
     public let downTransitions = Atomic<Int>(0)
+
     /// Who may connect, per-client counts, refusals.
     public let access = AccessState()
 
-    public init() {}
+    /// `slots`: counter slots, one per worker (`ServerStates.slots`).
+    public init(slots: Int = 1) { counters = Counters(slots: slots) }
 
     public func clearMax() {
         clientsMax.store(clients.load(ordering: .relaxed), ordering: .relaxed)

@@ -392,8 +392,8 @@ public final class HealthChecker: @unchecked Sendable {
             t.server.upSince.store(max(monotonic(), 1), ordering: .relaxed)
             t.server.connectFailures.store(0, ordering: .relaxed)
         }
-        t.server.setUp(up)
-        ServerStateClock.bump()
+        // Announced once: by setUp when the health changed, else here (slow start began).
+        if !t.server.setUp(up) { t.server.states.changed() }
         let line = transitionLine(t, up: up, r, reason: reason)
         if up { logger.notice("\(line)") } else { logger.warning("\(line)") }
         onTransition(t.service, t.server, up)

@@ -202,7 +202,7 @@ extension NatController {
 
     /// The ruleset a config would program with every server up (for `ballast nft show -c`).
     public static func render(config: Config) -> String {
-        let table = ServiceTable.build(config: config, generation: 0, previous: nil, now: 0)
+        let table = ServiceTable.build(config: config, generation: 0, previous: nil, now: 0, states: ServerStates())
         var list: [ServiceState] = []
         for (k, svc) in table.services.enumerated() where svc.config.mode == .nat {
             let id = UInt32(k + 1)

@@ -490,10 +490,24 @@ public final class NatController: @unchecked Sendable {
 
     // MARK: - Thread
 
-    /// Follows every state change (checks, runtime API, reload) as it happens.
-    public func start() {
-        wakeFd = ballast_eventfd(0)
-        ServerStateClock.notifyFd.store(wakeFd, ordering: .relaxed)
+    /// The eventfd that wakes the nat thread. Closed when the last holder lets go (the
+    /// controller and the subscription's closure), so a change announced while Ballast stops
+    /// never writes into a descriptor number that was closed and reused.
+    final class Wake: Sendable {
+        let fd: Int32
+        init() { fd = ballast_eventfd(0) }
+        func kick() { EventFd.signal(fd) }
+        deinit { if fd >= 0 { Sys.close(fd) } }
+    }
+    var wake: Wake?
+    var subscription: (ServerStates, Int)?
+
+    /// Follows every state change (checks, runtime API, reload, DNS) as it happens.
+    public func start(following states: ServerStates) {
+        let w = Wake()
+        wake = w
+        wakeFd = w.fd
+        subscription = (states, states.subscribe { w.kick() })
         thread = NamedThread.start("ballast-nat") { self.loop() }
     }
 
@@ -536,14 +550,12 @@ public final class NatController: @unchecked Sendable {
 
     public func stop() {
         stopping.store(true, ordering: .relaxed)
-        ServerStateClock.notifyFd.store(-1, ordering: .relaxed)
-        if wakeFd >= 0 {
-            var one: UInt64 = 1
-            _ = write(wakeFd, &one, 8)
-        }
+        if let (states, id) = subscription { states.unsubscribe(id) }
+        subscription = nil
+        wake?.kick()
         if let t = thread { pthread_join(t, nil) }
         thread = nil
-        if wakeFd >= 0 { close(wakeFd) }
+        wake = nil
         wakeFd = -1
     }
 

@@ -83,7 +83,7 @@ public final class WorkerService {
     private func pickTier(backup tier: Bool, exclude ex: Int, tried: UInt64, hash: UInt32, now: Int64) -> Int? {
         PickView.with(
             servers: service.handles, backup: service.backupFlags, tier: tier, exclude: ex, tried: tried, now: now,
-            staticWeights: balance == .source, hash: hash
+            staticWeights: balance == .source, hash: hash, version: service.states.version.load(ordering: .acquiring)
         ) { scheduler.pick($0) }
     }
 

@@ -216,7 +216,8 @@ extension Runtime {
         config = next
         generation += 1
         nat?.holdSync()
-        table = ServiceTable.build(config: next, generation: generation, previous: table, now: monotonicMillis())
+        table = ServiceTable.build(
+            config: next, generation: generation, previous: table, now: monotonicMillis(), states: states)
         publish()
         checker?.update(table)
         if let nat {

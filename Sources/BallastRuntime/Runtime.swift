@@ -62,6 +62,33 @@ func openListeners(_ bind: BindConfig, service: String, count: Int, listen: Bool
     return BoundListener(configured: bind.address, actual: address, service: service, fds: fds)
 }
 
+/// The start-up of the components, in order. A step registers how to stop its component before
+/// starting it; `unwind` stops every registered one in reverse. This is swift-service-lifecycle's
+/// `ServiceGroup` contract kept without it: Ballast's components are OS threads with their own
+/// event loops (a data plane that must not hop executors), started synchronously, some of them
+/// as root before privileges are dropped, and a graceful stop has an order of its own (listeners
+/// first, connections drained for `grace`, then the rest); ServiceGroup runs async `Service`s as
+/// child tasks and cancels them together, which fits neither.
+struct StartSequence {
+    private(set) var started: [(name: String, stop: () -> Void)] = []
+
+    mutating func step(_ name: String, stop: @escaping () -> Void = {}, _ body: () throws -> Void) throws {
+        started.append((name, stop))
+        try body()
+    }
+
+    /// Stops what was started (or began to start), last first.
+    func unwind() {
+        for s in started.reversed() { s.stop() }
+    }
+}
+
+/// A start-up step that failed, with what to log (nil: the step logged it already).
+struct StartFailure: Error {
+    var message: String?
+    init(_ message: String?) { self.message = message }
+}
+
 /// Owns the workers and the listeners, applies configs, reloads on SIGHUP and stops gracefully on
 /// SIGTERM/SIGINT. Signals are read from a signalfd on the main thread; the data-plane threads
 /// have them blocked and hear about them through their eventfds.
@@ -88,6 +115,8 @@ public final class Runtime {
     var adminContext: AdminContext?
     /// nat mode: the kernel's rules and maps.
     var nat: NatController?
+    /// Where every server state change is announced (schedulers, nat mode).
+    let states: ServerStates
     /// The config as the file says it; `config` is this with `serverChanges` laid over it.
     var fileConfig: Config
     /// `add server`, `del server`, `set server … addr`: kept while their service's text stays.
@@ -119,8 +148,9 @@ public final class Runtime {
         }
         self.config = config
         // Counter slots per server and service: one per worker, fixed before any table exists.
-        Counters.slotCount = config.global.workers ?? max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
-        self.table = ServiceTable.build(config: config, generation: 1, previous: nil, now: monotonicMillis())
+        states = ServerStates(slots: config.global.workers ?? max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
+        self.table = ServiceTable.build(
+            config: config, generation: 1, previous: nil, now: monotonicMillis(), states: states)
         self.shared = ProxyShared(maxconn: config.global.maxconn)
         self.startMaxconn = config.global.maxconn
         for name in dropped {
@@ -157,122 +187,112 @@ public final class Runtime {
         }
         if !raiseFileLimit() { return 1 }
 
-        // Bind everything before any thread starts: a bind error stops start-up whole.
+        // The components, in order; each one's stop is registered before it starts, so a
+        // failure anywhere (a step's own, or one injected by a test) stops what was started,
+        // in reverse, and the process leaves no table, socket file or thread behind.
+        var startup = StartSequence()
+        let ctx: AdminContext
         do {
-            for svc in config.services where svc.mode == .proxy {
-                for b in svc.binds {
-                    listeners[listenerKey(b, svc.name)] = try openListeners(b, service: svc.name, count: workerCount)
+            // Bind everything before any thread starts: a bind error stops start-up whole.
+            try startup.step("listeners", stop: { [self] in closeAllListeners() }) {
+                for svc in config.services where svc.mode == .proxy {
+                    for b in svc.binds {
+                        listeners[listenerKey(b, svc.name)] = try openListeners(
+                            b, service: svc.name, count: workerCount)
+                    }
                 }
             }
-        } catch {
-            for l in listeners.values { for fd in l.fds { Sys.close(fd) } }
-            logger.critical("\(error)")
-            return 1
-        }
-
-        // The runtime API sockets are created as root too, with their configured owner and mode.
-        do {
-            let a = try AdminServer(config: config.global, logger: logger)
-            try a.open(config.global)
-            admin = a
-            try injected(.admin)
-        } catch let error as ConfigError {
-            return abortStart("\(error)")
-        } catch {
-            return abortStart("cannot start the runtime API: \(error)")
-        }
-
-        // Runtime server state saved by the last run (drain, maint, weights, forced health).
-        if let path = config.global.stateFile {
-            switch RegularFile.text(path) {
-            case .success(let text):
-                for line in StateFile.restore(text, into: table) { logger.info("\(line)") }
-            case .failure(.cannotOpen(errno: ENOENT)):
-                break  // the first start: nothing saved yet
-            case .failure(let e):
-                logger.warning("state file \(path) not restored: \(e)")
+            // The runtime API sockets are created as root too, with their configured owner and mode.
+            try startup.step("runtime API sockets", stop: { [self] in stopAdmin() }) {
+                do {
+                    let a = try AdminServer(config: config.global, logger: logger)
+                    admin = a
+                    try a.open(config.global)
+                } catch let error as ConfigError {
+                    throw StartFailure(error.description)
+                } catch {
+                    throw StartFailure("cannot start the runtime API: \(error)")
+                }
+                try injected(.admin)
             }
-        }
-
-        // nat mode: program the kernel before anything serves; a failure names the object and
-        // leaves nothing half-applied (one atomic batch per family).
-        if config.services.contains(where: { $0.mode == .nat }) {
-            var created: NatController?
-            do {
-                let n = try NatController(logger: logger)
-                created = n
-                try n.apply(table)
-                nat = n
+            restoreState()
+            // nat mode: program the kernel before anything serves; a failure names the object
+            // and leaves nothing half-applied (one atomic batch per family).
+            try startup.step("nat tables", stop: { [self] in stopNat(removing: true) }) {
+                guard config.services.contains(where: { $0.mode == .nat }) else { return }
+                var created: NatController?
+                do {
+                    let n = try NatController(logger: logger)
+                    created = n
+                    try n.apply(table)
+                    nat = n
+                } catch {
+                    created?.remove()  // a family programmed before another failed goes too
+                    let hint =
+                        geteuid() != 0 && ballast_has_net_admin() == 0
+                        ? " (nat mode needs CAP_NET_ADMIN: start Ballast as root, with global.user to drop to)" : ""
+                    throw StartFailure("nat: \(error)\(hint)")
+                }
                 logger.info(
                     "nat: programmed table ip/ip6 \(NatController.tableName) for \(NatController.natServices(config).count) services"
                 )
                 try injected(.nat)
-            } catch {
-                created?.remove()  // a family programmed before another failed goes too
-                nat = nil
-                return abortStart(
-                    "nat: \(error)\(geteuid() != 0 && ballast_has_net_admin() == 0 ? " (nat mode needs CAP_NET_ADMIN: start Ballast as root, with global.user to drop to)" : "")"
-                )
             }
-        }
-
-        if !dropPrivileges() { return abortStart(nil) }
-
-        let settings = WorkerSettings(
-            pipeSize: config.global.pipeSize, copyBufferSize: Defaults.copyBufferSize,
-            tableCapacity: config.global.maxconn, logConnections: config.global.log.connections)
-        do {
-            for id in 0..<workerCount {
-                workers.append(try Worker(id: id, shared: shared, settings: settings, logger: logger))
+            try startup.step("privileges") {
+                if !dropPrivileges() { throw StartFailure(nil) }
             }
-            try injected(.workers)
+            try startup.step("workers", stop: { [self] in stopWorkers() }) {
+                let settings = WorkerSettings(
+                    pipeSize: config.global.pipeSize, copyBufferSize: Defaults.copyBufferSize,
+                    tableCapacity: config.global.maxconn, logConnections: config.global.log.connections)
+                do {
+                    for id in 0..<workerCount {
+                        workers.append(try Worker(id: id, shared: shared, settings: settings, logger: logger))
+                    }
+                } catch {
+                    throw StartFailure("cannot create worker: \(error)")
+                }
+                try injected(.workers)
+                publish()
+                for w in workers { threads.append(NamedThread.start("ballast-w\(w.id)") { w.run() }) }
+            }
+            setActions(config)
+            let transition = transitionAction()
+            try startup.step("health checks", stop: { [self] in stopChecker() }) {
+                do {
+                    let c = try HealthChecker(logger: logger, onTransition: transition)
+                    c.update(table)
+                    c.start()
+                    checker = c
+                } catch {
+                    throw StartFailure("cannot start health checks: \(error)")
+                }
+                try injected(.checker)
+            }
+            let context = AdminContext(
+                table: table, checker: checker, workers: workers, shared: shared, logger: logger,
+                hardMaxconn: startMaxconn, onTransition: transition)
+            context.stateFile.withLock { $0 = config.global.stateFile }
+            context.serverChanges.withLock { $0 = serverChanges }
+            try startup.step("DNS thread", stop: { [self] in stopDNS() }) {
+                do {
+                    let queue = try ChangeQueue()
+                    changes = queue
+                    context.changeServers = { queue.ask($0) }
+                    let d = try DNSWatcher(logger: logger, resolve: Resolver.system) { context.table }
+                    dns = d
+                    d.start()
+                } catch {
+                    throw StartFailure("cannot start the DNS resolver thread: \(error)")
+                }
+            }
+            ctx = context
         } catch {
-            return abortStart("cannot create worker: \(error)")
-        }
-        publish()
-        for w in workers { threads.append(NamedThread.start("ballast-w\(w.id)") { w.run() }) }
-        setActions(config)
-        let workers = self.workers
-        let actions = self.actions
-        // What a service does when a server goes down or comes back (checks, CLI, passive).
-        let nat = self.nat
-        let transition: @Sendable (String, Server, Bool) -> Void = { service, server, up in
-            guard let (down, upAction) = actions.map.withLock({ $0[service] }) else { return }
-            if !up && down == .shutdownSessions, let nat, nat.isNat(service) {
-                // The map drops the server first (the state change woke the nat thread); then
-                // its flows go, so their clients get a reset instead of hanging.
-                nat.sync()
-                nat.flush(service: service, server: server)
+            if let message = (error as? StartFailure)?.message ?? (error is StartFailure ? nil : "\(error)") {
+                logger.critical("\(message)")
             }
-            if !up && down == .shutdownSessions {
-                for w in workers { w.send(.shutdownSessions(server)) }
-            } else if up && upAction == .shutdownBackupSessions {
-                for w in workers { w.send(.shutdownBackupSessions(service: service)) }
-            }
-        }
-        do {
-            let checker = try HealthChecker(logger: logger, onTransition: transition)
-            checker.update(table)
-            checker.start()
-            self.checker = checker
-            try injected(.checker)
-        } catch {
-            return abortStart("cannot start health checks: \(error)")
-        }
-        let ctx = AdminContext(
-            table: table, checker: checker, workers: workers, shared: shared, logger: logger, hardMaxconn: startMaxconn,
-            onTransition: transition)
-        ctx.stateFile.withLock { $0 = config.global.stateFile }
-        ctx.serverChanges.withLock { $0 = serverChanges }
-        do {
-            let queue = try ChangeQueue()
-            changes = queue
-            ctx.changeServers = { queue.ask($0) }
-            let d = try DNSWatcher(logger: logger, resolve: Resolver.system) { ctx.table }
-            d.start()
-            dns = d
-        } catch {
-            return abortStart("cannot start the DNS resolver thread: \(error)")
+            startup.unwind()
+            return 1
         }
         ctx.listeners.store(listeners.values.reduce(0) { $0 + $1.fds.count }, ordering: .relaxed)
         adminContext = ctx
@@ -283,7 +303,7 @@ public final class Runtime {
         }
         ctx.saveState()
         ctx.nat = nat
-        nat?.start()
+        nat?.start(following: states)
         for svc in config.services where svc.mode == .nat {
             logger.info(
                 "service \(svc.name) (nat) on \(svc.binds.map(\.address.description).joined(separator: ", ")), \(svc.servers.count) servers, balance \(svc.balance.rawValue), snat \(svc.snat)"
@@ -358,26 +378,74 @@ public final class Runtime {
         }
     }
 
-    /// A start that failed stops what it had started, in reverse order: the checker, the
-    /// workers (their threads joined), the nat tables, the runtime API (its socket files
-    /// removed), the listeners. Returns the exit status.
-    private func abortStart(_ message: String?) -> Int32 {
-        if let message { logger.critical("\(message)") }
-        dns?.stop()
-        dns = nil
-        checker?.stop()
-        checker = nil
+    /// Component stops, for a start that failed part-way (each tolerates a component that
+    /// started only in part) and for the end of a graceful stop.
+    func closeAllListeners() {
+        for l in listeners.values { for fd in l.fds { Sys.close(fd) } }
+        listeners.removeAll()
+    }
+
+    func stopAdmin() {
+        admin?.stop()
+        admin = nil
+    }
+
+    func stopNat(removing: Bool) {
+        nat?.stop()
+        if removing { nat?.remove() }
+        nat = nil
+    }
+
+    func stopWorkers() {
         for w in workers { w.send(.exit) }
         for t in threads { pthread_join(t, nil) }
         threads.removeAll()
         workers.removeAll()
-        nat?.remove()
-        nat = nil
-        admin?.stop()
-        admin = nil
-        for l in listeners.values { for fd in l.fds { Sys.close(fd) } }
-        listeners.removeAll()
-        return 1
+    }
+
+    func stopChecker() {
+        checker?.stop()
+        checker = nil
+    }
+
+    func stopDNS() {
+        dns?.stop()
+        dns = nil
+        changes = nil
+    }
+
+    /// Runtime server state saved by the last run (drain, maint, weights, forced health).
+    private func restoreState() {
+        guard let path = config.global.stateFile else { return }
+        switch RegularFile.text(path) {
+        case .success(let text):
+            for line in StateFile.restore(text, into: table) { logger.info("\(line)") }
+        case .failure(.cannotOpen(errno: ENOENT)):
+            break  // the first start: nothing saved yet
+        case .failure(let e):
+            logger.warning("state file \(path) not restored: \(e)")
+        }
+    }
+
+    /// What a service does when a server goes down or comes back (checks, CLI, passive).
+    private func transitionAction() -> @Sendable (String, Server, Bool) -> Void {
+        let workers = self.workers
+        let actions = self.actions
+        let nat = self.nat
+        return { service, server, up in
+            guard let (down, upAction) = actions.map.withLock({ $0[service] }) else { return }
+            if !up && down == .shutdownSessions, let nat, nat.isNat(service) {
+                // The map drops the server first (the state change woke the nat thread); then
+                // its flows go, so their clients get a reset instead of hanging.
+                nat.sync()
+                nat.flush(service: service, server: server)
+            }
+            if !up && down == .shutdownSessions {
+                for w in workers { w.send(.shutdownSessions(server)) }
+            } else if up && upAction == .shutdownBackupSessions {
+                for w in workers { w.send(.shutdownBackupSessions(service: service)) }
+            }
+        }
     }
 
     /// Sends `WATCHDOG=1` when every worker has processed the previous round's ping; a stuck
@@ -474,7 +542,8 @@ public final class Runtime {
         }
         generation += 1
         nat?.holdSync()
-        table = ServiceTable.build(config: next, generation: generation, previous: table, now: monotonicMillis())
+        table = ServiceTable.build(
+            config: next, generation: generation, previous: table, now: monotonicMillis(), states: states)
         listeners = keptListeners.merging(opened) { a, _ in a }
         shared.maxconn.store(min(next.global.maxconn, startMaxconn), ordering: .relaxed)
         LogState.set(next.global.log)
@@ -488,7 +557,7 @@ public final class Runtime {
                 try nat!.apply(table)
                 if adminContext?.nat == nil {
                     adminContext?.nat = nat
-                    nat!.start()
+                    nat!.start(following: states)
                 }
             } catch {
                 logger.error("nat: reload could not program the kernel, the previous rules stay: \(error)")

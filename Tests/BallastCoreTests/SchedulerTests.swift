@@ -7,14 +7,17 @@ import Testing
 struct Pool {
     let servers: [Server]
     let backup: [Bool]
+    /// Shared by the pool's servers, as a table's are.
+    let states = ServerStates()
 
     init(weights: [Int], backups: Set<Int> = []) {
+        let states = self.states
         servers = weights.enumerated().map { i, w in
             var c = ServerConfig(
                 name: "s\(i)", address: try! SocketAddress(parsing: "10.0.0.\(i + 1):80"),
                 location: SourceLocation(file: "", line: 0, column: 0))
             c.weight = w
-            return Server(config: c)
+            return Server(config: c, states: states)
         }
         backup = weights.indices.map { backups.contains($0) }
     }
@@ -27,7 +30,7 @@ struct Pool {
         PickView.with(
             servers: servers.map { Unmanaged.passUnretained($0) }, backup: backup, tier: tier, exclude: exclude,
             tried: tried,
-            now: now, staticWeights: staticWeights, hash: hash
+            now: now, staticWeights: staticWeights, hash: hash, version: states.version.load(ordering: .acquiring)
         ) { s.pick($0) }
     }
 

@@ -23,7 +23,7 @@ struct PlanTests {
 
     /// The states `apply` would make for a config, every server up.
     static func states(_ config: Config) -> [String: NatController.ServiceState] {
-        let table = ServiceTable.build(config: config, generation: 1, previous: nil, now: 0)
+        let table = ServiceTable.build(config: config, generation: 1, previous: nil, now: 0, states: ServerStates())
         var out: [String: NatController.ServiceState] = [:]
         for (k, svc) in table.services.enumerated() where svc.config.mode == .nat {
             let id = UInt32(k + 1)

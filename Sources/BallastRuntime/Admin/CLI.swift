@@ -572,7 +572,7 @@ struct CLI {
                 "maxconn \(v) is above the process's maxconn (\(ctx.hardMaxconn)); this server could never reach it.\n\n"
         }
         s.maxconnValue.store(v, ordering: .relaxed)
-        ServerStateClock.bump()
+        s.states.changed()
         return "\n"
     }
 
