@@ -188,7 +188,7 @@ public final class Worker: @unchecked Sendable {
                 if hangup { c.pointee.serverRdHup = true }
                 if c.pointee.state == .connecting {
                     guard writable || ev & (Epoll.err | Epoll.hup) != 0 else { return }
-                    connectCompleted(index)
+                    connectCompleted(index, failed: ev & (Epoll.err | Epoll.hup) != 0)
                     return
                 }
             }
