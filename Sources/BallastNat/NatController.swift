@@ -88,7 +88,6 @@ public final class NatController: @unchecked Sendable {
     var services: [String: ServiceState] = [:]
     var table: ServiceTable?
     var families: Set<UInt16> = []
-    var wakeFd: Int32 = -1
     var thread: pthread_t?
     let stopping = Atomic<Bool>(false)
     /// Milliseconds the last state change took to reach the kernel (for logs and benchmarks).
@@ -506,20 +505,17 @@ public final class NatController: @unchecked Sendable {
     public func start(following states: ServerStates) {
         let w = Wake()
         wake = w
-        wakeFd = w.fd
         subscription = (states, states.subscribe { w.kick() })
         thread = NamedThread.start("ballast-nat") { self.loop() }
     }
 
     func loop() {
-        var pfd = pollfd(fd: wakeFd, events: Int16(POLLIN), revents: 0)
+        let fd = wake?.fd ?? -1  // the loop ends before `stop` lets go of `wake`
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         var verified = monotonicMillis()
         while !stopping.load(ordering: .relaxed) {
             let r = poll(&pfd, 1, 1000)
-            if r > 0 {
-                var v: UInt64 = 0
-                _ = read(wakeFd, &v, 8)
-            }
+            if r > 0 { EventFd.drain(fd) }
             if stopping.load(ordering: .relaxed) { break }
             sync()
             let now = monotonicMillis()
@@ -556,7 +552,6 @@ public final class NatController: @unchecked Sendable {
         if let t = thread { pthread_join(t, nil) }
         thread = nil
         wake = nil
-        wakeFd = -1
     }
 
 }

@@ -64,12 +64,19 @@ extension Runtime {
     /// Applies one server change to the running service, as HAProxy's CLI would answer it. The
     /// change joins `serverChanges`, which every later load (reload, restart through the state
     /// file) lays over the file while the service's text stays the same.
+    /// The running service `name` and the file's version of it (what changes are recorded
+    /// against); nil when there is no such service.
+    private func running(_ name: String) -> (Service, ServiceConfig)? {
+        guard let svc = table.services.first(where: { $0.name == name }),
+            let base = fileConfig.services.first(where: { $0.name == name })
+        else { return nil }
+        return (svc, base)
+    }
+
     func apply(_ change: ServerChange) -> Result<String, CLIError> {
         switch change {
         case .add(let name, let added):
-            guard let svc = table.services.first(where: { $0.name == name }),
-                let base = fileConfig.services.first(where: { $0.name == name })
-            else { return .failure(CLIError("No such backend.\n")) }
+            guard let (svc, base) = running(name) else { return .failure(CLIError("No such backend.\n")) }
             if svc.servers.contains(where: { $0.name == added.name }) {
                 return .failure(CLIError("Already exists a server with the same name in backend.\n\n"))
             }
@@ -87,9 +94,7 @@ extension Runtime {
                 "service \(name): server \(added.name) added at \(added.address) (in maintenance until enabled)")
             return .success("New server registered.\n\n")
         case .delete(let name, let srv):
-            guard let svc = table.services.first(where: { $0.name == name }),
-                let base = fileConfig.services.first(where: { $0.name == name })
-            else { return .failure(CLIError("No such backend.\n")) }
+            guard let (svc, base) = running(name) else { return .failure(CLIError("No such backend.\n")) }
             guard let s = svc.servers.first(where: { $0.name == srv }) else {
                 return .failure(CLIError("No such server.\n"))
             }
@@ -108,9 +113,7 @@ extension Runtime {
             logger.notice("service \(name): server \(srv) deleted")
             return .success("Server deleted.\n")
         case .move(let name, let srv, let addrText, let portText):
-            guard let svc = table.services.first(where: { $0.name == name }),
-                let base = fileConfig.services.first(where: { $0.name == name })
-            else { return .failure(CLIError("No such backend.\n")) }
+            guard let (svc, base) = running(name) else { return .failure(CLIError("No such backend.\n")) }
             guard let s = svc.servers.first(where: { $0.name == srv }) else {
                 return .failure(CLIError("No such server.\n\n"))
             }
@@ -159,7 +162,6 @@ extension Runtime {
                     var changes = serverChanges
                     changes.move(srv, to: new, in: base)
                     serverChanges = changes
-                    adminContext?.serverChanges.withLock { $0 = changes }
                 }
                 logger.notice("service \(name): server \(srv) moved from \(old) to \(new) (runtime API)")
                 adminContext?.saveState()
@@ -212,7 +214,6 @@ extension Runtime {
         var changes = changes
         let (next, _) = changes.apply(to: fileConfig)
         serverChanges = changes
-        adminContext?.serverChanges.withLock { $0 = changes }
         config = next
         generation += 1
         nat?.holdSync()

@@ -120,7 +120,16 @@ public final class Runtime {
     /// The config as the file says it; `config` is this with `serverChanges` laid over it.
     var fileConfig: Config
     /// `add server`, `del server`, `set server … addr`: kept while their service's text stays.
-    var serverChanges = RuntimeServers()
+    /// The runtime API's copy (saved with the state) follows every change.
+    var serverChanges = RuntimeServers() {
+        didSet {
+            let now = serverChanges
+            adminContext?.serverChanges.withLock { $0 = now }
+        }
+    }
+    /// The state file as it was at start (read once: the server changes it keeps are laid over
+    /// the config in `init`, the servers' state restored in `run`).
+    private var savedState: Result<String, RegularFile.Failure>?
     /// Server changes from the runtime API, for the main thread.
     private var changes: ChangeQueue?
     /// Servers given by DNS name, looked up again while Ballast runs.
@@ -142,7 +151,8 @@ public final class Runtime {
         // Servers added, deleted or moved at run time by the last run, while their service's
         // text is the same (the state file keeps them).
         var dropped: [String] = []
-        if let path = config.global.stateFile, case .success(let text) = RegularFile.text(path) {
+        savedState = config.global.stateFile.map { RegularFile.text($0) }
+        if case .success(let text) = savedState {
             serverChanges = StateFile.parseChanges(text)
             (config, dropped) = serverChanges.apply(to: config)
         }
@@ -416,8 +426,9 @@ public final class Runtime {
 
     /// Runtime server state saved by the last run (drain, maint, weights, forced health).
     private func restoreState() {
-        guard let path = config.global.stateFile else { return }
-        switch RegularFile.text(path) {
+        guard let path = config.global.stateFile, let saved = savedState else { return }
+        savedState = nil
+        switch saved {
         case .success(let text):
             for line in StateFile.restore(text, into: table) { logger.info("\(line)") }
         case .failure(.cannotOpen(errno: ENOENT)):
@@ -535,7 +546,6 @@ public final class Runtime {
         config = next
         fileConfig = file
         serverChanges = kept
-        adminContext?.serverChanges.withLock { $0 = kept }
         for name in dropped {
             logger.notice(
                 "service \(name): the server changes made at run time are dropped: the config changed the service")

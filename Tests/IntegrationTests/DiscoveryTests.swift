@@ -205,16 +205,8 @@ import Testing
                 server s2 127.0.0.1:\(echo.port)
 
             """)
-        let haproxy = Process()
-        haproxy.executableURL = URL(fileURLWithPath: "/usr/sbin/haproxy")
-        haproxy.arguments = ["-db", "-f", cfg]
-        haproxy.standardOutput = FileHandle.nullDevice
-        haproxy.standardError = FileHandle.nullDevice
-        try haproxy.run()
-        defer {
-            if haproxy.processIdentifier > 1 { kill(haproxy.processIdentifier, SIGKILL) }
-            NatLab.waitGone(haproxy, timeout: 30)
-        }
+        let haproxy = try HAProxyProcess(configFile: cfg)
+        defer { haproxy.stop() }
         let b = try BallastProcess(
             config: configYAML(
                 global: "workers: 1\nstats: { sockets: [{ path: \(dir.file("b.sock")), level: admin }] }",

@@ -75,7 +75,7 @@ enum StatsClient {
 /// The runtime API: HAProxy's protocol and replies, levels, robustness, counters, saved state
 /// and /metrics.
 @Suite(.serialized) struct RuntimeAPITests {
-    static let haveHAProxy = FileManager.default.isExecutableFile(atPath: "/usr/sbin/haproxy")
+    static let haveHAProxy = HAProxyProcess.available
 
     /// A Ballast with admin, operator and user sockets, a state file and metrics, in front of
     /// `servers`.
@@ -130,16 +130,8 @@ enum StatsClient {
                 server s3 127.0.0.1:\(echo.port) weight 10 backup
 
             """)
-        let haproxy = Process()
-        haproxy.executableURL = URL(fileURLWithPath: "/usr/sbin/haproxy")
-        haproxy.arguments = ["-db", "-f", cfg]
-        haproxy.standardOutput = FileHandle.nullDevice
-        haproxy.standardError = FileHandle.nullDevice
-        try haproxy.run()
-        defer {
-            kill(haproxy.processIdentifier, SIGKILL)
-            NatLab.waitGone(haproxy, timeout: 60)
-        }
+        let haproxy = try HAProxyProcess(configFile: cfg)
+        defer { haproxy.stop() }
         let b = try BallastProcess(
             config: configYAML(
                 global: """

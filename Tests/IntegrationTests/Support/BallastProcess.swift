@@ -252,3 +252,24 @@ func configYAML(global: String = "workers: 2", defaults: String = "", services: 
 final class LineLog: Sendable {
     let m = Mutex<[String]>([])
 }
+
+/// HAProxy run beside Ballast for side-by-side comparisons (`haproxy -db -f <config>`), killed
+/// by PID at `stop`.
+final class HAProxyProcess {
+    static let path = "/usr/sbin/haproxy"
+    static var available: Bool { FileManager.default.isExecutableFile(atPath: path) }
+    let process = Process()
+
+    init(configFile: String) throws {
+        process.executableURL = URL(fileURLWithPath: Self.path)
+        process.arguments = ["-db", "-f", configFile]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+    }
+
+    func stop() {
+        if process.processIdentifier > 1 { kill(process.processIdentifier, SIGKILL) }
+        NatLab.waitGone(process, timeout: 60)
+    }
+}
