@@ -68,6 +68,10 @@ let package = Package(
         .testTarget(name: "BallastHealthTests", dependencies: ["BallastHealth", "BallastCore"]),
         .testTarget(name: "BallastIOTests", dependencies: ["BallastIO", "BallastCore", "CLinux"]),
         .testTarget(name: "BallastNatTests", dependencies: ["BallastNat", "BallastCore"]),
+        .testTarget(
+            name: "BallastProxyTests",
+            dependencies: ["BallastProxy", "BallastIO", "BallastCore", .product(name: "Logging", package: "swift-log")]
+        ),
         .testTarget(name: "IntegrationTests", dependencies: ["BallastIO", "BallastCore", "CLinux"]),
     ],
     swiftLanguageModes: [.v6]

@@ -88,10 +88,16 @@ public final class Server: Sendable {
             || !hasAddress.load(ordering: .relaxed)
     }
 
+    // Every change of what schedulers read goes through the setters below; each announces it
+    // exactly once on `states` (version bump, subscribers), unless the caller batches several
+    // (`announce: false`, as a reload does) and announces once itself.
+
     /// Moves the server to `new` (new connections and checks go there; established ones stay
     /// where they are). Returns the address it had, nil when it had none.
     @discardableResult
-    public func setAddress(_ new: SocketAddress, now: Int64 = monotonicMillis()) -> SocketAddress? {
+    public func setAddress(
+        _ new: SocketAddress, now: Int64 = monotonicMillis(), announce: Bool = true
+    ) -> SocketAddress? {
         let wasDown = isDown
         let had = hasAddress.load(ordering: .relaxed)
         let old = addressBox.withLock { a in
@@ -102,7 +108,7 @@ public final class Server: Sendable {
         hasAddress.store(true, ordering: .relaxed)
         if !had { upSince.store(max(now, 1), ordering: .relaxed) }
         noteChange(wasDown: wasDown, now: now)
-        states.changed()
+        if announce { states.changed() }
         return had ? old : nil
     }
 
@@ -132,6 +138,26 @@ public final class Server: Sendable {
         return true
     }
 
+    /// A health check's transition: coming up starts slow start afresh and forgets the failed
+    /// connects the proxy saw; announced once, whether the health or only the ramp changed
+    /// (a check that comes up while the runtime API had forced the server up).
+    public func checkTransition(up value: Bool, now: Int64) {
+        if value {
+            upSince.store(max(now, 1), ordering: .relaxed)
+            connectFailures.store(0, ordering: .relaxed)
+        }
+        let wasDown = isDown
+        let (changed, _) = up.compareExchange(expected: !value, desired: value, ordering: .relaxed)
+        if changed { noteChange(wasDown: wasDown, now: now) }
+        states.changed()
+    }
+
+    /// Changes the connection limit (0: none).
+    public func setMaxconn(_ value: Int, announce: Bool = true) {
+        maxconnValue.store(value, ordering: .relaxed)
+        if announce { states.changed() }
+    }
+
     /// Total time DOWN or in maintenance, in ms.
     public func downtime(now: Int64) -> Int64 {
         let since = downSince.load(ordering: .relaxed)
@@ -155,21 +181,21 @@ public final class Server: Sendable {
     }
 
     /// Changes the administrative state; a server that becomes usable starts its slow start.
-    public func setAdmin(_ state: AdminState, now: Int64) {
+    public func setAdmin(_ state: AdminState, now: Int64, announce: Bool = true) {
         let was = usable
         let wasDown = isDown
         let old = admin.exchange(state.rawValue, ordering: .relaxed)
         if !was && usable { upSince.store(max(now, 1), ordering: .relaxed) }
         if old != state.rawValue { noteChange(wasDown: wasDown, now: now) }
-        states.changed()
+        if announce { states.changed() }
     }
 
     /// Changes the weight (0...256); a server that becomes usable starts its slow start.
-    public func setWeight(_ weight: Int, now: Int64) {
+    public func setWeight(_ weight: Int, now: Int64, announce: Bool = true) {
         let was = usable
         weightValue.store(weight, ordering: .relaxed)
         if !was && usable { upSince.store(max(now, 1), ordering: .relaxed) }
-        states.changed()
+        if announce { states.changed() }
     }
 
     public var adminState: AdminState { AdminState(rawValue: admin.load(ordering: .relaxed)) ?? .ready }
@@ -288,19 +314,19 @@ public final class ServiceTable: Sendable {
                     // addr` dropped because the config changed the service): new connections go
                     // there. A name that did not resolve now keeps the address it had.
                     if c.resolved, o.address != c.address || !o.hasAddress.load(ordering: .relaxed) {
-                        o.setAddress(c.address, now: now)
+                        o.setAddress(c.address, now: now, announce: false)
                     }
-                    o.maxconnValue.store(c.maxconn, ordering: .relaxed)
+                    o.setMaxconn(c.maxconn, announce: false)
                     o.slowstartMs.store(c.slowstart.value, ordering: .relaxed)
                     o.sendProxy.store(c.sendProxy?.rawValue ?? 0, ordering: .relaxed)
                     // A weight set at run time stays unless the config's weight changed.
                     o.initialWeight.store(c.weight, ordering: .relaxed)
-                    if oc.weight != c.weight { o.setWeight(c.weight, now: now) }
-                    if oc.state != c.state { o.setAdmin(c.state, now: now) }
+                    if oc.weight != c.weight { o.setWeight(c.weight, now: now, announce: false) }
+                    if oc.state != c.state { o.setAdmin(c.state, now: now, announce: false) }
                     return o
                 }, states: states)
         }
-        states.changed()
+        states.changed()  // once for the whole table
         return ServiceTable(generation: generation, config: config, services: services)
     }
 }

@@ -38,7 +38,7 @@ extension HealthChecker {
         t.generation &+= 1
         guard let index = tasks.firstIndex(where: { $0 === t }) else { return }
         do {
-            try Epoll.add(epfd, fd, events: Epoll.in | Epoll.out | Epoll.rdhup, data: token(index, t))
+            try loop.add(fd, Epoll.in | Epoll.out | Epoll.rdhup, token(index, t))
         } catch {
             return finish(t, Verdict(.sockError, "\(error)"), now)
         }
@@ -254,7 +254,7 @@ extension HealthChecker {
             let w = min(Defaults.maxWeight, t.initialWeight * pct / 100)
             if w != t.server.weight { t.server.setWeight(w, now: now) }
         }
-        if let m = a.maxconn { t.server.maxconnValue.store(m, ordering: .relaxed) }
+        if let m = a.maxconn, m != t.server.maxconn { t.server.setMaxconn(m) }
         if let s = a.admin, s != t.server.adminState {
             t.server.setAdmin(s, now: now)
             logger.notice(

@@ -76,18 +76,21 @@ public final class HealthChecker: @unchecked Sendable {
 
     static let maxResponse = 16 << 10
 
-    let epfd: Int32
-    let wakeFd: Int32
+    let loop: EventLoop
     let logger: Logger
     let onTransition: Transition
     let pending = Mutex<([(String, Server, CheckConfig, Int)], [String: SentinelConfig])?>(nil)
     let stopping = Atomic<Bool>(false)
     var tasks: [CheckTask?] = []
     /// Checks a reload replaced while they were talking to a MySQL server, by their own id
-    /// (epoll token `retiredBase + id`), until they end.
+    /// (event token of kind `retired`, index `id`), until they end.
     var retiring: [UInt32: CheckTask] = [:]
     var nextRetiredId: UInt32 = 0
-    static let retiredBase: UInt32 = 1 << 30
+    /// What an event token's index refers to: a slot in `tasks`, or an id in `retiring`.
+    enum Kind: UInt8 {
+        case task = 0
+        case retired = 1
+    }
     var thread: pthread_t?
     var nextKey = 0
     /// `role: master` services: which claim takes the writes.
@@ -100,9 +103,7 @@ public final class HealthChecker: @unchecked Sendable {
     public init(logger: Logger, onTransition: @escaping Transition) throws(SysError) {
         self.logger = logger
         self.onTransition = onTransition
-        epfd = try Epoll.create()
-        wakeFd = try EventFd.create()
-        try Epoll.add(epfd, wakeFd, events: Epoll.in, data: UInt64.max)
+        loop = try EventLoop(capacity: 256)
     }
 
     /// Replaces the set of checked servers (start and reload). A server whose check is unchanged
@@ -121,7 +122,7 @@ public final class HealthChecker: @unchecked Sendable {
             }
         }
         pending.withLock { $0 = (list, sentinelConfigs) }
-        EventFd.signal(wakeFd)
+        loop.wake()
     }
 
     /// The Sentinel state of every service with `sentinel:` (`show sentinel`).
@@ -164,7 +165,7 @@ public final class HealthChecker: @unchecked Sendable {
                 done.signal()
             }
         }
-        EventFd.signal(wakeFd)
+        loop.wake()
         return done.wait(timeoutMs: 2000)
     }
 
@@ -218,21 +219,19 @@ public final class HealthChecker: @unchecked Sendable {
     }
 
     public func start() {
-        thread = NamedThread.start("ballast-checks") { self.loop() }
+        thread = NamedThread.start("ballast-checks") { self.run() }
     }
 
     public func stop() {
         stopping.store(true, ordering: .relaxed)
-        EventFd.signal(wakeFd)
+        loop.wake()
         if let t = thread { pthread_join(t, nil) }
         thread = nil
     }
 
     // MARK: - Loop
 
-    func loop() {
-        let events = UnsafeMutablePointer<ballast_epoll_event>.allocate(capacity: 256)
-        defer { events.deallocate() }
+    func run() {
         // At stop, MySQL checks under way are let finish (up to their own timeout, at most a
         // second): closing one mid-handshake counts as an aborted connect on the server, and
         // enough of those block the host (`max_connect_errors`). Other checks just close.
@@ -264,12 +263,11 @@ public final class HealthChecker: @unchecked Sendable {
                 guard t.enabled || t.fd >= 0 else { continue }
                 timeout = min(timeout, max(0, (t.fd >= 0 ? t.deadline : t.nextDue) - now))
             }
-            let n = (try? Epoll.wait(epfd, events, max: 256, timeoutMs: Int32(timeout))) ?? 0
+            let n = (try? loop.wait(timeoutMs: Int32(timeout))) ?? 0
             now = monotonic()
             for k in 0..<n {
-                let data = events[k].data
-                if data == UInt64.max {
-                    EventFd.drain(wakeFd)
+                let (token, ev) = loop.event(at: k)
+                if token.isWake {
                     applyPending(now)
                     let work = requests.withLock { r -> [@Sendable (HealthChecker) -> Void] in
                         let w = r
@@ -279,16 +277,17 @@ public final class HealthChecker: @unchecked Sendable {
                     for w in work { w(self) }
                     continue
                 }
-                let index = Int(data & 0xFFFF_FFFF)
-                let gen = UInt32(data >> 32)
-                if index >= Int(HealthChecker.retiredBase) {
-                    if let t = retiring[UInt32(index) - HealthChecker.retiredBase], t.generation == gen, t.fd >= 0 {
-                        progress(t, events[k].events, now)
+                let index = Int(UInt32(bitPattern: token.index))
+                if token.kind == Kind.retired.rawValue {
+                    if let t = retiring[UInt32(index)], token.matches(t.generation), t.fd >= 0 {
+                        progress(t, ev, now)
                     }
                     continue
                 }
-                guard index < tasks.count, let t = tasks[index], t.generation == gen, t.fd >= 0 else { continue }
-                progress(t, events[k].events, now)
+                guard index < tasks.count, let t = tasks[index], token.matches(t.generation), t.fd >= 0 else {
+                    continue
+                }
+                progress(t, ev, now)
             }
             for t in tasks {
                 guard let t else { continue }
@@ -312,8 +311,6 @@ public final class HealthChecker: @unchecked Sendable {
         for t in retiring.values { hangUp(t) }
         for w in sentinels.values { w.stop() }
         sentinels.removeAll()
-        Sys.close(wakeFd)
-        Sys.close(epfd)
     }
 
     func monotonic() -> Int64 { monotonicMillis() }
@@ -359,12 +356,12 @@ public final class HealthChecker: @unchecked Sendable {
             }
             t.retired = true
             let id = nextRetiredId
-            nextRetiredId = (nextRetiredId + 1) % HealthChecker.retiredBase
+            nextRetiredId &+= 1
             retiring[id] = t
             t.generation &+= 1
-            try? Epoll.modify(
-                epfd, t.fd, events: Epoll.in | Epoll.out | Epoll.rdhup,
-                data: UInt64(HealthChecker.retiredBase + id) | (UInt64(t.generation) << 32))
+            try? loop.modify(
+                t.fd, Epoll.in | Epoll.out | Epoll.rdhup,
+                EventToken(index: Int32(bitPattern: id), kind: Kind.retired.rawValue, generation: t.generation))
         }
         tasks = next
         views.withLock { $0.removeAll() }
@@ -372,28 +369,25 @@ public final class HealthChecker: @unchecked Sendable {
         // Re-register running checks under their new index.
         for (k, t) in tasks.enumerated() where t!.fd >= 0 {
             t!.generation &+= 1
-            try? Epoll.modify(epfd, t!.fd, events: Epoll.in | Epoll.out | Epoll.rdhup, data: token(k, t!))
+            try? loop.modify(t!.fd, Epoll.in | Epoll.out | Epoll.rdhup, token(k, t!))
         }
     }
 
-    func token(_ index: Int, _ t: CheckTask) -> UInt64 { UInt64(index) | (UInt64(t.generation) << 32) }
+    func token(_ index: Int, _ t: CheckTask) -> EventToken {
+        EventToken(index: Int32(index), kind: Kind.task.rawValue, generation: t.generation)
+    }
 
     /// Runs `body` on the checker thread soon, without waiting for it.
     func post(_ body: @escaping @Sendable (HealthChecker) -> Void) {
         requests.withLock { $0.append(body) }
-        EventFd.signal(wakeFd)
+        loop.wake()
     }
 
     func transition(_ t: CheckTask, up: Bool, _ r: CheckResult, reason: String? = nil) {
         t.up = up
         t.successes = 0
         t.failures = 0
-        if up {
-            t.server.upSince.store(max(monotonic(), 1), ordering: .relaxed)
-            t.server.connectFailures.store(0, ordering: .relaxed)
-        }
-        // Announced once: by setUp when the health changed, else here (slow start began).
-        if !t.server.setUp(up) { t.server.states.changed() }
+        t.server.checkTransition(up: up, now: monotonic())
         let line = transitionLine(t, up: up, r, reason: reason)
         if up { logger.notice("\(line)") } else { logger.warning("\(line)") }
         onTransition(t.service, t.server, up)

@@ -46,8 +46,8 @@ final class SentinelWatcher: @unchecked Sendable {
     private let logger: Logger
     private let onNamed: @Sendable (SocketAddress) -> Void
     private let stopping = Atomic<Bool>(false)
-    private let wakeFd: Int32
-    private let epfd: Int32
+    /// Nil when the kernel gave no epoll or eventfd: the watcher cannot run (logged at start).
+    private let loop: EventLoop?
     private var thread: pthread_t?
     private let published = Mutex<SentinelView?>(nil)
     private var lastAnswers: [String]
@@ -73,8 +73,8 @@ final class SentinelWatcher: @unchecked Sendable {
         var received: [UInt8] = []
         var deadline: Int64
         var gen: UInt32
-        /// Its epoll token; once the request is out it waits for input only.
-        var token: UInt64 = 0
+        /// Its event token; once the request is out it waits for input only.
+        var token = EventToken(index: 0)
         var waitingForInput = false
 
         init(fd: Int32, request: [UInt8], deadline: Int64, gen: UInt32) {
@@ -128,29 +128,25 @@ final class SentinelWatcher: @unchecked Sendable {
         lastAnswers = Array(repeating: "not asked yet", count: n)
         subscribed = Array(repeating: false, count: n)
         // Both are checked: without them the watcher cannot run at all.
-        epfd = (try? Epoll.create()) ?? -1
-        wakeFd = (try? EventFd.create()) ?? -1
-        if epfd >= 0 && wakeFd >= 0 { try? Epoll.add(epfd, wakeFd, events: Epoll.in, data: UInt64.max) }
+        loop = try? EventLoop(capacity: 64)
     }
 
     func start() {
-        guard epfd >= 0 && wakeFd >= 0 else {
+        guard loop != nil else {
             logger.error("Service \(service): cannot follow the sentinels (no epoll or eventfd available).")
             return
         }
-        thread = NamedThread.start("ballast-sentinel") { self.loop() }
+        thread = NamedThread.start("ballast-sentinel") { self.run() }
     }
 
     func stop() {
         stopping.store(true, ordering: .relaxed)
-        if wakeFd >= 0 { EventFd.signal(wakeFd) }
+        loop?.wake()
         if let t = thread { pthread_join(t, nil) }
         thread = nil
         for c in queries + subs { if let c { Sys.close(c.fd) } }
         queries = queries.map { _ in nil }
         subs = subs.map { _ in nil }
-        if wakeFd >= 0 { Sys.close(wakeFd) }
-        if epfd >= 0 { Sys.close(epfd) }
     }
 
     private func now() -> Int64 { monotonicMillis() }
@@ -160,8 +156,14 @@ final class SentinelWatcher: @unchecked Sendable {
         return RESP.command(config.username.map { ["AUTH", $0, p] } ?? ["AUTH", p])
     }
 
-    private func token(_ index: Int, sub: Bool, _ gen: UInt32) -> UInt64 {
-        UInt64(index * 2 + (sub ? 1 : 0)) | (UInt64(gen) << 32)
+    /// Kinds of event token: a round's query to sentinel `index`, or its subscription.
+    private enum Kind: UInt8 {
+        case query = 0
+        case subscription = 1
+    }
+
+    private func token(_ index: Int, sub: Bool, _ gen: UInt32) -> EventToken {
+        EventToken(index: Int32(index), kind: (sub ? Kind.subscription : Kind.query).rawValue, generation: gen)
     }
 
     private func open(_ index: Int, sub: Bool, request: [UInt8], deadline: Int64) -> Conn? {
@@ -177,7 +179,8 @@ final class SentinelWatcher: @unchecked Sendable {
         let c = Conn(fd: fd, request: request, deadline: deadline, gen: gen)
         c.token = token(index, sub: sub, gen)
         do {
-            try Epoll.add(epfd, fd, events: Epoll.in | Epoll.out | Epoll.rdhup, data: c.token)
+            guard let loop else { throw SysError("epoll_ctl", EBADF) }
+            try loop.add(fd, Epoll.in | Epoll.out | Epoll.rdhup, c.token)
         } catch {
             Sys.close(fd)
             return nil
@@ -186,15 +189,14 @@ final class SentinelWatcher: @unchecked Sendable {
     }
 
     private func close(_ c: Conn) {
-        Epoll.remove(epfd, c.fd)
+        loop?.remove(c.fd)
         Sys.close(c.fd)
     }
 
     // MARK: - Loop
 
-    private func loop() {
-        let events = UnsafeMutablePointer<ballast_epoll_event>.allocate(capacity: 64)
-        defer { events.deallocate() }
+    private func run() {
+        guard let loop else { return }
         while !stopping.load(ordering: .relaxed) {
             var t = now()
             if !roundRunning && t >= nextRound { startRound(t) }
@@ -202,21 +204,17 @@ final class SentinelWatcher: @unchecked Sendable {
             var timeout = max(0, (roundRunning ? roundDeadline : nextRound) - t)
             for k in subs.indices where subs[k] == nil { timeout = min(timeout, max(0, subRetryAt[k] - t)) }
             for case let c? in subs where !c.connected { timeout = min(timeout, max(0, c.deadline - t)) }
-            let n = (try? Epoll.wait(epfd, events, max: 64, timeoutMs: Int32(min(timeout, 1000)))) ?? 0
+            let n = (try? loop.wait(timeoutMs: Int32(min(timeout, 1000)))) ?? 0
             t = now()
             for e in 0..<n {
-                let data = events[e].data
-                if data == UInt64.max {
-                    EventFd.drain(wakeFd)
-                    continue
-                }
-                let slot = Int(data & 0xFFFF_FFFF)
-                let g = UInt32(data >> 32)
-                let index = slot / 2
-                if slot % 2 == 1 {
-                    if let c = subs[index], c.gen == g { subscriptionEvent(index, c, t) }
+                let token = loop.event(at: e).token
+                if token.isWake { continue }
+                let index = Int(token.index)
+                guard index >= 0 && index < subs.count else { continue }
+                if token.kind == Kind.subscription.rawValue {
+                    if let c = subs[index], token.matches(c.gen) { subscriptionEvent(index, c, t) }
                 } else {
-                    if let c = queries[index], c.gen == g { queryEvent(index, c, t) }
+                    if let c = queries[index], token.matches(c.gen) { queryEvent(index, c, t) }
                 }
             }
             // A subscription that never connected is retried.
@@ -502,7 +500,7 @@ final class SentinelWatcher: @unchecked Sendable {
         }
         if c.sent == c.request.count && !c.waitingForInput {
             c.waitingForInput = true
-            try? Epoll.modify(epfd, c.fd, events: Epoll.in | Epoll.rdhup, data: c.token)
+            try? loop?.modify(c.fd, Epoll.in | Epoll.rdhup, c.token)
         }
         var buf = [UInt8](repeating: 0, count: 4096)
         while c.received.count < 1 << 20 {

@@ -99,6 +99,11 @@ public final class NatController: @unchecked Sendable {
     public init(logger: Logger) throws(NatError) {
         self.logger = logger
         socket = try NetlinkSocket()
+        do {
+            wake = try EventLoop(capacity: 1)
+        } catch {
+            throw NatError("cannot make the nat thread's wake-up: \(error)", errno: error.errno)
+        }
     }
 
     public static func natServices(_ config: Config) -> [ServiceConfig] { config.services.filter { $0.mode == .nat } }
@@ -489,33 +494,23 @@ public final class NatController: @unchecked Sendable {
 
     // MARK: - Thread
 
-    /// The eventfd that wakes the nat thread. Closed when the last holder lets go (the
+    /// What wakes the nat thread. Its descriptors close when the last holder lets go (the
     /// controller and the subscription's closure), so a change announced while Ballast stops
     /// never writes into a descriptor number that was closed and reused.
-    final class Wake: Sendable {
-        let fd: Int32
-        init() { fd = ballast_eventfd(0) }
-        func kick() { EventFd.signal(fd) }
-        deinit { if fd >= 0 { Sys.close(fd) } }
-    }
-    var wake: Wake?
+    let wake: EventLoop
     var subscription: (ServerStates, Int)?
 
     /// Follows every state change (checks, runtime API, reload, DNS) as it happens.
     public func start(following states: ServerStates) {
-        let w = Wake()
-        wake = w
-        subscription = (states, states.subscribe { w.kick() })
-        thread = NamedThread.start("ballast-nat") { self.loop() }
+        let w = wake
+        subscription = (states, states.subscribe { w.wake() })
+        thread = NamedThread.start("ballast-nat") { self.run() }
     }
 
-    func loop() {
-        let fd = wake?.fd ?? -1  // the loop ends before `stop` lets go of `wake`
-        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+    func run() {
         var verified = monotonicMillis()
         while !stopping.load(ordering: .relaxed) {
-            let r = poll(&pfd, 1, 1000)
-            if r > 0 { EventFd.drain(fd) }
+            _ = try? wake.wait(timeoutMs: 1000)
             if stopping.load(ordering: .relaxed) { break }
             sync()
             let now = monotonicMillis()
@@ -548,10 +543,9 @@ public final class NatController: @unchecked Sendable {
         stopping.store(true, ordering: .relaxed)
         if let (states, id) = subscription { states.unsubscribe(id) }
         subscription = nil
-        wake?.kick()
+        wake.wake()
         if let t = thread { pthread_join(t, nil) }
         thread = nil
-        wake = nil
     }
 
 }

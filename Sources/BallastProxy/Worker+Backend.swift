@@ -162,9 +162,8 @@ extension Worker {
         c.pointee.serverFd = fd
         Socket.setNoDelay(fd)
         do {
-            try Epoll.add(
-                epfd, fd, events: Epoll.in | Epoll.out | Epoll.rdhup | Epoll.edgeTriggered,
-                data: token(i, .server, c.pointee.gen))
+            try loop.add(
+                fd, Epoll.in | Epoll.out | Epoll.rdhup | Epoll.edgeTriggered, token(i, .server, c.pointee.gen))
         } catch {
             return connectFailed(i, error.errno)
         }

@@ -76,9 +76,8 @@ extension Worker {
             c.pointee.tried = 0
             Socket.setNoDelay(fd)
             do {
-                try Epoll.add(
-                    epfd, fd, events: Epoll.in | Epoll.out | Epoll.rdhup | Epoll.edgeTriggered,
-                    data: token(i, .client, c.pointee.gen))
+                try loop.add(
+                    fd, Epoll.in | Epoll.out | Epoll.rdhup | Epoll.edgeTriggered, token(i, .client, c.pointee.gen))
             } catch {
                 finish(i, .clientReset)
                 continue
@@ -107,7 +106,7 @@ extension Worker {
     func pauseListeners() {
         for k in listeners.indices {
             guard let l = listeners[k], !l.paused else { continue }
-            try? Epoll.modify(epfd, l.fd, events: 0, data: token(Int32(k), .listener, l.gen))
+            try? loop.modify(l.fd, 0, token(Int32(k), .listener, l.gen))
             listeners[k]!.paused = true
         }
     }
@@ -120,7 +119,7 @@ extension Worker {
         pausedForMaxconn = false
         for k in listeners.indices {
             guard let l = listeners[k], l.paused else { continue }
-            try? Epoll.modify(epfd, l.fd, events: Epoll.in, data: token(Int32(k), .listener, l.gen))
+            try? loop.modify(l.fd, Epoll.in, token(Int32(k), .listener, l.gen))
             listeners[k]!.paused = false
         }
     }

@@ -176,7 +176,5 @@ extension Worker {
             }
         }
         pipes.closeAll()
-        Sys.close(wakeFd)
-        Sys.close(epfd)
     }
 }

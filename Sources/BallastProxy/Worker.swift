@@ -10,14 +10,13 @@ import Synchronization
     import Musl
 #endif
 
-/// One data-plane thread: its own epoll instance, listeners (one `SO_REUSEPORT` socket per bind),
+/// One data-plane thread: its own event loop, listeners (one `SO_REUSEPORT` socket per bind),
 /// connection table, pipe and buffer pools, timer wheel and per-service schedulers.
 /// A connection lives on one worker from accept to close; nothing here takes a lock except the
 /// inbox, which is read only when the runtime kicks the eventfd (reload, stop).
 public final class Worker: @unchecked Sendable {
     public let id: Int
-    let epfd: Int32
-    let wakeFd: Int32
+    let loop: EventLoop
     let shared: ProxyShared
     let logger: Logger
     let inbox = Mutex<[WorkerCommand]>([])
@@ -63,19 +62,18 @@ public final class Worker: @unchecked Sendable {
 
     var deferredList: [Int32] = []
     var expired: [Int32] = []
-    let events: UnsafeMutablePointer<ballast_epoll_event>
     static let maxEvents: Int32 = 256
     /// Bytes one direction may move per wake-up before yielding to other connections.
     static let budget = 4 << 20
     /// Room a pipe needs for a read between two partial flushes to be worth it.
     static let minRoom = 64 << 10
 
-    // epoll data: index (32 bits) | kind (2 bits) | generation (24 bits).
-    enum Kind: UInt64 {
+    /// What an event token's index refers to: a connection's client or server socket (index
+    /// in the connection table) or a listener (slot in `listeners`).
+    enum Kind: UInt8 {
         case client = 0
         case server = 1
         case listener = 2
-        case wake = 3
     }
 
     public init(id: Int, shared: ProxyShared, settings: WorkerSettings, logger: Logger) throws(SysError) {
@@ -83,21 +81,17 @@ public final class Worker: @unchecked Sendable {
         self.shared = shared
         self.settings = settings
         self.logger = logger
-        self.epfd = try Epoll.create()
-        self.wakeFd = try EventFd.create()
+        self.loop = try EventLoop(capacity: Worker.maxEvents)
         self.table = ConnTable(capacity: settings.tableCapacity)
         self.now = monotonicMillis()
         self.wheel = TimerWheel(now: now)
         self.pipes = PipePool(size: settings.pipeSize)
         self.buffers = BufferPool(size: settings.copyBufferSize)
-        self.events = .allocate(capacity: Int(Worker.maxEvents))
-        try Epoll.add(epfd, wakeFd, events: Epoll.in, data: Kind.wake.rawValue << 32)
         deferredList.reserveCapacity(1024)
         expired.reserveCapacity(1024)
     }
 
     deinit {
-        events.deallocate()
         buffers.deallocateAll()
     }
 
@@ -109,7 +103,7 @@ public final class Worker: @unchecked Sendable {
         } else {
             inbox.withLock { $0.append(command) }
         }
-        EventFd.signal(wakeFd)
+        loop.wake()
     }
 
     let pingPending = Atomic<Bool>(false)
@@ -118,53 +112,55 @@ public final class Worker: @unchecked Sendable {
 
     /// Runs the event loop on the calling thread until `.exit`.
     public func run() {
-        while running {
-            var timeout: Int32 = -1
-            if let t = wheel.timeoutMs(now: now) { timeout = t }
-            if !deferredList.isEmpty { timeout = 0 }
-            if queued > 0 || pausedForMaxconn || pausedForFds { timeout = timeout < 0 ? 10 : min(timeout, 10) }
-            let n: Int
-            do {
-                n = try Epoll.wait(epfd, events, max: Worker.maxEvents, timeoutMs: timeout)
-            } catch {
-                logger.critical("worker \(id): \(error)")
-                break
-            }
-            now = monotonicMillis()
-            for k in 0..<n {
-                let ev = events[k]
-                dispatch(ev.data, ev.events)
-            }
-            runDeferred()
-            expired.removeAll(keepingCapacity: true)
-            wheel.advance(now: now, in: table, into: &expired)
-            for i in expired { onTimer(i) }
-            if queued > 0 { serveQueues() }
-            if pausedForMaxconn || pausedForFds { maybeResumeListeners() }
-        }
+        while running && turn() {}
         closeEverything()
         finished.store(true, ordering: .releasing)
     }
 
-    @inline(__always)
-    func token(_ i: Int32, _ kind: Kind, _ gen: UInt32) -> UInt64 {
-        UInt64(UInt32(bitPattern: i)) | (kind.rawValue << 32) | (UInt64(gen & 0xFF_FFFF) << 34)
+    /// One turn of the loop: wait (at most until the next timer, or `maxWaitMs`), handle what is
+    /// ready, run deferred work, timers and queues. False when the loop cannot go on.
+    func turn(maxWaitMs: Int32 = -1) -> Bool {
+        var timeout = maxWaitMs
+        if let t = wheel.timeoutMs(now: now) { timeout = timeout < 0 ? t : min(timeout, t) }
+        if !deferredList.isEmpty { timeout = 0 }
+        if queued > 0 || pausedForMaxconn || pausedForFds { timeout = timeout < 0 ? 10 : min(timeout, 10) }
+        let n: Int
+        do {
+            n = try loop.wait(timeoutMs: timeout)
+        } catch {
+            logger.critical("worker \(id): \(error)")
+            return false
+        }
+        now = monotonicMillis()
+        for k in 0..<n {
+            let (token, ev) = loop.event(at: k)
+            dispatch(token, ev)
+        }
+        runDeferred()
+        expired.removeAll(keepingCapacity: true)
+        wheel.advance(now: now, in: table, into: &expired)
+        for i in expired { onTimer(i) }
+        if queued > 0 { serveQueues() }
+        if pausedForMaxconn || pausedForFds { maybeResumeListeners() }
+        return true
     }
 
-    func dispatch(_ data: UInt64, _ ev: UInt32) {
-        let index = Int32(bitPattern: UInt32(truncatingIfNeeded: data))
-        let kind = Kind(rawValue: (data >> 32) & 3)!
-        let gen = UInt32(truncatingIfNeeded: data >> 34) & 0xFF_FFFF
+    @inline(__always)
+    func token(_ i: Int32, _ kind: Kind, _ gen: UInt32) -> EventToken {
+        EventToken(index: i, kind: kind.rawValue, generation: gen)
+    }
+
+    func dispatch(_ token: EventToken, _ ev: UInt32) {
+        if token.isWake { return processInbox() }
+        let index = token.index
+        guard let kind = Kind(rawValue: token.kind) else { return }
         switch kind {
-        case .wake:
-            EventFd.drain(wakeFd)
-            processInbox()
         case .listener:
-            guard Int(index) < listeners.count, let l = listeners[Int(index)], l.gen & 0xFF_FFFF == gen else { return }
+            guard Int(index) < listeners.count, let l = listeners[Int(index)], token.matches(l.gen) else { return }
             acceptLoop(Int(index))
         case .client, .server:
             let c = table[index]
-            guard c.pointee.state != .free, c.pointee.gen & 0xFF_FFFF == gen else { return }
+            guard c.pointee.state != .free, token.matches(c.pointee.gen) else { return }
             let readable = ev & (Epoll.in | Epoll.rdhup | Epoll.hup | Epoll.err) != 0
             let writable = ev & (Epoll.out | Epoll.err | Epoll.hup) != 0
             let hangup = ev & (Epoll.rdhup | Epoll.hup | Epoll.err) != 0
@@ -225,7 +221,7 @@ public final class Worker: @unchecked Sendable {
             case .stopAccepting:
                 for k in listeners.indices {
                     if let l = listeners[k] {
-                        Epoll.remove(epfd, l.fd)
+                        loop.remove(l.fd)
                         Sys.close(l.fd)
                         listeners[k] = nil
                     }
@@ -285,7 +281,7 @@ public final class Worker: @unchecked Sendable {
         for k in listeners.indices {
             guard let l = listeners[k] else { continue }
             if !keep.contains(l.fd) {
-                Epoll.remove(epfd, l.fd)
+                loop.remove(l.fd)
                 Sys.close(l.fd)
                 listeners[k] = nil
             }
@@ -313,8 +309,7 @@ public final class Worker: @unchecked Sendable {
             let paused = pausedForMaxconn || pausedForFds
             listeners[slot]!.paused = paused
             do {
-                try Epoll.add(
-                    epfd, spec.fd, events: paused ? 0 : Epoll.in, data: token(Int32(slot), .listener, listenerGen))
+                try loop.add(spec.fd, paused ? 0 : Epoll.in, token(Int32(slot), .listener, listenerGen))
             } catch {
                 logger.error("worker \(id): cannot watch listener \(spec.address): \(error)")
             }

@@ -19,7 +19,7 @@ final class DNSWatcher: @unchecked Sendable {
     private let resolve: NameResolver
     private let table: @Sendable () -> ServiceTable
     private let stopping = Atomic<Bool>(false)
-    private let wake: Int32
+    private let wake: EventLoop
     private var thread: pthread_t?
     /// Per server object: when it is due, and the last failure said (said once, not every time).
     private var due: [ObjectIdentifier: Int64] = [:]
@@ -30,30 +30,27 @@ final class DNSWatcher: @unchecked Sendable {
         self.logger = logger
         self.resolve = resolve
         self.table = table
-        wake = try EventFd.create()
+        wake = try EventLoop(capacity: 1)
     }
 
-    deinit { Sys.close(wake) }
-
     func start() {
-        thread = NamedThread.start("ballast-dns") { [self] in loop() }
+        thread = NamedThread.start("ballast-dns") { [self] in run() }
     }
 
     func stop() {
         stopping.store(true, ordering: .relaxed)
-        EventFd.signal(wake)
+        wake.wake()
         if let t = thread { pthread_join(t, nil) }
         thread = nil
     }
 
     /// Looks up every server due now, then sleeps until the next is due (at most 1 s, so a
     /// reload's new servers are seen soon).
-    private func loop() {
+    private func run() {
         while !stopping.load(ordering: .relaxed) {
             let now = monotonicMillis()
             round(now: now)
-            var pfd = pollfd(fd: wake, events: Int16(POLLIN), revents: 0)
-            if poll(&pfd, 1, 1000) > 0 { EventFd.drain(wake) }
+            _ = try? wake.wait(timeoutMs: 1000)
         }
     }
 

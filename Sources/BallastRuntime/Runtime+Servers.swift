@@ -19,7 +19,8 @@ enum ServerChange: Sendable {
 }
 
 /// Server changes wait here for the main thread, which owns the config and the table (as it
-/// does for a reload); the asking thread waits for the answer on a `Completion`.
+/// does for a reload): the asking thread wakes the main thread's event loop and waits for the
+/// answer on a `Completion`.
 final class ChangeQueue: @unchecked Sendable {
     final class Pending: @unchecked Sendable {
         let change: ServerChange
@@ -28,17 +29,16 @@ final class ChangeQueue: @unchecked Sendable {
         init(_ change: ServerChange) { self.change = change }
     }
 
-    let fd: Int32
+    private let loop: EventLoop
     private let queue = Mutex<[Pending]>([])
 
-    init() throws { fd = try EventFd.create() }
-    deinit { Sys.close(fd) }
+    init(waking loop: EventLoop) { self.loop = loop }
 
     /// Asks the main thread and waits for its answer (at most 10 s: a reload may be under way).
     func ask(_ change: ServerChange) -> Result<String, CLIError> {
         let p = Pending(change)
         queue.withLock { $0.append(p) }
-        EventFd.signal(fd)
+        loop.wake()
         guard p.done.wait(timeoutMs: 10_000) else {
             return .failure(CLIError("Timed out: the change is queued and is applied after the reload under way.\n\n"))
         }
@@ -47,7 +47,6 @@ final class ChangeQueue: @unchecked Sendable {
 
     /// The main thread: answers every waiting change.
     func serve(_ apply: (ServerChange) -> Result<String, CLIError>) {
-        EventFd.drain(fd)
         for p in queue.withLock({ q in
             let all = q
             q.removeAll()

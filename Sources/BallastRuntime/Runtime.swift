@@ -188,9 +188,14 @@ public final class Runtime {
         ballast_tune_malloc()
         let signals = [SIGTERM, SIGINT, SIGHUP]
         SignalFd.block(signals)
+        // The main thread's loop: signals (a signalfd) and, through its wake-up, the server
+        // changes the runtime API asks for.
         let sigfd: Int32
+        let events: EventLoop
         do {
             sigfd = try SignalFd.create(signals)
+            events = try EventLoop(capacity: 4)
+            try events.add(sigfd, Epoll.in, EventToken(index: 0))
         } catch {
             logger.critical("cannot receive signals: \(error)")
             return 1
@@ -286,7 +291,7 @@ public final class Runtime {
             context.serverChanges.withLock { $0 = serverChanges }
             try startup.step("DNS thread", stop: { [self] in stopDNS() }) {
                 do {
-                    let queue = try ChangeQueue()
+                    let queue = ChangeQueue(waking: events)
                     changes = queue
                     context.changeServers = { queue.ask($0) }
                     let d = try DNSWatcher(logger: logger, resolve: Resolver.system) { context.table }
@@ -340,25 +345,26 @@ public final class Runtime {
         // one (its last answer grows old) from an idle one.
         let tick = min(
             Self.healthPingMs, notifier?.watchdogMicros.map { Int32(max(10, $0 / 2000)) } ?? Self.healthPingMs)
-        var pfds = [
-            pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0),
-            pollfd(fd: changes?.fd ?? -1, events: Int16(POLLIN), revents: 0),
-        ]
         var refusals = RefusalReport()
         while true {
-            let r = poll(&pfds, 2, tick)
-            if pfds[1].revents != 0 { changes?.serve { apply($0) } }
+            let n: Int
+            do {
+                n = try events.wait(timeoutMs: tick)
+            } catch {
+                logger.critical("main loop: \(error)")
+                break
+            }
+            if (0..<n).contains(where: { events.event(at: $0).token.isWake }) { changes?.serve { apply($0) } }
             if notifier?.watchdogMicros != nil { watchdog() }
             refusals.tick(ctx.table, logger: logger, now: monotonicMillis())
             for w in workers { w.send(.ping) }
-            if r < 0 && errno != EINTR { break }
             while let sig = SignalFd.next(sigfd) {
                 switch sig {
                 case SIGHUP:
                     reload()
                 default:
                     logger.info("received \(sig == SIGINT ? "SIGINT" : "SIGTERM"), stopping")
-                    let code = shutdown(sigfd: sigfd)
+                    let code = shutdown(sigfd: sigfd, events)
                     Sys.close(sigfd)
                     return code
                 }
@@ -593,7 +599,7 @@ public final class Runtime {
     }
 
     /// Stops accepting, lets connections finish within the grace period, then closes the rest.
-    private func shutdown(sigfd: Int32) -> Int32 {
+    private func shutdown(sigfd: Int32, _ events: EventLoop) -> Int32 {
         notifier?.send("STOPPING=1")
         adminContext?.stopping.store(true, ordering: .relaxed)
         adminContext?.saveState()
@@ -606,8 +612,7 @@ public final class Runtime {
             logger.info("waiting up to \(config.global.grace) for \(open) connections to finish")
         }
         while open > 0 && monotonicMillis() < deadline {
-            var pfd = pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0)
-            _ = poll(&pfd, 1, 50)
+            _ = try? events.wait(timeoutMs: 50)
             if let sig = SignalFd.next(sigfd), sig != SIGHUP {
                 logger.info("second stop signal: closing connections now")
                 break

@@ -96,3 +96,52 @@ struct IOTests {
         #expect(waited >= 100, "returned after \(waited) ms")
     }
 }
+
+/// The one event loop every thread uses.
+struct EventLoopTests {
+    @Test("a token keeps index, kind and the low 24 bits of the generation")
+    func tokenLayout() {
+        let t = EventToken(index: -7, kind: 3, generation: 0x1ABC_DEF0)
+        #expect(t.index == -7 && t.kind == 3 && t.generation == 0xBC_DEF0)
+        #expect(t.matches(0x1ABC_DEF0) && t.matches(0xBC_DEF0) && !t.matches(0xBC_DEF1))
+        #expect(!t.isWake && EventToken(index: 0, kind: EventToken.wakeKind).isWake)
+    }
+
+    @Test("wake() from another thread ends a wait at once and is reported once")
+    func wakeFromAnotherThread() throws {
+        let loop = try EventLoop(capacity: 8)
+        let t0 = monotonicMillis()
+        let thread = NamedThread.start("test-waker") {
+            var ts = timespec(tv_sec: 0, tv_nsec: 50_000_000)
+            nanosleep(&ts, nil)
+            loop.wake()
+        }
+        let n = try loop.wait(timeoutMs: 5000)
+        pthread_join(thread, nil)
+        #expect(n == 1 && loop.event(at: 0).token.isWake)
+        #expect(monotonicMillis() - t0 < 2000)
+        // Drained by the wait: the next one times out.
+        #expect(try loop.wait(timeoutMs: 20) == 0)
+    }
+
+    @Test("a socket's event carries its token; removed, it reports nothing")
+    func socketEvents() throws {
+        let loop = try EventLoop(capacity: 8)
+        var sv: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0)
+        defer { sv.forEach { close($0) } }
+        let token = EventToken(index: 42, kind: 1, generation: 9)
+        try loop.add(sv[0], Epoll.in, token)
+        #expect(try loop.wait(timeoutMs: 0) == 0)
+        #expect(write(sv[1], "x", 1) == 1)
+        #expect(try loop.wait(timeoutMs: 1000) == 1)
+        let (got, events) = loop.event(at: 0)
+        #expect(got == token && events & Epoll.in != 0)
+        // A new generation for the same descriptor: the old token no longer matches.
+        try loop.modify(sv[0], Epoll.in, EventToken(index: 42, kind: 1, generation: 10))
+        #expect(try loop.wait(timeoutMs: 1000) == 1)
+        #expect(!loop.event(at: 0).token.matches(9))
+        loop.remove(sv[0])
+        #expect(try loop.wait(timeoutMs: 20) == 0)
+    }
+}

@@ -30,9 +30,15 @@ final class AdminServer: @unchecked Sendable {
     }
 
     final class Client {
-        /// The epoll token: never reused, so an event for a closed client's descriptor number
-        /// cannot reach the client that got the same number.
+        /// Never reused (56 bits, carried in its event token's index and generation), so an
+        /// event for a closed client's descriptor number cannot reach the client that got the
+        /// same number.
         let id: UInt64
+        var token: EventToken {
+            EventToken(
+                index: Int32(bitPattern: UInt32(truncatingIfNeeded: id)), kind: AdminServer.Kind.client.rawValue,
+                generation: UInt32(truncatingIfNeeded: id >> 32))
+        }
         let fd: Int32
         let metrics: Bool
         var session: CLISession
@@ -102,8 +108,12 @@ final class AdminServer: @unchecked Sendable {
     /// Clients with commands left to run, served one turn each per loop iteration.
     private var ready: [UInt64] = []
     private var readySet = Set<UInt64>()
-    private let epfd: Int32
-    private let wakeFd: Int32
+    private let loop: EventLoop
+    /// What an event token refers to: a listener (index in `listeners`) or a client (its id).
+    enum Kind: UInt8 {
+        case listener = 0
+        case client = 1
+    }
     private let stopping = Atomic<Bool>(false)
     private var thread: pthread_t?
     private let limits: Mutex<(timeout: Int64, maxconn: Int)>
@@ -113,9 +123,7 @@ final class AdminServer: @unchecked Sendable {
     init(config: GlobalConfig, logger: Logger) throws(SysError) {
         self.logger = logger
         limits = Mutex((config.stats.timeout.value, config.stats.maxconn))
-        epfd = try Epoll.create()
-        wakeFd = try EventFd.create()
-        try Epoll.add(epfd, wakeFd, events: Epoll.in, data: UInt64.max)
+        loop = try EventLoop(capacity: 64)
     }
 
     var hasListeners: Bool { !listeners.isEmpty }
@@ -178,14 +186,14 @@ final class AdminServer: @unchecked Sendable {
     func start() {
         metrics = MetricsExporter(ctx: ctx)
         for (k, l) in listeners.enumerated() {
-            try? Epoll.add(epfd, l.fd, events: Epoll.in, data: UInt64(k) | (1 << 40))
+            try? loop.add(l.fd, Epoll.in, EventToken(index: Int32(k), kind: Kind.listener.rawValue))
         }
-        thread = NamedThread.start("ballast-admin") { self.loop() }
+        thread = NamedThread.start("ballast-admin") { self.run() }
     }
 
     func stop() {
         stopping.store(true, ordering: .relaxed)
-        EventFd.signal(wakeFd)
+        loop.wake()
         if let t = thread { pthread_join(t, nil) }
         thread = nil
         close()
@@ -201,23 +209,21 @@ final class AdminServer: @unchecked Sendable {
 
     // MARK: - Loop
 
-    private func loop() {
-        let events = UnsafeMutablePointer<ballast_epoll_event>.allocate(capacity: 64)
-        defer { events.deallocate() }
+    private func run() {
         lastSample = monotonicMillis()
         while !stopping.load(ordering: .relaxed) {
-            let n = (try? Epoll.wait(epfd, events, max: 64, timeoutMs: ready.isEmpty ? 200 : 0)) ?? 0
+            let n = (try? loop.wait(timeoutMs: ready.isEmpty ? 200 : 0)) ?? 0
             let now = monotonicMillis()
             for k in 0..<n {
-                let data = events[k].data
-                if data == UInt64.max {
-                    EventFd.drain(wakeFd)
-                    continue
-                }
-                if data & (1 << 40) != 0 {
-                    accept(Int(data & 0xFFFF), now)
-                } else if let c = clients[data] {
-                    handle(c, events[k].events, now)
+                let (token, ev) = loop.event(at: k)
+                switch Kind(rawValue: token.kind) {
+                case .listener:
+                    accept(Int(token.index), now)
+                case .client:
+                    let id = UInt64(UInt32(bitPattern: token.index)) | (UInt64(token.generation) << 32)
+                    if let c = clients[id] { handle(c, ev, now) }
+                case nil:
+                    continue  // the loop's wake-up: `stopping` is read below
                 }
             }
             let turn = ready
@@ -234,8 +240,6 @@ final class AdminServer: @unchecked Sendable {
             for c in Array(clients.values) where now - c.last > timeout { drop(c) }
         }
         for c in Array(clients.values) { drop(c) }
-        Sys.close(wakeFd)
-        Sys.close(epfd)
     }
 
     /// Once a second: session rates for every service and server, and the process.
@@ -265,7 +269,7 @@ final class AdminServer: @unchecked Sendable {
     }
 
     private func accept(_ index: Int, _ now: Int64) {
-        guard index < listeners.count else { return }
+        guard index >= 0 && index < listeners.count else { return }
         let l = listeners[index]
         for _ in 0..<32 {
             var peer = sockaddr_storage()
@@ -282,12 +286,12 @@ final class AdminServer: @unchecked Sendable {
             nextId += 1
             clients[c.id] = c
             c.interest = Epoll.in | Epoll.rdhup
-            try? Epoll.add(epfd, fd, events: c.interest, data: c.id)
+            try? loop.add(fd, c.interest, c.token)
         }
     }
 
     private func drop(_ c: Client) {
-        Epoll.remove(epfd, c.fd)
+        loop.remove(c.fd)
         Sys.close(c.fd)
         clients[c.id] = nil
     }
@@ -400,7 +404,7 @@ final class AdminServer: @unchecked Sendable {
         if c.pending > 0 { want |= Epoll.out }
         if want != c.interest {
             c.interest = want
-            try? Epoll.modify(epfd, c.fd, events: want, data: c.id)
+            try? loop.modify(c.fd, want, c.token)
         }
     }
 

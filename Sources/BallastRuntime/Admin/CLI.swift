@@ -571,8 +571,7 @@ struct CLI {
             return
                 "maxconn \(v) is above the process's maxconn (\(ctx.hardMaxconn)); this server could never reach it.\n\n"
         }
-        s.maxconnValue.store(v, ordering: .relaxed)
-        s.states.changed()
+        s.setMaxconn(v)
         return "\n"
     }
 
