@@ -19,40 +19,12 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BALLAST, ROOT_USER, Procs, free_port, wait_port  # noqa: E402
+from bench import BALLAST, ROOT_USER, Procs, ask, cpu_seconds, free_port, pct, rss_mib, wait_port  # noqa: E402
 
 COMMANDS = int(os.environ.get("FLOOD_COMMANDS", "30000"))
 SERVERS = 50
-TICK = os.sysconf("SC_CLK_TCK")
 
 
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def ask(path, line):
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(60)
-    s.connect(path)
-    s.sendall(line.encode() + b"\n")
-    out = bytearray()
-    while True:
-        d = s.recv(1 << 16)
-        if not d:
-            break
-        out += d
-    s.close()
-    return bytes(out)
 
 
 def flood(path, pid):
@@ -94,10 +66,6 @@ def flood(path, pid):
     time.sleep(2)
     return {"lat": lat, "seconds": seconds, "bytes": got[0], "cpu": cpu, "before": before, "peak": peak, "after": rss_mib(pid)}
 
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def main():

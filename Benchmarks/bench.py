@@ -75,6 +75,32 @@ def rss_kib(pid):
     return 0
 
 
+def rss_mib(pid):
+    return rss_kib(pid) / 1024
+
+
+def ask(path, line, timeout=60):
+    """One runtime API command on a Unix socket (Ballast's or HAProxy's): the whole reply."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(path)
+    s.sendall(line.encode() + b"\n")
+    out = bytearray()
+    while True:
+        d = s.recv(1 << 20)
+        if not d:
+            break
+        out += d
+    s.close()
+    return bytes(out)
+
+
+def pct(xs, q):
+    """The q-quantile (0...1) of xs, nearest rank."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
 class Procs:
     def __init__(self):
         self.procs = []

@@ -19,7 +19,6 @@ import os
 import shutil
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BALLAST, Procs  # noqa: E402
+from bench import BALLAST, Procs, ask  # noqa: E402
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "5"))
@@ -81,19 +80,6 @@ def iperf(host, port):
         raise RuntimeError(data["error"])
     return data["end"]["sum_received"]["bits_per_second"] / 1e9
 
-
-def ask(path, line):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
-    s.sendall(line.encode() + b"\n")
-    out = b""
-    while True:
-        d = s.recv(65536)
-        if not d:
-            break
-        out += d
-    s.close()
-    return out.decode()
 
 
 def start_ballast(procs, tmp, name, yaml):
@@ -170,7 +156,7 @@ services:
             state = "drain" if i % 2 == 0 else "ready"
             ask(sock, f"set server bench/s2 state {state}")
             time.sleep(0.05)
-            m = re.search(r"last state change applied in (\d+) us", ask(sock, "show nft"))
+            m = re.search(r"last state change applied in (\d+) us", ask(sock, "show nft").decode())
             changes.append(int(m.group(1)))
         procs.stop(b)
         # A whole table with a 65,537-slot Maglev map.
@@ -178,12 +164,12 @@ services:
         fulls = []
         for i in range(3):
             b = start_ballast(procs, tmp, f"maglev{i}", maglev_yaml)
-            m = re.search(r"last full programming: (\d+) us", ask(sock, "show nft"))
+            m = re.search(r"last full programming: (\d+) us", ask(sock, "show nft").decode())
             fulls.append(int(m.group(1)))
             # And one server's change on that table (only the changed slots move).
             ask(sock, "set server bench/s2 state drain")
             time.sleep(0.3)
-            m2 = re.search(r"last state change applied in (\d+) us", ask(sock, "show nft"))
+            m2 = re.search(r"last state change applied in (\d+) us", ask(sock, "show nft").decode())
             fulls.append(-int(m2.group(1)))
             procs.stop(b)
         maglev_full = [x for x in fulls if x > 0]
@@ -197,7 +183,7 @@ services:
         many_start, many_reload = [], []
         for i in range(3):
             b = start_ballast(procs, tmp, f"many{i}", many_yaml)
-            many_start.append(int(re.search(r"last full programming: (\d+) us", ask(sock, "show nft")).group(1)))
+            many_start.append(int(re.search(r"last full programming: (\d+) us", ask(sock, "show nft").decode()).group(1)))
             with open(os.path.join(tmp, f"many{i}.yaml"), "w") as f:
                 f.write(many_yaml.replace(f"svc{many // 2}\n", f"svc{many // 2}\n    balance: random\n", 1))
             log_path = os.path.join(tmp, f"many{i}.yaml.log")
@@ -207,7 +193,7 @@ services:
                 with open(log_path) as f:
                     if "reloaded" in f.read():
                         break
-            many_reload.append(int(re.search(r"last full programming: (\d+) us", ask(sock, "show nft")).group(1)))
+            many_reload.append(int(re.search(r"last full programming: (\d+) us", ask(sock, "show nft").decode()).group(1)))
             procs.stop(b)
         med = {k: statistics.median(v) for k, v in results.items()}
         print(f"nat mode, iperf3 one stream through a balancer namespace ({ROUNDS} rounds × {SECONDS} s, medians, Gbit/s)")

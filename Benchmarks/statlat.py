@@ -14,7 +14,6 @@ Everything on 127.0.0.1, started here and stopped by PID.
 """
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,27 +22,13 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BALLAST, ROOT_USER, Procs, free_port, wait_port  # noqa: E402
+from bench import BALLAST, ROOT_USER, Procs, ask, free_port, pct, wait_port  # noqa: E402
 
 SERVERS = int(os.environ.get("STAT_SERVERS", "1000"))
 POLLS = int(os.environ.get("STAT_POLLS", "100"))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 REQUESTS = int(os.environ.get("STAT_REDIS_REQUESTS", "300000"))
 
-
-def ask(path, line):
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(30)
-    s.connect(path)
-    s.sendall(line.encode() + b"\n")
-    out = bytearray()
-    while True:
-        d = s.recv(1 << 20)
-        if not d:
-            break
-        out += d
-    s.close()
-    return bytes(out)
 
 
 def poll(path, count=None, until=None):
@@ -65,10 +50,6 @@ def redis_bench(port):
     rows = [l for l in out.stdout.splitlines() if l.startswith('"GET')]
     return float(rows[0].split(",")[1].strip('"'))
 
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def main():

@@ -28,11 +28,9 @@ import Testing
         return Net.readExactly(fd, 4) == Array("ping".utf8) ? .admitted : .refused
     }
 
+    /// A service's refused connections (`dcon` of its FRONTEND row); -1 when there is none.
     static func dcon(_ sock: String, _ service: String) throws -> Int {
-        let rows = try StatsClient.stat(sock)
-        let header = rows[0]
-        let row = try #require(rows.first { $0.count > 1 && $0[0] == service && $0[1] == "FRONTEND" })
-        return Int(row[header.firstIndex(of: "dcon")!]) ?? -1
+        Int(StatsClient.row(try StatsClient.stat(sock), "FRONTEND", proxy: service)["dcon"] ?? "") ?? -1
     }
 
     @Test(

@@ -39,6 +39,13 @@ import Testing
         "check: { type: mysql, user: check, password: s3cret, interval: 250ms, rise: 1, fall: 3, \(extra) }\non_marked_down: shutdown-sessions"
     }
 
+    /// Ballast (one worker) with one service in front of MariaDB servers.
+    static func ballast(_ name: String, _ servers: [(String, UInt16)], _ extra: String) throws -> BallastProcess {
+        try BallastProcess(
+            config: configYAML(
+                global: "workers: 1", services: [serviceYAML(name: name, servers: servers, extra: extra)]))
+    }
+
     /// `SELECT @@server_id` through Ballast with the real client, or the client's error.
     static func serverId(_ port: UInt16) -> String {
         let r = try? runCommand(
@@ -58,14 +65,7 @@ import Testing
         .enabled(if: MySQLTests.haveMariaDB))
     func lagTakesReplicaOut() throws {
         let (primary, replica) = try Self.pair()
-        let p = try BallastProcess(
-            config: configYAML(
-                global: "workers: 1",
-                services: [
-                    serviceYAML(
-                        name: "mysql-ro", servers: [("r", replica.port)],
-                        extra: Self.check("require: replica, max_lag: 2s"))
-                ]))
+        let p = try Self.ballast("mysql-ro", [("r", replica.port)], Self.check("require: replica, max_lag: 2s"))
         defer { p.stop() }
         let up = try #require(p.waitForLog("Server mysql-ro/r is UP", timeout: 5))
         #expect(up.contains("read_only ON, replication lag 0 s"), "\(up)")
@@ -98,16 +98,9 @@ import Testing
     func missingPrivilege() throws {
         let (_, replica) = try Self.pair()
         try replica.sql("CREATE USER 'weak'@'%' IDENTIFIED BY 'w'")
-        let p = try BallastProcess(
-            config: configYAML(
-                global: "workers: 1",
-                services: [
-                    serviceYAML(
-                        name: "mysql-ro", servers: [("r", replica.port)],
-                        extra:
-                            "check: { type: mysql, user: weak, password: w, require: replica, max_lag: 2s, interval: 250ms }"
-                    )
-                ]))
+        let p = try Self.ballast(
+            "mysql-ro", [("r", replica.port)],
+            "check: { type: mysql, user: weak, password: w, require: replica, max_lag: 2s, interval: 250ms }")
         defer { p.stop() }
         let line = try #require(p.waitForLog("Server mysql-ro/r is DOWN", timeout: 5))
         #expect(
@@ -121,14 +114,8 @@ import Testing
         .enabled(if: MySQLTests.haveMariaDB))
     func promotion() throws {
         let (primary, replica) = try Self.pair()
-        let p = try BallastProcess(
-            config: configYAML(
-                global: "workers: 1",
-                services: [
-                    serviceYAML(
-                        name: "mysql-rw", servers: [("p", primary.port), ("r", replica.port)],
-                        extra: "balance: first\n" + Self.check("require: primary"))
-                ]))
+        let p = try Self.ballast(
+            "mysql-rw", [("p", primary.port), ("r", replica.port)], "balance: first\n" + Self.check("require: primary"))
         defer { p.stop() }
         #expect(p.waitForLog("Server mysql-rw/p is UP", timeout: 5) != nil)
         let port = p.port("mysql-rw")
@@ -158,14 +145,9 @@ import Testing
     func queryWithRequire() throws {
         let db = try MySQLTests.MariaDB()
         func firstLine(_ check: String, _ verb: String) throws -> String {
-            let p = try BallastProcess(
-                config: configYAML(
-                    global: "workers: 1",
-                    services: [
-                        serviceYAML(
-                            name: "db", servers: [("m", db.port)],
-                            extra: "check: { type: mysql, user: check, password: s3cret, interval: 250ms, \(check) }")
-                    ]))
+            let p = try Self.ballast(
+                "db", [("m", db.port)],
+                "check: { type: mysql, user: check, password: s3cret, interval: 250ms, \(check) }")
             defer { p.stop() }
             return p.waitForLog("Server db/m is \(verb)", timeout: 5) ?? p.log
         }

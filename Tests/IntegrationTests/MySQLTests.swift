@@ -66,7 +66,7 @@ import Testing
         }
 
         deinit {
-            kill(process.processIdentifier, SIGKILL)
+            process.signal(SIGKILL)
             NatLab.waitGone(process, timeout: 60)
         }
     }

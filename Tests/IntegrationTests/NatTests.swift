@@ -39,7 +39,14 @@ final class NatLab {
     /// SIGKILL to every process in network namespace `ns` (`ip netns pids`).
     static func killAll(in ns: String) {
         guard let out = try? sh([ip, "netns", "pids", ns]) else { return }
-        for pid in out.split(separator: "\n").compactMap({ Int32($0) }) { kill(pid, SIGKILL) }
+        for pid in out.split(separator: "\n").compactMap({ Int32($0) }) { killListed(pid) }
+    }
+
+    /// SIGKILL to a PID just listed in a namespace, unless the number is now one of this test
+    /// process's own threads (the listed process exited and was reaped in between).
+    static func killListed(_ pid: Int32) {
+        guard pid > 1, !FileManager.default.fileExists(atPath: "/proc/self/task/\(pid)") else { return }
+        kill(pid, SIGKILL)
     }
 
     @discardableResult
@@ -216,7 +223,7 @@ final class NatLab {
 
     deinit {
         // Not waited for: Foundation's reaper collects them (a server killed by a test may be gone already).
-        for p in procs { kill(p.processIdentifier, SIGKILL) }
+        for p in procs { p.signal(SIGKILL) }
         // Server processes live inside their namespaces: end them before the namespaces go.
         for n in [client, balancer] + servers.map(ns) {
             NatLab.killAll(in: n)
@@ -327,7 +334,7 @@ final class NatLab {
             print(s.recv(100).decode().strip(), flush=True)
             """
         let (keep, input, output) = try lab.clientScript(script)
-        defer { if keep.isRunning { kill(keep.processIdentifier, SIGKILL) } }
+        defer { if keep.isRunning { keep.signal(SIGKILL) } }
         let first = String(decoding: output.availableData, as: UTF8.self).trimmingCharacters(
             in: .whitespacesAndNewlines)
         #expect(["s1", "s2"].contains(first))
@@ -336,7 +343,7 @@ final class NatLab {
         // Kill the other server: the listener's namespace loses its process.
         let t0 = Date()
         for p in try NatLab.sh([NatLab.ip, "netns", "pids", lab.ns(otherName)]).split(separator: "\n") {
-            kill(Int32(p)!, SIGKILL)
+            NatLab.killListed(Int32(p)!)
         }
         let line = try #require(b.waitForLog("Server web/\(otherName) is DOWN", timeout: 3))
         _ = line
@@ -389,7 +396,7 @@ final class NatLab {
             """
         // Weight 0 on s2 at first so the flow lands on s1; then s2 gets weight and s1 dies.
         let (p, input, output) = try lab.clientScript(script)
-        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        defer { if p.isRunning { p.signal(SIGKILL) } }
         #expect(String(decoding: output.availableData, as: UTF8.self).hasPrefix("s1"))
         _ = b.reload(lab.config(weights: [1, 1], extra: "on_marked_down: shutdown-sessions"))
         // s1 becomes unreachable: its link goes down, the check times out, the server is DOWN.
@@ -491,7 +498,7 @@ final class NatLab {
         let capEff = status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }?.split(separator: "\t").last ?? ""
         #expect(capEff == "0000000000001000", "CapEff \(capEff)")
         for p in try NatLab.sh([NatLab.ip, "netns", "pids", lab.ns("s2")]).split(separator: "\n") {
-            kill(Int32(p)!, SIGKILL)
+            NatLab.killListed(Int32(p)!)
         }
         #expect(b.waitForLog("Server web/s2 is DOWN", timeout: 3) != nil)
         usleep(200_000)
@@ -921,7 +928,7 @@ final class NatLab {
             """
         let (p, input, output) = try lab.clientScript(
             client.replacingOccurrences(of: "sys.argv[1]", with: "\"\(lab.vip4)\""))
-        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        defer { if p.isRunning { p.signal(SIGKILL) } }
         var first = Data()
         while !first.contains(10) {
             let d = output.availableData

@@ -48,7 +48,7 @@ import Testing
         deinit {
             // SIGKILL: a child spawned from the test runner inherits its blocked SIGTERM, and this
             // throwaway server has nothing to save.
-            kill(process.processIdentifier, SIGKILL)
+            process.signal(SIGKILL)
             NatLab.waitGone(process, timeout: 60)
         }
     }

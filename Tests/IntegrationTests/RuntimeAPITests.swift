@@ -63,9 +63,12 @@ enum StatsClient {
         }
     }
 
-    static func row(_ rows: [[String]], _ sv: String) -> [String: String] {
+    /// The first `show stat` row whose svname is `sv` (and pxname `proxy`, when given), by column.
+    static func row(_ rows: [[String]], _ sv: String, proxy: String? = nil) -> [String: String] {
         let header = rows[0]
-        guard let r = rows.first(where: { $0.count > 1 && $0[1] == sv }) else { return [:] }
+        guard let r = rows.first(where: { $0.count > 1 && $0[1] == sv && (proxy == nil || $0[0] == proxy) }) else {
+            return [:]
+        }
         var d: [String: String] = [:]
         for (k, name) in header.enumerated() where k < r.count { d[name] = r[k] }
         return d

@@ -57,7 +57,7 @@ import Testing
         /// port refuses connections.
         func stop() {
             guard let p = process else { return }
-            kill(p.processIdentifier, SIGTERM)
+            p.signal(SIGTERM)
             let deadline = Date().addingTimeInterval(5)
             while Date() < deadline {
                 guard let fd = try? Net.connect(port, timeout: 1) else { break }
@@ -69,7 +69,7 @@ import Testing
 
         deinit {
             // The master stops its workers; SIGTERM is nginx's own fast shutdown.
-            if let p = process { kill(p.processIdentifier, SIGTERM) }
+            if let p = process { p.signal(SIGTERM) }
         }
     }
 

@@ -73,7 +73,7 @@ func runCommand(_ path: String, _ args: [String], timeout: Double = 60) throws -
     let deadline = Date().addingTimeInterval(timeout)
     while p.isRunning && Date() < deadline { usleep(10_000) }
     if p.isRunning {
-        kill(p.processIdentifier, SIGKILL)
+        p.signal(SIGKILL)
         // Bounded: Foundation's reaper has been seen to leave an exited child unreported.
         NatLab.waitGone(p, timeout: 5)
     }
@@ -172,7 +172,7 @@ final class BallastProcess: @unchecked Sendable {
         return UInt16(part.split(separator: ":").last!.trimmingCharacters(in: .whitespaces)) ?? 0
     }
 
-    func signal(_ sig: Int32) { kill(process.processIdentifier, sig) }
+    func signal(_ sig: Int32) { process.signal(sig) }
 
     /// SIGHUP, then waits for the outcome line ("reloaded" or "reload failed").
     @discardableResult
@@ -269,7 +269,7 @@ final class HAProxyProcess {
     }
 
     func stop() {
-        if process.processIdentifier > 1 { kill(process.processIdentifier, SIGKILL) }
+        if process.processIdentifier > 1 { process.signal(SIGKILL) }
         NatLab.waitGone(process, timeout: 60)
     }
 }

@@ -22,20 +22,20 @@ import Foundation
 /// be set up for stateful middle boxes). Withdrawing a balancer removes it from both routes, as a
 /// routing daemon would when it stops announcing.
 final class EcmpLab: @unchecked Sendable {
-    let prefix = "be\(Int.random(in: 100...999))"
+    let net = Netns(prefix: "be\(Int.random(in: 100...999))")
+    var prefix: String { net.prefix }
     static let ip = "/usr/sbin/ip"
     let vip = "10.80.9.100"
     let dir = TempDir()
     private var daemons: [String: Process] = [:]
-    private var servers: [Process] = []
     static let hosts = ["c", "r", "a", "b", "rs", "s1", "s2", "sw1", "sw2", "sw3"]
 
     static var available: Bool {
         NatHALab.available && FileManager.default.fileExists(atPath: "/proc/sys/net/ipv4/fib_multipath_hash_fields")
     }
 
-    func ns(_ host: String) -> String { "\(prefix)-\(host)" }
-    func dev(_ name: String) -> String { "\(prefix)\(name)" }
+    func ns(_ host: String) -> String { net.ns(host) }
+    func dev(_ name: String) -> String { net.dev(name) }
     func frontAddr(_ n: String) -> String { n == "a" ? "10.80.1.2" : "10.80.1.3" }
     func backAddr(_ n: String) -> String { n == "a" ? "10.80.2.2" : "10.80.2.3" }
     func syncAddr(_ n: String) -> String { n == "a" ? "10.80.4.2" : "10.80.4.3" }
@@ -44,79 +44,41 @@ final class EcmpLab: @unchecked Sendable {
     @discardableResult
     static func sh(_ args: [String]) throws -> String { try NatLab.sh(args) }
     private func ipn(_ host: String, _ args: String...) throws { try Self.sh([Self.ip, "-n", ns(host)] + args) }
-    private func sysctl(_ host: String, _ settings: String...) throws {
-        try Self.sh([Self.ip, "netns", "exec", ns(host), "sysctl", "-qw"] + settings)
-    }
-
-    /// A veth `name` from `host` into bridge `br0` of switch namespace `sw`.
-    private func plug(_ host: String, _ name: String, _ addr: String, sw: String) throws {
-        try Self.sh([Self.ip, "link", "add", dev(name), "type", "veth", "peer", "name", "\(dev(name))p"])
-        try Self.sh([Self.ip, "link", "set", dev(name), "netns", ns(host)])
-        try Self.sh([Self.ip, "link", "set", "\(dev(name))p", "netns", ns(sw)])
-        try ipn(sw, "link", "set", "\(dev(name))p", "master", "br0", "up")
-        try ipn(host, "addr", "add", "\(addr)/24", "dev", dev(name))
-        try ipn(host, "link", "set", dev(name), "up")
-    }
 
     init() throws {
-        for h in Self.hosts {
-            try Self.sh([Self.ip, "netns", "add", ns(h)])
-            try ipn(h, "link", "set", "lo", "up")
-        }
-        for sw in ["sw1", "sw2", "sw3"] {
-            try ipn(sw, "link", "add", "br0", "type", "bridge")
-            try ipn(sw, "link", "set", "br0", "up")
-        }
+        try net.addSwitches(["sw1", "sw2", "sw3"])
+        try net.addHosts(["c", "r", "a", "b", "rs", "s1", "s2"])
         // Client and router, point to point.
-        try Self.sh([Self.ip, "link", "add", dev("c"), "type", "veth", "peer", "name", dev("rc")])
-        try Self.sh([Self.ip, "link", "set", dev("c"), "netns", ns("c")])
-        try Self.sh([Self.ip, "link", "set", dev("rc"), "netns", ns("r")])
-        try ipn("c", "addr", "add", "10.80.0.10/24", "dev", dev("c"))
-        try ipn("c", "link", "set", dev("c"), "up")
-        try ipn("r", "addr", "add", "10.80.0.1/24", "dev", dev("rc"))
-        try ipn("r", "link", "set", dev("rc"), "up")
+        try net.link("c", "c", "10.80.0.10", "r", "rc", "10.80.0.1")
         try ipn("c", "route", "add", "default", "via", "10.80.0.1")
-        try plug("r", "rf", "10.80.1.1", sw: "sw1")
-        try plug("rs", "rk", "10.80.2.1", sw: "sw2")
-        try plug("rs", "rs", "10.80.3.1", sw: "sw3")
+        try net.plug("r", "rf", "10.80.1.1", sw: "sw1")
+        try net.plug("rs", "rk", "10.80.2.1", sw: "sw2")
+        try net.plug("rs", "rs", "10.80.3.1", sw: "sw3")
         for n in ["a", "b"] {
-            try plug(n, "\(n)f", frontAddr(n), sw: "sw1")
-            try plug(n, "\(n)k", backAddr(n), sw: "sw2")
+            try net.plug(n, "\(n)f", frontAddr(n), sw: "sw1")
+            try net.plug(n, "\(n)k", backAddr(n), sw: "sw2")
             try ipn(n, "route", "add", "10.80.0.0/24", "via", "10.80.1.1")
             try ipn(n, "route", "add", "10.80.3.0/24", "via", "10.80.2.1")
-            try sysctl(
+            try net.sysctl(
                 n, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.netfilter.nf_conntrack_tcp_loose=1")
         }
-        try Self.sh([Self.ip, "link", "add", dev("ay"), "type", "veth", "peer", "name", dev("by")])
-        for n in ["a", "b"] {
-            try Self.sh([Self.ip, "link", "set", dev("\(n)y"), "netns", ns(n)])
-            try ipn(n, "addr", "add", "\(syncAddr(n))/24", "dev", dev("\(n)y"))
-            try ipn(n, "link", "set", dev("\(n)y"), "up")
-        }
-        try sysctl(
+        try net.link("a", "ay", syncAddr("a"), "b", "by", syncAddr("b"))
+        try net.sysctl(
             "r", "net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=3",
             "net.ipv4.fib_multipath_hash_fields=0x0011")
-        try sysctl(
+        try net.sysctl(
             "rs", "net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=3",
             "net.ipv4.fib_multipath_hash_fields=0x0022")
         // Kernels from 6.11 seed the hash per namespace when asked: give both routers one seed.
         if FileManager.default.fileExists(atPath: "/proc/sys/net/ipv4/fib_multipath_hash_seed") {
-            try sysctl("r", "net.ipv4.fib_multipath_hash_seed=4242")
-            try sysctl("rs", "net.ipv4.fib_multipath_hash_seed=4242")
+            try net.sysctl("r", "net.ipv4.fib_multipath_hash_seed=4242")
+            try net.sysctl("rs", "net.ipv4.fib_multipath_hash_seed=4242")
         }
         try route(through: ["a", "b"])
         for (k, s) in ["s1", "s2"].enumerated() {
-            try plug(s, s, serverAddr(k), sw: "sw3")
+            try net.plug(s, s, serverAddr(k), sw: "sw3")
             try ipn(s, "route", "add", "default", "via", "10.80.3.1")
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: Self.ip)
-            p.arguments = [
-                "netns", "exec", ns(s), "/usr/bin/socat", "TCP4-LISTEN:80,fork,reuseaddr", "SYSTEM:echo \(s); cat",
-            ]
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
-            servers.append(p)
+            try net.startEchoServer(in: s)
         }
         usleep(200_000)
     }
@@ -152,13 +114,7 @@ final class EcmpLab: @unchecked Sendable {
                     dir: dir, node: n, local: syncAddr(n), peer: syncAddr(peer), interface: dev("\(n)y"),
                     ignore: "10.80.4.0/24",
                     externalCache: false))
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: Self.ip)
-            p.arguments = ["netns", "exec", ns(n), "/usr/sbin/conntrackd", "-C", conf]
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
-            daemons["conntrackd-\(n)"] = p
+            daemons["conntrackd-\(n)"] = try net.spawn(in: n, ["/usr/sbin/conntrackd", "-C", conf])
         }
         usleep(1_000_000)
     }
@@ -166,7 +122,7 @@ final class EcmpLab: @unchecked Sendable {
     func stopConntrackd() {
         for n in ["a", "b"] {
             guard let p = daemons.removeValue(forKey: "conntrackd-\(n)") else { continue }
-            kill(p.processIdentifier, SIGTERM)
+            p.signal(SIGTERM)
             NatLab.waitGone(p)
         }
     }
@@ -263,7 +219,7 @@ final class EcmpLab: @unchecked Sendable {
         let other = withdraw == "a" ? "b" : "a"
         try route(through: [other])
         NatLab.waitGone(p, timeout: seconds + 15)
-        if p.isRunning { kill(p.processIdentifier, SIGKILL) }
+        if p.isRunning { p.signal(SIGKILL) }
         let afterwards = flows(on: other)
         guard let text = try? String(contentsOfFile: out, encoding: .utf8) else {
             throw Net.Failure(
@@ -299,13 +255,9 @@ final class EcmpLab: @unchecked Sendable {
 
     deinit {
         stopConntrackd()
-        for p in servers { kill(p.processIdentifier, SIGKILL) }
         for n in ["a", "b"] {
             _ = try? Self.sh([Self.ip, "netns", "exec", ns(n), "/usr/sbin/nft", "delete", "table", "ip", "ballast"])
         }
-        // Whatever still runs in the namespaces was started here (a server's forked children
-        // outlive their listener): end it by PID before the namespaces go.
-        for h in Self.hosts { NatLab.killAll(in: ns(h)) }
-        for h in Self.hosts { _ = try? Self.sh([Self.ip, "netns", "del", ns(h)]) }
+        net.teardown()
     }
 }

@@ -9,11 +9,11 @@ import Foundation
 /// (Debian's) runs VRRP over unicast between the nodes and moves the floating address; Ballast
 /// runs on both nodes, bound to the floating address with `freebind`.
 final class HALab: @unchecked Sendable {
-    let prefix = "bh\(Int.random(in: 100...999))"
+    let net = Netns(prefix: "bh\(Int.random(in: 100...999))")
+    var prefix: String { net.prefix }
     static let ip = "/usr/sbin/ip"
     let vip = "10.78.0.100"
     let nodes = ["a", "b"]
-    var procs: [Process] = []
     let dir = TempDir()
     private var keepalived: [String: Process] = [:]
 
@@ -23,45 +23,23 @@ final class HALab: @unchecked Sendable {
             && FileManager.default.isExecutableFile(atPath: "/usr/bin/socat")
     }
 
-    func ns(_ host: String) -> String { "\(prefix)-\(host)" }
+    func ns(_ host: String) -> String { net.ns(host) }
     func nodeAddr(_ n: String) -> String { n == "a" ? "10.78.0.2" : "10.78.0.3" }
     func serverAddr(_ k: Int) -> String { "10.78.0.\(21 + k)" }
-    func dev(_ host: String) -> String { "\(prefix)\(host)" }
+    func dev(_ host: String) -> String { net.dev(host) }
 
     @discardableResult
     static func sh(_ args: [String]) throws -> String { try NatLab.sh(args) }
 
     init() throws {
-        let ip = HALab.ip
-        let hosts = ["c", "a", "b", "s1", "s2"]
-        try HALab.sh([ip, "netns", "add", ns("sw")])
-        try HALab.sh([ip, "-n", ns("sw"), "link", "add", "br0", "type", "bridge"])
-        try HALab.sh([ip, "-n", ns("sw"), "link", "set", "br0", "up"])
+        try net.addSwitches(["sw"])
+        try net.addHosts(["c", "a", "b", "s1", "s2"])
         let addrs = [
-            "c": "10.78.0.10", "a": nodeAddr("a"), "b": nodeAddr("b"), "s1": serverAddr(0), "s2": serverAddr(1),
+            ("c", "10.78.0.10"), ("a", nodeAddr("a")), ("b", nodeAddr("b")), ("s1", serverAddr(0)),
+            ("s2", serverAddr(1)),
         ]
-        for h in hosts {
-            try HALab.sh([ip, "netns", "add", ns(h)])
-            try HALab.sh([ip, "-n", ns(h), "link", "set", "lo", "up"])
-            try HALab.sh([ip, "link", "add", dev(h), "type", "veth", "peer", "name", "\(dev(h))p"])
-            try HALab.sh([ip, "link", "set", dev(h), "netns", ns(h)])
-            try HALab.sh([ip, "link", "set", "\(dev(h))p", "netns", ns("sw")])
-            try HALab.sh([ip, "-n", ns("sw"), "link", "set", "\(dev(h))p", "master", "br0", "up"])
-            try HALab.sh([ip, "-n", ns(h), "addr", "add", "\(addrs[h]!)/24", "dev", dev(h)])
-            try HALab.sh([ip, "-n", ns(h), "link", "set", dev(h), "up"])
-        }
-        for (k, s) in ["s1", "s2"].enumerated() {
-            _ = k
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: ip)
-            p.arguments = [
-                "netns", "exec", ns(s), "/usr/bin/socat", "TCP4-LISTEN:80,fork,reuseaddr", "SYSTEM:echo \(s); cat",
-            ]
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
-            procs.append(p)
-        }
+        for (h, addr) in addrs { try net.plug(h, h, addr, sw: "sw") }
+        for s in ["s1", "s2"] { try net.startEchoServer(in: s) }
         usleep(200_000)
     }
 
@@ -118,23 +96,18 @@ final class HALab: @unchecked Sendable {
             }
 
             """)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: HALab.ip)
-        p.arguments = [
-            "netns", "exec", ns(n), "/usr/sbin/keepalived", "-n", "-l", "-P", "-f", conf, "-p", dir.file("ka-\(n).pid"),
-            "-r",
-            dir.file("vrrp-\(n).pid"),
-        ]
-        FileManager.default.createFile(atPath: dir.file("keepalived-\(n).log"), contents: nil)
-        p.standardOutput = FileHandle(forWritingAtPath: dir.file("keepalived-\(n).log"))
-        p.standardError = p.standardOutput
-        try p.run()
-        keepalived[n] = p
+        _ = FileManager.default.createFile(atPath: dir.file("keepalived-\(n).log"), contents: nil)  // a new log
+        keepalived[n] = try net.spawn(
+            in: n,
+            [
+                "/usr/sbin/keepalived", "-n", "-l", "-P", "-f", conf, "-p", dir.file("ka-\(n).pid"), "-r",
+                dir.file("vrrp-\(n).pid"),
+            ], log: dir.file("keepalived-\(n).log"))
     }
 
     func stopKeepalived(_ n: String) {
         guard let p = keepalived[n] else { return }
-        kill(p.processIdentifier, SIGTERM)
+        p.signal(SIGTERM)
         NatLab.waitGone(p)
         keepalived[n] = nil
     }
@@ -191,13 +164,7 @@ final class HALab: @unchecked Sendable {
                 s.close()
                 time.sleep(0.05)
             """
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: HALab.ip)
-        p.arguments = ["netns", "exec", ns("c"), "python3", "-c", script, vip, "\(seconds)", out]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        return (p, out)
+        return (try net.spawn(in: "c", ["python3", "-c", script, vip, "\(seconds)", out]), out)
     }
 
     /// From a client log: for a fault at `t`, how long until connections succeeded again (0 when
@@ -218,10 +185,6 @@ final class HALab: @unchecked Sendable {
 
     deinit {
         for n in Array(keepalived.keys) { stopKeepalived(n) }
-        for p in procs { kill(p.processIdentifier, SIGKILL) }
-        // Whatever still runs in the namespaces was started here (a server's forked children
-        // outlive their listener): end it by PID before the namespaces go.
-        for h in ["c", "a", "b", "s1", "s2", "sw"] { NatLab.killAll(in: ns(h)) }
-        for h in ["c", "a", "b", "s1", "s2", "sw"] { _ = try? HALab.sh([HALab.ip, "netns", "del", ns(h)]) }
+        net.teardown()
     }
 }

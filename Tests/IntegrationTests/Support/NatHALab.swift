@@ -9,12 +9,12 @@ import Foundation
 /// VIP 10.79.2.1), and a direct link between the nodes for conntrackd. Ballast in nat mode on both
 /// nodes, keepalived moving both VIPs together, conntrackd (FTFW) syncing the flows.
 final class NatHALab: @unchecked Sendable {
-    let prefix = "bx\(Int.random(in: 100...999))"
+    let net = Netns(prefix: "bx\(Int.random(in: 100...999))")
+    var prefix: String { net.prefix }
     static let ip = "/usr/sbin/ip"
     let vip = "10.79.1.100"
     let backVip = "10.79.2.1"
     let dir = TempDir()
-    var procs: [Process] = []
     private var daemons: [String: Process] = [:]
 
     static var available: Bool {
@@ -22,10 +22,10 @@ final class NatHALab: @unchecked Sendable {
             && FileManager.default.isExecutableFile(atPath: "/usr/sbin/nft")
     }
 
-    func ns(_ host: String) -> String { "\(prefix)-\(host)" }
-    func front(_ n: String) -> String { "\(prefix)\(n)f" }
-    func back(_ n: String) -> String { "\(prefix)\(n)k" }
-    func sync(_ n: String) -> String { "\(prefix)\(n)y" }
+    func ns(_ host: String) -> String { net.ns(host) }
+    func front(_ n: String) -> String { net.dev("\(n)f") }
+    func back(_ n: String) -> String { net.dev("\(n)k") }
+    func sync(_ n: String) -> String { net.dev("\(n)y") }
     func frontAddr(_ n: String) -> String { n == "a" ? "10.79.1.2" : "10.79.1.3" }
     func backAddr(_ n: String) -> String { n == "a" ? "10.79.2.2" : "10.79.2.3" }
     func syncAddr(_ n: String) -> String { n == "a" ? "10.79.3.2" : "10.79.3.3" }
@@ -36,59 +36,27 @@ final class NatHALab: @unchecked Sendable {
 
     private func ipn(_ host: String, _ args: String...) throws { try Self.sh([Self.ip, "-n", ns(host)] + args) }
 
-    /// A veth from `host` (named `name`) into the bridge `bridge` of switch namespace `sw`.
-    private func plug(_ host: String, _ name: String, _ addr: String, sw: String) throws {
-        try Self.sh([Self.ip, "link", "add", name, "type", "veth", "peer", "name", "\(name)p"])
-        try Self.sh([Self.ip, "link", "set", name, "netns", ns(host)])
-        try Self.sh([Self.ip, "link", "set", "\(name)p", "netns", ns(sw)])
-        try ipn(sw, "link", "set", "\(name)p", "master", "br0", "up")
-        try ipn(host, "addr", "add", "\(addr)/24", "dev", name)
-        try ipn(host, "link", "set", name, "up")
-    }
-
     init() throws {
-        for h in ["c", "a", "b", "s1", "s2", "swf", "swk"] {
-            try Self.sh([Self.ip, "netns", "add", ns(h)])
-            try ipn(h, "link", "set", "lo", "up")
-        }
-        for sw in ["swf", "swk"] {
-            try ipn(sw, "link", "add", "br0", "type", "bridge")
-            try ipn(sw, "link", "set", "br0", "up")
-        }
-        try plug("c", "\(prefix)cf", "10.79.1.10", sw: "swf")
+        try net.addSwitches(["swf", "swk"])
+        try net.addHosts(["c", "a", "b", "s1", "s2"])
+        try net.plug("c", "cf", "10.79.1.10", sw: "swf")
         try ipn("c", "route", "add", "default", "via", vip)
         for n in ["a", "b"] {
-            try plug(n, front(n), frontAddr(n), sw: "swf")
-            try plug(n, back(n), backAddr(n), sw: "swk")
-            try Self.sh([Self.ip, "netns", "exec", ns(n), "sysctl", "-qw", "net.ipv4.ip_forward=1"])
-            try Self.sh([Self.ip, "netns", "exec", ns(n), "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])
-            // Picked-up flows (committed by conntrackd mid-connection) are tracked as they are.
-            try Self.sh([Self.ip, "netns", "exec", ns(n), "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=1"])
-            // A node taking a flow back holds an older entry for it (conntrackd commits only new
-            // ones): without this its TCP window check finds the sequence numbers far ahead and
-            // the packets INVALID.
-            try Self.sh([
-                Self.ip, "netns", "exec", ns(n), "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_be_liberal=1",
-            ])
+            try net.plug(n, "\(n)f", frontAddr(n), sw: "swf")
+            try net.plug(n, "\(n)k", backAddr(n), sw: "swk")
+            // Picked-up flows (committed by conntrackd mid-connection) are tracked as they are
+            // (tcp_loose). A node taking a flow back holds an older entry for it (conntrackd
+            // commits only new ones): without tcp_be_liberal its TCP window check finds the
+            // sequence numbers far ahead and the packets INVALID.
+            try net.sysctl(
+                n, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.netfilter.nf_conntrack_tcp_loose=1",
+                "net.netfilter.nf_conntrack_tcp_be_liberal=1")
         }
-        try Self.sh([Self.ip, "link", "add", sync("a"), "type", "veth", "peer", "name", sync("b")])
-        for n in ["a", "b"] {
-            try Self.sh([Self.ip, "link", "set", sync(n), "netns", ns(n)])
-            try ipn(n, "addr", "add", "\(syncAddr(n))/24", "dev", sync(n))
-            try ipn(n, "link", "set", sync(n), "up")
-        }
+        try net.link("a", "ay", syncAddr("a"), "b", "by", syncAddr("b"))
         for (k, s) in ["s1", "s2"].enumerated() {
-            try plug(s, "\(prefix)\(s)", serverAddr(k), sw: "swk")
+            try net.plug(s, s, serverAddr(k), sw: "swk")
             try ipn(s, "route", "add", "default", "via", backVip)
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: Self.ip)
-            p.arguments = [
-                "netns", "exec", ns(s), "/usr/bin/socat", "TCP4-LISTEN:80,fork,reuseaddr", "SYSTEM:echo \(s); cat",
-            ]
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
-            procs.append(p)
+            try net.startEchoServer(in: s)
         }
         usleep(200_000)
     }
@@ -108,17 +76,7 @@ final class NatHALab: @unchecked Sendable {
     }
 
     private func run(_ name: String, _ n: String, _ args: [String]) throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Self.ip)
-        p.arguments = ["netns", "exec", ns(n)] + args
-        let log = dir.file("\(name)-\(n).log")
-        if !FileManager.default.fileExists(atPath: log) { FileManager.default.createFile(atPath: log, contents: nil) }
-        let h = FileHandle(forWritingAtPath: log)
-        h?.seekToEndOfFile()
-        p.standardOutput = h
-        p.standardError = h
-        try p.run()
-        daemons["\(name)-\(n)"] = p
+        daemons["\(name)-\(n)"] = try net.spawn(in: n, args, log: dir.file("\(name)-\(n).log"))
     }
 
     func conntrackdConf(_ n: String) -> String { dir.file("conntrackd-\(n).conf") }
@@ -311,18 +269,12 @@ final class NatHALab: @unchecked Sendable {
                 err = repr(e)
             out.write("done sent=%d ok=%d longest_gap=%.3f error=%s\\n" % (sent, ok, gap, err))
             """
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Self.ip)
-        p.arguments = ["netns", "exec", ns("c"), "python3", "-c", script, vip, "\(seconds)", out]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        return (p, out)
+        return (try net.spawn(in: "c", ["python3", "-c", script, vip, "\(seconds)", out]), out)
     }
 
     func stop(_ name: String, _ n: String) {
         guard let p = daemons["\(name)-\(n)"] else { return }
-        kill(p.processIdentifier, SIGTERM)
+        p.signal(SIGTERM)
         NatLab.waitGone(p)
         daemons["\(name)-\(n)"] = nil
     }
@@ -332,13 +284,9 @@ final class NatHALab: @unchecked Sendable {
             let parts = k.split(separator: "-")
             stop(String(parts[0]), String(parts[1]))
         }
-        for p in procs { kill(p.processIdentifier, SIGKILL) }
         for n in ["a", "b"] {
             _ = try? Self.sh([Self.ip, "netns", "exec", ns(n), "/usr/sbin/nft", "delete", "table", "ip", "ballast"])
         }
-        // Whatever still runs in the namespaces was started here (a server's forked children
-        // outlive their listener): end it by PID before the namespaces go.
-        for h in ["c", "a", "b", "s1", "s2", "swf", "swk"] { NatLab.killAll(in: ns(h)) }
-        for h in ["c", "a", "b", "s1", "s2", "swf", "swk"] { _ = try? Self.sh([Self.ip, "netns", "del", ns(h)]) }
+        net.teardown()
     }
 }

@@ -339,3 +339,13 @@ final class Locked<T: Sendable>: Sendable {
     let value: Mutex<T>
     init(_ v: T) { value = Mutex(v) }
 }
+
+extension Process {
+    /// Sends `sig` while the process still runs, never to a number that may be free: Foundation
+    /// reaps an exited child at once, its PID may then belong to a thread of this very test
+    /// process, and kill(2) with a thread's id signals the whole process. (A SIGKILL sent that
+    /// way was the suite's silent death: `swift test` exits 1 without a word.)
+    func signal(_ sig: Int32) {
+        if isRunning { kill(processIdentifier, sig) }
+    }
+}

@@ -116,7 +116,7 @@ final class RedisLab: @unchecked Sendable {
     /// SIGKILL: the process dies without a word to anyone, as on a crashed host.
     func kill(_ k: Int) {
         guard let p = processes[k] else { return }
-        Glibc.kill(p.processIdentifier, SIGKILL)
+        p.signal(SIGKILL)
         NatLab.waitGone(p, timeout: 60)
         processes[k] = nil
     }
@@ -178,7 +178,7 @@ final class RedisLab: @unchecked Sendable {
 
     deinit {
         for p in sentinels {
-            Glibc.kill(p.processIdentifier, SIGKILL)
+            p.signal(SIGKILL)
             NatLab.waitGone(p, timeout: 60)
         }
         for k in Array(processes.keys) { kill(k) }
