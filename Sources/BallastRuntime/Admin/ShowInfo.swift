@@ -10,7 +10,18 @@ import BallastProxy
 /// `show info`: HAProxy 2.6's keys in its order, with Ballast's values; keys that mean nothing
 /// here (SSL, compression, peers) read 0 as they do on an HAProxy without those features.
 enum ShowInfo {
-    static func fields(_ ctx: AdminContext) -> [(String, String, String)] {
+    /// HAProxy's field types (the typed and JSON output name them).
+    enum FieldType: String {
+        case u32, u64, str
+    }
+
+    struct Field {
+        let name: String
+        let type: FieldType
+        let value: String
+    }
+
+    static func fields(_ ctx: AdminContext) -> [Field] {
         let uptime = ctx.uptimeSeconds()
         let d = uptime / 86400
         let h = (uptime % 86400) / 3600
@@ -42,10 +53,10 @@ enum ShowInfo {
         var host = [CChar](repeating: 0, count: 256)
         gethostname(&host, 255)
         let cur = ctx.shared.connections.load(ordering: .relaxed)
-        let u32 = "u32"
-        let u64 = "u64"
-        let str = "str"
-        return [
+        let u32 = FieldType.u32
+        let u64 = FieldType.u64
+        let str = FieldType.str
+        let list: [(String, FieldType, String)] = [
             ("Name", str, "Ballast"), ("Version", str, BallastVersion.string), ("Release_date", str, "2026/11/25"),
             ("Nbthread", u32, "\(ctx.workers.count)"), ("Nbproc", u32, "1"), ("Process_num", u32, "1"),
             ("Pid", u32, "\(getpid())"),
@@ -81,22 +92,24 @@ enum ShowInfo {
             ("Build info", str, BallastVersion.build), ("Memmax_bytes", u64, "0"), ("PoolAlloc_bytes", u64, "0"),
             ("PoolUsed_bytes", u64, "0"), ("Start_time_sec", u32, "\(ctx.startWall)"), ("Tainted", u32, "0"),
         ]
+        return list.map { Field(name: $0.0, type: $0.1, value: $0.2) }
     }
 
     static func render(_ ctx: AdminContext, typed: Bool, json: Bool) -> String {
         let f = fields(ctx)
         if json {
             let items = f.enumerated().map { k, e in
-                let v = e.1 == "str" ? StatTable.jsonString(e.2) : e.2
+                let v = e.type == .str ? StatTable.jsonString(e.value) : e.value
                 return
-                    "{\"field\":{\"pos\":\(k),\"name\":\"\(e.0)\"},\"processNum\":1,\"tags\":{\"origin\":\"Product\",\"nature\":\"Output\",\"scope\":\"Service\"},\"value\":{\"type\":\"\(e.1)\",\"value\":\(v)}}"
+                    "{\"field\":{\"pos\":\(k),\"name\":\"\(e.name)\"},\"processNum\":1,\"tags\":{\"origin\":\"Product\",\"nature\":\"Output\",\"scope\":\"Service\"},\"value\":{\"type\":\"\(e.type.rawValue)\",\"value\":\(v)}}"
             }
             return "[" + items.joined(separator: ",") + "]\n\n"
         }
         if typed {
-            return f.enumerated().map { k, e in "\(k).\(e.0).1:\(e.1 == "str" ? "POS" : "MGP"):\(e.1):\(e.2)\n" }
-                .joined() + "\n"
+            return f.enumerated().map { k, e in
+                "\(k).\(e.name).1:\(e.type == .str ? "POS" : "MGP"):\(e.type.rawValue):\(e.value)\n"
+            }.joined() + "\n"
         }
-        return f.map { "\($0.0): \($0.2)\n" }.joined() + "\n"
+        return f.map { "\($0.name): \($0.value)\n" }.joined() + "\n"
     }
 }
