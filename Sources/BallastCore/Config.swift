@@ -128,7 +128,10 @@ public enum LogFormat: String, Sendable, CaseIterable {
 }
 
 public enum ServiceMode: String, Sendable, CaseIterable {
-    case proxy, nat
+    case proxy, nat, dsr
+
+    /// The kernel forwards (nat, dsr): Ballast programs nftables and decides, it relays nothing.
+    public var isKernel: Bool { self != .proxy }
 }
 
 public struct LogConfig: Sendable, Equatable {
@@ -262,6 +265,9 @@ public struct ServiceConfig: Sendable, Equatable {
     /// nat mode only: source NAT.
     public var snat = SNATMode.none
     public var mode = Defaults.mode
+    /// dsr mode only: the interface facing the servers (and the clients: one L2 segment).
+    public var interface: String?
+    public var interfaceLocation: SourceLocation?
     public var binds: [BindConfig] = []
     public var balance = Defaults.balance
     public var timeouts: Timeouts
@@ -297,7 +303,7 @@ public struct ServiceConfig: Sendable, Equatable {
         s.backup = a.backup
         s.maxconn = a.maxconn
         s.check = serverCheck
-        s.slowstart = mode == .nat ? Millis(0) : serverSlowstart
+        s.slowstart = mode.isKernel ? Millis(0) : serverSlowstart
         return s
     }
 

@@ -35,7 +35,7 @@ public enum ConfigLoader {
     public static let serviceKeys = [
         "name", "mode", "bind", "balance", "hash_key", "hash_table_size", "allbackups", "slowstart", "timeout",
         "retries", "maxqueue", "check", "observe", "on_marked_down", "on_marked_up", "servers", "nat",
-        "sentinel", "allow", "deny", "limits", "init_addr", "resolve_interval",
+        "sentinel", "allow", "deny", "limits", "init_addr", "resolve_interval", "interface",
     ]
     public static let limitKeys = ["conn_per_source", "new_conn_rate_per_source"]
     public static let serverKeys = [
@@ -687,7 +687,11 @@ public enum ConfigLoader {
             if let e = m["mode"] {
                 svc.mode = try enumValue(e.value, "\(what): mode", ServiceMode.self)
             }
-            if let e = m["balance"] { svc.balance = try enumValue(e.value, "\(what): balance", Balance.self) }
+            if let e = m["balance"] {
+                svc.balance = try enumValue(e.value, "\(what): balance", Balance.self)
+            } else if svc.mode == .dsr {
+                svc.balance = .source  // the only flow-stable choice without connection state
+            }
             if let e = m["hash_key"] {
                 guard svc.balance == .source else {
                     throw fail(
@@ -805,10 +809,10 @@ public enum ConfigLoader {
                 if svc.binds.contains(where: { $0.address == addr }) {
                     throw fail(b, "\(what): bind \(addr) is listed twice")
                 }
-                if let f = freebind, svc.mode == .nat {
+                if let f = freebind, svc.mode.isKernel {
                     throw fail(
                         f,
-                        "\(what): freebind applies to proxy mode (nat mode matches the service address whether or not this host holds it)"
+                        "\(what): freebind applies to proxy mode (\(svc.mode.rawValue) mode matches the service address whether or not this host holds it)"
                     )
                 }
                 svc.binds.append(
@@ -825,7 +829,7 @@ public enum ConfigLoader {
                 let server = try parseServer(
                     sn, index: i, service: what, slowstart: serviceSlowstart, check: serviceCheck,
                     defaults: config.check,
-                    naming: naming, family: svc.mode == .nat ? svc.binds.first?.address.family : nil)
+                    naming: naming, family: svc.mode.isKernel ? svc.binds.first?.address.family : nil)
                 if let prev = svc.servers.first(where: { $0.name == server.name }) {
                     throw ConfigError(
                         server.location,
@@ -833,10 +837,17 @@ public enum ConfigLoader {
                 }
                 svc.servers.append(server)
             }
-            if svc.mode == .nat {
-                try validateNat(&svc, m, node)
-            } else if let e = m["nat"] {
-                throw fail(e.key, "\(what): 'nat' applies to mode: nat services")
+            if svc.mode == .dsr { try validateDSR(&svc, m, node) }
+            if svc.mode.isKernel { try validateNat(&svc, m, node) }
+            if svc.mode != .nat, let e = m["nat"] {
+                throw fail(
+                    e.key,
+                    svc.mode == .dsr
+                        ? "\(what): nat.snat is not possible in dsr mode (the servers answer the clients directly, from the service address)"
+                        : "\(what): 'nat' applies to mode: nat services")
+            }
+            if svc.mode != .dsr, let e = m["interface"] {
+                throw fail(e.key, "\(what): 'interface' applies to mode: dsr services")
             }
             if svc.balance == .source, let e = m["hash_table_size"] ?? m["balance"],
                 svc.hashTableSize < 10 * svc.servers.count
@@ -849,13 +860,60 @@ public enum ConfigLoader {
             return svc
         }
 
-        /// What the kernel can and cannot do for a `mode: nat` service, said at load time.
+        /// What direct routing adds to the kernel modes' rules: one L2 segment (the interface),
+        /// no port translation, no connection state (so a flow-stable hash), numeric servers.
+        func validateDSR(_ svc: inout ServiceConfig, _ m: [String: Entry], _ node: Node) throws(ConfigError) {
+            let what = "service '\(svc.name)'"
+            guard let e = m["interface"] else {
+                throw fail(
+                    node,
+                    "\(what): mode dsr needs 'interface' (the interface on the servers' L2 segment, where the frames are sent out again)"
+                )
+            }
+            let name = try string(e.value, "\(what): interface")
+            guard !name.isEmpty, name.utf8.count < 16, !name.contains("/"), !name.contains(where: \.isWhitespace) else {
+                throw fail(e.value, "\(what): interface '\(name)' is not an interface name")
+            }
+            svc.interface = name
+            svc.interfaceLocation = loc(e.value)
+            if svc.balance != .source {
+                throw fail(
+                    m["balance"]!.value,
+                    "\(what): balance \(svc.balance.rawValue) is not possible in dsr mode: without connection state every packet is placed on its own, so only a hash of the flow keeps a connection on one server; use balance: source (Maglev, the same table as nat and proxy mode)"
+                )
+            }
+            for key in ["allow", "deny", "limits"] {
+                if let e = m[key] {
+                    throw fail(
+                        e.key,
+                        "\(what): \(key) is not possible in dsr mode (the frames are switched before any connection is known); filter on the router in front, or use mode: nat"
+                    )
+                }
+            }
+            for s in svc.servers {
+                if s.hostname != nil {
+                    throw ConfigError(
+                        s.location,
+                        "\(what): server \(s.name): dsr mode needs a numeric address (the server is reached by its L2 neighbour entry for that address)"
+                    )
+                }
+                for b in svc.binds where b.address.port != s.address.port {
+                    throw ConfigError(
+                        s.location,
+                        "\(what): server \(s.name) listens on port \(s.address.port) but the service on \(b.address.port): dsr cannot translate ports (the server gets the packet as the client sent it, to the service address and port); give the server port \(b.address.port), or use mode: nat"
+                    )
+                }
+            }
+        }
+
+        /// What the kernel can and cannot do for a `mode: nat` (or `dsr`) service, said at load time.
         func validateNat(_ svc: inout ServiceConfig, _ m: [String: Entry], _ node: Node) throws(ConfigError) {
             let what = "service '\(svc.name)'"
+            let mode = svc.mode.rawValue
             if svc.balance == .leastconn || svc.balance == .first {
                 throw fail(
                     m["balance"]!.value,
-                    "\(what): balance \(svc.balance.rawValue) is not possible in nat mode (the kernel does not count connections per server); use roundrobin or random (weighted), source (Maglev, the same table as proxy mode), or mode: proxy"
+                    "\(what): balance \(svc.balance.rawValue) is not possible in \(mode) mode (the kernel does not count connections per server); use roundrobin or random (weighted), source (Maglev, the same table as proxy mode), or mode: proxy"
                 )
             }
             if let e = m["nat"] {
@@ -877,38 +935,39 @@ public enum ConfigLoader {
                 }
             }
             if let e = m["slowstart"] {
-                throw fail(e.key, "\(what): slowstart is not possible in nat mode (the kernel map has fixed weights)")
+                throw fail(
+                    e.key, "\(what): slowstart is not possible in \(mode) mode (the kernel map has fixed weights)")
             }
 
             if let e = m["maxqueue"] {
-                throw fail(e.key, "\(what): maxqueue is not possible in nat mode (the kernel does not queue)")
+                throw fail(e.key, "\(what): maxqueue is not possible in \(mode) mode (the kernel does not queue)")
             }
             if let e = m["observe"] {
                 throw fail(
                     e.key,
-                    "\(what): observe is not possible in nat mode (the kernel's connects are not seen); use an active check"
+                    "\(what): observe is not possible in \(mode) mode (the kernel's connects are not seen); use an active check"
                 )
             }
             if let e = m["timeout"] {
-                throw fail(e.key, "\(what): timeouts do not apply in nat mode (conntrack's timeouts do)")
+                throw fail(e.key, "\(what): timeouts do not apply in \(mode) mode (conntrack's timeouts do)")
             }
             let family = svc.binds.first?.address.family
             for b in svc.binds {
                 if b.address.port == 0 || b.address.hostText == "0.0.0.0" || b.address.hostText == "::" {
                     throw ConfigError(
                         b.location,
-                        "\(what): a nat bind needs an explicit address and port (the service address the kernel matches), not \(b.address)"
+                        "\(what): a \(mode) bind needs an explicit address and port (the service address the kernel matches), not \(b.address)"
                     )
                 }
                 if b.acceptProxy {
                     throw ConfigError(
                         b.location,
-                        "\(what): accept_proxy is not possible in nat mode (the kernel forwards packets, it reads no header)"
+                        "\(what): accept_proxy is not possible in \(mode) mode (the kernel forwards packets, it reads no header)"
                     )
                 }
                 if b.address.family != family {
                     throw ConfigError(
-                        b.location, "\(what): a nat service is IPv4 or IPv6, not both (make two services)")
+                        b.location, "\(what): a \(mode) service is IPv4 or IPv6, not both (make two services)")
                 }
             }
             if case .address(let a) = svc.snat, a.family != family {
@@ -924,20 +983,23 @@ public enum ConfigLoader {
                 if s.maxconn > 0 {
                     throw ConfigError(
                         s.location,
-                        "\(what): server \(s.name): maxconn is not possible in nat mode (the kernel does not count connections per server)"
+                        "\(what): server \(s.name): maxconn is not possible in \(mode) mode (the kernel does not count connections per server)"
                     )
                 }
                 if s.sendProxy != nil {
                     throw ConfigError(
                         s.location,
-                        "\(what): server \(s.name): send_proxy is not possible in nat mode (the kernel forwards packets unchanged)"
+                        "\(what): server \(s.name): send_proxy is not possible in \(mode) mode (the kernel forwards packets unchanged)"
                     )
                 }
                 if s.slowstart.value > 0 {
-                    throw ConfigError(s.location, "\(what): server \(s.name): slowstart is not possible in nat mode")
+                    throw ConfigError(
+                        s.location, "\(what): server \(s.name): slowstart is not possible in \(mode) mode")
                 }
             }
-            if svc.servers.count > 4095 { throw fail(node, "\(what): nat mode takes at most 4095 servers per service") }
+            if svc.servers.count > 4095 {
+                throw fail(node, "\(what): \(mode) mode takes at most 4095 servers per service")
+            }
         }
 
         /// How servers given by name start and how often they are looked up again.

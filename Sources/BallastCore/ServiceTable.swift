@@ -31,6 +31,12 @@ public final class Server: Sendable {
     public let admin = Atomic<UInt8>(AdminState.ready.rawValue)
     /// Health: true until a check says otherwise (no checks: always up).
     public let up = Atomic<Bool>(true)
+    /// dsr mode: true while the server has no L2 neighbour on the service's interface (no
+    /// MAC address to send its frames to): DOWN for that reason, never black-holed.
+    public let noNeighbour = Atomic<Bool>(false)
+    /// dsr mode: the server's MAC address on the service's interface, and why there is none.
+    public var link: (mac: [UInt8]?, reason: String) { linkBox.withLock { $0 } }
+    private let linkBox = Mutex<(mac: [UInt8]?, reason: String)>((nil, ""))
     /// Slow start: after the server becomes usable again its weight ramps up over this long.
     public let slowstartMs: Atomic<Int64>
     /// PROXY protocol header to send: 0 none, else `ProxyProtocol.Version` raw value.
@@ -85,7 +91,25 @@ public final class Server: Sendable {
     /// Out of service for statistics: DOWN by health, in maintenance, or without an address.
     public var isDown: Bool {
         !up.load(ordering: .relaxed) || admin.load(ordering: .relaxed) == AdminState.maint.rawValue
-            || !hasAddress.load(ordering: .relaxed)
+            || !hasAddress.load(ordering: .relaxed) || noNeighbour.load(ordering: .relaxed)
+    }
+
+    /// dsr mode: the server's neighbour entry, as the kernel has it now (`mac` nil: none, for
+    /// `reason`). Announced when the address or the reachability changed; true then.
+    @discardableResult
+    public func setLink(_ mac: [UInt8]?, reason: String, now: Int64 = monotonicMillis()) -> Bool {
+        let wasDown = isDown
+        let changed = linkBox.withLock { l -> Bool in
+            let c = l.mac != mac || (mac == nil && l.reason != reason)
+            l = (mac, reason)
+            return c
+        }
+        let had = !noNeighbour.exchange(mac == nil, ordering: .relaxed)
+        guard changed || had != (mac != nil) else { return false }
+        if mac != nil && !had { upSince.store(max(now, 1), ordering: .relaxed) }
+        noteChange(wasDown: wasDown, now: now)
+        states.changed()
+        return true
     }
 
     // Every change of what schedulers read goes through the setters below; each announces it
@@ -207,7 +231,7 @@ public final class Server: Sendable {
     @inline(__always)
     public var usable: Bool {
         up.load(ordering: .relaxed) && admin.load(ordering: .relaxed) == AdminState.ready.rawValue && weight > 0
-            && hasAddress.load(ordering: .relaxed)
+            && hasAddress.load(ordering: .relaxed) && !noNeighbour.load(ordering: .relaxed)
     }
 
     /// Below maxconn (or no limit).

@@ -152,7 +152,67 @@ extension NatController {
             }
             out += "}\n"
         }
+        out += renderNetdev(list.filter { $0.family == netdev }.sorted { $0.id < $1.id })
         return out
+    }
+
+    /// dsr services: `table netdev ballast` (see NatController+DSR.swift for the shape).
+    static func renderNetdev(_ sv: [ServiceState]) -> String {
+        guard !sv.isEmpty else { return "" }
+        func map(_ name: String, _ type: String, _ elements: [String], extra: String = "", typeof: String? = nil)
+            -> String
+        {
+            var m = "\tmap \(name) {\n\t\t\(typeof.map { "typeof \($0)" } ?? "type \(type)")\n\(extra)"
+            if !elements.isEmpty { m += "\t\telements = { \(elements.joined(separator: ", ")) }\n" }
+            return m + "\t}\n"
+        }
+        var out = "table netdev \(tableName) {\n"
+        for v6 in [false, true] {
+            out += map(
+                v6 ? "services6" : "services4", "\(v6 ? "ipv6_addr" : "ipv4_addr") . inet_service : verdict",
+                sv.flatMap { st in
+                    st.config.binds.filter { ($0.address.family == AF_INET6) == v6 }.map {
+                        "\($0.address.hostText) . \($0.address.port) : goto \(st.chain)"
+                    }
+                })
+        }
+        out += map(
+            "traffic", "mark : verdict",
+            sv.flatMap { st in st.config.servers.indices.map { "0x\(hex8(st.marks[$0])) : goto \(st.serverChain($0))" }
+            })
+        for st in sv {
+            let ip = st.config.binds.first?.address.family == AF_INET6 ? "ip6" : "ip"
+            out += map(
+                st.backends, "mark : ether_addr",
+                st.macs.enumerated().compactMap { j, m in m.map { "0x\(hex8(st.marks[j])) : \(Interface.macText($0))" }
+                })
+            let used = st.slots.filter { $0 >= 0 }.count
+            let key = st.config.hashKey == .sourcePort ? "\(ip) saddr . tcp sport" : "\(ip) saddr"
+            out += map(
+                st.sched, "", [], extra: "\t\tsize \(st.config.hashTableSize)\n\t\t# \(used) Maglev slots\n",
+                typeof: "jhash \(key) mod \(st.config.hashTableSize) seed 0x\(hex8(SourceHash.seed)) : meta mark")
+        }
+        for dev in Set(sv.compactMap(\.config.interface)).sorted() {
+            out +=
+                "\tchain ingress-\(dev) {\n\t\ttype filter hook ingress device \"\(dev)\" priority filter; policy accept;\n"
+            out += "\t\tmeta protocol ip meta l4proto tcp ip daddr . tcp dport vmap @services4\n"
+            out += "\t\tmeta protocol ip6 meta l4proto tcp ip6 daddr . tcp dport vmap @services6\n\t}\n"
+        }
+        for st in sv {
+            let ip = st.config.binds.first?.address.family == AF_INET6 ? "ip6" : "ip"
+            let key = st.config.hashKey == .sourcePort ? "\(ip) saddr . tcp sport" : "\(ip) saddr"
+            out += "\tchain \(st.chain) {\n"
+            out +=
+                "\t\tmeta mark set jhash \(key) mod \(st.config.hashTableSize) seed 0x\(hex8(SourceHash.seed)) map @\(st.sched)\n"
+            out +=
+                "\t\tether daddr set meta mark map @\(st.backends) ether saddr set \(Interface.macText(st.devMac.isEmpty ? [0, 0, 0, 0, 0, 0] : st.devMac)) meta mark vmap @traffic\n"
+            out += "\t}\n"
+            for j in st.config.servers.indices {
+                out +=
+                    "\tchain \(st.serverChain(j)) {\n\t\ttcp flags & (syn | ack) == syn counter\n\t\tcounter\n\t\tfwd to \"\(st.config.interface ?? "")\"\n\t}\n"
+            }
+        }
+        return out + "}\n"
     }
 
     /// The merged ranges of an interval set as nft writes addresses: `10.0.0.0-10.255.255.255`.
@@ -204,13 +264,14 @@ extension NatController {
     public static func render(config: Config) -> String {
         let table = ServiceTable.build(config: config, generation: 0, previous: nil, now: 0, states: ServerStates())
         var list: [ServiceState] = []
-        for (k, svc) in table.services.enumerated() where svc.config.mode == .nat {
+        for (k, svc) in table.services.enumerated() where svc.config.mode.isKernel {
             let id = UInt32(k + 1)
             var st = ServiceState(
                 name: svc.name, id: id, family: family(svc.config), config: svc.config,
                 marks: svc.servers.indices.map { (id << 16) | UInt32($0 + 1) })
             st.access = svc.stats.access.list
             st.addrs = svc.servers.map { $0.hasAddress.load(ordering: .relaxed) ? $0.address : nil }
+            if let dev = svc.config.interface { st.devMac = Interface.mac(dev) ?? [] }
             let w = svc.servers.indices.map { i in svc.backupFlags[i] ? 0 : svc.servers[i].weight }
             st.weights = w
             if st.config.balance == .source {

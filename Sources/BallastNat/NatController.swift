@@ -56,8 +56,15 @@ public final class NatController: @unchecked Sendable {
         /// Where each server is now (its DNS name or `set server addr` can move it; nil: its
         /// name has not resolved yet, so it has no `be-` element and no weight).
         var addrs: [SocketAddress?] = []
+        /// dsr mode: each server's MAC address (nil: no L2 neighbour), the interface's index
+        /// and its own MAC address.
+        var macs: [[UInt8]?] = []
+        var ifindex: UInt32 = 0
+        var devMac: [UInt8] = []
         /// Nothing to send: the maps hold what `o` holds.
-        func sameMaps(as o: ServiceState) -> Bool { weights == o.weights && slots == o.slots && addrs == o.addrs }
+        func sameMaps(as o: ServiceState) -> Bool {
+            weights == o.weights && slots == o.slots && addrs == o.addrs && macs == o.macs
+        }
         var chain: String { "svc-\(name)" }
         var snatChain: String { "snat-\(name)" }
         func serverChain(_ j: Int) -> String { "srv-\(name)-\(j + 1)" }
@@ -73,6 +80,7 @@ public final class NatController: @unchecked Sendable {
                 && a.servers.map(\.name) == b.servers.map(\.name)
                 && a.servers.map(\.addressKey) == b.servers.map(\.addressKey)
                 && access == o.access && a.limits == b.limits
+                && a.interface == b.interface && ifindex == o.ifindex && devMac == o.devMac
         }
         var allowSet: String { "allow-\(name)" }
         var denySet: String { "deny-\(name)" }
@@ -106,10 +114,25 @@ public final class NatController: @unchecked Sendable {
         }
     }
 
-    public static func natServices(_ config: Config) -> [ServiceConfig] { config.services.filter { $0.mode == .nat } }
+    /// The services the kernel forwards: nat and dsr mode.
+    public static func natServices(_ config: Config) -> [ServiceConfig] { config.services.filter { $0.mode.isKernel } }
 
+    /// nat services live in `ip`/`ip6 ballast`, dsr services in `netdev ballast`.
     static func family(_ svc: ServiceConfig) -> UInt16 {
-        svc.binds.first?.address.family == AF_INET6 ? UInt16(NFPROTO_IPV6) : UInt16(NFPROTO_IPV4)
+        if svc.mode == .dsr { return netdev }
+        return svc.binds.first?.address.family == AF_INET6 ? UInt16(NFPROTO_IPV6) : UInt16(NFPROTO_IPV4)
+    }
+
+    /// dsr mode: the kernel's neighbour table, and when each server without an entry was last
+    /// probed (at most once a second each).
+    var neighbours: Neighbours?
+    var lastProbe: [ObjectIdentifier: Int64] = [:]
+
+    /// The interfaces of the dsr services loaded differ from `next`'s (their ingress chains are
+    /// base chains: the netdev table is then replaced whole).
+    func devicesChanged(_ next: [ServiceState]) -> Bool {
+        let loaded = services.values.filter { $0.family == NatController.netdev }.compactMap(\.config.interface)
+        return Set(loaded) != Set(next.compactMap(\.config.interface))
     }
 
     // MARK: - Whole tables
@@ -132,7 +155,8 @@ public final class NatController: @unchecked Sendable {
             // flows and counters keep their meaning; a new one takes an id not used before.
             var next: [String: ServiceState] = [:]
             var taken = Set(services.values.map(\.id))
-            for (k, svc) in table.services.enumerated() where svc.config.mode == .nat {
+            if table.services.contains(where: { $0.config.mode == .dsr }) { refreshNeighbours(table) }
+            for (k, svc) in table.services.enumerated() where svc.config.mode.isKernel {
                 let fam = NatController.family(svc.config)
                 let id: UInt32
                 if !start, let old = services[svc.name], old.family == fam {
@@ -150,6 +174,14 @@ public final class NatController: @unchecked Sendable {
                     name: svc.name, id: id, family: fam, config: svc.config,
                     marks: svc.servers.indices.map { (id << 16) | UInt32($0 + 1) })
                 st.access = svc.stats.access.list
+                if svc.config.mode == .dsr {
+                    let dev = svc.config.interface ?? ""
+                    guard let index = Interface.index(dev), let mac = Interface.mac(dev) else {
+                        throw NatError("service \(svc.name): interface \(dev) does not exist")
+                    }
+                    st.ifindex = index
+                    st.devMac = mac
+                }
                 desired(&st, svc)
                 next[svc.name] = st
             }
@@ -199,18 +231,23 @@ public final class NatController: @unchecked Sendable {
                 b.table(tn, NFT_MSG_NEWTABLE.rawValue)
                 b.table(tn, NFT_MSG_DELTABLE.rawValue)
                 changes.append("table \(b.familyName) \(tn) removed")
-            } else if whole || !families.contains(fam) {
-                // Replace: create (so delete cannot fail), delete, create again.
+            } else if whole || !families.contains(fam) || (fam == NatController.netdev && devicesChanged(mine)) {
+                // Replace: create (so delete cannot fail), delete, create again. (netdev: also
+                // when the set of interfaces changes, which are base chains of their own.)
                 b.table(tn, NFT_MSG_NEWTABLE.rawValue)
                 b.table(tn, NFT_MSG_DELTABLE.rawValue)
                 b.table(tn, NFT_MSG_NEWTABLE.rawValue)
-                build(b, mine)
+                if fam == NatController.netdev { buildNetdev(b, mine) } else { build(b, mine) }
                 changes.append("table \(b.familyName) \(tn) \(families.contains(fam) ? "replaced" : "created")")
             } else {
                 let before = changes.count
                 for old in services.values.filter({ $0.family == fam }).sorted(by: { $0.id < $1.id }) {
                     if let st = next[old.name], st.same(as: old) { continue }
-                    removeService(b, old, keeping: NatController.keptServers(old, next[old.name]))
+                    if fam == NatController.netdev {
+                        removeDSRService(b, old, keeping: NatController.keptServers(old, next[old.name]))
+                    } else {
+                        removeService(b, old, keeping: NatController.keptServers(old, next[old.name]))
+                    }
                     if next[old.name]?.family != fam { changes.append("\(old.name) removed") }
                 }
                 for st in mine {
@@ -220,12 +257,17 @@ public final class NatController: @unchecked Sendable {
                         if updateMaps(b, st, loaded: old) { changes.append("\(st.name) maps updated") }
                         continue
                     }
-                    addService(b, st, keeping: NatController.keptServers(old, st))
+                    if fam == NatController.netdev {
+                        addDSRService(b, st, keeping: NatController.keptServers(old, st))
+                    } else {
+                        addService(b, st, keeping: NatController.keptServers(old, st))
+                    }
                     changes.append(old?.family == fam ? "\(st.name) rebuilt" : "\(st.name) added")
                 }
                 let wanted = NatController.replyEnds(mine)
-                if updateReplies(
-                    b, from: NatController.replyEnds(services.values.filter { $0.family == fam }), to: wanted)
+                if fam != NatController.netdev
+                    && updateReplies(
+                        b, from: NatController.replyEnds(services.values.filter { $0.family == fam }), to: wanted)
                 {
                     changes.append("server addresses")
                 }
@@ -295,6 +337,7 @@ public final class NatController: @unchecked Sendable {
         }
         st.weights = w
         st.addrs = servers.map { $0.hasAddress.load(ordering: .relaxed) ? $0.address : nil }
+        if st.config.mode == .dsr { st.macs = servers.map { $0.link.mac } }
         if st.config.balance == .source {
             st.slots = MaglevTable(names: servers.map(\.name), weights: w, size: st.config.hashTableSize).entries
         }
@@ -306,6 +349,7 @@ public final class NatController: @unchecked Sendable {
     func updateMaps(_ b: NftBatch, _ st: ServiceState, loaded before: ServiceState) -> Bool {
         if st.sameMaps(as: before) { return false }
         let tn = NatController.tableName
+        if st.config.mode == .dsr { updateMACs(b, st, loaded: before) }
         // A server that moved: its `be-` element names the new address (flows under way keep
         // the old one: conntrack NATs only a connection's first packet).
         let moved = st.addrs.indices.filter { $0 >= before.addrs.count || st.addrs[$0] != before.addrs[$0] }
@@ -354,7 +398,8 @@ public final class NatController: @unchecked Sendable {
                 reprogramWhole(table)
                 return
             }
-            for svc in table.services where svc.config.mode == .nat {
+            refreshNeighbours(table)
+            for svc in table.services where svc.config.mode.isKernel {
                 guard var st = services[svc.name] else { continue }
                 let before = st
                 desired(&st, svc)
@@ -362,7 +407,7 @@ public final class NatController: @unchecked Sendable {
                 changed = true
                 let b = socket.newBatch(family: st.family)
                 _ = updateMaps(b, st, loaded: before)
-                if st.addrs != before.addrs {
+                if st.addrs != before.addrs && st.family != NatController.netdev {
                     let others = services.values.filter { $0.family == st.family && $0.name != st.name }
                     _ = updateReplies(
                         b, from: NatController.replyEnds(others + [before]), to: NatController.replyEnds(others + [st]))
@@ -391,7 +436,7 @@ public final class NatController: @unchecked Sendable {
     /// Call with the lock held.
     func reprogramWhole(_ table: ServiceTable) {
         var next = services
-        for svc in table.services where svc.config.mode == .nat {
+        for svc in table.services where svc.config.mode.isKernel {
             guard var st = next[svc.name] else { continue }
             desired(&st, svc)
             next[svc.name] = st
@@ -410,7 +455,7 @@ public final class NatController: @unchecked Sendable {
     /// clients get a reset at once instead of hanging.
     public func flush(service: String, server: Server) {
         lock.withLock { _ in
-            guard let st = services[service],
+            guard let st = services[service], st.family != NatController.netdev,
                 let j = table?.services.first(where: { $0.name == service })?.servers.firstIndex(where: {
                     $0 === server
                 })
@@ -454,8 +499,10 @@ public final class NatController: @unchecked Sendable {
         var refused: [String: UInt64] = [:]
         for fam in families {
             // Live flows from conntrack; cumulative connections and bytes from the counters.
-            if let m = try? socket.conntrackByMark(
-                family: fam == UInt16(NFPROTO_IPV6) ? UInt8(AF_INET6) : UInt8(AF_INET))
+            // (dsr mode has no connection state: counters only.)
+            if fam != NatController.netdev,
+                let m = try? socket.conntrackByMark(
+                    family: fam == UInt16(NFPROTO_IPV6) ? UInt8(AF_INET6) : UInt8(AF_INET))
             {
                 for (mark, f) in m { all[mark, default: FlowStats()].flows += f.flows }
             }
@@ -509,9 +556,19 @@ public final class NatController: @unchecked Sendable {
 
     func run() {
         var verified = monotonicMillis()
+        var watched: Int32 = -1
         while !stopping.load(ordering: .relaxed) {
             _ = try? wake.wait(timeoutMs: 1000)
             if stopping.load(ordering: .relaxed) { break }
+            // dsr mode: a change of the neighbour table wakes this loop too (sync reads it).
+            lock.withLock { _ in
+                guard let n = neighbours else { return }
+                if watched != n.changes {
+                    watched = n.changes
+                    try? wake.add(n.changes, Epoll.in, EventToken(index: 0, kind: 1))
+                }
+                n.drainChanges()
+            }
             sync()
             let now = monotonicMillis()
             if now - verified >= 1000 {

@@ -99,13 +99,20 @@ final class NftBatch {
         _ = nftnl_batch_update(batch)
     }
 
-    var familyName: String { family == UInt16(NFPROTO_IPV6) ? "ip6" : "ip" }
+    var familyName: String {
+        family == UInt16(NFPROTO_IPV6) ? "ip6" : family == UInt16(NFPROTO_NETDEV) ? "netdev" : "ip"
+    }
 
-    /// A base chain (with a hook) when `hook` is given, else a regular chain.
-    func chain(_ table: String, _ name: String, hook: UInt32? = nil, priority: Int32 = 0, type: String = "nat") {
+    /// A base chain (with a hook) when `hook` is given, else a regular chain. `device`: the
+    /// interface of a netdev family's ingress hook.
+    func chain(
+        _ table: String, _ name: String, hook: UInt32? = nil, priority: Int32 = 0, type: String = "nat",
+        device: String? = nil
+    ) {
         let c = chainObject(table, name)
         defer { nftnl_chain_free(c) }
         if let hook {
+            if let device { nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_DEV.rawValue), device) }
             nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TYPE.rawValue), type)
             nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_HOOKNUM.rawValue), hook)
             nftnl_chain_set_s32(c, UInt16(NFTNL_CHAIN_PRIO.rawValue), priority)
@@ -355,6 +362,62 @@ enum Expr {
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CMP_OP), UInt32(NFT_CMP_EQ.rawValue))
         data.withUnsafeBytes { _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_CMP_DATA), $0.baseAddress, UInt32($0.count)) }
         return e
+    }
+
+    /// `meta mark set <reg>` (the packet's mark, not conntrack's: dsr mode has no connection).
+    static func metaMarkSet(_ sreg: UInt32) -> OpaquePointer {
+        let e = make("meta")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_KEY), UInt32(NFT_META_MARK.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_SREG), sreg)
+        return e
+    }
+
+    static func metaMarkLoad(_ dreg: UInt32) -> OpaquePointer {
+        let e = make("meta")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_KEY), UInt32(NFT_META_MARK.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_DREG), dreg)
+        return e
+    }
+
+    /// `meta protocol` (the frame's ethertype, network order) into `dreg`.
+    static func metaProtocol(_ dreg: UInt32) -> OpaquePointer {
+        let e = make("meta")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_KEY), UInt32(NFT_META_PROTOCOL.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_DREG), dreg)
+        return e
+    }
+
+    /// Writes `len` bytes of `sreg` into the link-layer header at `offset` (`ether daddr set`:
+    /// offset 0, `ether saddr set`: offset 6); no checksum covers them.
+    static func payloadWriteLL(offset: UInt32, len: UInt32, sreg: UInt32) -> OpaquePointer {
+        let e = make("payload")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_BASE), UInt32(NFT_PAYLOAD_LL_HEADER.rawValue))
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_OFFSET), offset)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_LEN), len)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_SREG), sreg)
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_CSUM_TYPE), UInt32(NFT_PAYLOAD_CSUM_NONE.rawValue))
+        return e
+    }
+
+    /// `fwd to <device>`: the frame leaves by the interface whose index `sreg` holds.
+    static func fwd(_ sreg: UInt32) -> OpaquePointer {
+        let e = make("fwd")
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_FWD_SREG_DEV), sreg)
+        return e
+    }
+
+    /// `tcp flags & (syn | ack) == syn`: a connection's first packet.
+    static func tcpSyn(_ reg: UInt32) -> [OpaquePointer] {
+        let p = payload(network: false, offset: 13, len: 1, dreg: reg)
+        let b = make("bitwise")
+        nftnl_expr_set_u32(b, UInt16(NFTNL_EXPR_BITWISE_SREG), reg)
+        nftnl_expr_set_u32(b, UInt16(NFTNL_EXPR_BITWISE_DREG), reg)
+        nftnl_expr_set_u32(b, UInt16(NFTNL_EXPR_BITWISE_LEN), 1)
+        var m: UInt8 = 0x12
+        var x: UInt8 = 0
+        withUnsafeBytes(of: &m) { _ = nftnl_expr_set(b, UInt16(NFTNL_EXPR_BITWISE_MASK), $0.baseAddress, 1) }
+        withUnsafeBytes(of: &x) { _ = nftnl_expr_set(b, UInt16(NFTNL_EXPR_BITWISE_XOR), $0.baseAddress, 1) }
+        return [p, b, cmpEq(reg, [0x02])]
     }
 
     static func metaL4proto(_ dreg: UInt32) -> OpaquePointer {
@@ -812,10 +875,17 @@ final class NetlinkSocket {
             var packets: UInt64 = 0
             var bytes: UInt64 = 0
             var counted = false
+            var exprs = 0
             let it = nftnl_expr_iter_create(r)!
             while let e = nftnl_expr_iter_next(it) {
+                exprs += 1
                 let name = String(cString: nftnl_expr_get_str(e, UInt16(NFTNL_EXPR_NAME)))
-                if name == "ct" {
+                if name == "payload" && nftnl_expr_get_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_OFFSET)) == 13
+                    && nftnl_expr_get_u32(e, UInt16(NFTNL_EXPR_PAYLOAD_BASE))
+                        == UInt32(NFT_PAYLOAD_TRANSPORT_HEADER.rawValue)
+                {
+                    kind = .newConnections  // dsr: `tcp flags & (syn | ack) == syn counter`
+                } else if name == "ct" {
                     let key = nftnl_expr_get_u32(e, UInt16(NFTNL_EXPR_CT_KEY))
                     direction = key != UInt32(NFT_CT_STATE.rawValue)
                     kind = direction ? nil : .newConnections
@@ -835,6 +905,7 @@ final class NetlinkSocket {
                 }
             }
             nftnl_expr_iter_destroy(it)
+            if counted && exprs == 1 { kind = .original }  // dsr: a bare `counter` (client to server)
             if counted, let kind { out[String(cString: chainC), default: []].append((kind, packets, bytes)) }
             return false
         }

@@ -59,7 +59,7 @@ final class DNSWatcher: @unchecked Sendable {
         var answers: [String: Result<[SocketAddress], NameLookupError>] = [:]
         var seen = Set<ObjectIdentifier>()
         for svc in table().services {
-            let family = svc.config.mode == .nat ? svc.config.binds.first?.address.family : nil
+            let family = svc.config.mode.isKernel ? svc.config.binds.first?.address.family : nil
             for (j, s) in svc.servers.enumerated() {
                 guard let host = s.hostname else { continue }
                 let id = ObjectIdentifier(s)

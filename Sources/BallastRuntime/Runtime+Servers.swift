@@ -137,10 +137,17 @@ extension Runtime {
             if let kind = new.notUnicast {
                 return .failure(CLIError("\(new.hostText) is \(kind); a server needs a unicast address.\n\n"))
             }
-            if svc.config.mode == .nat, let fam = svc.config.binds.first?.address.family, new.family != fam {
+            if svc.config.mode.isKernel, let fam = svc.config.binds.first?.address.family, new.family != fam {
                 return .failure(
                     CLIError(
-                        "\(new.hostText) is not the family of the nat service's address; the server keeps \(old).\n\n"))
+                        "\(new.hostText) is not the family of the \(svc.config.mode.rawValue) service's address; the server keeps \(old).\n\n"
+                    ))
+            }
+            if svc.config.mode == .dsr, let port = svc.config.binds.first?.address.port, new.port != port {
+                return .failure(
+                    CLIError(
+                        "dsr cannot translate ports: the server must listen on the service's port \(port); the server keeps \(old).\n\n"
+                    ))
             }
             var what: [String] = []
             let had = s.hasAddress.load(ordering: .relaxed)
@@ -191,14 +198,18 @@ extension Runtime {
                     "\(a.address) is where service '\(other.name)' listens; a server there would loop back into Ballast."
             }
         }
-        if svc.mode == .nat {
+        if svc.mode.isKernel {
+            let mode = svc.mode.rawValue
             if let fam = svc.binds.first?.address.family, a.address.family != fam {
-                return "\(a.address.hostText) is not the family of the nat service's address."
+                return "\(a.address.hostText) is not the family of the \(mode) service's address."
             }
             if a.maxconn > 0 {
-                return "maxconn is not possible in nat mode (the kernel does not count connections per server)."
+                return "maxconn is not possible in \(mode) mode (the kernel does not count connections per server)."
             }
-            if svc.servers.count >= 4095 { return "nat mode takes at most 4095 servers per service." }
+            if svc.servers.count >= 4095 { return "\(mode) mode takes at most 4095 servers per service." }
+        }
+        if svc.mode == .dsr, let port = svc.binds.first?.address.port, a.address.port != port {
+            return "dsr cannot translate ports: the server must listen on the service's port \(port)."
         }
         if svc.balance == .source, svc.hashTableSize < 10 * (svc.servers.count + 1) {
             return

@@ -234,7 +234,7 @@ public final class Runtime {
             // nat mode: program the kernel before anything serves; a failure names the object
             // and leaves nothing half-applied (one atomic batch per family).
             try startup.step("nat tables", stop: { [self] in stopNat(removing: true) }) {
-                guard config.services.contains(where: { $0.mode == .nat }) else { return }
+                guard config.services.contains(where: { $0.mode.isKernel }) else { return }
                 var created: NatController?
                 do {
                     let n = try NatController(logger: logger)
@@ -249,7 +249,7 @@ public final class Runtime {
                     throw StartFailure("nat: \(error)\(hint)")
                 }
                 logger.info(
-                    "nat: programmed table ip/ip6 \(NatController.tableName) for \(NatController.natServices(config).count) services"
+                    "nat: programmed table \(NatController.tableName) (ip/ip6 for nat, netdev for dsr) for \(NatController.natServices(config).count) services"
                 )
                 try injected(.nat)
             }
@@ -319,9 +319,10 @@ public final class Runtime {
         ctx.saveState()
         ctx.nat = nat
         nat?.start(following: states)
-        for svc in config.services where svc.mode == .nat {
+        for svc in config.services where svc.mode.isKernel {
+            let how = svc.mode == .dsr ? "interface \(svc.interface ?? "")" : "snat \(svc.snat)"
             logger.info(
-                "service \(svc.name) (nat) on \(svc.binds.map(\.address.description).joined(separator: ", ")), \(svc.servers.count) servers, balance \(svc.balance.rawValue), snat \(svc.snat)"
+                "service \(svc.name) (\(svc.mode.rawValue)) on \(svc.binds.map(\.address.description).joined(separator: ", ")), \(svc.servers.count) servers, balance \(svc.balance.rawValue), \(how)"
             )
         }
         for svc in config.services where svc.mode == .proxy {
@@ -567,7 +568,7 @@ public final class Runtime {
         publish()
         setActions(next)
         checker?.update(table)
-        if next.services.contains(where: { $0.mode == .nat }) || nat != nil {
+        if next.services.contains(where: { $0.mode.isKernel }) || nat != nil {
             do {
                 if nat == nil { nat = try NatController(logger: logger) }
                 try nat!.apply(table)
@@ -778,6 +779,13 @@ public func checkBinds(_ config: Config) throws(ConfigError) -> [String] {
         for b in svc.binds {
             let l = try openListeners(b, service: svc.name, count: 1, listen: false)
             for fd in l.fds { Sys.close(fd) }
+        }
+    }
+    for svc in config.services where svc.mode == .dsr {
+        if let dev = svc.interface, Interface.index(dev) == nil {
+            throw ConfigError(
+                svc.interfaceLocation ?? svc.location,
+                "service '\(svc.name)': interface \(dev) does not exist on this host (dsr sends the frames out of it)")
         }
     }
     for sock in config.global.stats.sockets {

@@ -3,6 +3,8 @@
 #include <string.h>
 #include <linux/capability.h>
 #include <sys/prctl.h>
+#include <sys/ioctl.h>
+#include <net/if.h>
 #include <sys/syscall.h>
 #include "CLinux.h"
 
@@ -127,4 +129,31 @@ int ballast_has_net_admin(void) {
     memset(d, 0, sizeof d);
     if (syscall(SYS_capget, &h, d) != 0) return 0;
     return (d[0].effective >> CAP_NET_ADMIN) & 1;
+}
+
+unsigned int ballast_if_index(const char *name) { return if_nametoindex(name); }
+
+int ballast_if_mac(const char *name, unsigned char *out) {
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    struct ifreq r;
+    memset(&r, 0, sizeof r);
+    strncpy(r.ifr_name, name, IFNAMSIZ - 1);
+    int rc = ioctl(fd, SIOCGIFHWADDR, &r);
+    int saved = errno;
+    close(fd);
+    if (rc < 0) { errno = saved; return -1; }
+    memcpy(out, r.ifr_hwaddr.sa_data, 6);
+    return 0;
+}
+
+int ballast_neighbour_probe(const struct sockaddr *addr, socklen_t len, const char *device) {
+    int fd = socket(addr->sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    int rc = setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, device, (socklen_t)strlen(device));
+    if (rc == 0) rc = (int)sendto(fd, "", 0, 0, addr, len);
+    int saved = errno;
+    close(fd);
+    if (rc < 0) { errno = saved; return -1; }
+    return 0;
 }

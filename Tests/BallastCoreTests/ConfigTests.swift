@@ -65,6 +65,35 @@ struct ConfigTests {
     /// Each bad config and the exact line a user sees.
     static let badConfigs: [(String, String)] = [
         ("", "bad.yaml:1:1: the file is empty: at least one service is required"),
+        // dsr mode: what direct routing cannot do, said where the config says it.
+        (
+            "services:\n  - name: d\n    mode: dsr\n    bind: 10.0.0.1:80\n    servers: [{ name: a, address: 10.0.0.2:80 }]\n",
+            "bad.yaml:2:5: service 'd': mode dsr needs 'interface' (the interface on the servers' L2 segment, where the frames are sent out again)"
+        ),
+        (
+            "services:\n  - name: d\n    mode: dsr\n    interface: eth1\n    bind: 10.0.0.1:80\n    servers: [{ name: a, address: 10.0.0.2:8080 }]\n",
+            "bad.yaml:6:15: service 'd': server a listens on port 8080 but the service on 80: dsr cannot translate ports (the server gets the packet as the client sent it, to the service address and port); give the server port 80, or use mode: nat"
+        ),
+        (
+            "services:\n  - name: d\n    mode: dsr\n    interface: eth1\n    bind: 10.0.0.1:80\n    nat: { snat: masquerade }\n    servers: [{ name: a, address: 10.0.0.2:80 }]\n",
+            "bad.yaml:6:5: service 'd': nat.snat is not possible in dsr mode (the servers answer the clients directly, from the service address)"
+        ),
+        (
+            "services:\n  - name: d\n    mode: dsr\n    interface: eth1\n    bind: 10.0.0.1:80\n    servers: [{ name: a, address: \"db.example:80\", init_addr: none }]\n",
+            "bad.yaml:6:15: service 'd': server a: dsr mode needs a numeric address (the server is reached by its L2 neighbour entry for that address)"
+        ),
+        (
+            "services:\n  - name: d\n    mode: dsr\n    interface: eth1\n    bind: 10.0.0.1:80\n    balance: roundrobin\n    servers: [{ name: a, address: 10.0.0.2:80 }]\n",
+            "bad.yaml:6:14: service 'd': balance roundrobin is not possible in dsr mode: without connection state every packet is placed on its own, so only a hash of the flow keeps a connection on one server; use balance: source (Maglev, the same table as nat and proxy mode)"
+        ),
+        (
+            "services:\n  - name: d\n    mode: dsr\n    interface: eth1\n    bind: 10.0.0.1:80\n    deny: [192.0.2.0/24]\n    servers: [{ name: a, address: 10.0.0.2:80 }]\n",
+            "bad.yaml:6:5: service 'd': deny is not possible in dsr mode (the frames are switched before any connection is known); filter on the router in front, or use mode: nat"
+        ),
+        (
+            "services:\n  - name: d\n    interface: eth1\n    bind: 10.0.0.1:80\n    servers: [{ name: a, address: 10.0.0.2:80 }]\n",
+            "bad.yaml:3:5: service 'd': 'interface' applies to mode: dsr services"
+        ),
         ("services: [", "bad.yaml:2:1: invalid YAML: while parsing a flow node did not find expected node content"),
         (
             "global: { workrs: 2 }\nservices: []\n",

@@ -451,7 +451,7 @@ struct CLI {
             }
         }
         access.set(next, limits: svc.config.limits)
-        if svc.config.mode == .nat, let nat = ctx.nat {
+        if svc.config.mode.isKernel, let nat = ctx.nat {
             // The kernel's sets follow in one atomic batch; if that fails nothing changed.
             do { try nat.apply(ctx.table) } catch {
                 access.set(list, limits: svc.config.limits)

@@ -74,7 +74,7 @@ final class MetricsExporter: @unchecked Sendable {
                 "frontend", "request_errors", "Client connections refused for a bad PROXY header", p, c.requestErrors)
             counter(
                 "frontend", "denied_connections", "Client connections refused by the access list or a per-client limit",
-                p, svc.config.mode == .nat ? ctx.nat?.refused(service: svc.name) ?? 0 : st.access.totalRefused)
+                p, svc.config.mode.isKernel ? ctx.nat?.refused(service: svc.name) ?? 0 : st.access.totalRefused)
             counter("frontend", "bytes_in", "Bytes received from clients", p, c.bytesIn)
             counter("frontend", "bytes_out", "Bytes sent to clients", p, c.bytesOut)
             traffic("backend", p, c)
@@ -97,7 +97,7 @@ final class MetricsExporter: @unchecked Sendable {
                 let l = [("proxy", svc.name), ("server", s.name)]
                 var sc = s.counters.raw()
                 var current = s.active.load(ordering: .relaxed)
-                if svc.config.mode == .nat, let nat = ctx.nat {
+                if svc.config.mode.isKernel, let nat = ctx.nat {
                     // nat servers: what the kernel counted (the workers never see their traffic).
                     let f = nat.flowStats(service: svc.name, server: j)
                     sc.sessions = f.newConnections

@@ -103,7 +103,7 @@ enum StatTable {
             let iid = k + 1
             // nat services: the kernel's counters (conntrack by server mark), not the workers'.
             let flows: [FlowStats]? =
-                svc.config.mode == .nat
+                svc.config.mode.isKernel
                 ? ctx.nat.map { nat in svc.servers.indices.map { nat.flowStats(service: svc.name, server: $0) } } : nil
             let total = flows?.reduce(into: FlowStats()) { $0.add($1) }
             if kinds & Kind.frontend.mask != 0 && (sid == -1 || sid == 0) {
@@ -160,7 +160,7 @@ enum StatTable {
             .dses, .wrew, .eint, .rate_lim,
         ])
         // Clients refused by the access list or a per-client limit (HAProxy: tcp-request connection reject).
-        r[.dcon] = "\(svc.config.mode == .nat ? ctx.nat?.refused(service: svc.name) ?? 0 : st.access.totalRefused)"
+        r[.dcon] = "\(svc.config.mode.isKernel ? ctx.nat?.refused(service: svc.name) ?? 0 : st.access.totalRefused)"
         r[.ereq] = "\(c.requestErrors)"
         r[.status] = ctx.stopping.load(ordering: .relaxed) ? "STOP" : "OPEN"
         common(&r, iid: iid, sid: 0, type: 0)
@@ -202,6 +202,7 @@ enum StatTable {
     static func status(_ s: Server, _ check: CheckView?) -> String {
         if s.adminState == .maint { return "MAINT" }
         if !s.hasAddress.load(ordering: .relaxed) { return "MAINT (resolution)" }
+        if s.noNeighbour.load(ordering: .relaxed) { return "DOWN" }
         let up = s.up.load(ordering: .relaxed)
         let checked = check.map { $0.enabled } ?? false
         if !up {
@@ -262,6 +263,9 @@ enum StatTable {
             r[.check_fall] = "\(v.fall)"
             r[.check_health] = "\(v.health)"
         }
+        // dsr mode: the server is DOWN because the kernel has no MAC address for it; say so
+        // where HAProxy says why a server is down.
+        if s.noNeighbour.load(ordering: .relaxed) { r[.last_chk] = s.link.reason }
         r[.addr] = s.hasAddress.load(ordering: .relaxed) ? s.address.description : ""
         r[.mode] = "tcp"
         r[.need_conn_est] = "0"

@@ -66,4 +66,12 @@ int ballast_only_net_admin(void);
 /// 1 when the calling thread has CAP_NET_ADMIN in its effective set.
 int ballast_has_net_admin(void);
 
+// The interface's index (0: no such interface) and its MAC address (`out`, 6 bytes; 0 on
+// success, -1 with errno).
+unsigned int ballast_if_index(const char *name);
+int ballast_if_mac(const char *name, unsigned char *out);
+// Sends one empty UDP datagram to `addr` (port 9, discard) out of interface `device`: the kernel
+// resolves the address's L2 neighbour (ARP, NDP) to send it. 0 or -1 with errno.
+int ballast_neighbour_probe(const struct sockaddr *addr, socklen_t len, const char *device);
+
 #endif
