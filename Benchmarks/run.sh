@@ -29,8 +29,10 @@ out="Benchmarks/results/$(date +%Y%m%d-%H%M%S).md"
     if [ "$(id -u)" -eq 0 ]; then
         echo
         python3 Benchmarks/natbench.py
+        echo
+        python3 Benchmarks/dsrbench.py
     else
-        echo; echo "(nat mode benchmark skipped: it needs root to build network namespaces)"
+        echo; echo "(nat and dsr mode benchmarks skipped: they need root to build network namespaces)"
     fi
 } | tee "$out"
 echo "saved to $out" >&2

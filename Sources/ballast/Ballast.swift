@@ -192,12 +192,12 @@ struct HealthCommand: ParsableCommand {
 
 struct Nft: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "nat mode's nftables ruleset.", subcommands: [Show.self])
+        abstract: "nat and dsr mode's nftables ruleset.", subcommands: [Show.self])
 
     struct Show: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract:
-                "Print the ruleset Ballast owns (tables ip/ip6 ballast) in nft syntax: live from a running Ballast through its stats socket, or what a config would program with every server up."
+                "Print the ruleset Ballast owns (tables ip/ip6 ballast for nat mode, netdev ballast for dsr mode) in nft syntax: live from a running Ballast through its stats socket, or what a config would program with every server up."
         )
 
         @Option(help: "Ask the running Ballast on this stats socket (Unix path or loopback ip:port).")

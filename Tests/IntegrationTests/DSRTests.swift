@@ -51,11 +51,16 @@ import Testing
                 #expect(r["status"] == "UP", "\(r)")
             }
         }
-        // The balancer's interface received only what the clients sent: far less than the
-        // echoes and names the client got back.
+        // `show nft` prints the netdev table, with the frames sent out of the lab's interface.
         let text = try StatsClient.ask(lab.socket, "show nft")
         #expect(
             text.contains("table netdev ballast") && text.contains("fwd to \"\(lab.lbDev)\""), "\(text.prefix(400))")
+        // The same plan as nft text is a ruleset nft accepts in place of the live one (checked
+        // against this namespace's interfaces, without applying it).
+        let file = lab.dir.write("dsr.nft", "table netdev ballast\ndelete table netdev ballast\n" + text)
+        let (cs, _, cerr) = try runCommand(
+            DSRLab.ip, ["netns", "exec", lab.ns("lb"), "/usr/sbin/nft", "-c", "-f", file])
+        #expect(cs == 0, "\(cerr)")
     }
 
     @Test(
