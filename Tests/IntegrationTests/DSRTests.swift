@@ -104,6 +104,35 @@ import Testing
     }
 
     @Test(
+        "drain and maint take a server's slots away (no connection state: they move at once), ready gives them back; a backup takes over when no active server is usable; /metrics counts",
+        .enabled(if: enabled, "needs root, nft, ip and socat (network namespaces)"))
+    func adminStatesAndBackup() throws {
+        let lab = try DSRLab()
+        let b = try lab.startBallast(
+            lab.dsrService(extra: "hash_key: source-port", serverExtra: ["s2": "backup: true"]))
+        defer { b.stop() }
+        #expect(b.waitForLog("Server web/s2 has L2 neighbour", timeout: 5) != nil)
+        usleep(800_000)
+        #expect(try lab.connect(lab.vip, 80, count: 30) == ["s1": 30])  // the backup waits
+        for state in ["drain", "maint"] {
+            #expect(try StatsClient.ask(lab.socket, "set server web/s1 state \(state)") == "\n")
+            usleep(1_200_000)  // the slots move in one batch
+            #expect(try lab.connect(lab.vip, 80, count: 30) == ["s2": 30], "\(state)")
+            #expect(try StatsClient.ask(lab.socket, "set server web/s1 state ready") == "\n")
+            usleep(1_200_000)
+            #expect(try lab.connect(lab.vip, 80, count: 30) == ["s1": 30], "back from \(state)")
+        }
+        usleep(1_100_000)
+        let m = try lab.metrics()
+        let line = m.split(separator: "\n").first {
+            $0.hasPrefix("ballast_server_sessions_total{proxy=\"web\",server=\"s1\"}")
+        }
+        let total = line.flatMap { Double($0.split(separator: " ").last ?? "") } ?? -1
+        #expect(total >= 90, "\(line ?? "no line")")
+        #expect(m.contains("ballast_server_bytes_out_total{proxy=\"web\",server=\"s1\"} 0"), "\(m.prefix(300))")
+    }
+
+    @Test(
         "a server's new MAC address is followed (gratuitous ARP → neighbour table → map), and connections go on",
         .enabled(if: enabled, "needs root, nft, ip and socat (network namespaces)"))
     func macChange() throws {

@@ -69,8 +69,13 @@ final class DSRLab: @unchecked Sendable {
     }
 
     func config(_ services: String) -> String {
-        "global:\n  user: root\n  workers: 1\n  stats: { sockets: [{ path: \"\(dir.file("lb.sock"))\", level: admin }] }\nservices:\n"
-            + services
+        "global:\n  user: root\n  workers: 1\n  stats: { sockets: [{ path: \"\(dir.file("lb.sock"))\", level: admin }] }\n"
+            + "  metrics: { address: \"127.0.0.1:9109\" }\nservices:\n" + services
+    }
+
+    /// `/metrics` as seen inside the balancer's namespace.
+    func metrics() throws -> String {
+        try Netns.sh([Self.ip, "netns", "exec", ns("lb"), "/usr/bin/curl", "-s", "http://127.0.0.1:9109/metrics"])
     }
 
     func startBallast(_ services: String) throws -> BallastProcess {
