@@ -28,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BALLAST, Procs  # noqa: E402
+from bench import BALLAST, Procs, netns_teardown, sh  # noqa: E402
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "5"))
@@ -39,10 +39,6 @@ NS = {k: f"{P}-{k}" for k in HOSTS}
 ADDR = {"c": "10.82.0.10", "lb": "10.82.0.2", "s": "10.82.0.21"}
 VIP = "10.82.0.100"
 NATVIP = "10.82.0.101"
-
-
-def sh(*args, check=True):
-    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
 
 
 def ns(n, *args, **kw):
@@ -71,13 +67,7 @@ def topology():
 
 
 def teardown():
-    for n in NS.values():
-        for p in sh("ip", "netns", "pids", n, check=False).split():
-            try:
-                os.kill(int(p), 9)
-            except OSError:
-                pass
-        sh("ip", "netns", "del", n, check=False)
+    netns_teardown(NS.values())
 
 
 def cpu_total():

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BALLAST, Procs, ask  # noqa: E402
+from bench import BALLAST, Procs, ask, netns_teardown, sh  # noqa: E402
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "5"))
@@ -34,10 +34,6 @@ P = f"nb{random.randint(100, 999)}"
 NS = {k: f"{P}-{k}" for k in ("c", "b", "s")}
 VIP = "10.78.1.100"
 SERVER = "10.78.2.2"
-
-
-def sh(*args, check=True):
-    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
 
 
 def ns(n, *args, **kw):
@@ -63,14 +59,7 @@ def topology():
 
 
 def teardown():
-    for n in NS.values():
-        pids = sh("ip", "netns", "pids", n, check=False).split()
-        for p in pids:
-            try:
-                os.kill(int(p), 9)
-            except OSError:
-                pass
-        sh("ip", "netns", "del", n, check=False)
+    netns_teardown(NS.values())
 
 
 def iperf(host, port):

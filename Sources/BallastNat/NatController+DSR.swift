@@ -121,22 +121,12 @@ extension NatController {
                 t, v6 ? "services6" : "services4",
                 binds.map { NftBatch.Element(key: NatController.addressData($0.address), data: nil) }, delete: true)
         }
-        let gone = st.config.servers.indices.filter { !keeping.contains($0) }
-        if !gone.isEmpty {
-            b.elements(t, "traffic", gone.map { NftBatch.Element(key: le(st.marks[$0]), data: nil) }, delete: true)
-        }
-        for j in gone {
-            b.flushChain(t, st.serverChain(j))
-            b.deleteChain(t, st.serverChain(j))
-        }
-        b.flushChain(t, st.chain)
-        b.deleteChain(t, st.chain)
-        b.deleteMap(t, st.backends)
-        b.deleteMap(t, st.sched)
+        removeServiceObjects(b, st, keeping: keeping)
     }
 
-    /// The source address (and port) hashed into a Maglev slot in reg1, as nat mode's rule and
-    /// proxy mode's `SourceHash` do: the same client lands on the same server in all three.
+    /// The source address (and port, in consecutive 32-bit registers from reg 2) hashed into a
+    /// Maglev slot in reg1, for nat and dsr rules alike and as proxy mode's `SourceHash` does:
+    /// the same client lands on the same server in all three.
     func hashExprs(_ st: ServiceState) -> [OpaquePointer] {
         let v6 = st.config.binds.first?.address.family == AF_INET6
         let withPort = st.config.hashKey == .sourcePort

@@ -159,6 +159,17 @@ extension NatController {
             b.flushChain(t, st.snatChain)
             b.deleteChain(t, st.snatChain)
         }
+        removeServiceObjects(b, st, keeping: keeping)
+        if !st.access.deny.isEmpty { b.deleteMap(t, st.denySet) }
+        if !st.access.allow.isEmpty { b.deleteMap(t, st.allowSet) }
+        if st.config.limits.connections != nil { b.deleteMap(t, st.connSet) }
+        if st.config.limits.rate != nil { b.deleteMap(t, st.rateSet) }
+    }
+
+    /// What nat and dsr services both have: their servers' `traffic` elements and counter
+    /// chains (but those in `keeping`), the service chain and its two maps.
+    func removeServiceObjects(_ b: NftBatch, _ st: ServiceState, keeping: Set<Int>) {
+        let t = NatController.tableName
         let gone = st.config.servers.indices.filter { !keeping.contains($0) }
         if !gone.isEmpty {
             b.elements(t, "traffic", gone.map { NftBatch.Element(key: le(st.marks[$0]), data: nil) }, delete: true)
@@ -171,10 +182,6 @@ extension NatController {
         b.deleteChain(t, st.chain)
         b.deleteMap(t, st.backends)
         b.deleteMap(t, st.sched)
-        if !st.access.deny.isEmpty { b.deleteMap(t, st.denySet) }
-        if !st.access.allow.isEmpty { b.deleteMap(t, st.allowSet) }
-        if st.config.limits.connections != nil { b.deleteMap(t, st.connSet) }
-        if st.config.limits.rate != nil { b.deleteMap(t, st.rateSet) }
     }
 
     // MARK: - Expressions
@@ -305,16 +312,8 @@ extension NatController {
         var e: [OpaquePointer] = []
         switch st.config.balance {
         case .source:
-            let withPort = st.config.hashKey == .sourcePort
-            // Source address (and port) in consecutive 32-bit registers from reg 2, hashed like
-            // SourceHash in proxy mode: the same Maglev slot for the same client.
-            e.append(Expr.payload(network: true, offset: v6 ? 8 : 12, len: v6 ? 16 : 4, dreg: Expr.reg2))
-            if withPort { e.append(Expr.payload(network: false, offset: 0, len: 2, dreg: Expr.reg32(v6 ? 8 : 5))) }
-            let len: UInt32 = (v6 ? 16 : 4) + (withPort ? 4 : 0)
-            e.append(
-                Expr.jhash(
-                    sreg: Expr.reg2, len: len, modulus: UInt32(st.config.hashTableSize), seed: SourceHash.seed,
-                    dreg: Expr.reg1))
+            // Hashed like SourceHash in proxy mode: the same Maglev slot for the same client.
+            e += hashExprs(st)
             e.append(Expr.lookup(st.sched, setID: b.setID(st.sched), sreg: Expr.reg1, dreg: Expr.reg1))
         default:
             let total = st.weights.reduce(0, +)

@@ -366,24 +366,25 @@ enum Expr {
 
     /// `meta mark set <reg>` (the packet's mark, not conntrack's: dsr mode has no connection).
     static func metaMarkSet(_ sreg: UInt32) -> OpaquePointer {
-        let e = make("meta")
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_KEY), UInt32(NFT_META_MARK.rawValue))
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_SREG), sreg)
-        return e
+        keyed("meta", NFTNL_EXPR_META_KEY, NFT_META_MARK.rawValue, NFTNL_EXPR_META_SREG, sreg)
     }
 
     static func metaMarkLoad(_ dreg: UInt32) -> OpaquePointer {
-        let e = make("meta")
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_KEY), UInt32(NFT_META_MARK.rawValue))
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_DREG), dreg)
-        return e
+        keyed("meta", NFTNL_EXPR_META_KEY, NFT_META_MARK.rawValue, NFTNL_EXPR_META_DREG, dreg)
     }
 
     /// `meta protocol` (the frame's ethertype, network order) into `dreg`.
     static func metaProtocol(_ dreg: UInt32) -> OpaquePointer {
-        let e = make("meta")
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_KEY), UInt32(NFT_META_PROTOCOL.rawValue))
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_DREG), dreg)
+        keyed("meta", NFTNL_EXPR_META_KEY, NFT_META_PROTOCOL.rawValue, NFTNL_EXPR_META_DREG, dreg)
+    }
+
+    /// A `meta` or `ct` expression: which key, and the register it reads or fills.
+    private static func keyed(_ name: String, _ keyAttr: Int, _ key: UInt32, _ regAttr: Int, _ reg: UInt32)
+        -> OpaquePointer
+    {
+        let e = make(name)
+        nftnl_expr_set_u32(e, UInt16(keyAttr), key)
+        nftnl_expr_set_u32(e, UInt16(regAttr), reg)
         return e
     }
 
@@ -421,10 +422,7 @@ enum Expr {
     }
 
     static func metaL4proto(_ dreg: UInt32) -> OpaquePointer {
-        let e = make("meta")
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_KEY), UInt32(NFT_META_L4PROTO.rawValue))
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_META_DREG), dreg)
-        return e
+        keyed("meta", NFTNL_EXPR_META_KEY, NFT_META_L4PROTO.rawValue, NFTNL_EXPR_META_DREG, dreg)
     }
 
     static func numgen(random: Bool, modulus: UInt32, dreg: UInt32) -> OpaquePointer {
@@ -557,17 +555,11 @@ enum Expr {
     static func counter() -> OpaquePointer { make("counter") }
 
     static func ctMarkSet(_ sreg: UInt32) -> OpaquePointer {
-        let e = make("ct")
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_KEY), UInt32(NFT_CT_MARK.rawValue))
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_SREG), sreg)
-        return e
+        keyed("ct", NFTNL_EXPR_CT_KEY, NFT_CT_MARK.rawValue, NFTNL_EXPR_CT_SREG, sreg)
     }
 
     static func ctMarkLoad(_ dreg: UInt32) -> OpaquePointer {
-        let e = make("ct")
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_KEY), UInt32(NFT_CT_MARK.rawValue))
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_DREG), dreg)
-        return e
+        keyed("ct", NFTNL_EXPR_CT_KEY, NFT_CT_MARK.rawValue, NFTNL_EXPR_CT_DREG, dreg)
     }
 
     static func and(_ reg: UInt32, mask: UInt32) -> OpaquePointer {

@@ -145,7 +145,14 @@ import Testing
         try lab.net.ipn("s2", "link", "set", "dev", lab.dev("s2"), "address", mac)
         let line = try #require(b.waitForLog("Server web/s2 has L2 neighbour \(mac)", timeout: 6), "\(b.log)")
         #expect(line.contains("(was "))
-        #expect(lab.nft("list", "map", "netdev", "ballast", "be-web")?.contains(mac) == true)
+        // The map follows in the same pass of the nat thread, right after the log line.
+        let deadline = Date().addingTimeInterval(3)
+        var programmed = false
+        while !programmed && Date() < deadline {
+            programmed = lab.nft("list", "map", "netdev", "ballast", "be-web")?.contains(mac) == true
+            if !programmed { usleep(100_000) }
+        }
+        #expect(programmed, "\(lab.nft("list", "map", "netdev", "ballast", "be-web") ?? "no map")")
         let seen = try lab.connect(lab.vip, 80, count: 60)
         #expect(seen["error"] == nil && (seen["s2"] ?? 0) > 0, "\(seen)")
     }
