@@ -8,8 +8,9 @@ Contenders (same thread count for each proxy):
   ballast           Ballast proxy mode (release build)
 
 Workloads: iperf3 one and four streams (Gbit/s, proxy CPU s per GB); redis-benchmark -c 50 GET and
-SET (requests/s, p50, p99, proxy CPU us per request); new connections per second (loadgen
-connrate: connect, PING, +PONG, close); RSS with N idle proxied connections.
+SET (requests/s, p50, p99, proxy CPU us per request); new connections per second and proxy CPU
+per connection (loadgen connrate: connect, PING, +PONG, close; and wrk with `Connection: close`
+against nginx, one request per connection); RSS with N idle proxied connections.
 
 Each workload runs ROUNDS times; within a round the contenders run one after another, so a slow
 moment of the machine hits everyone alike. The table shows medians.
@@ -242,10 +243,31 @@ def run_redis(setup, name, test):
 
 
 def run_connrate(setup, name):
+    c0 = setup.cpu(name)
     out = subprocess.run([LOADGEN, "connrate", str(setup.ports[name]), str(SECONDS), "2"],
                          capture_output=True, text=True, timeout=SECONDS + 30)
+    cpu = setup.cpu(name) - c0
     parts = out.stdout.split()
-    return {"cps": int(parts[1]), "failed": int(parts[5])}
+    cps = int(parts[1])
+    return {"cps": cps, "failed": int(parts[5]),
+            "cpu_us": cpu / (cps * SECONDS) * 1e6 if name in setup.pids and cps else None}
+
+
+def nginx_config(tmp, port):
+    return (f"worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/nginx-error.log;\n"
+            f"events {{ worker_connections 4096; }}\n"
+            f"http {{ access_log off; server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"hello\\n\"; }} }} }}\n")
+
+
+def run_wrk(setup, name):
+    """New connections with HTTP: wrk, one thread, 10 connections, `Connection: close` (one request each)."""
+    c0 = setup.cpu(name)
+    out = subprocess.run(["wrk", "-t1", "-c10", f"-d{SECONDS}s", "-H", "Connection: close",
+                          f"http://127.0.0.1:{setup.ports[name]}/"], capture_output=True, text=True,
+                         timeout=SECONDS + 30).stdout
+    cpu = setup.cpu(name) - c0
+    rps = float(out.split("Requests/sec:")[1].split()[0])
+    return {"cps": rps, "cpu_us": cpu / (rps * SECONDS) * 1e6 if name in setup.pids and rps else None}
 
 
 def run_idle(setup, name, count):
@@ -271,7 +293,7 @@ def fmt(x, digits=2):
 
 
 def main():
-    for tool in ["iperf3", "haproxy", "redis-server", "redis-benchmark"]:
+    for tool in ["iperf3", "haproxy", "redis-server", "redis-benchmark", "nginx", "wrk"]:
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:
             sys.exit(f"{tool} is missing: run bash scripts/deps.sh")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -291,6 +313,12 @@ def main():
                      "--dir", tmp, "--maxclients", str(idle_count + 100)])
         wait_port(redis_port)
         iperf = Setup(procs, tmp, iperf_port, maxconn=1000)
+        nginx_port = free_port()
+        with open(os.path.join(tmp, "nginx.conf"), "w") as f:
+            f.write(nginx_config(tmp, nginx_port))
+        procs.start(["nginx", "-c", os.path.join(tmp, "nginx.conf"), "-p", tmp])
+        wait_port(nginx_port)
+        web = Setup(procs, tmp, nginx_port, maxconn=4000)
         # HAProxy refuses to start when 2 x maxconn (+ a few) exceeds the descriptor limit.
         redis = Setup(procs, tmp, redis_port, maxconn=min(idle_count + 100, (hard - 1024 - 100) // 2))
 
@@ -308,6 +336,8 @@ def main():
                 record("set", name, run_redis(redis, name, "set"))
             for name in CONTENDERS:
                 record("conn", name, run_connrate(redis, name))
+            for name in CONTENDERS:
+                record("wrk", name, run_wrk(web, name))
             for name in PROXIES:
                 record("idle", name, run_idle(redis, name, idle_count))
     finally:
@@ -342,6 +372,9 @@ def main():
     row("redis SET p99, ms", "set", "p99", 3)
     row("proxy CPU µs per redis GET", "get", "cpu_us", 1)
     row("new connections/s (connect, PING, close)", "conn", "cps")
+    row("proxy CPU µs per connection (PING/close)", "conn", "cpu_us", 1)
+    row("new connections/s (HTTP, Connection: close, wrk)", "wrk", "cps")
+    row("proxy CPU µs per connection (HTTP close)", "wrk", "cpu_us", 1)
     row(f"RSS MiB with {idle_count:,} idle proxied connections", "idle", "rss_mib", 1)
     row("RSS MiB right after start", "idle", "base_mib", 1)
     failed = {n: sum(v["failed"] for v in results["conn"][n]) for n in CONTENDERS}

@@ -171,6 +171,8 @@ extension NatController {
         }
         guard let entries = try? neighbours?.dump() else { return }
         let now = monotonicMillis()
+        let current = Set(dsr.flatMap { $0.servers.map(ObjectIdentifier.init) })
+        lastProbe = lastProbe.filter { current.contains($0.key) }  // servers a reload removed
         for svc in dsr {
             let dev = svc.config.interface ?? ""
             let index = Interface.index(dev)
