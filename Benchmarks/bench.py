@@ -338,6 +338,9 @@ def main():
                 record("conn", name, run_connrate(redis, name))
             for name in CONTENDERS:
                 record("wrk", name, run_wrk(web, name))
+        # Last: closing thousands of idle connections leaves as many TIME_WAIT sockets, which
+        # slow every later connect (the new-connection rows of the next round, direct included).
+        for r in range(ROUNDS):
             for name in PROXIES:
                 record("idle", name, run_idle(redis, name, idle_count))
     finally:
