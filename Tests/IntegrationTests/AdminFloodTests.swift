@@ -120,7 +120,9 @@ import Testing
         let t0 = Date()
         b.signal(SIGTERM)
         #expect(b.waitExit(timeout: 10) == 0)
-        #expect(Date().timeIntervalSince(t0) < 2, "exit took \(Date().timeIntervalSince(t0)) s")
+        // Held by the admin thread, it would last as long as the flood (about 12 s); on a loaded
+        // machine (the whole suite at once, two cores) a prompt exit has taken up to 3 s.
+        #expect(Date().timeIntervalSince(t0) < 5, "exit took \(Date().timeIntervalSince(t0)) s")
     }
 
     @Test("4,000 commands chained on one line: one error reply, nothing run, the socket answers on")
