@@ -81,6 +81,13 @@ def sh(*args, check=True):
     return subprocess.run(args, check=check, capture_output=True, text=True).stdout
 
 
+def netns_add(names):
+    """New network namespaces, each with its loopback up."""
+    for n in names:
+        sh("ip", "netns", "add", n)
+        sh("ip", "-n", n, "link", "set", "lo", "up")
+
+
 def netns_teardown(names):
     """Ends every process in these network namespaces (by PID: only ours run there), then deletes them."""
     for n in names:

@@ -28,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BALLAST, Procs, netns_teardown, sh  # noqa: E402
+from bench import BALLAST, Procs, netns_add, netns_teardown, sh  # noqa: E402
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "5"))
@@ -46,9 +46,7 @@ def ns(n, *args, **kw):
 
 
 def topology():
-    for n in NS.values():
-        sh("ip", "netns", "add", n)
-        sh("ip", "-n", n, "link", "set", "lo", "up")
+    netns_add(NS.values())
     sh("ip", "-n", NS["sw"], "link", "add", "br0", "type", "bridge")
     sh("ip", "-n", NS["sw"], "link", "set", "br0", "up")
     for h in ("c", "lb", "s"):

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BALLAST, Procs, ask, netns_teardown, sh  # noqa: E402
+from bench import BALLAST, Procs, ask, netns_add, netns_teardown, sh  # noqa: E402
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "5"))
@@ -41,9 +41,7 @@ def ns(n, *args, **kw):
 
 
 def topology():
-    for n in NS.values():
-        sh("ip", "netns", "add", n)
-        sh("ip", "-n", n, "link", "set", "lo", "up")
+    netns_add(NS.values())
     for (a, b, net) in (("c", "b", 1), ("s", "b", 2)):
         ia, ib = f"{P}{a}{net}", f"{P}{b}{net}"
         sh("ip", "link", "add", ia, "type", "veth", "peer", "name", ib)

@@ -154,12 +154,17 @@ public final class Server: Sendable {
     /// Marks the server up or down by health; true when that changed it.
     @discardableResult
     public func setUp(_ value: Bool, now: Int64 = monotonicMillis()) -> Bool {
-        let wasDown = isDown
-        let (changed, _) = up.compareExchange(expected: !value, desired: value, ordering: .relaxed)
-        guard changed else { return false }
-        noteChange(wasDown: wasDown, now: now)
+        guard swapUp(value, now: now) else { return false }
         states.changed()
         return true
+    }
+
+    /// Sets the health and records the change; true when it changed (not announced).
+    private func swapUp(_ value: Bool, now: Int64) -> Bool {
+        let wasDown = isDown
+        let (changed, _) = up.compareExchange(expected: !value, desired: value, ordering: .relaxed)
+        if changed { noteChange(wasDown: wasDown, now: now) }
+        return changed
     }
 
     /// A health check's transition: coming up starts slow start afresh and forgets the failed
@@ -170,9 +175,7 @@ public final class Server: Sendable {
             upSince.store(max(now, 1), ordering: .relaxed)
             connectFailures.store(0, ordering: .relaxed)
         }
-        let wasDown = isDown
-        let (changed, _) = up.compareExchange(expected: !value, desired: value, ordering: .relaxed)
-        if changed { noteChange(wasDown: wasDown, now: now) }
+        _ = swapUp(value, now: now)
         states.changed()
     }
 

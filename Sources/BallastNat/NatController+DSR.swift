@@ -71,8 +71,7 @@ extension NatController {
         let dev = st.config.interface ?? ""
         b.chain(t, st.chain)
         b.map(t, st.backends, dataType: 9, dataLen: 6)  // 9: ether_addr
-        let macs = st.macs.enumerated().compactMap { j, m in m.map { NftBatch.Element(key: le(st.marks[j]), data: $0) }
-        }
+        let macs = backendElements(st, st.macs.indices)
         if !macs.isEmpty { b.elements(t, st.backends, macs) }
         b.map(t, st.sched, interval: false, dataType: 19, dataLen: 4, size: UInt32(st.config.hashTableSize))
         let slots = slotElements(st, Array(st.slots.indices))
@@ -139,18 +138,6 @@ extension NatController {
                 sreg: Expr.reg2, len: len, modulus: UInt32(st.config.hashTableSize), seed: SourceHash.seed,
                 dreg: Expr.reg1))
         return e
-    }
-
-    /// A dsr server's `be-` element changed (its MAC address, or none): replace it.
-    func updateMACs(_ b: NftBatch, _ st: ServiceState, loaded before: ServiceState) {
-        let t = NatController.tableName
-        let moved = st.macs.indices.filter { $0 >= before.macs.count || st.macs[$0] != before.macs[$0] }
-        let stale = moved.filter { $0 < before.macs.count && before.macs[$0] != nil }
-        if !stale.isEmpty {
-            b.elements(t, st.backends, stale.map { NftBatch.Element(key: le(st.marks[$0]), data: nil) }, delete: true)
-        }
-        let fresh = moved.compactMap { j in st.macs[j].map { NftBatch.Element(key: le(st.marks[j]), data: $0) } }
-        if !fresh.isEmpty { b.elements(t, st.backends, fresh) }
     }
 
     // MARK: - Neighbours

@@ -94,9 +94,7 @@ extension NatController {
         let v6 = st.family == UInt16(NFPROTO_IPV6)
         b.chain(t, st.chain)
         b.map(t, st.backends, interval: false, dataType: v6 ? (8 << 6 | 13) : (7 << 6 | 13), dataLen: v6 ? 20 : 8)
-        let backends = st.addrs.enumerated().compactMap { j, a in
-            a.map { NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData($0)) }
-        }
+        let backends = backendElements(st, st.addrs.indices)
         if !backends.isEmpty { b.elements(t, st.backends, backends) }
         if st.config.balance == .source {
             b.map(t, st.sched, interval: false, dataType: 19, dataLen: 4, size: UInt32(st.config.hashTableSize))
@@ -334,6 +332,12 @@ extension NatController {
                     family: UInt32(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4), addrReg: Expr.reg1,
                     protoReg: Expr.reg32(v6 ? 4 : 1)),
             ], "\(st.name): dnat")
+    }
+
+    /// A service's `be-` elements for servers `js` (those with data: see `backendData`).
+    func backendElements(_ st: ServiceState, _ js: some Sequence<Int>) -> [NftBatch.Element] {
+        let data = st.backendData
+        return js.compactMap { j in data[j].map { NftBatch.Element(key: le(st.marks[j]), data: $0) } }
     }
 
     func le(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }

@@ -61,6 +61,11 @@ public final class NatController: @unchecked Sendable {
         var macs: [[UInt8]?] = []
         var ifindex: UInt32 = 0
         var devMac: [UInt8] = []
+        /// What each server's `be-` element holds: nat mode its address . port, dsr mode its MAC
+        /// address (nil: the server has no element).
+        var backendData: [[UInt8]?] {
+            config.mode == .dsr ? macs : addrs.map { $0.map(NatController.addressData) }
+        }
         /// Nothing to send: the maps hold what `o` holds.
         func sameMaps(as o: ServiceState) -> Bool {
             weights == o.weights && slots == o.slots && addrs == o.addrs && macs == o.macs
@@ -155,7 +160,7 @@ public final class NatController: @unchecked Sendable {
             // flows and counters keep their meaning; a new one takes an id not used before.
             var next: [String: ServiceState] = [:]
             var taken = Set(services.values.map(\.id))
-            if table.services.contains(where: { $0.config.mode == .dsr }) { refreshNeighbours(table) }
+            refreshNeighbours(table)  // dsr servers' MAC addresses, before their maps are planned
             for (k, svc) in table.services.enumerated() where svc.config.mode.isKernel {
                 let fam = NatController.family(svc.config)
                 let id: UInt32
@@ -349,17 +354,17 @@ public final class NatController: @unchecked Sendable {
     func updateMaps(_ b: NftBatch, _ st: ServiceState, loaded before: ServiceState) -> Bool {
         if st.sameMaps(as: before) { return false }
         let tn = NatController.tableName
-        if st.config.mode == .dsr { updateMACs(b, st, loaded: before) }
-        // A server that moved: its `be-` element names the new address (flows under way keep
-        // the old one: conntrack NATs only a connection's first packet).
-        let moved = st.addrs.indices.filter { $0 >= before.addrs.count || st.addrs[$0] != before.addrs[$0] }
-        let stale = moved.filter { $0 < before.addrs.count && before.addrs[$0] != nil }
+        // A server that moved (nat: a new address; dsr: a new MAC address, or none): its `be-`
+        // element is replaced (nat flows under way keep the old one: conntrack NATs only a
+        // connection's first packet).
+        let now = st.backendData
+        let was = before.backendData
+        let moved = now.indices.filter { $0 >= was.count || now[$0] != was[$0] }
+        let stale = moved.filter { $0 < was.count && was[$0] != nil }
         if !stale.isEmpty {
             b.elements(tn, st.backends, stale.map { NftBatch.Element(key: le(st.marks[$0]), data: nil) }, delete: true)
         }
-        let fresh = moved.compactMap { j in
-            st.addrs[j].map { NftBatch.Element(key: le(st.marks[j]), data: NatController.addressData($0)) }
-        }
+        let fresh = backendElements(st, moved)
         if !fresh.isEmpty { b.elements(tn, st.backends, fresh) }
         if st.weights == before.weights && st.slots == before.slots { return true }
         if st.config.balance == .source {

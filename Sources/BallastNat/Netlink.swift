@@ -409,16 +409,7 @@ enum Expr {
 
     /// `tcp flags & (syn | ack) == syn`: a connection's first packet.
     static func tcpSyn(_ reg: UInt32) -> [OpaquePointer] {
-        let p = payload(network: false, offset: 13, len: 1, dreg: reg)
-        let b = make("bitwise")
-        nftnl_expr_set_u32(b, UInt16(NFTNL_EXPR_BITWISE_SREG), reg)
-        nftnl_expr_set_u32(b, UInt16(NFTNL_EXPR_BITWISE_DREG), reg)
-        nftnl_expr_set_u32(b, UInt16(NFTNL_EXPR_BITWISE_LEN), 1)
-        var m: UInt8 = 0x12
-        var x: UInt8 = 0
-        withUnsafeBytes(of: &m) { _ = nftnl_expr_set(b, UInt16(NFTNL_EXPR_BITWISE_MASK), $0.baseAddress, 1) }
-        withUnsafeBytes(of: &x) { _ = nftnl_expr_set(b, UInt16(NFTNL_EXPR_BITWISE_XOR), $0.baseAddress, 1) }
-        return [p, b, cmpEq(reg, [0x02])]
+        [payload(network: false, offset: 13, len: 1, dreg: reg), and(reg, mask: [0x12]), cmpEq(reg, [0x02])]
     }
 
     static func metaL4proto(_ dreg: UInt32) -> OpaquePointer {
@@ -530,14 +521,8 @@ enum Expr {
         let e = make("ct")
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_KEY), UInt32(NFT_CT_STATE.rawValue))
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_CT_DREG), reg)
-        let b = make("bitwise")
-        nftnl_expr_set_u32(b, UInt16(NFTNL_EXPR_BITWISE_SREG), reg)
-        nftnl_expr_set_u32(b, UInt16(NFTNL_EXPR_BITWISE_DREG), reg)
-        nftnl_expr_set_u32(b, UInt16(NFTNL_EXPR_BITWISE_LEN), 4)
-        var m: UInt32 = 8  // NF_CT_STATE_BIT(IP_CT_NEW)
+        let b = and(reg, mask: 8)  // NF_CT_STATE_BIT(IP_CT_NEW)
         var x: UInt32 = 0
-        withUnsafeBytes(of: &m) { _ = nftnl_expr_set(b, UInt16(NFTNL_EXPR_BITWISE_MASK), $0.baseAddress, 4) }
-        withUnsafeBytes(of: &x) { _ = nftnl_expr_set(b, UInt16(NFTNL_EXPR_BITWISE_XOR), $0.baseAddress, 4) }
         let c = make("cmp")
         nftnl_expr_set_u32(c, UInt16(NFTNL_EXPR_CMP_SREG), reg)
         nftnl_expr_set_u32(c, UInt16(NFTNL_EXPR_CMP_OP), UInt32(NFT_CMP_NEQ.rawValue))
@@ -562,15 +547,24 @@ enum Expr {
         keyed("ct", NFTNL_EXPR_CT_KEY, NFT_CT_MARK.rawValue, NFTNL_EXPR_CT_DREG, dreg)
     }
 
+    /// `reg & mask` (host order, 4 bytes) into `reg`.
     static func and(_ reg: UInt32, mask: UInt32) -> OpaquePointer {
+        and(reg, mask: withUnsafeBytes(of: mask) { Array($0) })
+    }
+
+    /// `reg & mask` over `mask.count` bytes into `reg`.
+    static func and(_ reg: UInt32, mask: [UInt8]) -> OpaquePointer {
         let e = make("bitwise")
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_BITWISE_SREG), reg)
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_BITWISE_DREG), reg)
-        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_BITWISE_LEN), 4)
-        var m = mask
-        var x: UInt32 = 0
-        withUnsafeBytes(of: &m) { _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_BITWISE_MASK), $0.baseAddress, 4) }
-        withUnsafeBytes(of: &x) { _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_BITWISE_XOR), $0.baseAddress, 4) }
+        nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_BITWISE_LEN), UInt32(mask.count))
+        let xor = [UInt8](repeating: 0, count: mask.count)
+        mask.withUnsafeBytes {
+            _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_BITWISE_MASK), $0.baseAddress, UInt32($0.count))
+        }
+        xor.withUnsafeBytes {
+            _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_BITWISE_XOR), $0.baseAddress, UInt32($0.count))
+        }
         return e
     }
 

@@ -130,6 +130,23 @@ import Testing
         let total = line.flatMap { Double($0.split(separator: " ").last ?? "") } ?? -1
         #expect(total >= 90, "\(line ?? "no line")")
         #expect(m.contains("ballast_server_bytes_out_total{proxy=\"web\",server=\"s1\"} 0"), "\(m.prefix(300))")
+        // set server addr: the server's `be-` element follows its new address's MAC address, as
+        // a difference (no "refused … replacing the tables whole").
+        #expect(
+            try StatsClient.ask(lab.socket, "set server web/s2 addr \(lab.serverAddr(0)) port 80").hasPrefix(
+                "IP changed from"))
+        let s1Mac = try #require(
+            try Netns.sh([DSRLab.ip, "-n", lab.ns("s1"), "-br", "link", "show", "dev", lab.dev("s1")])
+                .split(separator: " ", omittingEmptySubsequences: true).dropFirst(2).first)
+        let deadline = Date().addingTimeInterval(3)
+        var map = ""
+        while Date() < deadline {
+            map = lab.nft("list", "map", "netdev", "ballast", "be-web") ?? ""
+            if map.components(separatedBy: String(s1Mac)).count == 3 { break }
+            usleep(100_000)
+        }
+        #expect(map.components(separatedBy: String(s1Mac)).count == 3, "\(map)")
+        #expect(!b.log.contains("replacing the tables whole"), "\(b.log)")
     }
 
     @Test(
