@@ -18,13 +18,15 @@ let package = Package(
     targets: [
         // GNU-only syscalls (epoll, eventfd, signalfd, splice, pipe2, accept4, F_SETPIPE_SZ) compiled with _GNU_SOURCE.
         .target(name: "CLinux"),
+        // liburing (Debian liburing-dev), linked statically: the io_uring engine's ring.
+        .target(name: "CRing", linkerSettings: [.linkedLibrary(":liburing.a")]),
         // Pure model: configuration, validation, schedulers, the immutable service table. No syscalls.
         .target(
             name: "BallastCore",
             dependencies: [.product(name: "Yams", package: "Yams")]
         ),
         // Typed syscall layer.
-        .target(name: "BallastIO", dependencies: ["BallastCore", "CLinux"]),
+        .target(name: "BallastIO", dependencies: ["BallastCore", "CLinux", "CRing"]),
         // Data plane: workers, listeners, the relay state machine, timer wheel.
         .target(
             name: "BallastProxy",

@@ -5,7 +5,8 @@ Contenders (same thread count for each proxy):
   direct            the client talks to the server itself
   haproxy-splice    HAProxy 2.6 mode tcp, option splice-request + splice-response, tune.pipesize 1 MiB
   haproxy           HAProxy 2.6 mode tcp, no splice
-  ballast           Ballast proxy mode (release build)
+  ballast-epoll     Ballast proxy mode (release build), epoll engine
+  ballast-io_uring  the same with global.engine: io_uring
 
 Workloads: iperf3 one and four streams (Gbit/s, proxy CPU s per GB); redis-benchmark -c 50 GET and
 SET (requests/s, p50, p99, proxy CPU us per request); new connections per second and proxy CPU
@@ -13,7 +14,12 @@ per connection (loadgen connrate: connect, PING, +PONG, close; and wrk with `Con
 against nginx, one request per connection); RSS with N idle proxied connections.
 
 Each workload runs ROUNDS times; within a round the contenders run one after another, so a slow
-moment of the machine hits everyone alike. The table shows medians.
+moment of the machine hits everyone alike. The table shows medians; each ratio is the median of
+the per-round ratios with their range (lowest–highest) in brackets.
+
+Knobs: ROUNDS, SECONDS_PER_RUN, THREADS, ENGINES (epoll,io_uring), WORKLOADS (all, or a comma
+list of iperf,redis,conn,wrk,idle), SYSCALLS=1 (counts system calls per request and per MB with
+perf, one extra run per contender).
 
 Everything listens on 127.0.0.1 only, every process is started here and stopped by PID.
 """
@@ -36,7 +42,10 @@ ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "5"))
 THREADS = int(os.environ.get("THREADS", "1"))
 REDIS_REQUESTS = int(os.environ.get("REDIS_REQUESTS", "200000"))
-CONTENDERS = ["direct", "haproxy-splice", "haproxy", "ballast"]
+ENGINES = os.environ.get("ENGINES", "epoll,io_uring").split(",")
+WORKLOADS = os.environ.get("WORKLOADS", "iperf,redis,conn,wrk,idle").split(",")
+BALLASTS = [f"ballast-{e}" for e in ENGINES]
+CONTENDERS = ["direct", "haproxy-splice", "haproxy"] + BALLASTS
 PROXIES = CONTENDERS[1:]
 CLK = os.sysconf("SC_CLK_TCK")
 # Ballast refuses to serve as root unless the config says so.
@@ -171,9 +180,10 @@ backend b
 """
 
 
-def ballast_config(front, back, maxconn):
+def ballast_config(front, back, maxconn, engine):
     return f"""global:
   workers: {THREADS}
+  engine: {engine}
   maxconn: {maxconn}
   pipe_size: 1m
   log: {{ level: warning }}
@@ -195,10 +205,10 @@ class Setup:
         for name in PROXIES:
             front = free_port()
             self.ports[name] = front
-            if name == "ballast":
-                path = os.path.join(tmp, f"ballast-{backend_port}.yaml")
+            if name.startswith("ballast"):
+                path = os.path.join(tmp, f"{name}-{backend_port}.yaml")
                 with open(path, "w") as f:
-                    f.write(ballast_config(front, backend_port, maxconn))
+                    f.write(ballast_config(front, backend_port, maxconn, name.split("-", 1)[1]))
                 p = procs.start([BALLAST, "run", "-c", path], stderr=open(path + ".log", "w"))
             else:
                 path = os.path.join(tmp, f"{name}-{backend_port}.cfg")
@@ -286,6 +296,47 @@ def run_idle(setup, name, count):
     return {"rss_mib": rss / 1024, "base_mib": setup.start_rss[name], "held": int(line[1]) if len(line) > 1 else 0}
 
 
+def perf_syscalls(pid, seconds_cmd):
+    """Runs the command while perf counts the system calls `pid` enters; {name: count}."""
+    out = os.path.join(tempfile.gettempdir(), f"perf-{pid}-{time.time_ns()}.txt")
+    perf = subprocess.Popen(["perf", "stat", "-x", ",", "-o", out, "-e", "syscalls:sys_enter_*", "-p", str(pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        units = seconds_cmd()
+    finally:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(30)
+    counts = {}
+    with open(out) as f:
+        for line in f:
+            parts = line.strip().split(",")
+            if len(parts) > 2 and parts[2].startswith("syscalls:sys_enter_") and parts[0].isdigit():
+                counts[parts[2][len("syscalls:sys_enter_"):]] = int(parts[0])
+    os.unlink(out)
+    return counts, units
+
+
+def count_syscalls(iperf, redis, name):
+    def gets():
+        run_redis(redis, name, "get")
+        return REDIS_REQUESTS
+
+    def megabytes():
+        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(iperf.ports[name]), "-t", "3", "-J"],
+                             capture_output=True, text=True, timeout=60)
+        return json.loads(out.stdout)["end"]["sum_received"]["bytes"] / 1e6
+
+    def top(counts, units):
+        best = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+        return ", ".join(f"{k} {v / units:.2f}" for k, v in best if v)
+
+    g, ng = perf_syscalls(redis.pids[name], gets)
+    b, nb = perf_syscalls(iperf.pids[name], megabytes)
+    return {"per_get": sum(g.values()) / ng, "per_mb": sum(b.values()) / nb, "top_get": top(g, ng),
+            "top_mb": top(b, nb)}
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -311,6 +362,7 @@ def main():
     procs = Procs()
     tmp = tempfile.mkdtemp(prefix="ballast-bench-")
     results = {}
+    syscalls = {}
     try:
         iperf_port = free_port()
         procs.start(["iperf3", "-s", "-p", str(iperf_port), "-B", "127.0.0.1"])
@@ -334,22 +386,30 @@ def main():
 
         for r in range(ROUNDS):
             print(f"round {r + 1}/{ROUNDS}", file=sys.stderr)
-            for name in CONTENDERS:
-                record("iperf1", name, run_iperf(iperf, name, 1))
-            for name in CONTENDERS:
-                record("iperf4", name, run_iperf(iperf, name, 4))
-            for name in CONTENDERS:
-                record("get", name, run_redis(redis, name, "get"))
-                record("set", name, run_redis(redis, name, "set"))
-            for name in CONTENDERS:
-                record("conn", name, run_connrate(redis, name))
-            for name in CONTENDERS:
-                record("wrk", name, run_wrk(web, name))
+            if "iperf" in WORKLOADS:
+                for name in CONTENDERS:
+                    record("iperf1", name, run_iperf(iperf, name, 1))
+                for name in CONTENDERS:
+                    record("iperf4", name, run_iperf(iperf, name, 4))
+            if "redis" in WORKLOADS:
+                for name in CONTENDERS:
+                    record("get", name, run_redis(redis, name, "get"))
+                    record("set", name, run_redis(redis, name, "set"))
+            if "conn" in WORKLOADS:
+                for name in CONTENDERS:
+                    record("conn", name, run_connrate(redis, name))
+            if "wrk" in WORKLOADS:
+                for name in CONTENDERS:
+                    record("wrk", name, run_wrk(web, name))
+        if os.environ.get("SYSCALLS") == "1":
+            for name in PROXIES:
+                syscalls[name] = count_syscalls(iperf, redis, name)
         # Last: closing thousands of idle connections leaves as many TIME_WAIT sockets, which
         # slow every later connect (the new-connection rows of the next round, direct included).
-        for r in range(ROUNDS):
-            for name in PROXIES:
-                record("idle", name, run_idle(redis, name, idle_count))
+        if "idle" in WORKLOADS:
+            for r in range(ROUNDS):
+                for name in PROXIES:
+                    record("idle", name, run_idle(redis, name, idle_count))
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -362,14 +422,27 @@ def main():
     print(f"Ballast benchmark, {time.strftime('%Y-%m-%d')} — {os.cpu_count()} cores, "
           f"{subprocess.run(['uname', '-r'], capture_output=True, text=True).stdout.strip()}, "
           f"{THREADS} proxy thread(s), medians of {ROUNDS} interleaved rounds, {SECONDS}s per run\n")
-    print("| | direct | HAProxy splice forced | HAProxy no splice | Ballast | Ballast ÷ HAProxy splice | Ballast ÷ HAProxy no splice |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    heads = ["direct", "HAProxy splice forced", "HAProxy no splice"] + [f"Ballast {e}" for e in ENGINES]
+    ratio_heads = [f"{e} ÷ HAProxy {h}" for e in ENGINES for h in ("splice", "no splice")]
+    print("| | " + " | ".join(heads + ratio_heads) + " |")
+    print("|---|" + "---:|" * (len(heads) + len(ratio_heads)))
 
-    def row(label, key, field, digits=2, higher_better=True):
+    def ratio(key, field, b, h):
+        """Median of the per-round ratios b/h, with their range."""
+        rs = [x[field] / y[field] for x, y in zip(results[key].get(b, []), results[key].get(h, []))
+              if x[field] is not None and y[field]]
+        if not rs:
+            return "—"
+        if len(rs) == 1:
+            return f"{rs[0]:.2f}×"
+        return f"{statistics.median(rs):.2f}× ({min(rs):.2f}–{max(rs):.2f})"
+
+    def row(label, key, field, digits=2):
+        if key not in results:
+            return
         vals = [m(key, n, field) for n in CONTENDERS]
-        b, hs, hn = vals[3], vals[1], vals[2]
-        ratio = lambda a, c: f"{a / c:.2f}×" if a is not None and c else "—"
-        print(f"| {label} | " + " | ".join(fmt(v, digits) for v in vals) + f" | {ratio(b, hs)} | {ratio(b, hn)} |")
+        ratios = [ratio(key, field, b, h) for b in BALLASTS for h in ("haproxy-splice", "haproxy")]
+        print(f"| {label} | " + " | ".join(fmt(v, digits) for v in vals) + " | " + " | ".join(ratios) + " |")
 
     row("iperf3 1 stream, Gbit/s", "iperf1", "gbit")
     row("iperf3 1 stream, proxy CPU s per GB", "iperf1", "cpu_per_gb", 3)
@@ -381,15 +454,27 @@ def main():
     row("redis SET -c 50, requests/s", "set", "rps")
     row("redis SET p99, ms", "set", "p99", 3)
     row("proxy CPU µs per redis GET", "get", "cpu_us", 1)
+    row("proxy CPU µs per redis SET", "set", "cpu_us", 1)
     row("new connections/s (connect, PING, close)", "conn", "cps")
     row("proxy CPU µs per connection (PING/close)", "conn", "cpu_us", 1)
     row("new connections/s (HTTP, Connection: close, wrk)", "wrk", "cps")
     row("proxy CPU µs per connection (HTTP close)", "wrk", "cpu_us", 1)
     row(f"RSS MiB with {idle_count:,} idle proxied connections", "idle", "rss_mib", 1)
     row("RSS MiB right after start", "idle", "base_mib", 1)
-    failed = {n: sum(v["failed"] for v in results["conn"][n]) for n in CONTENDERS}
-    held = {n: min(v["held"] for v in results["idle"][n]) for n in PROXIES}
-    print(f"\nconnrate failures per contender: {failed}; idle connections actually held: {held}")
+    if "conn" in results:
+        failed = {n: sum(v["failed"] for v in results["conn"][n]) for n in CONTENDERS}
+        print(f"\nconnrate failures per contender: {failed}")
+    if "idle" in results:
+        held = {n: min(v["held"] for v in results["idle"][n]) for n in PROXIES}
+        print(f"idle connections actually held: {held}")
+    if syscalls:
+        print("\nSystem calls made by the proxy (perf stat -e 'syscalls:sys_enter_*', one run each)\n")
+        print("| | " + " | ".join(syscalls) + " |")
+        print("|---|" + "---:|" * len(syscalls))
+        for label, field in [("per redis GET (-c 50)", "per_get"), ("per MB (iperf3, 1 stream)", "per_mb")]:
+            print(f"| {label} | " + " | ".join(f"{syscalls[n][field]:.2f}" for n in syscalls) + " |")
+        for label, field in [("most frequent, per GET", "top_get"), ("most frequent, per MB", "top_mb")]:
+            print(f"| {label} | " + " | ".join(syscalls[n][field] for n in syscalls) + " |")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ public enum Defaults {
     public static let pipeSize = 1 << 20
     /// Reads that fill this buffer switch a direction from copying to splicing.
     public static let copyBufferSize = 16 << 10
+    /// How proxy workers wait and move bytes (BENCHMARKS.md: the engines side by side).
+    public static let engine = Engine.epoll
     public static let grace = Millis(10_000)
     public static let connectTimeout = Millis(2_000)
     public static let clientTimeout = Millis(60_000)
@@ -142,6 +144,13 @@ public struct LogConfig: Sendable, Equatable {
     public init() {}
 }
 
+/// How a proxy worker waits for and moves bytes: readiness (`epoll`, then `recv`/`send`/`splice`)
+/// or completions (`io_uring`: operations queued and submitted with the wait, in one call).
+public enum Engine: String, Sendable, Equatable, CaseIterable {
+    case epoll
+    case ioUring = "io_uring"
+}
+
 public struct GlobalConfig: Sendable, Equatable {
     /// nil: one worker per core.
     public var workers: Int?
@@ -152,6 +161,8 @@ public struct GlobalConfig: Sendable, Equatable {
     public var maxconnLocation: SourceLocation?
     public var log = LogConfig()
     public var pipeSize = Defaults.pipeSize
+    /// nil: not written (the default, or `BALLAST_ENGINE` from the environment).
+    public var engine: Engine?
     public var grace = Defaults.grace
     /// Drop to this user (and group) after binding listeners; uid/gid resolved at load.
     public var user: (name: String, uid: UInt32, gid: UInt32)?
@@ -170,6 +181,7 @@ public struct GlobalConfig: Sendable, Equatable {
 
     public static func == (a: GlobalConfig, b: GlobalConfig) -> Bool {
         a.workers == b.workers && a.maxconn == b.maxconn && a.log == b.log && a.pipeSize == b.pipeSize
+            && a.engine == b.engine
             && a.grace == b.grace
             && a.user?.uid == b.user?.uid && a.user?.gid == b.user?.gid && a.group?.gid == b.group?.gid
             && a.stats == b.stats && a.metrics == b.metrics && a.stateFile == b.stateFile

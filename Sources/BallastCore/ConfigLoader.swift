@@ -12,7 +12,8 @@ public enum ConfigLoader {
     /// Keys accepted at each level; anything else is an error (a typo must not be silently ignored).
     public static let topKeys = ["global", "defaults", "services"]
     public static let globalKeys = [
-        "workers", "maxconn", "log", "pipe_size", "grace", "user", "group", "stats", "metrics", "state_file", "nat",
+        "workers", "maxconn", "log", "pipe_size", "engine", "grace", "user", "group", "stats", "metrics", "state_file",
+        "nat",
     ]
     public static let globalNatKeys = ["keep_on_exit"]
     public static let serviceNatKeys = ["snat"]
@@ -359,6 +360,13 @@ public enum ConfigLoader {
                 g.maxconnLocation = loc(e.value)
             }
             if let e = m["grace"] { g.grace = try duration(e.value, "global.grace") }
+            if let e = m["engine"] {
+                let v = try string(e.value, "global.engine")
+                guard let engine = Engine(rawValue: v) else {
+                    throw fail(e.value, "global.engine must be epoll or io_uring, not '\(v)'")
+                }
+                g.engine = engine
+            }
             if let e = m["pipe_size"] {
                 let v = try size(e.value, "global.pipe_size")
                 guard v >= 4096 && v <= 64 << 20 else {

@@ -68,6 +68,9 @@ public final class EventLoop: @unchecked Sendable {
         }
     }
 
+    /// The epoll instance's descriptor (an io_uring polls it to wait on both at once).
+    public var descriptor: Int32 { epfd }
+
     deinit {
         events.deallocate()
         Sys.close(wakeFd)

@@ -57,6 +57,9 @@ struct Direction {
     /// FIN passed on to the destination.
     var shut = false
     var bytes: UInt64 = 0
+    /// io_uring: this direction is bulk and moves by readiness (ring polls, then `splice`
+    /// through a pipe, as the epoll engine does); otherwise by ring receives and sends.
+    var polled = false
 
     var hasPending: Bool { bufEnd > bufStart || inPipe > 0 }
 }
@@ -94,6 +97,12 @@ struct Conn {
     var clientRdHup = false
     var serverRdHup = false
     var deferred = false
+    /// io_uring: connect attempts made (a completion names the attempt it belongs to); the
+    /// client socket is on the epoll instance (it sent a PROXY header); a queued client's
+    /// hang-up is watched.
+    var connectAttempt: UInt16 = 0
+    var acceptedWithHeader = false
+    var hangupWatched = false
 
     var up = Direction()  // client → server
     var down = Direction()  // server → client

@@ -20,8 +20,13 @@ public struct WorkerSettings: Sendable {
     public var copyBufferSize: Int
     public var tableCapacity: Int
     public var logConnections: Bool
+    /// How established connections move bytes (fixed for the process's life).
+    public var engine: Engine
 
-    public init(pipeSize: Int, copyBufferSize: Int, tableCapacity: Int, logConnections: Bool) {
+    public init(
+        pipeSize: Int, copyBufferSize: Int, tableCapacity: Int, logConnections: Bool, engine: Engine = .epoll
+    ) {
+        self.engine = engine
         self.pipeSize = pipeSize
         self.copyBufferSize = copyBufferSize
         self.tableCapacity = tableCapacity

@@ -46,6 +46,11 @@ extension Worker {
         if svc.anyUsable {
             if svc.queueCount >= svc.maxqueue { return finish(i, .queueFull) }
             c.pointee.state = .queued
+            if let ring, !c.pointee.hangupWatched {
+                // A client that goes away while waiting leaves the queue (as with epoll).
+                c.pointee.hangupWatched = true
+                ring.poll(c.pointee.clientFd, Epoll.hup | Epoll.err, ringWord(i, .queuedHangup))
+            }
             c.pointee.phaseDeadline = now + svc.queueMs
             enqueue(i, into: svc)
             wheel.arm(i, at: c.pointee.phaseDeadline, in: table)
@@ -161,11 +166,17 @@ extension Worker {
         }
         c.pointee.serverFd = fd
         Socket.setNoDelay(fd)
-        do {
-            try loop.add(
-                fd, Epoll.in | Epoll.out | Epoll.rdhup | Epoll.edgeTriggered, token(i, .server, c.pointee.gen))
-        } catch {
-            return connectFailed(i, error.errno)
+        if let ring {
+            c.pointee.connectAttempt &+= 1
+            ring.poll(
+                fd, Epoll.out | Epoll.err | Epoll.hup, ringWord(i, .connect, buffer: Int32(c.pointee.connectAttempt)))
+        } else {
+            do {
+                try loop.add(
+                    fd, Epoll.in | Epoll.out | Epoll.rdhup | Epoll.edgeTriggered, token(i, .server, c.pointee.gen))
+            } catch {
+                return connectFailed(i, error.errno)
+            }
         }
         c.pointee.phaseDeadline = now + c.pointee.service!.connectMs
         wheel.arm(i, at: c.pointee.phaseDeadline, in: table)
@@ -197,13 +208,14 @@ extension Worker {
         c.pointee.lastClientIO = now
         c.pointee.lastServerIO = now
         armIdle(i)
+        if ring != nil { return ringStart(i) }
         pump(i)
     }
 
     func connectFailed(_ i: Int32, _ err: Int32) {
         let c = table[i]
         if c.pointee.serverFd >= 0 {
-            Sys.close(c.pointee.serverFd)
+            closeSocket(c.pointee.serverFd)
             c.pointee.serverFd = -1
         }
         let failed = c.pointee.serverIndex

@@ -75,6 +75,12 @@ extension Worker {
             c.pointee.retriesLeft = l.service.retries
             c.pointee.tried = 0
             Socket.setNoDelay(fd)
+            if ring != nil && !l.acceptProxy {
+                // The ring receives on it once a server is connected; nothing to watch before.
+                assign(i, exclude: -1)
+                continue
+            }
+            c.pointee.acceptedWithHeader = true
             do {
                 try loop.add(
                     fd, Epoll.in | Epoll.out | Epoll.rdhup | Epoll.edgeTriggered, token(i, .client, c.pointee.gen))

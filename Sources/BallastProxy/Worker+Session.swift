@@ -62,17 +62,23 @@ extension Worker {
         }
         wheel.disarm(i, in: table)
         if c.pointee.state == .queued, let svc = c.pointee.service { dequeue(i, from: svc) }
+        if ring != nil {
+            // Ring buffers in flight belong to their send; its completion gives them back.
+            let established = c.pointee.state == .established
+            if c.pointee.up.buffer >= 0 && established && !c.pointee.up.polled { c.pointee.up.buffer = -1 }
+            if c.pointee.down.buffer >= 0 && established && !c.pointee.down.polled { c.pointee.down.buffer = -1 }
+        }
         releasePipe(c, true)
         releasePipe(c, false)
         releaseBuffer(c, true)
         releaseBuffer(c, false)
         if c.pointee.clientFd >= 0 {
             if reason == .serverReset || reason == .refused { Socket.setLingerZero(c.pointee.clientFd) }
-            Sys.close(c.pointee.clientFd)
+            closeSocket(c.pointee.clientFd)
         }
         if c.pointee.serverFd >= 0 {
             if reason == .clientReset { Socket.setLingerZero(c.pointee.serverFd) }
-            Sys.close(c.pointee.serverFd)
+            closeSocket(c.pointee.serverFd)
         }
         if settings.logConnections { logClose(c, reason) }
         let server = c.pointee.server
@@ -176,5 +182,8 @@ extension Worker {
             }
         }
         pipes.closeAll()
+        // Run the queued closes; releasing the ring cancels whatever is still in flight.
+        ring?.submit()
+        ring = nil
     }
 }

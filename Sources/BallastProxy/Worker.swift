@@ -60,6 +60,11 @@ public final class Worker: @unchecked Sendable {
     var pipes: PipePool
     var buffers: BufferPool
 
+    /// The io_uring engine's ring (made on the worker's thread); nil with the epoll engine.
+    var ring: Ring?
+    /// Receives that found every buffer in flight (connection, generation, direction).
+    var starved: [(Int32, UInt32, Bool)] = []
+
     var deferredList: [Int32] = []
     var expired: [Int32] = []
     static let maxEvents: Int32 = 256
@@ -112,6 +117,7 @@ public final class Worker: @unchecked Sendable {
 
     /// Runs the event loop on the calling thread until `.exit`.
     public func run() {
+        if settings.engine == .ioUring { ring = makeRing() }
         while running && turn() {}
         closeEverything()
         finished.store(true, ordering: .releasing)
@@ -120,6 +126,7 @@ public final class Worker: @unchecked Sendable {
     /// One turn of the loop: wait (at most until the next timer, or `maxWaitMs`), handle what is
     /// ready, run deferred work, timers and queues. False when the loop cannot go on.
     func turn(maxWaitMs: Int32 = -1) -> Bool {
+        if let ring { return ringTurn(ring, maxWaitMs: maxWaitMs) }
         var timeout = maxWaitMs
         if let t = wheel.timeoutMs(now: now) { timeout = timeout < 0 ? t : min(timeout, t) }
         if !deferredList.isEmpty { timeout = 0 }
@@ -161,6 +168,8 @@ public final class Worker: @unchecked Sendable {
         case .client, .server:
             let c = table[index]
             guard c.pointee.state != .free, token.matches(c.pointee.gen) else { return }
+            // With io_uring, epoll only reads PROXY headers (and the ring may have the socket now).
+            if ring != nil && (kind == .server || c.pointee.state == .established) { return }
             let readable = ev & (Epoll.in | Epoll.rdhup | Epoll.hup | Epoll.err) != 0
             let writable = ev & (Epoll.out | Epoll.err | Epoll.hup) != 0
             let hangup = ev & (Epoll.rdhup | Epoll.hup | Epoll.err) != 0

@@ -259,7 +259,8 @@ public final class Runtime {
             try startup.step("workers", stop: { [self] in stopWorkers() }) {
                 let settings = WorkerSettings(
                     pipeSize: config.global.pipeSize, copyBufferSize: Defaults.copyBufferSize,
-                    tableCapacity: config.global.maxconn, logConnections: config.global.log.connections)
+                    tableCapacity: config.global.maxconn, logConnections: config.global.log.connections,
+                    engine: chooseEngine())
                 do {
                     for id in 0..<workerCount {
                         workers.append(try Worker(id: id, shared: shared, settings: settings, logger: logger))
@@ -542,6 +543,9 @@ public final class Runtime {
         if next.global.workers != config.global.workers {
             logger.warning("global.workers changed: takes effect at the next restart")
         }
+        if next.global.engine != config.global.engine {
+            logger.warning("global.engine changed: takes effect at the next restart")
+        }
         if next.global.maxconn > startMaxconn {
             // The connection tables were sized at start; a larger maxconn needs a restart to be reached.
             logger.warning("global.maxconn raised: connection tables keep their start-up size until the next restart")
@@ -641,6 +645,25 @@ public final class Runtime {
 
     /// Listeners are bound: switch to `global.user`/`global.group` before serving. As root
     /// without a configured user, say so (running a balancer as root is rarely wanted).
+    /// The engine the workers run: `global.engine`, else `BALLAST_ENGINE` from the environment,
+    /// else the default. io_uring falls back to epoll, with one log line, where the kernel refuses
+    /// a ring (`kernel.io_uring_disabled`, a seccomp filter, a kernel before 6.0).
+    func chooseEngine() -> Engine {
+        var engine = config.global.engine ?? Defaults.engine
+        if config.global.engine == nil, let env = getenv("BALLAST_ENGINE"),
+            let e = Engine(rawValue: String(cString: env))
+        {
+            engine = e
+        }
+        if engine == .ioUring, let refused = Ring.probe() {
+            let line: Logger.Message = "io_uring refused by the kernel (\(refused)): workers use epoll"
+            if config.global.engine == .ioUring { logger.warning(line) } else { logger.info(line) }
+            return .epoll
+        }
+        logger.info("workers: \(engine.rawValue) engine")
+        return engine
+    }
+
     private func dropPrivileges() -> Bool {
         guard let user = config.global.user else {
             if geteuid() == 0 {

@@ -1,0 +1,148 @@
+import CRing
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// One thread's io_uring (liburing, linked statically): a submission queue the owner fills during
+/// a turn, submitted with the wait for completions in one `io_uring_enter`, and a ring of buffers
+/// the kernel picks from when a receive completes (so a connection waiting for data holds none).
+///
+/// Created and used on one thread (the kernel is told so: `SINGLE_ISSUER | DEFER_TASKRUN`, which
+/// runs completion work only while this thread waits). Operations carry a 64-bit word the owner
+/// chooses; completions come back with it, in any order.
+///
+/// Only operations whose descriptor the kernel resolves when they are submitted are offered:
+/// receive, send, poll, cancel and close. `IORING_OP_SHUTDOWN` and `IORING_OP_SPLICE` always run
+/// on a kernel worker thread that resolves the descriptor number there, later — by then a
+/// queued close may have freed it and an accept reused it for another connection.
+public final class Ring: @unchecked Sendable {
+    private let ring: OpaquePointer
+    private let cqes: UnsafeMutablePointer<ballast_cqe>
+    public let cqeCapacity: Int
+
+    /// Buffers the kernel may pick (group 0): `bufferSize` bytes each, allocated as needed up to
+    /// `maxBuffers` (a power of two).
+    public let bufferSize: Int
+    public let maxBuffers: Int
+    private var memory: [UnsafeMutableRawPointer] = []
+    public var buffersAllocated: Int { memory.count }
+
+    /// Why the kernel refused a ring, if it did (`kernel.io_uring_disabled`, seccomp, an old
+    /// kernel): nil when one can be made here.
+    public static func probe() -> SysError? {
+        var err: Int32 = 0
+        guard let r = ballast_ring_create(8, 0, &err) else { return SysError("io_uring_setup", err) }
+        defer { ballast_ring_destroy(r) }
+        let rc = ballast_ring_setup_buffers(r, 8)
+        return rc < 0 ? SysError("io_uring_register", -rc) : nil
+    }
+
+    public init(entries: Int, bufferSize: Int, maxBuffers: Int, sqpollMs: Int = 0) throws(SysError) {
+        var err: Int32 = 0
+        guard let r = ballast_ring_create(UInt32(entries), UInt32(sqpollMs), &err) else {
+            throw SysError("io_uring_setup", err)
+        }
+        let rc = ballast_ring_setup_buffers(r, UInt32(maxBuffers))
+        if rc < 0 {
+            ballast_ring_destroy(r)
+            throw SysError("io_uring_register", -rc)
+        }
+        ring = r
+        self.bufferSize = bufferSize
+        self.maxBuffers = maxBuffers
+        cqeCapacity = entries * 2
+        cqes = .allocate(capacity: cqeCapacity)
+        memory.reserveCapacity(maxBuffers)
+    }
+
+    deinit {
+        ballast_ring_destroy(ring)
+        cqes.deallocate()
+        for m in memory { m.deallocate() }
+    }
+
+    /// Adds up to `count` new buffers to the kernel's pool; false when the pool is at its size.
+    public func grow(_ count: Int) -> Bool {
+        let n = min(count, maxBuffers - memory.count)
+        guard n > 0 else { return false }
+        for _ in 0..<n {
+            let m = UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 64)
+            memory.append(m)
+            ballast_ring_provide(ring, m, UInt32(bufferSize), UInt16(memory.count - 1))
+        }
+        return true
+    }
+
+    /// The memory of buffer `id`.
+    @inline(__always)
+    public func buffer(_ id: Int32) -> UnsafeMutableRawPointer { memory[Int(id)] }
+
+    /// Gives buffer `id` back to the kernel's pool (published with the next submission).
+    @inline(__always)
+    public func recycle(_ id: Int32) {
+        ballast_ring_provide(ring, memory[Int(id)], UInt32(bufferSize), UInt16(id))
+    }
+
+    /// A receive on `fd` into a buffer the kernel picks when data arrives.
+    @inline(__always)
+    public func recv(_ fd: Int32, _ data: UInt64) { check(ballast_ring_recv(ring, fd, data)) }
+
+    @inline(__always)
+    public func send(_ fd: Int32, _ buf: UnsafeRawPointer, _ len: Int, _ data: UInt64) {
+        check(ballast_ring_send(ring, fd, buf, UInt32(len), data))
+    }
+
+    /// Waits for `mask` (poll(2) bits) on `fd`: once, or every time it becomes ready (`multishot`).
+    @inline(__always)
+    public func poll(_ fd: Int32, _ mask: UInt32, multishot: Bool = false, _ data: UInt64) {
+        check(ballast_ring_poll(ring, fd, mask, multishot ? 1 : 0, data))
+    }
+
+    /// Cancels every operation on `fd`, then closes it, in this order, at the next submission.
+    /// Completions of cancelled operations still arrive (with -ECANCELED or a result).
+    public func cancelAndClose(_ fd: Int32, _ data: UInt64) {
+        if ballast_ring_cancel_close(ring, fd, data) != 0 {
+            // The queue cannot take two entries: submit failed to make room. Close the slow way.
+            _ = ballast_ring_submit(ring)
+            Sys.close(fd)
+        }
+    }
+
+    @inline(__always)
+    private func check(_ rc: Int32) {
+        // The submission queue stayed full after a submit: only a kernel refusing every
+        // submission does that. Nothing can be queued; the operation's owner times out.
+        if rc != 0 { submitFailures &+= 1 }
+    }
+
+    public private(set) var submitFailures = 0
+
+    /// Submits everything queued and waits up to `timeoutMs` (-1: no limit, 0: not at all) for a
+    /// completion. Throws only for real failures (not a timeout or a signal).
+    @inline(__always)
+    public func submitAndWait(timeoutMs: Int32) throws(SysError) {
+        let rc = ballast_ring_submit_wait(ring, timeoutMs)
+        if rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY {
+            throw SysError("io_uring_enter", -rc)
+        }
+    }
+
+    /// Submits everything queued without waiting.
+    public func submit() { _ = ballast_ring_submit(ring) }
+
+    /// Takes the completions that are ready (up to `cqeCapacity`); read each with `completion(at:)`.
+    @inline(__always)
+    public func reap() -> Int { Int(ballast_ring_reap(ring, cqes, UInt32(cqeCapacity))) }
+
+    /// The `k`th completion of the last `reap`: the caller's word, the result (a count or a
+    /// negative errno), and the buffer the kernel picked (-1: none); `more`: a multishot
+    /// operation goes on.
+    @inline(__always)
+    public func completion(at k: Int) -> (data: UInt64, result: Int32, buffer: Int32, more: Bool) {
+        let c = cqes + k
+        return (c.pointee.data, c.pointee.res, ballast_cqe_buffer(c), ballast_cqe_more(c) != 0)
+    }
+}

@@ -1,0 +1,336 @@
+import BallastCore
+import BallastIO
+import CLinux
+import Logging
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// The io_uring engine. The same connections, timers, queues and counters as the epoll engine;
+/// what differs is how an established connection's bytes move: instead of waiting for readiness
+/// and then calling `recv`/`send`/`splice`, each direction keeps one operation in the ring — a
+/// receive into a buffer the kernel picks when data arrives (an idle connection holds none), then
+/// a send of what came — and every operation queued during a turn is submitted together with
+/// the wait for the next completions, in one `io_uring_enter`.
+///
+/// Listeners, the wake-up eventfd and PROXY-header reads stay on the epoll instance, whose
+/// descriptor the ring polls (multishot): a new connection costs what it costs with epoll minus
+/// the `epoll_ctl` calls, and the established path makes no system call of its own.
+///
+/// A closed connection's descriptors are cancelled and closed through the ring (linked, in
+/// that order). Completions of operations that outlived their connection still arrive; their
+/// generation no longer matches and they only give back the buffer they hold.
+extension Worker {
+    /// What an operation was for (4 bits of its word).
+    enum RingOp: UInt64 {
+        case recvUp = 1
+        case recvDown = 2
+        case sendUp = 3
+        case sendDown = 4
+        /// A connect in progress: the server socket becomes writable (or fails).
+        case connect = 5
+        /// A queued client's hang-up.
+        case queuedHangup = 6
+        /// The epoll instance has events (listeners, wake-up, PROXY headers).
+        case epoll = 7
+        /// Cancel-and-close, shutdown: completions only on failure, nothing to do.
+        case housekeeping = 8
+        /// A bulk direction's source is readable, or its destination writable.
+        case srcReadyUp = 9
+        case srcReadyDown = 10
+        case dstReadyUp = 11
+        case dstReadyDown = 12
+    }
+
+    /// An operation's word: connection index (24 bits) | generation (20) | op (4) | buffer (16).
+    @inline(__always)
+    func ringWord(_ i: Int32, _ op: RingOp, buffer: Int32 = 0) -> UInt64 {
+        let gen = UInt64(table[i].pointee.gen & 0xF_FFFF)
+        return UInt64(UInt32(bitPattern: i) & 0xFF_FFFF) | gen << 24 | op.rawValue << 44
+            | UInt64(UInt16(truncatingIfNeeded: buffer)) << 48
+    }
+
+    static let ringEntries = 4096
+    /// Buffers are added 64 at a time as receives find none free, up to this many per worker.
+    static let ringMaxBuffers = 8192
+
+    /// Makes this worker's ring (on its own thread); nil, with one log line, when the kernel
+    /// refuses (the worker then runs the epoll engine).
+    func makeRing() -> Ring? {
+        do {
+            let r = try Ring(
+                entries: Worker.ringEntries, bufferSize: settings.copyBufferSize, maxBuffers: Worker.ringMaxBuffers)
+            _ = r.grow(64)
+            r.poll(loop.descriptor, Epoll.in, multishot: true, UInt64(RingOp.epoll.rawValue) << 44)
+            return r
+        } catch {
+            logger.warning("worker \(id): io_uring refused (\(error)); this worker uses epoll")
+            return nil
+        }
+    }
+
+    /// One turn of the io_uring engine (see `turn`).
+    func ringTurn(_ ring: Ring, maxWaitMs: Int32) -> Bool {
+        var timeout = maxWaitMs
+        if let t = wheel.timeoutMs(now: now) { timeout = timeout < 0 ? t : min(timeout, t) }
+        if !deferredList.isEmpty { timeout = 0 }
+        if !starved.isEmpty { timeout = timeout < 0 ? 1 : min(timeout, 1) }
+        if queued > 0 || pausedForMaxconn || pausedForFds { timeout = timeout < 0 ? 10 : min(timeout, 10) }
+        do {
+            try ring.submitAndWait(timeoutMs: timeout)
+        } catch {
+            logger.critical("worker \(id): \(error)")
+            return false
+        }
+        now = monotonicMillis()
+        var epollReady = false
+        while true {
+            let n = ring.reap()
+            if n == 0 { break }
+            for k in 0..<n {
+                let (data, res, buffer, more) = ring.completion(at: k)
+                if data >> 44 & 0xF == RingOp.epoll.rawValue {
+                    epollReady = true
+                    if !more { ring.poll(loop.descriptor, Epoll.in, multishot: true, data) }
+                    continue
+                }
+                complete(data, res, buffer)
+            }
+        }
+        if epollReady {
+            while true {
+                let n: Int
+                do { n = try loop.wait(timeoutMs: 0) } catch { break }
+                for k in 0..<n {
+                    let (token, ev) = loop.event(at: k)
+                    dispatch(token, ev)
+                }
+                if n < Int(loop.capacity) { break }
+            }
+        }
+        runDeferred()
+        if !starved.isEmpty { feedStarved(ring) }
+        expired.removeAll(keepingCapacity: true)
+        wheel.advance(now: now, in: table, into: &expired)
+        for i in expired { onTimer(i) }
+        if queued > 0 { serveQueues() }
+        if pausedForMaxconn || pausedForFds { maybeResumeListeners() }
+        return true
+    }
+
+    /// One completion: find its connection (if it is still the same one) and move on.
+    func complete(_ data: UInt64, _ res: Int32, _ buffer: Int32) {
+        guard let ring, let op = RingOp(rawValue: data >> 44 & 0xF) else { return }
+        let i = Int32(truncatingIfNeeded: data & 0xFF_FFFF)
+        let gen = UInt32(truncatingIfNeeded: data >> 24) & 0xF_FFFF
+        let live = i < table.highWater && table[i].pointee.state != .free && table[i].pointee.gen & 0xF_FFFF == gen
+        switch op {
+        case .recvUp, .recvDown:
+            guard live, table[i].pointee.state == .established else {
+                if buffer >= 0 { ring.recycle(buffer) }
+                return
+            }
+            received(i, up: op == .recvUp, res, buffer)
+        case .sendUp, .sendDown:
+            let b = Int32(truncatingIfNeeded: data >> 48)
+            guard live, table[i].pointee.state == .established else { return ring.recycle(b) }
+            sent(i, up: op == .sendUp, res)
+        case .connect:
+            let attempt = UInt16(truncatingIfNeeded: data >> 48)
+            guard live, table[i].pointee.state == .connecting, table[i].pointee.connectAttempt == attempt else {
+                return
+            }
+            let failed = res < 0 || UInt32(res) & (Epoll.err | Epoll.hup) != 0
+            connectCompleted(i, failed: failed)
+        case .queuedHangup:
+            guard live, table[i].pointee.state == .queued, res >= 0 || res == -ECANCELED else { return }
+            if res >= 0 { finish(i, .clientReset) }
+        case .srcReadyUp, .srcReadyDown, .dstReadyUp, .dstReadyDown:
+            guard live, table[i].pointee.state == .established else { return }
+            let up = op == .srcReadyUp || op == .dstReadyUp
+            let c = table[i]
+            let ev = res < 0 ? Epoll.err : UInt32(res)
+            if op == .srcReadyUp || op == .srcReadyDown {
+                setSrcReadable(c, up, true)
+                if ev & (Epoll.rdhup | Epoll.hup | Epoll.err) != 0 {
+                    if up { c.pointee.clientRdHup = true } else { c.pointee.serverRdHup = true }
+                }
+            } else {
+                setDstWritable(c, up, true)
+            }
+            pumpPolled(i, up: up)
+        case .epoll, .housekeeping:
+            return
+        }
+    }
+
+    /// A bulk direction: move what readiness allows (splice through a pipe: `pumpDirection`, the
+    /// epoll engine's code), then wait for what it blocked on — or, once the source is drained
+    /// and nothing is held, go back to ring receives.
+    func pumpPolled(_ i: Int32, up: Bool) {
+        guard let ring else { return }
+        let c = table[i]
+        let step = pumpDirection(i, up: up)
+        if case .failed(let reason) = step { return finish(i, reason) }
+        if withDir(c, up, { $0.shut }) {
+            if c.pointee.up.shut && c.pointee.down.shut { finish(i, .done) }
+            return
+        }
+        let src = up ? c.pointee.clientFd : c.pointee.serverFd
+        let dst = up ? c.pointee.serverFd : c.pointee.clientFd
+        if withDir(c, up, { $0.hasPending }) && !dstWritable(c, up) {
+            ring.poll(dst, Epoll.out, ringWord(i, up ? .dstReadyUp : .dstReadyDown))
+        } else if withDir(c, up, { $0.splicing || $0.hasPending || $0.buffer >= 0 }) || srcReadable(c, up) {
+            // Blocked on the source, or stopped by the fairness budget (the poll fires at once).
+            ring.poll(src, Epoll.in | Epoll.rdhup, ringWord(i, up ? .srcReadyUp : .srcReadyDown))
+        } else {
+            withDir(c, up) { $0.polled = false }
+            ring.recv(src, ringWord(i, up ? .recvUp : .recvDown))
+        }
+    }
+
+    /// Starts moving bytes both ways on a connection that just became established.
+    func ringStart(_ i: Int32) {
+        guard let ring else { return }
+        let c = table[i]
+        if c.pointee.acceptedWithHeader {
+            // Its header was read through epoll; from now on the ring has it.
+            loop.remove(c.pointee.clientFd)
+        }
+        // A PROXY header for the server: a fresh socket has room for its few bytes.
+        if c.pointee.up.bufEnd > c.pointee.up.bufStart, c.pointee.up.buffer >= 0 {
+            let b = c.pointee.up.buffer
+            let len = Int(c.pointee.up.bufEnd - c.pointee.up.bufStart)
+            let ok: Bool
+            if case .done(let n)? = try? Sys.send(c.pointee.serverFd, buffers.memory[Int(b)], len), n == len {
+                ok = true
+            } else {
+                ok = false
+            }
+            releaseBuffer(c, true)
+            if !ok { return finish(i, .serverReset) }
+        }
+        ring.recv(c.pointee.clientFd, ringWord(i, .recvUp))
+        ring.recv(c.pointee.serverFd, ringWord(i, .recvDown))
+    }
+
+    /// A receive finished: send what came, or pass the end on.
+    func received(_ i: Int32, up: Bool, _ res: Int32, _ buffer: Int32) {
+        guard let ring else { return }
+        let c = table[i]
+        if res > 0 && buffer >= 0 {
+            let n = Int(res)
+            withDir(c, up) {
+                $0.buffer = buffer
+                $0.bufStart = 0
+                $0.bufEnd = res
+                $0.bytes &+= UInt64(n)
+            }
+            count(c, up, n, spliced: false)
+            touch(c, dstIsClient: up)
+            let dst = up ? c.pointee.serverFd : c.pointee.clientFd
+            ring.send(dst, ring.buffer(buffer), n, ringWord(i, up ? .sendUp : .sendDown, buffer: buffer))
+            return
+        }
+        if buffer >= 0 { ring.recycle(buffer) }
+        switch -res {
+        case 0:
+            withDir(c, up) { $0.eof = true }
+            passEnd(i, up: up)
+        case ENOBUFS:
+            // Every buffer is in flight: add more, or wait for one to come back.
+            if ring.grow(64) {
+                ring.recv(up ? c.pointee.clientFd : c.pointee.serverFd, ringWord(i, up ? .recvUp : .recvDown))
+            } else {
+                starved.append((i, c.pointee.gen, up))
+            }
+        case EINTR, EAGAIN:
+            ring.recv(up ? c.pointee.clientFd : c.pointee.serverFd, ringWord(i, up ? .recvUp : .recvDown))
+        default:
+            finish(i, up ? .clientReset : .serverReset)
+        }
+    }
+
+    /// A send finished: send the rest, or receive again (or pass the end on).
+    func sent(_ i: Int32, up: Bool, _ res: Int32) {
+        guard let ring else { return }
+        let c = table[i]
+        let b = withDir(c, up) { $0.buffer }
+        if res < 0 {
+            if -res == EINTR || -res == EAGAIN {
+                let (s, e) = withDir(c, up) { ($0.bufStart, $0.bufEnd) }
+                let dst = up ? c.pointee.serverFd : c.pointee.clientFd
+                ring.send(dst, ring.buffer(b) + Int(s), Int(e - s), ringWord(i, up ? .sendUp : .sendDown, buffer: b))
+                return
+            }
+            withDir(c, up) { $0.buffer = -1 }
+            ring.recycle(b)
+            return finish(i, up ? .serverReset : .clientReset)
+        }
+        touch(c, dstIsClient: !up)
+        let (s, e) = withDir(c, up) {
+            $0.bufStart += res
+            return ($0.bufStart, $0.bufEnd)
+        }
+        if s < e {
+            let dst = up ? c.pointee.serverFd : c.pointee.clientFd
+            ring.send(dst, ring.buffer(b) + Int(s), Int(e - s), ringWord(i, up ? .sendUp : .sendDown, buffer: b))
+            return
+        }
+        let full = e == Int32(ring.bufferSize)
+        withDir(c, up) {
+            $0.buffer = -1
+            $0.bufStart = 0
+            $0.bufEnd = 0
+        }
+        ring.recycle(b)
+        if full {
+            // A full buffer means bulk: from now on this direction splices, as with epoll.
+            withDir(c, up) {
+                $0.polled = true
+                $0.splicing = true
+            }
+            setSrcReadable(c, up, true)
+            setDstWritable(c, up, true)
+            return pumpPolled(i, up: up)
+        }
+        ring.recv(up ? c.pointee.clientFd : c.pointee.serverFd, ringWord(i, up ? .recvUp : .recvDown))
+    }
+
+    /// The source of a direction sent FIN and everything before it was delivered: shut the
+    /// destination's write side; both directions done closes the connection.
+    func passEnd(_ i: Int32, up: Bool) {
+        let c = table[i]
+        if !withDir(c, up, { $0.shut }) {
+            // A plain call, not IORING_OP_SHUTDOWN: the kernel runs that one on a worker thread
+            // that looks the descriptor up later, when it may already name another connection.
+            Sys.shutdownWrite(up ? c.pointee.serverFd : c.pointee.clientFd)
+            withDir(c, up) { $0.shut = true }
+        }
+        if c.pointee.up.shut && c.pointee.down.shut { finish(i, .done) }
+    }
+
+    /// Receives that found no buffer, retried once buffers came back.
+    func feedStarved(_ ring: Ring) {
+        let waiting = starved
+        starved.removeAll(keepingCapacity: true)
+        for (i, gen, up) in waiting {
+            let c = table[i]
+            guard c.pointee.state == .established, c.pointee.gen == gen else { continue }
+            ring.recv(up ? c.pointee.clientFd : c.pointee.serverFd, ringWord(i, up ? .recvUp : .recvDown))
+        }
+    }
+
+    /// Closes a socket the ring may have operations on: cancels them, then closes it.
+    @inline(__always)
+    func closeSocket(_ fd: Int32) {
+        if let ring {
+            ring.cancelAndClose(fd, UInt64(RingOp.housekeeping.rawValue) << 44)
+        } else {
+            Sys.close(fd)
+        }
+    }
+}
