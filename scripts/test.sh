@@ -10,3 +10,7 @@ swift build
 # The static release binary (make release), which a test runs without the Swift toolchain visible.
 swift build -c release --static-swift-stdlib --scratch-path .build-static --product ballast
 swift test
+# The proxy-mode integration tests again with the io_uring engine (nat and dsr mode have no
+# proxy workers; the static build was checked above).
+BALLAST_ENGINE=io_uring swift test --skip-build --filter IntegrationTests \
+    --skip 'NatTests|NatPairTests|DSRTests|EcmpTests|StaticBuildTests'

@@ -97,7 +97,11 @@ struct ConfigTests {
         ("services: [", "bad.yaml:2:1: invalid YAML: while parsing a flow node did not find expected node content"),
         (
             "global: { workrs: 2 }\nservices: []\n",
-            "bad.yaml:1:11: unknown key 'workrs' in global (did you mean 'workers'?); expected one of: workers, maxconn, log, pipe_size, grace, user, group, stats, metrics, state_file, nat"
+            "bad.yaml:1:11: unknown key 'workrs' in global (did you mean 'workers'?); expected one of: workers, maxconn, log, pipe_size, engine, grace, user, group, stats, metrics, state_file, nat"
+        ),
+        (
+            "global: { engine: uring }\nservices: []\n",
+            "bad.yaml:1:19: global.engine must be epoll or io_uring, not 'uring'"
         ),
         (
             "global:\n  stats:\n    sockets:\n      - { address: 10.1.2.3:9999 }\nservices:\n"
@@ -525,6 +529,7 @@ struct ConfigTests {
         let expected: [(String, String)] = [
             ("global.maxconn", "\(Defaults.maxconn)"),
             ("global.pipe_size", "\(Defaults.pipeSize / 1024)k"),
+            ("global.engine", Defaults.engine.rawValue),
             ("global.grace", "\(Defaults.grace)"),
             ("global.log.level", Defaults.logLevel.rawValue),
             ("global.log.format", Defaults.logFormat.rawValue),
