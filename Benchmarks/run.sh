@@ -2,7 +2,10 @@
 # One command: Ballast beside HAProxy (splice forced and without splice) and beside a direct
 # connection, interleaved, on this machine; health-check costs; show stat with 1,000 servers; a runtime API flood; access lists;
 # nat mode in network namespaces (root). Prints a markdown table (also saved under
-# Benchmarks/results/). Knobs: ROUNDS (3), SECONDS_PER_RUN (5), THREADS (1), IDLE_CONNECTIONS.
+# Benchmarks/results/). The proxy comparison runs once per thread count of THREAD_SWEEP ("1 2":
+# one and two proxy threads each, so the two-core trade-off shows), each with both of Ballast's
+# engines (ENGINES, "epoll,io_uring") and system-call counts (perf, as root).
+# Knobs: ROUNDS (3), SECONDS_PER_RUN (5), THREAD_SWEEP, ENGINES, IDLE_CONNECTIONS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
@@ -11,7 +14,12 @@ swift build -c release --product ballast
 mkdir -p Benchmarks/results
 out="Benchmarks/results/$(date +%Y%m%d-%H%M%S).md"
 {
-    python3 Benchmarks/bench.py
+    syscalls=0
+    if [ "$(id -u)" -eq 0 ] && command -v perf >/dev/null 2>&1; then syscalls=1; fi
+    for t in ${THREAD_SWEEP:-1 2}; do
+        THREADS=$t SYSCALLS=$syscalls python3 Benchmarks/bench.py
+        echo
+    done
     echo; echo "Scheduler micro benchmarks"; echo
     Benchmarks/.build/release/schedbench
     echo

@@ -2,7 +2,7 @@
 # Installs the Debian packages Ballast's build, tests, demo and benchmarks use.
 set -euo pipefail
 pkgs=(redis-server redis-tools redis-sentinel mariadb-server mariadb-client haproxy iperf3 nginx-light wrk sysbench
-    keepalived conntrackd libnftnl-dev libmnl-dev liburing-dev pkg-config util-linux procps socat curl nftables conntrack iproute2)
+    keepalived conntrackd libnftnl-dev libmnl-dev liburing-dev linux-perf pkg-config util-linux procps socat curl nftables conntrack iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
