@@ -21,10 +21,7 @@ let package = Package(
         // liburing (Debian liburing-dev), linked statically: the io_uring engine's ring.
         .target(name: "CRing", linkerSettings: [.linkedLibrary(":liburing.a")]),
         // Pure model: configuration, validation, schedulers, the immutable service table. No syscalls.
-        .target(
-            name: "BallastCore",
-            dependencies: [.product(name: "Yams", package: "Yams")]
-        ),
+        .target(name: "BallastCore"),
         // Typed syscall layer.
         .target(name: "BallastIO", dependencies: ["BallastCore", "CLinux", "CRing"]),
         // Data plane: workers, listeners, the relay state machine, timer wheel.
@@ -65,7 +62,8 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .testTarget(name: "BallastCoreTests", dependencies: ["BallastCore"]),
+        // Yams only here: the configuration's YAML reader is checked against libyaml's.
+        .testTarget(name: "BallastCoreTests", dependencies: ["BallastCore", .product(name: "Yams", package: "Yams")]),
         .testTarget(name: "BallastRuntimeTests", dependencies: ["BallastRuntime", "BallastCore"]),
         .testTarget(name: "BallastHealthTests", dependencies: ["BallastHealth", "BallastCore"]),
         .testTarget(name: "BallastIOTests", dependencies: ["BallastIO", "BallastCore", "CLinux"]),

@@ -36,7 +36,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BALLAST = os.path.join(ROOT, ".build", "release", "ballast")
+# The static release binary (make release), as installed; BALLAST_BIN overrides.
+BALLAST = os.environ.get("BALLAST_BIN", os.path.join(ROOT, ".build-static", "release", "ballast"))
 LOADGEN = os.path.join(ROOT, "Benchmarks", ".build", "release", "loadgen")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "5"))

@@ -30,7 +30,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BALLAST = os.path.join(ROOT, ".build", "release", "ballast")
+BALLAST = os.environ.get("BALLAST_BIN", os.path.join(ROOT, ".build-static", "release", "ballast"))
 ROOT_USER = "  user: root\n" if os.geteuid() == 0 else ""
 SYSBENCH_SECONDS = int(os.environ.get("SYSBENCH_SECONDS", "10"))
 SYSBENCH_ROUNDS = int(os.environ.get("SYSBENCH_ROUNDS", "3"))

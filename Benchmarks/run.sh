@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-swift build -c release --product ballast
+# The binary users install (make release: static Swift runtime), so RSS and start-up are theirs.
+swift build -c release --static-swift-stdlib --scratch-path .build-static --product ballast
 (cd Benchmarks && swift build -c release --product loadgen && swift build -c release --product schedbench)
 mkdir -p Benchmarks/results
 out="Benchmarks/results/$(date +%Y%m%d-%H%M%S).md"

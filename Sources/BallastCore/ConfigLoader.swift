@@ -1,5 +1,3 @@
-import Yams
-
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
@@ -8,6 +6,8 @@ import Yams
 
 /// Parses and validates a YAML configuration. Everything is checked before anything is returned:
 /// a bad file yields one `ConfigError` naming file, line and column, and nothing is applied.
+typealias Node = YAMLNode
+
 public enum ConfigLoader {
     /// Keys accepted at each level; anything else is an error (a typo must not be silently ignored).
     public static let topKeys = ["global", "defaults", "services"]
@@ -68,7 +68,7 @@ public enum ConfigLoader {
         }
 
         func loc(_ node: Node) -> SourceLocation {
-            SourceLocation(file: file, line: node.mark?.line ?? 1, column: node.mark?.column ?? 1)
+            SourceLocation(file: file, line: node.mark.line, column: node.mark.column)
         }
 
         func fail(_ node: Node, _ message: String) -> ConfigError { ConfigError(loc(node), message) }
@@ -76,11 +76,11 @@ public enum ConfigLoader {
         func parse(_ text: String) throws(ConfigError) -> Config {
             let root: Node?
             do {
-                root = try Yams.compose(yaml: text)
-            } catch let error as YamlError {
-                throw yamlError(error)
+                root = try YAMLNode.parse(text)
             } catch {
-                throw ConfigError(SourceLocation(file: file, line: 1, column: 1), "cannot parse YAML: \(error)")
+                // A duplicated key is well-formed text with a meaning YAML forbids: said plainly.
+                let text = error.message.hasPrefix("duplicate key") ? error.message : "invalid YAML: \(error.message)"
+                throw ConfigError(SourceLocation(file: file, line: error.line, column: error.column), text)
             }
             guard let root else {
                 throw ConfigError(
@@ -97,7 +97,7 @@ public enum ConfigLoader {
             guard let servicesEntry = top["services"] else {
                 throw fail(root, "missing required key 'services'")
             }
-            guard case .sequence(let seq) = servicesEntry.value, !seq.isEmpty else {
+            guard case .sequence(let seq, _) = servicesEntry.value, !seq.isEmpty else {
                 throw fail(servicesEntry.value, "'services' must be a non-empty list of services")
             }
             var names: [String: SourceLocation] = [:]
@@ -173,26 +173,6 @@ public enum ConfigLoader {
             }
         }
 
-        func yamlError(_ error: YamlError) -> ConfigError {
-            func at(_ mark: Mark, _ message: String) -> ConfigError {
-                ConfigError(SourceLocation(file: file, line: mark.line, column: mark.column), message)
-            }
-            switch error {
-            case .scanner(let context, let problem, let mark, _), .parser(let context, let problem, let mark, _),
-                .composer(let context, let problem, let mark, _):
-                let ctx = context.map { "\($0.text) " } ?? ""
-                return at(mark, "invalid YAML: \(ctx)\(problem)")
-            case .duplicatedKeysInMapping(let duplicates, let context):
-                return at(
-                    context.mark,
-                    "duplicate key '\(duplicates.joined(separator: "', '"))' in the mapping that starts here")
-            case .reader(let problem, _, _, _):
-                return ConfigError(SourceLocation(file: file, line: 1, column: 1), "cannot read YAML: \(problem)")
-            default:
-                return ConfigError(SourceLocation(file: file, line: 1, column: 1), "invalid YAML: \(error)")
-            }
-        }
-
         // MARK: Structure helpers
 
         struct Entry {
@@ -202,12 +182,12 @@ public enum ConfigLoader {
 
         /// Returns the entries of a mapping after rejecting unknown and duplicated keys.
         func mapping(_ node: Node, _ what: String, allowed: [String]) throws(ConfigError) -> [String: Entry] {
-            guard case .mapping(let m) = node else {
+            guard case .mapping(let m, _) = node else {
                 throw fail(node, "\(what) must be a mapping of keys to values")
             }
             var out: [String: Entry] = [:]
             for (k, v) in m {
-                guard case .scalar(let ks) = k else { throw fail(k, "keys must be plain words") }
+                guard case .scalar(let ks, _) = k else { throw fail(k, "keys must be plain words") }
                 let key = ks.string
                 if !allowed.contains(key) {
                     let hint = suggestion(key, allowed).map { " (did you mean '\($0)'?)" } ?? ""
@@ -228,8 +208,8 @@ public enum ConfigLoader {
         }
 
         func scalar(_ node: Node, _ what: String) throws(ConfigError) -> String {
-            guard case .scalar(let s) = node else { throw fail(node, "\(what) must be a single value") }
-            if s.tag == Tag(.null) && s.style == .plain && (s.string.isEmpty || s.string == "~" || s.string == "null") {
+            guard case .scalar(let s, _) = node else { throw fail(node, "\(what) must be a single value") }
+            if s.isNull {
                 throw fail(node, "\(what) needs a value")
             }
             return s.string
@@ -274,7 +254,7 @@ public enum ConfigLoader {
         func prefixes(_ node: Node, _ what: String) throws(ConfigError) -> [IPPrefix] {
             let items: [Node]
             switch node {
-            case .sequence(let s): items = Array(s)
+            case .sequence(let s, _): items = Array(s)
             default: items = [node]
             }
             var out: [IPPrefix] = []
@@ -348,7 +328,7 @@ public enum ConfigLoader {
             var g = GlobalConfig()
             let m = try mapping(node, "global", allowed: ConfigLoader.globalKeys)
             if let e = m["workers"] {
-                if case .scalar(let s) = e.value, s.string == "auto" {
+                if case .scalar(let s, _) = e.value, s.string == "auto" {
                     g.workers = nil
                 } else {
                     g.workers = try integer(e.value, "global.workers (a number or auto)", min: 1, max: 256)
@@ -435,7 +415,7 @@ public enum ConfigLoader {
             if let e = m["timeout"] { st.timeout = try duration(e.value, "global.stats.timeout") }
             if let e = m["maxconn"] { st.maxconn = try integer(e.value, "global.stats.maxconn", min: 1, max: 10_000) }
             guard let e = m["sockets"] else { throw fail(node, "global.stats: missing required key 'sockets'") }
-            guard case .sequence(let seq) = e.value, !seq.isEmpty else {
+            guard case .sequence(let seq, _) = e.value, !seq.isEmpty else {
                 throw fail(e.value, "global.stats.sockets must be a non-empty list of sockets")
             }
             var seen: [String: SourceLocation] = [:]
@@ -627,7 +607,7 @@ public enum ConfigLoader {
             guard let a = m["addresses"] else { throw fail(node, "\(what): missing required key 'addresses'") }
             let items: [Node]
             switch a.value {
-            case .sequence(let seq): items = Array(seq)
+            case .sequence(let seq, _): items = Array(seq)
             case .scalar: items = [a.value]
             default: throw fail(a.value, "\(what).addresses must be a list of ip:port")
             }
@@ -665,7 +645,7 @@ public enum ConfigLoader {
         func parseExpect(_ node: Node, _ what: String) throws(ConfigError) -> [ClosedRange<Int>] {
             let items: [Node]
             switch node {
-            case .sequence(let s): items = Array(s)
+            case .sequence(let s, _): items = Array(s)
             default: items = [node]
             }
             var out: [ClosedRange<Int>] = []
@@ -791,7 +771,7 @@ public enum ConfigLoader {
             guard let bindEntry = m["bind"] else { throw fail(node, "\(what): missing required key 'bind'") }
             let bindNodes: [Node]
             switch bindEntry.value {
-            case .sequence(let s): bindNodes = Array(s)
+            case .sequence(let s, _): bindNodes = Array(s)
             case .scalar: bindNodes = [bindEntry.value]
             default: throw fail(bindEntry.value, "\(what): bind must be an address or a list of addresses")
             }
@@ -828,7 +808,7 @@ public enum ConfigLoader {
             }
 
             guard let serversEntry = m["servers"] else { throw fail(node, "\(what): missing required key 'servers'") }
-            guard case .sequence(let seq) = serversEntry.value, !seq.isEmpty else {
+            guard case .sequence(let seq, _) = serversEntry.value, !seq.isEmpty else {
                 throw fail(serversEntry.value, "\(what): 'servers' must be a non-empty list of servers")
             }
             for (i, sn) in seq.enumerated() {
@@ -1173,7 +1153,7 @@ public enum ConfigLoader {
 
     /// FNV-1a of a node as YAML writes it back (comments, spacing and position do not count).
     static func digest(_ node: Node) -> UInt64 {
-        let text = (try? Yams.serialize(node: node)) ?? ""
+        let text = node.canonical
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
         for b in text.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
         return h

@@ -785,10 +785,8 @@ public func checkBinds(_ config: Config) throws(ConfigError) -> [String] {
         var rl = rlimit()
         if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) == 0 && UInt64(rl.rlim_max) < needed {
             // Root may raise the hard limit up to fs.nr_open; nobody goes beyond it.
-            let nrOpen =
-                UInt64(
-                    ((try? RegularFile.text("/proc/sys/fs/nr_open", limit: 64).get()) ?? "").trimmingCharacters(
-                        in: .whitespacesAndNewlines)) ?? 0
+            let text = (try? RegularFile.text("/proc/sys/fs/nr_open", limit: 64).get()) ?? ""
+            let nrOpen = UInt64(text.filter { $0.isNumber }) ?? 0
             let ceiling = geteuid() == 0 ? max(nrOpen, UInt64(rl.rlim_max)) : UInt64(rl.rlim_max)
             if ceiling < needed {
                 throw ConfigError(

@@ -94,7 +94,7 @@ struct ConfigTests {
             "services:\n  - name: d\n    interface: eth1\n    bind: 10.0.0.1:80\n    servers: [{ name: a, address: 10.0.0.2:80 }]\n",
             "bad.yaml:3:5: service 'd': 'interface' applies to mode: dsr services"
         ),
-        ("services: [", "bad.yaml:2:1: invalid YAML: while parsing a flow node did not find expected node content"),
+        ("services: [", "bad.yaml:1:11: invalid YAML: a '[' that starts here is not closed"),
         (
             "global: { workrs: 2 }\nservices: []\n",
             "bad.yaml:1:11: unknown key 'workrs' in global (did you mean 'workers'?); expected one of: workers, maxconn, log, pipe_size, engine, grace, user, group, stats, metrics, state_file, nat"

@@ -1,5 +1,6 @@
 import BallastCore
 import CNftables
+import Foundation
 import Testing
 
 @testable import BallastNat
