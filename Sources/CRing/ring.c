@@ -56,6 +56,8 @@ ballast_ring *ballast_ring_create(unsigned entries, unsigned sqpoll_ms, int *err
         *err = EOPNOTSUPP;
         return NULL;
     }
+    // Each io_uring_enter then skips the descriptor lookup (5.18+; harmless where refused).
+    (void)io_uring_register_ring_fd(&r->ring);
     return r;
 }
 

@@ -252,8 +252,11 @@ final class TestServer: @unchecked Sendable {
         if mine { close(c) }
     }
 
+    /// Stops listening and closes the open connections. Once: a second call must not shut down
+    /// and close the listener's descriptor number again, which by then may belong to another
+    /// test's socket (a listener there stops listening: its clients see "Connection refused").
     func stop() {
-        stopped.store(true, ordering: .relaxed)
+        if stopped.exchange(true, ordering: .relaxed) { return }
         shutdown(fd, Int32(SHUT_RDWR))
         close(fd)
         acceptThread?.join(timeout: 5)
