@@ -328,14 +328,20 @@ def count_syscalls(iperf, redis, name):
                              capture_output=True, text=True, timeout=60)
         return json.loads(out.stdout)["end"]["sum_received"]["bytes"] / 1e6
 
-    def top(counts, units):
-        best = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    def top(counts, units, n=3):
+        best = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
         return ", ".join(f"{k} {v / units:.2f}" for k, v in best if v)
+
+    def connections():
+        out = subprocess.run([LOADGEN, "connrate", str(redis.ports[name]), "3", "2"],
+                             capture_output=True, text=True, timeout=60)
+        return int(out.stdout.split()[1]) * 3
 
     g, ng = perf_syscalls(redis.pids[name], gets)
     b, nb = perf_syscalls(iperf.pids[name], megabytes)
-    return {"per_get": sum(g.values()) / ng, "per_mb": sum(b.values()) / nb, "top_get": top(g, ng),
-            "top_mb": top(b, nb)}
+    c, nc = perf_syscalls(redis.pids[name], connections)
+    return {"per_get": sum(g.values()) / ng, "per_mb": sum(b.values()) / nb, "per_conn": sum(c.values()) / nc,
+            "top_get": top(g, ng), "top_mb": top(b, nb), "top_conn": top(c, nc, 8)}
 
 
 def median(xs):
@@ -472,9 +478,11 @@ def main():
         print("\nSystem calls made by the proxy (perf stat -e 'syscalls:sys_enter_*', one run each)\n")
         print("| | " + " | ".join(syscalls) + " |")
         print("|---|" + "---:|" * len(syscalls))
-        for label, field in [("per redis GET (-c 50)", "per_get"), ("per MB (iperf3, 1 stream)", "per_mb")]:
+        for label, field in [("per redis GET (-c 50)", "per_get"), ("per MB (iperf3, 1 stream)", "per_mb"),
+                             ("per new connection (PING/close)", "per_conn")]:
             print(f"| {label} | " + " | ".join(f"{syscalls[n][field]:.2f}" for n in syscalls) + " |")
-        for label, field in [("most frequent, per GET", "top_get"), ("most frequent, per MB", "top_mb")]:
+        for label, field in [("most frequent, per GET", "top_get"), ("most frequent, per MB", "top_mb"),
+                             ("most frequent, per connection", "top_conn")]:
             print(f"| {label} | " + " | ".join(syscalls[n][field] for n in syscalls) + " |")
 
 

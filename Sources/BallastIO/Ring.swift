@@ -28,7 +28,13 @@ public final class Ring: @unchecked Sendable {
     public let bufferSize: Int
     public let maxBuffers: Int
     private var memory: [UnsafeMutableRawPointer] = []
-    public var buffersAllocated: Int { memory.count }
+    /// Buffer ids whose pages were given back to the system (`MADV_DONTNEED`): reused first.
+    private var spare: [UInt16] = []
+    /// Buffers the kernel holds (provided, not yet picked by a receive).
+    private var inKernel = 0
+    /// Free buffers kept in the kernel's pool; beyond this, returned ones give their pages back.
+    public static let keepFree = 64
+    public var buffersAllocated: Int { memory.count - spare.count }
 
     /// Why the kernel refused a ring, if it did (`kernel.io_uring_disabled`, seccomp, an old
     /// kernel): nil when one can be made here.
@@ -66,24 +72,45 @@ public final class Ring: @unchecked Sendable {
 
     /// Adds up to `count` new buffers to the kernel's pool; false when the pool is at its size.
     public func grow(_ count: Int) -> Bool {
-        let n = min(count, maxBuffers - memory.count)
-        guard n > 0 else { return false }
-        for _ in 0..<n {
-            let m = UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 64)
-            memory.append(m)
-            ballast_ring_provide(ring, m, UInt32(bufferSize), UInt16(memory.count - 1))
+        var added = 0
+        while added < count, let id = spare.popLast() {
+            provide(id)
+            added += 1
         }
-        return true
+        let n = min(count - added, maxBuffers - memory.count)
+        if n > 0 {
+            for _ in 0..<n {
+                // Page-aligned, so a buffer's pages can be given back on their own.
+                let m = UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 4096)
+                memory.append(m)
+                provide(UInt16(memory.count - 1))
+            }
+            added += n
+        }
+        return added > 0
+    }
+
+    @inline(__always)
+    private func provide(_ id: UInt16) {
+        ballast_ring_provide(ring, memory[Int(id)], UInt32(bufferSize), id)
+        inKernel += 1
     }
 
     /// The memory of buffer `id`.
     @inline(__always)
     public func buffer(_ id: Int32) -> UnsafeMutableRawPointer { memory[Int(id)] }
 
-    /// Gives buffer `id` back to the kernel's pool (published with the next submission).
+    /// Gives buffer `id` back to the kernel's pool (published with the next submission), or,
+    /// when the pool already has `keepFree` free buffers, its pages back to the system: a burst
+    /// grows the pool, and the pool shrinks again when the burst is over.
     @inline(__always)
     public func recycle(_ id: Int32) {
-        ballast_ring_provide(ring, memory[Int(id)], UInt32(bufferSize), UInt16(id))
+        if inKernel >= Ring.keepFree {
+            Sys.discardPages(memory[Int(id)], bufferSize)
+            spare.append(UInt16(id))
+        } else {
+            provide(UInt16(id))
+        }
     }
 
     /// A receive on `fd` into a buffer the kernel picks when data arrives.
@@ -101,13 +128,27 @@ public final class Ring: @unchecked Sendable {
         check(ballast_ring_poll(ring, fd, mask, multishot ? 1 : 0, data))
     }
 
-    /// Cancels every operation on `fd`, then closes it, in this order, at the next submission.
-    /// Completions of cancelled operations still arrive (with -ECANCELED or a result).
-    public func cancelAndClose(_ fd: Int32, _ data: UInt64) {
-        if ballast_ring_cancel_close(ring, fd, data) != 0 {
-            // The queue cannot take two entries: submit failed to make room. Close the slow way.
+    /// Cancels the operations whose words are given (0: none), then closes `fd0` and `fd1`
+    /// (-1: none), in this order, at the next submission. Completions of cancelled operations
+    /// still arrive (with -ECANCELED, or their result if they finished first).
+    ///
+    /// By word, not by descriptor: a cancel by descriptor walks every pending operation of the
+    /// ring, so with thousands of idle connections each close would cost thousands of steps.
+    public func cancelAndClose(
+        _ w0: UInt64, _ w1: UInt64, _ w2: UInt64, _ w3: UInt64, fds fd0: Int32, _ fd1: Int32, _ data: UInt64
+    ) {
+        var words = (w0, w1, w2, w3)
+        let rc = withUnsafePointer(to: &words) {
+            $0.withMemoryRebound(to: UInt64.self, capacity: 4) { ballast_ring_cancel_close(ring, $0, fd0, fd1, data) }
+        }
+        if rc != 0 {
+            // The queue cannot take the chain even after a submit. Close the slow way: a
+            // shutdown completes whatever waits on the socket, then the close.
             _ = ballast_ring_submit(ring)
-            Sys.close(fd)
+            for fd in [fd0, fd1] where fd >= 0 {
+                Sys.shutdownBoth(fd)
+                Sys.close(fd)
+            }
         }
     }
 
@@ -143,6 +184,8 @@ public final class Ring: @unchecked Sendable {
     @inline(__always)
     public func completion(at k: Int) -> (data: UInt64, result: Int32, buffer: Int32, more: Bool) {
         let c = cqes + k
-        return (c.pointee.data, c.pointee.res, ballast_cqe_buffer(c), ballast_cqe_more(c) != 0)
+        let b = ballast_cqe_buffer(c)
+        if b >= 0 { inKernel -= 1 }
+        return (c.pointee.data, c.pointee.res, b, ballast_cqe_more(c) != 0)
     }
 }

@@ -128,4 +128,15 @@ public enum Sys {
     public static func shutdownWrite(_ fd: Int32) {
         _ = Glibc.shutdown(fd, Int32(SHUT_WR))
     }
+
+    /// The corresponding C function is `shutdown(fd, SHUT_RDWR)`.
+    public static func shutdownBoth(_ fd: Int32) {
+        _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
+    }
+
+    /// Gives the pages of `[p, p + size)` (page-aligned) back to the system; the memory stays
+    /// mapped and reads as zeros (`madvise(MADV_DONTNEED)`).
+    public static func discardPages(_ p: UnsafeMutableRawPointer, _ size: Int) {
+        _ = madvise(p, size, MADV_DONTNEED)
+    }
 }

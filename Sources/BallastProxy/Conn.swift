@@ -57,6 +57,8 @@ struct Direction {
     /// FIN passed on to the destination.
     var shut = false
     var bytes: UInt64 = 0
+    /// io_uring: the word of this direction's operation in the ring (0: none), cancelled at close.
+    var ringOp: UInt64 = 0
     /// io_uring: this direction is bulk and moves by readiness (ring polls, then `splice`
     /// through a pipe, as the epoll engine does); otherwise by ring receives and sends.
     var polled = false
@@ -101,6 +103,8 @@ struct Conn {
     /// client socket is on the epoll instance (it sent a PROXY header); a queued client's
     /// hang-up is watched.
     var connectAttempt: UInt16 = 0
+    var connectOp: UInt64 = 0
+    var hangupOp: UInt64 = 0
     var acceptedWithHeader = false
     var hangupWatched = false
 

@@ -49,7 +49,8 @@ extension Worker {
             if let ring, !c.pointee.hangupWatched {
                 // A client that goes away while waiting leaves the queue (as with epoll).
                 c.pointee.hangupWatched = true
-                ring.poll(c.pointee.clientFd, Epoll.hup | Epoll.err, ringWord(i, .queuedHangup))
+                c.pointee.hangupOp = ringWord(i, .queuedHangup)
+                ring.poll(c.pointee.clientFd, Epoll.hup | Epoll.err, c.pointee.hangupOp)
             }
             c.pointee.phaseDeadline = now + svc.queueMs
             enqueue(i, into: svc)
@@ -168,8 +169,8 @@ extension Worker {
         Socket.setNoDelay(fd)
         if let ring {
             c.pointee.connectAttempt &+= 1
-            ring.poll(
-                fd, Epoll.out | Epoll.err | Epoll.hup, ringWord(i, .connect, buffer: Int32(c.pointee.connectAttempt)))
+            c.pointee.connectOp = ringWord(i, .connect, buffer: Int32(c.pointee.connectAttempt))
+            ring.poll(fd, Epoll.out | Epoll.err | Epoll.hup, c.pointee.connectOp)
         } else {
             do {
                 try loop.add(
@@ -215,7 +216,7 @@ extension Worker {
     func connectFailed(_ i: Int32, _ err: Int32) {
         let c = table[i]
         if c.pointee.serverFd >= 0 {
-            closeSocket(c.pointee.serverFd)
+            closeSockets(i, client: -1, server: c.pointee.serverFd)
             c.pointee.serverFd = -1
         }
         let failed = c.pointee.serverIndex

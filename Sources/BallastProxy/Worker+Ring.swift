@@ -143,11 +143,13 @@ extension Worker {
             guard live, table[i].pointee.state == .connecting, table[i].pointee.connectAttempt == attempt else {
                 return
             }
+            table[i].pointee.connectOp = 0
             let failed = res < 0 || UInt32(res) & (Epoll.err | Epoll.hup) != 0
             connectCompleted(i, failed: failed)
         case .queuedHangup:
-            guard live, table[i].pointee.state == .queued, res >= 0 || res == -ECANCELED else { return }
-            if res >= 0 { finish(i, .clientReset) }
+            guard live else { return }
+            table[i].pointee.hangupOp = 0
+            if table[i].pointee.state == .queued && res >= 0 { finish(i, .clientReset) }
         case .srcReadyUp, .srcReadyDown, .dstReadyUp, .dstReadyDown:
             guard live, table[i].pointee.state == .established else { return }
             let up = op == .srcReadyUp || op == .dstReadyUp
@@ -171,30 +173,27 @@ extension Worker {
     /// epoll engine's code), then wait for what it blocked on — or, once the source is drained
     /// and nothing is held, go back to ring receives.
     func pumpPolled(_ i: Int32, up: Bool) {
-        guard let ring else { return }
         let c = table[i]
+        withDir(c, up) { $0.ringOp = 0 }
         let step = pumpDirection(i, up: up)
         if case .failed(let reason) = step { return finish(i, reason) }
         if withDir(c, up, { $0.shut }) {
             if c.pointee.up.shut && c.pointee.down.shut { finish(i, .done) }
             return
         }
-        let src = up ? c.pointee.clientFd : c.pointee.serverFd
-        let dst = up ? c.pointee.serverFd : c.pointee.clientFd
         if withDir(c, up, { $0.hasPending }) && !dstWritable(c, up) {
-            ring.poll(dst, Epoll.out, ringWord(i, up ? .dstReadyUp : .dstReadyDown))
+            armPoll(i, up: up, source: false)
         } else if withDir(c, up, { $0.splicing || $0.hasPending || $0.buffer >= 0 }) || srcReadable(c, up) {
             // Blocked on the source, or stopped by the fairness budget (the poll fires at once).
-            ring.poll(src, Epoll.in | Epoll.rdhup, ringWord(i, up ? .srcReadyUp : .srcReadyDown))
+            armPoll(i, up: up, source: true)
         } else {
             withDir(c, up) { $0.polled = false }
-            ring.recv(src, ringWord(i, up ? .recvUp : .recvDown))
+            armRecv(i, up: up)
         }
     }
 
     /// Starts moving bytes both ways on a connection that just became established.
     func ringStart(_ i: Int32) {
-        guard let ring else { return }
         let c = table[i]
         if c.pointee.acceptedWithHeader {
             // Its header was read through epoll; from now on the ring has it.
@@ -213,8 +212,8 @@ extension Worker {
             releaseBuffer(c, true)
             if !ok { return finish(i, .serverReset) }
         }
-        ring.recv(c.pointee.clientFd, ringWord(i, .recvUp))
-        ring.recv(c.pointee.serverFd, ringWord(i, .recvDown))
+        armRecv(i, up: true)
+        armRecv(i, up: false)
     }
 
     /// A receive finished: send what came, or pass the end on.
@@ -231,11 +230,11 @@ extension Worker {
             }
             count(c, up, n, spliced: false)
             touch(c, dstIsClient: up)
-            let dst = up ? c.pointee.serverFd : c.pointee.clientFd
-            ring.send(dst, ring.buffer(buffer), n, ringWord(i, up ? .sendUp : .sendDown, buffer: buffer))
+            armSend(i, up: up, buffer, from: 0, to: res)
             return
         }
         if buffer >= 0 { ring.recycle(buffer) }
+        withDir(c, up) { $0.ringOp = 0 }
         switch -res {
         case 0:
             withDir(c, up) { $0.eof = true }
@@ -243,12 +242,12 @@ extension Worker {
         case ENOBUFS:
             // Every buffer is in flight: add more, or wait for one to come back.
             if ring.grow(64) {
-                ring.recv(up ? c.pointee.clientFd : c.pointee.serverFd, ringWord(i, up ? .recvUp : .recvDown))
+                armRecv(i, up: up)
             } else {
                 starved.append((i, c.pointee.gen, up))
             }
         case EINTR, EAGAIN:
-            ring.recv(up ? c.pointee.clientFd : c.pointee.serverFd, ringWord(i, up ? .recvUp : .recvDown))
+            armRecv(i, up: up)
         default:
             finish(i, up ? .clientReset : .serverReset)
         }
@@ -262,11 +261,13 @@ extension Worker {
         if res < 0 {
             if -res == EINTR || -res == EAGAIN {
                 let (s, e) = withDir(c, up) { ($0.bufStart, $0.bufEnd) }
-                let dst = up ? c.pointee.serverFd : c.pointee.clientFd
-                ring.send(dst, ring.buffer(b) + Int(s), Int(e - s), ringWord(i, up ? .sendUp : .sendDown, buffer: b))
+                armSend(i, up: up, b, from: s, to: e)
                 return
             }
-            withDir(c, up) { $0.buffer = -1 }
+            withDir(c, up) {
+                $0.buffer = -1
+                $0.ringOp = 0
+            }
             ring.recycle(b)
             return finish(i, up ? .serverReset : .clientReset)
         }
@@ -275,16 +276,13 @@ extension Worker {
             $0.bufStart += res
             return ($0.bufStart, $0.bufEnd)
         }
-        if s < e {
-            let dst = up ? c.pointee.serverFd : c.pointee.clientFd
-            ring.send(dst, ring.buffer(b) + Int(s), Int(e - s), ringWord(i, up ? .sendUp : .sendDown, buffer: b))
-            return
-        }
+        if s < e { return armSend(i, up: up, b, from: s, to: e) }
         let full = e == Int32(ring.bufferSize)
         withDir(c, up) {
             $0.buffer = -1
             $0.bufStart = 0
             $0.bufEnd = 0
+            $0.ringOp = 0
         }
         ring.recycle(b)
         if full {
@@ -297,7 +295,7 @@ extension Worker {
             setDstWritable(c, up, true)
             return pumpPolled(i, up: up)
         }
-        ring.recv(up ? c.pointee.clientFd : c.pointee.serverFd, ringWord(i, up ? .recvUp : .recvDown))
+        armRecv(i, up: up)
     }
 
     /// The source of a direction sent FIN and everything before it was delivered: shut the
@@ -320,17 +318,63 @@ extension Worker {
         for (i, gen, up) in waiting {
             let c = table[i]
             guard c.pointee.state == .established, c.pointee.gen == gen else { continue }
-            ring.recv(up ? c.pointee.clientFd : c.pointee.serverFd, ringWord(i, up ? .recvUp : .recvDown))
+            armRecv(i, up: up)
         }
     }
 
-    /// Closes a socket the ring may have operations on: cancels them, then closes it.
+    // MARK: - Operations in flight
+    // Every operation queued for a connection is queued here, which records its word (one per
+    // direction, plus the connect and queued-hangup polls): closing cancels exactly those.
+
     @inline(__always)
-    func closeSocket(_ fd: Int32) {
-        if let ring {
-            ring.cancelAndClose(fd, UInt64(RingOp.housekeeping.rawValue) << 44)
-        } else {
-            Sys.close(fd)
+    func armRecv(_ i: Int32, up: Bool) {
+        let c = table[i]
+        let w = ringWord(i, up ? .recvUp : .recvDown)
+        withDir(c, up) { $0.ringOp = w }
+        ring!.recv(up ? c.pointee.clientFd : c.pointee.serverFd, w)
+    }
+
+    @inline(__always)
+    func armSend(_ i: Int32, up: Bool, _ buffer: Int32, from start: Int32, to end: Int32) {
+        let c = table[i]
+        let w = ringWord(i, up ? .sendUp : .sendDown, buffer: buffer)
+        withDir(c, up) { $0.ringOp = w }
+        ring!.send(up ? c.pointee.serverFd : c.pointee.clientFd, ring!.buffer(buffer) + Int(start), Int(end - start), w)
+    }
+
+    /// A bulk direction waits for its source (`source`) or its destination.
+    @inline(__always)
+    func armPoll(_ i: Int32, up: Bool, source: Bool) {
+        let c = table[i]
+        let op: RingOp = source ? (up ? .srcReadyUp : .srcReadyDown) : (up ? .dstReadyUp : .dstReadyDown)
+        let w = ringWord(i, op)
+        withDir(c, up) { $0.ringOp = w }
+        let fd = (up == source) ? c.pointee.clientFd : c.pointee.serverFd
+        ring!.poll(fd, source ? Epoll.in | Epoll.rdhup : Epoll.out, w)
+    }
+
+    static let housekeepingWord = UInt64(RingOp.housekeeping.rawValue) << 44
+
+    /// Closes the connection's sockets (-1: keep that one) after cancelling what the ring has
+    /// in flight for it; with epoll, plain closes.
+    func closeSockets(_ i: Int32, client: Int32, server: Int32) {
+        let c = table[i]
+        guard let ring else {
+            if client >= 0 { Sys.close(client) }
+            if server >= 0 { Sys.close(server) }
+            return
         }
+        if client >= 0 {
+            ring.cancelAndClose(
+                c.pointee.up.ringOp, c.pointee.down.ringOp, c.pointee.connectOp, c.pointee.hangupOp,
+                fds: client, server, Worker.housekeepingWord)
+        } else {
+            // Only the server socket of a failed connect: its connect poll.
+            ring.cancelAndClose(c.pointee.connectOp, 0, 0, 0, fds: server, -1, Worker.housekeepingWord)
+        }
+        c.pointee.up.ringOp = 0
+        c.pointee.down.ringOp = 0
+        c.pointee.connectOp = 0
+        if client >= 0 { c.pointee.hangupOp = 0 }
     }
 }

@@ -72,14 +72,11 @@ extension Worker {
         releasePipe(c, false)
         releaseBuffer(c, true)
         releaseBuffer(c, false)
-        if c.pointee.clientFd >= 0 {
-            if reason == .serverReset || reason == .refused { Socket.setLingerZero(c.pointee.clientFd) }
-            closeSocket(c.pointee.clientFd)
+        if c.pointee.clientFd >= 0 && (reason == .serverReset || reason == .refused) {
+            Socket.setLingerZero(c.pointee.clientFd)
         }
-        if c.pointee.serverFd >= 0 {
-            if reason == .clientReset { Socket.setLingerZero(c.pointee.serverFd) }
-            closeSocket(c.pointee.serverFd)
-        }
+        if c.pointee.serverFd >= 0 && reason == .clientReset { Socket.setLingerZero(c.pointee.serverFd) }
+        closeSockets(i, client: c.pointee.clientFd, server: c.pointee.serverFd)
         if settings.logConnections { logClose(c, reason) }
         let server = c.pointee.server
         let svc = c.pointee.service

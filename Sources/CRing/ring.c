@@ -145,21 +145,33 @@ int ballast_ring_poll(ballast_ring *r, int fd, unsigned mask, int multishot, uin
     return 0;
 }
 
-int ballast_ring_cancel_close(ballast_ring *r, int fd, uint64_t data) {
-    // Both entries must be in the same submission: make room for two.
-    if (io_uring_sq_space_left(&r->ring) < 2) {
+int ballast_ring_cancel_close(ballast_ring *r, const uint64_t words[4], int fd0, int fd1, uint64_t data) {
+    unsigned need = (fd0 >= 0) + (fd1 >= 0);
+    for (int k = 0; k < 4; k++) need += words[k] != 0;
+    if (need == 0) return 0;
+    // One chain must be in one submission: make room for all of it.
+    if (io_uring_sq_space_left(&r->ring) < need) {
         ballast_ring_publish(r);
         io_uring_submit(&r->ring);
-        if (io_uring_sq_space_left(&r->ring) < 2) return -EBUSY;
+        if (io_uring_sq_space_left(&r->ring) < need) return -EBUSY;
     }
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
-    io_uring_prep_cancel_fd(sqe, fd, IORING_ASYNC_CANCEL_ALL);
-    sqe->flags |= IOSQE_IO_HARDLINK | IOSQE_CQE_SKIP_SUCCESS;
-    io_uring_sqe_set_data64(sqe, data);
-    sqe = io_uring_get_sqe(&r->ring);
-    io_uring_prep_close(sqe, fd);
-    sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
-    io_uring_sqe_set_data64(sqe, data);
+    unsigned left = need;
+    struct io_uring_sqe *sqe;
+    for (int k = 0; k < 4; k++) {
+        if (!words[k]) continue;
+        sqe = io_uring_get_sqe(&r->ring);
+        io_uring_prep_cancel64(sqe, words[k], 0);
+        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS | (--left ? IOSQE_IO_HARDLINK : 0);
+        io_uring_sqe_set_data64(sqe, data);
+    }
+    int fds[2] = {fd0, fd1};
+    for (int k = 0; k < 2; k++) {
+        if (fds[k] < 0) continue;
+        sqe = io_uring_get_sqe(&r->ring);
+        io_uring_prep_close(sqe, fds[k]);
+        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS | (--left ? IOSQE_IO_HARDLINK : 0);
+        io_uring_sqe_set_data64(sqe, data);
+    }
     return 0;
 }
 

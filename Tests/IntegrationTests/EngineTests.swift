@@ -76,6 +76,57 @@ import Testing
         #expect(back == payload)
     }
 
+    static func openDescriptors(_ pid: Int32) -> Int {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).count
+    }
+
+    @Test(
+        "engine: io_uring closes every socket it cancels: after 300 connections, held and dropped, no descriptor is left"
+    )
+    func ringClosesEverything() throws {
+        let echo = try TestServer.echo()
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 2\nengine: io_uring", services: [serviceYAML(servers: [("e", echo.port)])]))
+        defer { p.stop() }
+        let port = p.port("svc")
+        _ = try Self.exchanges(port, count: 1)
+        usleep(200_000)
+        let base = Self.openDescriptors(p.pid)
+        // Held at once with a receive pending each way, then closed: by the client (FIN),
+        // by a reset, and after an exchange, so every close path cancels a pending operation.
+        var held: [Int32] = []
+        for k in 0..<300 {
+            let fd = try Net.connect(port)
+            if k % 3 == 2 {
+                try Net.sendAll(fd, "x\n")
+                #expect(Net.readExactly(fd, 2) == Array("x\n".utf8))
+            }
+            held.append(fd)
+        }
+        usleep(200_000)
+        #expect(Self.openDescriptors(p.pid) >= base + 300)
+        for (k, fd) in held.enumerated() {
+            if k % 3 == 1 { Net.reset(fd) } else { close(fd) }
+        }
+        var now = Self.openDescriptors(p.pid)
+        let deadline = Date().addingTimeInterval(5)
+        while now > base && Date() < deadline {
+            usleep(20_000)
+            now = Self.openDescriptors(p.pid)
+        }
+        #expect(now <= base, "descriptors: \(now) after, \(base) before")
+        // Closing a descriptor is not enough: an operation left in the ring would keep the socket
+        // open (no FIN, no reset to the server). The echo server sees every connection end.
+        var open = echo.openConnections
+        while open > 1 && Date() < deadline.addingTimeInterval(5) {
+            usleep(20_000)
+            open = echo.openConnections
+        }
+        #expect(open <= 1, "server-side connections still open: \(open)")
+        #expect(try Self.exchanges(port, count: 5) > 0)
+    }
+
     /// A seccomp filter that fails io_uring_setup with EPERM (as Docker's default profile does),
     /// then runs the rest of the command line.
     static let denyIOUring = """

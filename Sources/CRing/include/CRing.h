@@ -31,8 +31,10 @@ void ballast_ring_publish(ballast_ring *r);
 int ballast_ring_recv(ballast_ring *r, int fd, uint64_t data);
 int ballast_ring_send(ballast_ring *r, int fd, const void *buf, unsigned len, uint64_t data);
 int ballast_ring_poll(ballast_ring *r, int fd, unsigned mask, int multishot, uint64_t data);
-/// Cancels every operation on `fd`, then closes it (hard-linked: the close runs either way).
-int ballast_ring_cancel_close(ballast_ring *r, int fd, uint64_t data);
+/// Cancels the operations named by the nonzero words (by their data, a hash lookup each), then
+/// closes the descriptors that are >= 0, in that order (hard-linked: each step runs whatever the
+/// one before it found).
+int ballast_ring_cancel_close(ballast_ring *r, const uint64_t words[4], int fd0, int fd1, uint64_t data);
 
 /// Submits what is queued and waits for at least one completion, at most `timeout_ms`
 /// (-1: no limit; 0: do not wait). Returns >= 0, or a negative errno (-ETIME, -EINTR: not errors).

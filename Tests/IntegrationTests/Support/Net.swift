@@ -208,6 +208,8 @@ final class TestServer: @unchecked Sendable {
     private let handler: @Sendable (Int32, TestServer) -> Void
 
     var connections: Int { accepted.load(ordering: .relaxed) }
+    /// Connections whose handler has not finished (the peer has not closed, or the handler runs).
+    var openConnections: Int { lock.withLock { clients.count } }
 
     init(
         name: String = "server", host: String = "127.0.0.1", port: UInt16 = 0,
