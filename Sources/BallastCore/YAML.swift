@@ -407,9 +407,10 @@ struct YAMLParser {
         }
     }
 
-    /// The lines that continue a multi-line plain value: more indented than `parent`, folded
-    /// into it with a space (an empty line with a newline). A comment line ends the value.
-    mutating func continuation(parent: Int) -> String {
+    /// The lines that continue a multi-line plain value, folded into it with a space (an empty
+    /// line with a newline). In a block, only lines more indented than `parent`; in a flow
+    /// collection, until an indicator. A comment line ends the value.
+    mutating func continuation(parent: Int, flow: Bool = false) -> String {
         var out = ""
         while true {
             skipInlineSpacesOnly()
@@ -417,23 +418,34 @@ struct YAMLParser {
             var k = i
             var breaks = 0
             var lineAt = i
-            while k < b.count && (b[k] == 10 || b[k] == 13 || b[k] == 32) {
+            while k < b.count && (b[k] == 10 || b[k] == 13 || b[k] == 32 || (flow && b[k] == 9)) {
                 if b[k] == 10 {
                     breaks += 1
                     lineAt = k + 1
                 }
                 k += 1
             }
-            guard k < b.count, k - lineAt + 1 > parent, b[k] != UInt8(ascii: "#"), b[k] != 9 else { return out }
-            // A document marker at the start of a line ends everything.
-            if k == lineAt && k + 3 <= b.count
-                && (Array(b[k..<k + 3]) == Array("---".utf8) || Array(b[k..<k + 3]) == Array("...".utf8))
-            {
-                return out
+            guard k < b.count, b[k] != UInt8(ascii: "#") else { return out }
+            let c = b[k]
+            if flow {
+                if c == UInt8(ascii: ",") || c == UInt8(ascii: "]") || c == UInt8(ascii: "}")
+                    || c == UInt8(ascii: "[") || c == UInt8(ascii: "{")
+                    || (c == UInt8(ascii: ":") && (k + 1 >= b.count || Self.isBlank(b[k + 1])))
+                {
+                    return out
+                }
+            } else {
+                guard k - lineAt + 1 > parent, c != 9 else { return out }
+                // A document marker at the start of a line ends everything.
+                if k == lineAt && k + 3 <= b.count
+                    && (Array(b[k..<k + 3]) == Array("---".utf8) || Array(b[k..<k + 3]) == Array("...".utf8))
+                {
+                    return out
+                }
             }
             while i < k { advance() }
             out += breaks > 1 ? String(repeating: "\n", count: breaks - 1) : " "
-            out += plainBlock(key: false)
+            out += flow ? flowPlainLine() : plainBlock(key: false)
         }
     }
 
@@ -730,50 +742,30 @@ struct YAMLParser {
         return isMap ? .mapping(pairs, start) : .sequence(items, start)
     }
 
-    /// The lines that continue a multi-line plain value inside a flow collection.
-    mutating func flowContinuation() -> String {
-        var out = ""
-        while true {
-            skipInlineSpacesOnly()
-            guard peek() == 10 || peek() == 13 else { return out }
-            var k = i
-            var breaks = 0
-            while k < b.count && (b[k] == 10 || b[k] == 13 || b[k] == 32 || b[k] == 9) {
-                if b[k] == 10 { breaks += 1 }
-                k += 1
-            }
-            guard k < b.count else { return out }
-            let c = b[k]
-            if c == UInt8(ascii: ",") || c == UInt8(ascii: "]") || c == UInt8(ascii: "}") || c == UInt8(ascii: "#")
-                || c == UInt8(ascii: "[") || c == UInt8(ascii: "{")
-                || (c == UInt8(ascii: ":") && (k + 1 >= b.count || Self.isBlank(b[k + 1])))
+    /// A plain value's text on this line, in flow context: up to ',', '[', ']', '{', '}', ': ',
+    /// ' #' or the line break (trailing spaces left out; the position is after the last character).
+    mutating func flowPlainLine() -> String {
+        let s = i
+        var end = i
+        while !Self.isBreak(peek()) {
+            let c = peek()
+            if c == UInt8(ascii: ",") || c == UInt8(ascii: "[") || c == UInt8(ascii: "]")
+                || c == UInt8(ascii: "{") || c == UInt8(ascii: "}")
             {
-                return out
+                break
             }
-            while i < k { advance() }
-            out += breaks > 1 ? String(repeating: "\n", count: breaks - 1) : " "
-            let s = i
-            var end = i
-            while !Self.isBreak(peek()) {
-                let c = peek()
-                if c == UInt8(ascii: ",") || c == UInt8(ascii: "[") || c == UInt8(ascii: "]")
-                    || c == UInt8(ascii: "{") || c == UInt8(ascii: "}")
-                {
-                    break
-                }
-                if c == UInt8(ascii: ":")
-                    && (Self.isBlank(peek(1)) || peek(1) == UInt8(ascii: ",") || peek(1) == UInt8(ascii: "]")
-                        || peek(1) == UInt8(ascii: "}"))
-                {
-                    break
-                }
-                if Self.isSpace(c) && peek(1) == UInt8(ascii: "#") { break }
-                i += 1
-                if !Self.isSpace(c) { end = i }
+            if c == UInt8(ascii: ":")
+                && (Self.isBlank(peek(1)) || peek(1) == UInt8(ascii: ",") || peek(1) == UInt8(ascii: "]")
+                    || peek(1) == UInt8(ascii: "}"))
+            {
+                break
             }
-            i = end
-            out += String(decoding: b[s..<end], as: UTF8.self)
+            if Self.isSpace(c) && peek(1) == UInt8(ascii: "#") { break }
+            i += 1
+            if !Self.isSpace(c) { end = i }
         }
+        i = end
+        return String(decoding: b[s..<end], as: UTF8.self)
     }
 
     /// One entry inside a flow collection.
@@ -800,30 +792,9 @@ struct YAMLParser {
         case UInt8(ascii: ","), UInt8(ascii: "]"), UInt8(ascii: "}"):
             throw error("an empty entry in a collection (two commas, or a comma before the end?)")
         default:
-            // Plain in flow context: ends at ',', '[', ']', '{', '}', ': ', ' #' or a line break.
-            let s = i
-            var end = i
-            while !Self.isBreak(peek()) {
-                let c = peek()
-                if c == UInt8(ascii: ",") || c == UInt8(ascii: "[") || c == UInt8(ascii: "]")
-                    || c == UInt8(ascii: "{") || c == UInt8(ascii: "}")
-                {
-                    break
-                }
-                if c == UInt8(ascii: ":")
-                    && (Self.isBlank(peek(1)) || peek(1) == UInt8(ascii: ",") || peek(1) == UInt8(ascii: "]")
-                        || peek(1) == UInt8(ascii: "}"))
-                {
-                    break
-                }
-                if Self.isSpace(c) && peek(1) == UInt8(ascii: "#") { break }
-                i += 1
-                if !Self.isSpace(c) { end = i }
-            }
-            i = end
-            if s == end { throw error("expected a value") }
-            var text = String(decoding: b[s..<end], as: UTF8.self)
-            text += flowContinuation()
+            var text = flowPlainLine()
+            if text.isEmpty { throw error("expected a value") }
+            text += continuation(parent: 0, flow: true)
             node = .scalar(.init(string: text, plain: !verbatim), start)
         }
         if let anchor { anchors[anchor] = node }

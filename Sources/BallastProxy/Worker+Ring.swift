@@ -111,13 +111,8 @@ extension Worker {
                 if n < Int(loop.capacity) { break }
             }
         }
-        runDeferred()
         if !starved.isEmpty { feedStarved(ring) }
-        expired.removeAll(keepingCapacity: true)
-        wheel.advance(now: now, in: table, into: &expired)
-        for i in expired { onTimer(i) }
-        if queued > 0 { serveQueues() }
-        if pausedForMaxconn || pausedForFds { maybeResumeListeners() }
+        afterEvents()
         return true
     }
 

@@ -143,13 +143,19 @@ public final class Worker: @unchecked Sendable {
             let (token, ev) = loop.event(at: k)
             dispatch(token, ev)
         }
+        afterEvents()
+        return true
+    }
+
+    /// The end of every turn, after the events (both engines): deferred relays, expired timers,
+    /// queued connections, paused listeners.
+    func afterEvents() {
         runDeferred()
         expired.removeAll(keepingCapacity: true)
         wheel.advance(now: now, in: table, into: &expired)
         for i in expired { onTimer(i) }
         if queued > 0 { serveQueues() }
         if pausedForMaxconn || pausedForFds { maybeResumeListeners() }
-        return true
     }
 
     @inline(__always)
