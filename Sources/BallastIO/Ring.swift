@@ -34,21 +34,21 @@ public final class Ring: @unchecked Sendable {
     private var inKernel = 0
     /// Free buffers kept in the kernel's pool; beyond this, returned ones give their pages back.
     public static let keepFree = 64
-    public var buffersAllocated: Int { memory.count - spare.count }
 
     /// Why the kernel refused a ring, if it did (`kernel.io_uring_disabled`, seccomp, an old
     /// kernel): nil when one can be made here.
     public static func probe() -> SysError? {
-        var err: Int32 = 0
-        guard let r = ballast_ring_create(8, 0, &err) else { return SysError("io_uring_setup", err) }
-        defer { ballast_ring_destroy(r) }
-        let rc = ballast_ring_setup_buffers(r, 8)
-        return rc < 0 ? SysError("io_uring_register", -rc) : nil
+        do {
+            _ = try Ring(entries: 8, bufferSize: 4096, maxBuffers: 8)
+            return nil
+        } catch {
+            return error
+        }
     }
 
-    public init(entries: Int, bufferSize: Int, maxBuffers: Int, sqpollMs: Int = 0) throws(SysError) {
+    public init(entries: Int, bufferSize: Int, maxBuffers: Int) throws(SysError) {
         var err: Int32 = 0
-        guard let r = ballast_ring_create(UInt32(entries), UInt32(sqpollMs), &err) else {
+        guard let r = ballast_ring_create(UInt32(entries), &err) else {
             throw SysError("io_uring_setup", err)
         }
         let rc = ballast_ring_setup_buffers(r, UInt32(maxBuffers))
@@ -152,14 +152,10 @@ public final class Ring: @unchecked Sendable {
         }
     }
 
+    /// An operation that cannot be queued (the submission queue stayed full after a submit:
+    /// only a kernel refusing every submission does that) is dropped; its owner's timer ends it.
     @inline(__always)
-    private func check(_ rc: Int32) {
-        // The submission queue stayed full after a submit: only a kernel refusing every
-        // submission does that. Nothing can be queued; the operation's owner times out.
-        if rc != 0 { submitFailures &+= 1 }
-    }
-
-    public private(set) var submitFailures = 0
+    private func check(_ rc: Int32) {}
 
     /// Submits everything queued and waits up to `timeoutMs` (-1: no limit, 0: not at all) for a
     /// completion. Throws only for real failures (not a timeout or a signal).

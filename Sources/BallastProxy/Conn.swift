@@ -99,14 +99,15 @@ struct Conn {
     var clientRdHup = false
     var serverRdHup = false
     var deferred = false
-    /// io_uring: connect attempts made (a completion names the attempt it belongs to); the
-    /// client socket is on the epoll instance (it sent a PROXY header); a queued client's
-    /// hang-up is watched.
+    /// io_uring: connect attempts made (a completion names the attempt it belongs to), and the
+    /// words of the connect poll and of a queued client's hang-up poll while they are in the
+    /// ring (0: none).
     var connectAttempt: UInt16 = 0
     var connectOp: UInt64 = 0
     var hangupOp: UInt64 = 0
-    var acceptedWithHeader = false
-    var hangupWatched = false
+    /// The client socket is on the epoll instance (always with epoll; with io_uring only while
+    /// a PROXY header is read).
+    var clientOnEpoll = false
 
     var up = Direction()  // client → server
     var down = Direction()  // server → client

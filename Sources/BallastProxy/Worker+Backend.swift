@@ -46,9 +46,8 @@ extension Worker {
         if svc.anyUsable {
             if svc.queueCount >= svc.maxqueue { return finish(i, .queueFull) }
             c.pointee.state = .queued
-            if let ring, !c.pointee.hangupWatched {
+            if let ring, c.pointee.hangupOp == 0 {
                 // A client that goes away while waiting leaves the queue (as with epoll).
-                c.pointee.hangupWatched = true
                 c.pointee.hangupOp = ringWord(i, .queuedHangup)
                 ring.poll(c.pointee.clientFd, Epoll.hup | Epoll.err, c.pointee.hangupOp)
             }

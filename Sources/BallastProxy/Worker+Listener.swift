@@ -80,7 +80,7 @@ extension Worker {
                 assign(i, exclude: -1)
                 continue
             }
-            c.pointee.acceptedWithHeader = true
+            c.pointee.clientOnEpoll = true
             do {
                 try loop.add(
                     fd, Epoll.in | Epoll.out | Epoll.rdhup | Epoll.edgeTriggered, token(i, .client, c.pointee.gen))

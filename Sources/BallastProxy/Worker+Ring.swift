@@ -74,11 +74,9 @@ extension Worker {
 
     /// One turn of the io_uring engine (see `turn`).
     func ringTurn(_ ring: Ring, maxWaitMs: Int32) -> Bool {
-        var timeout = maxWaitMs
-        if let t = wheel.timeoutMs(now: now) { timeout = timeout < 0 ? t : min(timeout, t) }
-        if !deferredList.isEmpty { timeout = 0 }
+        var timeout = waitTimeout(maxWaitMs)
+        // Receives waiting for a buffer are retried every millisecond.
         if !starved.isEmpty { timeout = timeout < 0 ? 1 : min(timeout, 1) }
-        if queued > 0 || pausedForMaxconn || pausedForFds { timeout = timeout < 0 ? 10 : min(timeout, 10) }
         do {
             try ring.submitAndWait(timeoutMs: timeout)
         } catch {
@@ -104,10 +102,7 @@ extension Worker {
             while true {
                 let n: Int
                 do { n = try loop.wait(timeoutMs: 0) } catch { break }
-                for k in 0..<n {
-                    let (token, ev) = loop.event(at: k)
-                    dispatch(token, ev)
-                }
+                dispatchEvents(n)
                 if n < Int(loop.capacity) { break }
             }
         }
@@ -190,7 +185,7 @@ extension Worker {
     /// Starts moving bytes both ways on a connection that just became established.
     func ringStart(_ i: Int32) {
         let c = table[i]
-        if c.pointee.acceptedWithHeader {
+        if c.pointee.clientOnEpoll {
             // Its header was read through epoll; from now on the ring has it.
             loop.remove(c.pointee.clientFd)
         }

@@ -127,24 +127,36 @@ public final class Worker: @unchecked Sendable {
     /// ready, run deferred work, timers and queues. False when the loop cannot go on.
     func turn(maxWaitMs: Int32 = -1) -> Bool {
         if let ring { return ringTurn(ring, maxWaitMs: maxWaitMs) }
-        var timeout = maxWaitMs
-        if let t = wheel.timeoutMs(now: now) { timeout = timeout < 0 ? t : min(timeout, t) }
-        if !deferredList.isEmpty { timeout = 0 }
-        if queued > 0 || pausedForMaxconn || pausedForFds { timeout = timeout < 0 ? 10 : min(timeout, 10) }
         let n: Int
         do {
-            n = try loop.wait(timeoutMs: timeout)
+            n = try loop.wait(timeoutMs: waitTimeout(maxWaitMs))
         } catch {
             logger.critical("worker \(id): \(error)")
             return false
         }
         now = monotonicMillis()
+        dispatchEvents(n)
+        afterEvents()
+        return true
+    }
+
+    /// How long a turn may wait (both engines): at most `maxWaitMs` (-1: no limit) and until the
+    /// next timer; not at all with deferred relays; 10 ms while connections queue or listeners
+    /// are paused (their state is polled).
+    func waitTimeout(_ maxWaitMs: Int32) -> Int32 {
+        var timeout = maxWaitMs
+        if let t = wheel.timeoutMs(now: now) { timeout = timeout < 0 ? t : min(timeout, t) }
+        if !deferredList.isEmpty { timeout = 0 }
+        if queued > 0 || pausedForMaxconn || pausedForFds { timeout = timeout < 0 ? 10 : min(timeout, 10) }
+        return timeout
+    }
+
+    /// Handles the `n` events the last `loop.wait` returned.
+    func dispatchEvents(_ n: Int) {
         for k in 0..<n {
             let (token, ev) = loop.event(at: k)
             dispatch(token, ev)
         }
-        afterEvents()
-        return true
     }
 
     /// The end of every turn, after the events (both engines): deferred relays, expired timers,

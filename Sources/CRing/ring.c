@@ -15,10 +15,9 @@ struct ballast_ring {
     unsigned br_entries;
     int br_mask;
     int br_added;
-    int defer;
 };
 
-ballast_ring *ballast_ring_create(unsigned entries, unsigned sqpoll_ms, int *err) {
+ballast_ring *ballast_ring_create(unsigned entries, int *err) {
     ballast_ring *r = calloc(1, sizeof(*r));
     if (!r) {
         *err = ENOMEM;
@@ -26,24 +25,16 @@ ballast_ring *ballast_ring_create(unsigned entries, unsigned sqpoll_ms, int *err
     }
     struct io_uring_params p;
     memset(&p, 0, sizeof(p));
-    p.flags = IORING_SETUP_CQSIZE;
+    // Task work (completing a recv) runs when this thread waits, not by interrupting it.
+    p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
     p.cq_entries = entries * 4;
-    if (sqpoll_ms > 0) {
-        p.flags |= IORING_SETUP_SQPOLL;
-        p.sq_thread_idle = sqpoll_ms;
-    } else {
-        // Task work (completing a recv) runs when this thread waits, not by interrupting it.
-        p.flags |= IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
-    }
     int ret = io_uring_queue_init_params(entries, &r->ring, &p);
-    if (ret == -EINVAL && sqpoll_ms == 0) {
+    if (ret == -EINVAL) {
         // Kernels before 6.1 lack DEFER_TASKRUN.
         memset(&p, 0, sizeof(p));
         p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN;
         p.cq_entries = entries * 4;
         ret = io_uring_queue_init_params(entries, &r->ring, &p);
-    } else if (ret == 0 && sqpoll_ms == 0) {
-        r->defer = 1;
     }
     if (ret < 0) {
         *err = -ret;
@@ -71,7 +62,6 @@ void ballast_ring_destroy(ballast_ring *r) {
     free(r);
 }
 
-int ballast_ring_defer_taskrun(ballast_ring *r) { return r->defer; }
 
 int ballast_ring_setup_buffers(ballast_ring *r, unsigned entries) {
     size_t size = entries * sizeof(struct io_uring_buf);
@@ -203,7 +193,6 @@ unsigned ballast_ring_reap(ballast_ring *r, ballast_cqe *out, unsigned max) {
     return n;
 }
 
-unsigned ballast_ring_pending(ballast_ring *r) { return io_uring_sq_ready(&r->ring); }
 
 int ballast_cqe_buffer(const ballast_cqe *c) {
     return (c->flags & IORING_CQE_F_BUFFER) ? (int)(c->flags >> IORING_CQE_BUFFER_SHIFT) : -1;

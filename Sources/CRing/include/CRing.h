@@ -14,12 +14,10 @@ typedef struct ballast_cqe {
     uint32_t flags;
 } ballast_cqe;
 
-/// Creates a ring with `entries` submission slots. `sqpoll_ms` > 0 asks for a kernel submission
-/// thread idling after that many ms. Returns NULL and sets *err (a positive errno) on failure.
-ballast_ring *ballast_ring_create(unsigned entries, unsigned sqpoll_ms, int *err);
+/// Creates a ring with `entries` submission slots, for the calling thread only (SINGLE_ISSUER,
+/// DEFER_TASKRUN where the kernel has them). Returns NULL and sets *err (a positive errno).
+ballast_ring *ballast_ring_create(unsigned entries, int *err);
 void ballast_ring_destroy(ballast_ring *r);
-/// Whether the kernel runs task work only when this thread waits (IORING_SETUP_DEFER_TASKRUN).
-int ballast_ring_defer_taskrun(ballast_ring *r);
 
 /// Registers a provided-buffer ring (group 0) of `entries` (a power of two) slots, empty.
 int ballast_ring_setup_buffers(ballast_ring *r, unsigned entries);
@@ -43,8 +41,6 @@ int ballast_ring_submit_wait(ballast_ring *r, int timeout_ms);
 int ballast_ring_submit(ballast_ring *r);
 /// Copies up to `max` completions into `out` and consumes them; returns how many.
 unsigned ballast_ring_reap(ballast_ring *r, ballast_cqe *out, unsigned max);
-/// Submission queue entries queued and not yet submitted.
-unsigned ballast_ring_pending(ballast_ring *r);
 
 /// The buffer id of a completion that carries one, or -1.
 int ballast_cqe_buffer(const ballast_cqe *c);
