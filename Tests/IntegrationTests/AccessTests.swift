@@ -92,7 +92,9 @@ import Testing
             else { continue }
             total += n
             for part in rest[rest.index(after: open)..<close].components(separatedBy: ", ") {
-                guard let space = part.lastIndex(of: " "), let k = Int(part[part.index(after: space)...]) else { continue }
+                guard let space = part.lastIndex(of: " "), let k = Int(part[part.index(after: space)...]) else {
+                    continue
+                }
                 reasons[String(part[..<space]), default: 0] += k
             }
         }
