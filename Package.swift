@@ -10,10 +10,8 @@ let package = Package(
         .library(name: "BallastCore", targets: ["BallastCore"]),
     ],
     dependencies: [
-        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
-        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // GNU-only syscalls (epoll, eventfd, signalfd, splice, pipe2, accept4, F_SETPIPE_SZ) compiled with _GNU_SOURCE.
@@ -52,15 +50,11 @@ let package = Package(
             dependencies: [
                 "BallastCore", "BallastIO", "BallastProxy", "BallastHealth", "BallastNat", "CLinux",
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "Prometheus", package: "swift-prometheus"),
             ]
         ),
         .executableTarget(
             name: "ballast",
-            dependencies: [
-                "BallastCore", "BallastRuntime",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ]
+            dependencies: ["BallastCore", "BallastRuntime"]
         ),
         // Yams only here: the configuration's YAML reader is checked against libyaml's.
         .testTarget(name: "BallastCoreTests", dependencies: ["BallastCore", .product(name: "Yams", package: "Yams")]),

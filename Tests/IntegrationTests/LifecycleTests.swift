@@ -137,6 +137,36 @@ import Testing
             #expect(s == 0)
             #expect(out.contains("USAGE: ballast"))
         }
+        // `help SUB` is `SUB --help`; a command with subcommands and nothing to run shows its help.
+        #expect(
+            try runCommand(Repo.ballast, ["help", "ctl"]).1 == (try runCommand(Repo.ballast, ["ctl", "--help"]).1))
+        let (ns, nout, _) = try runCommand(Repo.ballast, ["nft"])
+        #expect(ns == 0 && nout.contains("USAGE: ballast nft <subcommand>") && nout.contains("  show  "), "\(nout)")
+        // Usage errors: exit status 64, what is wrong, and the command's usage line.
+        let bad: [([String], String, String)] = [
+            (["run"], "Error: Missing expected argument '--config <config>'", "Usage: ballast run --config <config>"),
+            (["check", "--bogus"], "Error: Unknown option '--bogus'", "Usage: ballast check --config <config>"),
+            (["bogus"], "Error: Unexpected argument 'bogus'", "Usage: ballast <subcommand>"),
+            (
+                ["health", "--timeout", "soon"], "Error: The value 'soon' is invalid for '--timeout <timeout>'",
+                "Usage: ballast health"
+            ),
+            (["health", "--timeout=0"], "Error: --timeout must be between 1 and 60000 ms", "Usage: ballast health"),
+            (["check", "-c"], "Error: Missing value for '--config <config>'", "Usage: ballast check"),
+            (["nft", "show"], "Error: give --socket (live) or -c FILE (from a config)", "Usage: ballast nft show"),
+            (["debug", "maglev", "--size", "12", "a:1"], "Error: --size must be prime", "Usage: ballast debug maglev"),
+        ]
+        for (args, error, usage) in bad {
+            let (s, out, err) = try runCommand(Repo.ballast, args)
+            #expect(s == 64 && out.isEmpty && err.contains(error) && err.contains(usage), "\(args): \(s) \(err)")
+        }
+        // Options as `-cFILE`, `--config=FILE`, `-c FILE`; a failure of the command itself is exit 1.
+        for args in [["check", "-c/nonexistent.yaml"], ["check", "--config=/nonexistent.yaml"]] {
+            let (s, _, err) = try runCommand(Repo.ballast, args)
+            #expect(s == 1 && err.contains("/nonexistent.yaml: cannot read the config"), "\(args): \(err)")
+        }
+        let (ms, mout, _) = try runCommand(Repo.ballast, ["debug", "maglev", "--size", "13", "a:3", "b:1"])
+        #expect(ms == 0 && mout.hasPrefix("size 13 digest ") && mout.hasSuffix("a 10\nb 3\n"), "\(mout)")
     }
 
     @Test("weights are honoured and backups stay idle while an active server is up")

@@ -1,45 +1,63 @@
 import BallastCore
 import BallastHealth
-import Prometheus
 
-/// `/metrics` in the Prometheus text format, through swift-prometheus' registry. Values are read
-/// when scraped: the workers' per-thread counters are summed here, never pushed from the data
-/// path. Series of servers and services that left the config disappear at the next scrape.
+/// `/metrics` in the Prometheus text exposition format (version 0.0.4), written here: one
+/// `# HELP` and `# TYPE` line per family, then its samples. Values are read when scraped: the
+/// workers' per-thread counters are summed here, never pushed from the data path, and each
+/// scrape is rendered afresh, so series of servers and services that left the config are gone.
 final class MetricsExporter: @unchecked Sendable {
     private let ctx: AdminContext
-    private let registry = PrometheusCollectorRegistry()
-    private var counters: [String: Counter] = [:]
-    private var gauges: [String: Gauge] = [:]
-    private var touched = Set<String>()
+
+    /// One family: its samples in the order they were added.
+    private struct Family {
+        var type: String
+        var help: String
+        var samples: [UInt8] = []
+    }
+    private var families: [String: Family] = [:]
+    private var order: [String] = []
 
     init(ctx: AdminContext) { self.ctx = ctx }
 
-    private func key(_ name: String, _ labels: [(String, String)]) -> String {
-        name + "{" + labels.map { "\($0.0)=\($0.1)" }.joined(separator: ",") + "}"
+    private func sample(_ name: String, _ type: String, _ help: String, _ labels: [(String, String)], _ value: String) {
+        if families[name] == nil {
+            families[name] = Family(type: type, help: help)
+            order.append(name)
+        }
+        var line = Array(name.utf8)
+        if !labels.isEmpty {
+            line.append(UInt8(ascii: "{"))
+            for (k, (label, v)) in labels.enumerated() {
+                if k > 0 { line.append(UInt8(ascii: ",")) }
+                line += label.utf8
+                line += #"=""#.utf8
+                for byte in v.utf8 {
+                    switch byte {
+                    case UInt8(ascii: "\\"): line += #"\\"#.utf8
+                    case UInt8(ascii: "\""): line += #"\""#.utf8
+                    case UInt8(ascii: "\n"): line += #"\n"#.utf8
+                    default: line.append(byte)
+                    }
+                }
+                line.append(UInt8(ascii: "\""))
+            }
+            line.append(UInt8(ascii: "}"))
+        }
+        line.append(UInt8(ascii: " "))
+        line += value.utf8
+        line.append(UInt8(ascii: "\n"))
+        families[name]!.samples += line
     }
 
     private func counter(_ sub: String, _ name: String, _ help: String, _ labels: [(String, String)], _ value: UInt64) {
-        let d = MetricNameDescriptor(
-            namespace: "ballast", subsystem: sub, metricName: name, unitName: "total", helpText: help)
-        let k = key(d.name, labels)
-        let c = counters[k] ?? registry.makeCounter(descriptor: d, labels: labels)
-        counters[k] = c
-        touched.insert(k)
-        c.reset()
-        c.increment(by: Int64(clamping: value))
+        sample("ballast_\(sub)_\(name)_total", "counter", help, labels, String(value))
     }
 
     private func gauge(
         _ sub: String, _ name: String, _ unit: String = "", _ help: String, _ labels: [(String, String)],
         _ value: Double
     ) {
-        let d = MetricNameDescriptor(
-            namespace: "ballast", subsystem: sub, metricName: name, unitName: unit, helpText: help)
-        let k = key(d.name, labels)
-        let g = gauges[k] ?? registry.makeGauge(descriptor: d, labels: labels)
-        gauges[k] = g
-        touched.insert(k)
-        g.set(value)
+        sample("ballast_\(sub)_\(name)" + (unit.isEmpty ? "" : "_\(unit)"), "gauge", help, labels, "\(value)")
     }
 
     /// Same counters under the same names for a service's frontend/backend and for a server.
@@ -57,7 +75,6 @@ final class MetricsExporter: @unchecked Sendable {
     }
 
     func render() -> String {
-        touched.removeAll(keepingCapacity: true)
         let now = monotonicMillis()
         for svc in ctx.table.services {
             let p = [("proxy", svc.name)]
@@ -157,15 +174,22 @@ final class MetricsExporter: @unchecked Sendable {
         gauge("process", "pipes_free", "", "Idle splice pipes in the worker pools", [], Double(pipesIdle))
         gauge("process", "uptime", "seconds", "Seconds since start", [], Double(ctx.uptimeSeconds()))
         gauge("process", "worker_threads", "", "Data-plane threads", [], Double(ctx.workers.count))
-        // Series of servers and services that are gone.
-        for (k, c) in counters where !touched.contains(k) {
-            registry.unregisterCounter(c)
-            counters[k] = nil
+        var out: [UInt8] = []
+        for name in order {
+            let f = families[name]!
+            out += "# HELP \(name) ".utf8
+            for byte in f.help.utf8 {
+                switch byte {
+                case UInt8(ascii: "\\"): out += #"\\"#.utf8
+                case UInt8(ascii: "\n"): out += #"\n"#.utf8
+                default: out.append(byte)
+                }
+            }
+            out += "\n# TYPE \(name) \(f.type)\n".utf8
+            out += f.samples
         }
-        for (k, g) in gauges where !touched.contains(k) {
-            registry.unregisterGauge(g)
-            gauges[k] = nil
-        }
-        return registry.emitToString()
+        families.removeAll(keepingCapacity: true)
+        order.removeAll(keepingCapacity: true)
+        return String(decoding: out, as: UTF8.self)
     }
 }
