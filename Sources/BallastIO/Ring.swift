@@ -6,6 +6,12 @@ import CRing
     import Musl
 #endif
 
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
 /// One thread's io_uring (liburing, linked statically): a submission queue the owner fills during
 /// a turn, submitted with the wait for completions in one `io_uring_enter`, and a ring of buffers
 /// the kernel picks from when a receive completes (so a connection waiting for data holds none).
@@ -34,6 +40,16 @@ public final class Ring: @unchecked Sendable {
     private var inKernel = 0
     /// Free buffers kept in the kernel's pool; beyond this, returned ones give their pages back.
     public static let keepFree = 64
+    /// The fewest free buffers the kernel's pool had since the last `tick`.
+    private var lowFree = Int.max
+    /// Buffers to take out of the pool as they come back: what the pool had to spare (beyond
+    /// `keepFree`) for a whole second.
+    private var surplus = 0
+    private var lastTick: Int64 = 0
+    /// Buffers whose pages were given back since the ring was made.
+    public private(set) var buffersReleased = 0
+    /// Buffers in the pool (in the kernel, with receives, or with sends).
+    public var buffersInPool: Int { memory.count - spare.count }
 
     /// Why the kernel refused a ring, if it did (`kernel.io_uring_disabled`, seccomp, an old
     /// kernel): nil when one can be made here.
@@ -90,6 +106,11 @@ public final class Ring: @unchecked Sendable {
         return added > 0
     }
 
+    /// After a receive found no buffer: true when a retry can find one — free buffers were
+    /// given to the kernel since (a turn's completions may hold many such receives: only the
+    /// first grows the pool), or the pool grew by `count`.
+    public func replenish(_ count: Int = 64) -> Bool { inKernel > 0 || grow(count) }
+
     @inline(__always)
     private func provide(_ id: UInt16) {
         ballast_ring_provide(ring, memory[Int(id)], UInt32(bufferSize), id)
@@ -103,14 +124,29 @@ public final class Ring: @unchecked Sendable {
     /// Gives buffer `id` back to the kernel's pool (published with the next submission), or,
     /// when the pool already has `keepFree` free buffers, its pages back to the system: a burst
     /// grows the pool, and the pool shrinks again when the burst is over.
+    /// Only a surplus that lasted a whole second is given back: a load whose buffers in flight
+    /// go up and down keeps its pool (giving back and faulting in again costs a system call and
+    /// a page fault per message).
     @inline(__always)
     public func recycle(_ id: Int32) {
-        if inKernel >= Ring.keepFree {
+        if surplus > 0 {
+            surplus -= 1
             Sys.discardPages(memory[Int(id)], bufferSize)
             spare.append(UInt16(id))
+            buffersReleased += 1
         } else {
             provide(UInt16(id))
         }
+    }
+
+    /// Called every turn with the time (ms): once a second, what the pool had to spare in the
+    /// past second becomes the surplus to give back.
+    @inline(__always)
+    public func tick(_ now: Int64) {
+        guard now - lastTick >= 1000 else { return }
+        lastTick = now
+        surplus = lowFree == Int.max ? 0 : max(0, lowFree - Ring.keepFree)
+        lowFree = inKernel
     }
 
     /// A receive on `fd` into a buffer the kernel picks when data arrives.
@@ -181,7 +217,12 @@ public final class Ring: @unchecked Sendable {
     public func completion(at k: Int) -> (data: UInt64, result: Int32, buffer: Int32, more: Bool) {
         let c = cqes + k
         let b = ballast_cqe_buffer(c)
-        if b >= 0 { inKernel -= 1 }
+        if b >= 0 {
+            inKernel -= 1
+            if inKernel < lowFree { lowFree = inKernel }
+        } else if c.pointee.res == -ENOBUFS {
+            lowFree = 0
+        }
         return (c.pointee.data, c.pointee.res, b, ballast_cqe_more(c) != 0)
     }
 }

@@ -84,6 +84,7 @@ extension Worker {
             return false
         }
         now = monotonicMillis()
+        ring.tick(now)
         var epollReady = false
         while true {
             let n = ring.reap()
@@ -231,7 +232,7 @@ extension Worker {
             passEnd(i, up: up)
         case ENOBUFS:
             // Every buffer is in flight: add more, or wait for one to come back.
-            if ring.grow(64) {
+            if ring.replenish(64) {
                 armRecv(i, up: up)
             } else {
                 starved.append((i, c.pointee.gen, up))
