@@ -149,6 +149,12 @@ public struct LogConfig: Sendable, Equatable {
 public enum Engine: String, Sendable, Equatable, CaseIterable {
     case epoll
     case ioUring = "io_uring"
+    /// io_uring with a kernel thread polling each worker's submission queue (SQPOLL): no
+    /// system call to submit, at the cost of a thread that spins while there is work (and for
+    /// 50 ms after).
+    case ioUringSQPoll = "io_uring_sqpoll"
+
+    public var usesRing: Bool { self != .epoll }
 }
 
 public struct GlobalConfig: Sendable, Equatable {

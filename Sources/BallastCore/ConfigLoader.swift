@@ -343,7 +343,7 @@ public enum ConfigLoader {
             if let e = m["engine"] {
                 let v = try string(e.value, "global.engine")
                 guard let engine = Engine(rawValue: v) else {
-                    throw fail(e.value, "global.engine must be epoll or io_uring, not '\(v)'")
+                    throw fail(e.value, "global.engine must be epoll, io_uring or io_uring_sqpoll, not '\(v)'")
                 }
                 g.engine = engine
             }

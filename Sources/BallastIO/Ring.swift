@@ -53,18 +53,19 @@ public final class Ring: @unchecked Sendable {
 
     /// Why the kernel refused a ring, if it did (`kernel.io_uring_disabled`, seccomp, an old
     /// kernel): nil when one can be made here.
-    public static func probe() -> SysError? {
+    public static func probe(sqpoll: Bool = false) -> SysError? {
         do {
-            _ = try Ring(entries: 8, bufferSize: 4096, maxBuffers: 8)
+            _ = try Ring(entries: 8, bufferSize: 4096, maxBuffers: 8, sqpoll: sqpoll)
             return nil
         } catch {
             return error
         }
     }
 
-    public init(entries: Int, bufferSize: Int, maxBuffers: Int) throws(SysError) {
+    /// `sqpoll`: a kernel thread takes the submissions (idle after 50 ms without any).
+    public init(entries: Int, bufferSize: Int, maxBuffers: Int, sqpoll: Bool = false) throws(SysError) {
         var err: Int32 = 0
-        guard let r = ballast_ring_create(UInt32(entries), &err) else {
+        guard let r = ballast_ring_create(UInt32(entries), sqpoll ? 50 : 0, &err) else {
             throw SysError("io_uring_setup", err)
         }
         let rc = ballast_ring_setup_buffers(r, UInt32(maxBuffers))

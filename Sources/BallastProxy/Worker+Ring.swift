@@ -62,7 +62,8 @@ extension Worker {
     func makeRing() -> Ring? {
         do {
             let r = try Ring(
-                entries: Worker.ringEntries, bufferSize: settings.copyBufferSize, maxBuffers: Worker.ringMaxBuffers)
+                entries: Worker.ringEntries, bufferSize: settings.copyBufferSize, maxBuffers: Worker.ringMaxBuffers,
+                sqpoll: settings.engine == .ioUringSQPoll)
             _ = r.grow(64)
             r.poll(loop.descriptor, Epoll.in, multishot: true, UInt64(RingOp.epoll.rawValue) << 44)
             return r

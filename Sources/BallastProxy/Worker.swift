@@ -117,7 +117,7 @@ public final class Worker: @unchecked Sendable {
 
     /// Runs the event loop on the calling thread until `.exit`.
     public func run() {
-        if settings.engine == .ioUring { ring = makeRing() }
+        if settings.engine.usesRing { ring = makeRing() }
         while running && turn() {}
         closeEverything()
         finished.store(true, ordering: .releasing)

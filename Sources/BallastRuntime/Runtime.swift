@@ -655,9 +655,9 @@ public final class Runtime {
         {
             engine = e
         }
-        if engine == .ioUring, let refused = Ring.probe() {
+        if engine.usesRing, let refused = Ring.probe(sqpoll: engine == .ioUringSQPoll) {
             let line: Logger.Message = "io_uring refused by the kernel (\(refused)): workers use epoll"
-            if config.global.engine == .ioUring { logger.warning(line) } else { logger.info(line) }
+            if config.global.engine?.usesRing == true { logger.warning(line) } else { logger.info(line) }
             return .epoll
         }
         logger.info("workers: \(engine.rawValue) engine")

@@ -11,13 +11,14 @@
 
 struct ballast_ring {
     struct io_uring ring;
+    int sqpoll;
     struct io_uring_buf_ring *br;
     unsigned br_entries;
     int br_mask;
     int br_added;
 };
 
-ballast_ring *ballast_ring_create(unsigned entries, int *err) {
+ballast_ring *ballast_ring_create(unsigned entries, unsigned sqpoll_idle_ms, int *err) {
     ballast_ring *r = calloc(1, sizeof(*r));
     if (!r) {
         *err = ENOMEM;
@@ -28,8 +29,14 @@ ballast_ring *ballast_ring_create(unsigned entries, int *err) {
     // Task work (completing a recv) runs when this thread waits, not by interrupting it.
     p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
     p.cq_entries = entries * 4;
+    if (sqpoll_idle_ms > 0) {
+        // The kernel's thread submits; DEFER_TASKRUN does not go with it.
+        p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SQPOLL | IORING_SETUP_SINGLE_ISSUER;
+        p.sq_thread_idle = sqpoll_idle_ms;
+        r->sqpoll = 1;
+    }
     int ret = io_uring_queue_init_params(entries, &r->ring, &p);
-    if (ret == -EINVAL) {
+    if (ret == -EINVAL && !r->sqpoll) {
         // Kernels before 6.1 lack DEFER_TASKRUN.
         memset(&p, 0, sizeof(p));
         p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN;
@@ -101,6 +108,8 @@ static struct io_uring_sqe *sqe_for(ballast_ring *r) {
     if (!sqe) {
         ballast_ring_publish(r);
         io_uring_submit(&r->ring);
+        // With SQPOLL the kernel's thread frees slots as it takes them.
+        if (r->sqpoll) io_uring_sqring_wait(&r->ring);
         sqe = io_uring_get_sqe(&r->ring);
     }
     return sqe;
@@ -111,6 +120,7 @@ int ballast_ring_recv(ballast_ring *r, int fd, uint64_t data) {
     if (!sqe) return -EBUSY;
     io_uring_prep_recv(sqe, fd, NULL, 0, 0);
     sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->ioprio |= IORING_RECVSEND_POLL_FIRST;
     sqe->buf_group = 0;
     io_uring_sqe_set_data64(sqe, data);
     return 0;

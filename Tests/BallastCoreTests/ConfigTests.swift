@@ -101,7 +101,7 @@ struct ConfigTests {
         ),
         (
             "global: { engine: uring }\nservices: []\n",
-            "bad.yaml:1:19: global.engine must be epoll or io_uring, not 'uring'"
+            "bad.yaml:1:19: global.engine must be epoll, io_uring or io_uring_sqpoll, not 'uring'"
         ),
         (
             "global:\n  stats:\n    sockets:\n      - { address: 10.1.2.3:9999 }\nservices:\n"

@@ -44,14 +44,29 @@ import Testing
         return got
     }
 
-    @Test("engine: io_uring moves an established connection's bytes through the ring, and a bulk transfer is exact")
-    func ringCarriesTheBytes() throws {
+    /// The names of `pid`'s threads (kernel threads it owns, such as io_uring's SQPOLL thread
+    /// `iou-sqp-PID`, included).
+    static func threadNames(_ pid: Int32) -> [String] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        return tasks.compactMap {
+            (try? String(contentsOfFile: "/proc/\(pid)/task/\($0)/comm", encoding: .utf8))?
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+    }
+
+    @Test(
+        "engine: io_uring (and io_uring_sqpoll) moves an established connection's bytes through the ring, and a bulk transfer is exact",
+        arguments: ["io_uring", "io_uring_sqpoll"])
+    func ringCarriesTheBytes(engine: String) throws {
         let echo = try TestServer.echo()
         let p = try BallastProcess(
             config: configYAML(
-                global: "workers: 1\nengine: io_uring", services: [serviceYAML(servers: [("e", echo.port)])]))
+                global: "workers: 1\nengine: \(engine)", services: [serviceYAML(servers: [("e", echo.port)])]))
         defer { p.stop() }
-        #expect(p.waitForLog("workers: io_uring engine") != nil, "\(p.log)")
+        #expect(p.waitForLog("workers: \(engine) engine") != nil, "\(p.log)")
+        // With SQPOLL a kernel thread of Ballast's takes the submissions; without, there is none.
+        let sqpoll = Self.threadNames(p.pid).filter { $0.hasPrefix("iou-sqp") }
+        #expect(engine == "io_uring_sqpoll" ? !sqpoll.isEmpty : sqpoll.isEmpty, "\(Self.threadNames(p.pid))")
         let port = p.port("svc")
         let before = Self.ringSubmissions(p.pid)
         let n = 500

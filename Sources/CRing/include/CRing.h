@@ -15,8 +15,10 @@ typedef struct ballast_cqe {
 } ballast_cqe;
 
 /// Creates a ring with `entries` submission slots, for the calling thread only (SINGLE_ISSUER,
-/// DEFER_TASKRUN where the kernel has them). Returns NULL and sets *err (a positive errno).
-ballast_ring *ballast_ring_create(unsigned entries, int *err);
+/// DEFER_TASKRUN where the kernel has them); with `sqpoll_idle_ms` > 0, a kernel thread polls the
+/// submission queue instead (SQPOLL, sleeping after that many ms without work). Returns NULL
+/// and sets *err (a positive errno).
+ballast_ring *ballast_ring_create(unsigned entries, unsigned sqpoll_idle_ms, int *err);
 void ballast_ring_destroy(ballast_ring *r);
 
 /// Registers a provided-buffer ring (group 0) of `entries` (a power of two) slots, empty.
