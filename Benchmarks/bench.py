@@ -7,6 +7,7 @@ Contenders (same thread count for each proxy):
   haproxy           HAProxy 2.6 mode tcp, no splice
   ballast-epoll     Ballast proxy mode (release build), epoll engine
   ballast-io_uring  the same with global.engine: io_uring
+  ballast-io_uring_sqpoll  with global.engine: io_uring_sqpoll (only when ENGINES names it)
 
 Workloads: iperf3 one and four streams (Gbit/s, proxy CPU s per GB); redis-benchmark -c 50 GET and
 SET (requests/s, p50, p99, proxy CPU us per request); new connections per second and proxy CPU

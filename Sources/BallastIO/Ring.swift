@@ -6,12 +6,6 @@ import CRing
     import Musl
 #endif
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// One thread's io_uring (liburing, linked statically): a submission queue the owner fills during
 /// a turn, submitted with the wait for completions in one `io_uring_enter`, and a ring of buffers
 /// the kernel picks from when a receive completes (so a connection waiting for data holds none).
@@ -123,11 +117,10 @@ public final class Ring: @unchecked Sendable {
     public func buffer(_ id: Int32) -> UnsafeMutableRawPointer { memory[Int(id)] }
 
     /// Gives buffer `id` back to the kernel's pool (published with the next submission), or,
-    /// when the pool already has `keepFree` free buffers, its pages back to the system: a burst
-    /// grows the pool, and the pool shrinks again when the burst is over.
-    /// Only a surplus that lasted a whole second is given back: a load whose buffers in flight
-    /// go up and down keeps its pool (giving back and faulting in again costs a system call and
-    /// a page fault per message).
+    /// while the pool has a surplus (see `tick`), its pages back to the system: a burst grows
+    /// the pool, and the pool shrinks again when the burst is over. Only a surplus that lasted a
+    /// whole second is given back: a load whose buffers in flight go up and down keeps its pool
+    /// (giving back and faulting in again costs a system call and a page fault per message).
     @inline(__always)
     public func recycle(_ id: Int32) {
         if surplus > 0 {

@@ -148,7 +148,7 @@ final class Command {
         var cmd = self
         var rest = args[...]
         // `ballast help [SUB…]`: the help of the command named.
-        if rest.first == "help" && cmd.subcommands.contains(where: { $0.name == "help" }) == false {
+        if rest.first == "help" {
             rest = rest.dropFirst()
             while let w = rest.first, let sub = cmd.subcommands.first(where: { $0.name == w }) {
                 cmd = sub
