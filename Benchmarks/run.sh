@@ -4,8 +4,9 @@
 # nat mode in network namespaces (root). Prints a markdown table (also saved under
 # Benchmarks/results/). The proxy comparison runs once per thread count of THREAD_SWEEP ("1 2":
 # one and two proxy threads each, so the two-core trade-off shows), each with both of Ballast's
-# engines (ENGINES, "epoll,io_uring") and system-call counts (perf, as root).
-# Knobs: ROUNDS (3), SECONDS_PER_RUN (5), THREAD_SWEEP, ENGINES, IDLE_CONNECTIONS.
+# engines (ENGINES, "epoll,io_uring") and system-call counts (perf, as root), RUNS times (3: every
+# service and proxy started afresh each time), then each ratio's median and range over the runs.
+# Knobs: RUNS (3), ROUNDS (1 per run), SECONDS_PER_RUN (5), THREAD_SWEEP, ENGINES, IDLE_CONNECTIONS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
@@ -17,9 +18,18 @@ out="Benchmarks/results/$(date +%Y%m%d-%H%M%S).md"
 {
     syscalls=0
     if [ "$(id -u)" -eq 0 ] && command -v perf >/dev/null 2>&1; then syscalls=1; fi
+    runs=${RUNS:-3}
     for t in ${THREAD_SWEEP:-1 2}; do
-        THREADS=$t SYSCALLS=$syscalls python3 Benchmarks/bench.py
-        echo
+        files=()
+        for r in $(seq 1 "$runs"); do
+            f="$out.threads$t.run$r"
+            # System calls are counted in the first run only.
+            THREADS=$t ROUNDS=${ROUNDS:-1} SYSCALLS=$([ "$r" -eq 1 ] && echo $syscalls || echo 0) \
+                python3 Benchmarks/bench.py | tee "$f"
+            files+=("$f")
+            echo
+        done
+        if [ "$runs" -gt 1 ]; then python3 Benchmarks/runs.py "${files[@]}"; echo; fi
     done
     echo; echo "Scheduler micro benchmarks"; echo
     Benchmarks/.build/release/schedbench
