@@ -27,7 +27,10 @@ public final class Ring: @unchecked Sendable {
     /// `maxBuffers` (a power of two).
     public let bufferSize: Int
     public let maxBuffers: Int
-    private var memory: [UnsafeMutableRawPointer] = []
+    /// Each buffer's memory, `allocated` of `maxBuffers` slots (a fixed table, not an array: read
+    /// for every operation, without a retain or an exclusivity check).
+    private let memory: UnsafeMutablePointer<UnsafeMutableRawPointer>
+    private var allocated = 0
     /// Buffer ids whose pages were given back to the system (`MADV_DONTNEED`): reused first.
     private var spare: [UInt16] = []
     /// Buffers the kernel holds (provided, not yet picked by a receive).
@@ -43,7 +46,7 @@ public final class Ring: @unchecked Sendable {
     /// Buffers whose pages were given back since the ring was made.
     public private(set) var buffersReleased = 0
     /// Buffers in the pool (in the kernel, with receives, or with sends).
-    public var buffersInPool: Int { memory.count - spare.count }
+    public var buffersInPool: Int { allocated - spare.count }
 
     /// Why the kernel refused a ring, if it did (`kernel.io_uring_disabled`, seccomp, an old
     /// kernel): nil when one can be made here.
@@ -72,13 +75,14 @@ public final class Ring: @unchecked Sendable {
         self.maxBuffers = maxBuffers
         cqeCapacity = entries * 2
         cqes = .allocate(capacity: cqeCapacity)
-        memory.reserveCapacity(maxBuffers)
+        memory = .allocate(capacity: maxBuffers)
     }
 
     deinit {
         ballast_ring_destroy(ring)
         cqes.deallocate()
-        for m in memory { m.deallocate() }
+        for k in 0..<allocated { memory[k].deallocate() }
+        memory.deallocate()
     }
 
     /// Adds up to `count` new buffers to the kernel's pool; false when the pool is at its size.
@@ -88,13 +92,14 @@ public final class Ring: @unchecked Sendable {
             provide(id)
             added += 1
         }
-        let n = min(count - added, maxBuffers - memory.count)
+        let n = min(count - added, maxBuffers - allocated)
         if n > 0 {
             for _ in 0..<n {
                 // Page-aligned, so a buffer's pages can be given back on their own.
                 let m = UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 4096)
-                memory.append(m)
-                provide(UInt16(memory.count - 1))
+                memory[allocated] = m
+                allocated += 1
+                provide(UInt16(allocated - 1))
             }
             added += n
         }

@@ -208,7 +208,7 @@ extension Worker {
         c.pointee.lastClientIO = now
         c.pointee.lastServerIO = now
         armIdle(i)
-        if ring != nil { return ringStart(i) }
+        if let ring { return ringStart(ring, i) }
         pump(i)
     }
 

@@ -97,7 +97,7 @@ extension Worker {
                     if !more { ring.poll(loop.descriptor, Epoll.in, multishot: true, data) }
                     continue
                 }
-                complete(data, res, buffer)
+                complete(ring, data, res, buffer)
             }
         }
         if epollReady {
@@ -114,8 +114,8 @@ extension Worker {
     }
 
     /// One completion: find its connection (if it is still the same one) and move on.
-    func complete(_ data: UInt64, _ res: Int32, _ buffer: Int32) {
-        guard let ring, let op = RingOp(rawValue: data >> 44 & 0xF) else { return }
+    func complete(_ ring: Ring, _ data: UInt64, _ res: Int32, _ buffer: Int32) {
+        guard let op = RingOp(rawValue: data >> 44 & 0xF) else { return }
         let i = Int32(truncatingIfNeeded: data & 0xFF_FFFF)
         let gen = UInt32(truncatingIfNeeded: data >> 24) & 0xF_FFFF
         let live = i < table.highWater && table[i].pointee.state != .free && table[i].pointee.gen & 0xF_FFFF == gen
@@ -125,11 +125,11 @@ extension Worker {
                 if buffer >= 0 { ring.recycle(buffer) }
                 return
             }
-            received(i, up: op == .recvUp, res, buffer)
+            received(ring, i, up: op == .recvUp, res, buffer)
         case .sendUp, .sendDown:
             let b = Int32(truncatingIfNeeded: data >> 48)
             guard live, table[i].pointee.state == .established else { return ring.recycle(b) }
-            sent(i, up: op == .sendUp, res)
+            sent(ring, i, up: op == .sendUp, res)
         case .connect:
             let attempt = UInt16(truncatingIfNeeded: data >> 48)
             guard live, table[i].pointee.state == .connecting, table[i].pointee.connectAttempt == attempt else {
@@ -155,7 +155,7 @@ extension Worker {
             } else {
                 setDstWritable(c, up, true)
             }
-            pumpPolled(i, up: up)
+            pumpPolled(ring, i, up: up)
         case .epoll, .housekeeping:
             return
         }
@@ -164,7 +164,7 @@ extension Worker {
     /// A bulk direction: move what readiness allows (splice through a pipe: `pumpDirection`, the
     /// epoll engine's code), then wait for what it blocked on — or, once the source is drained
     /// and nothing is held, go back to ring receives.
-    func pumpPolled(_ i: Int32, up: Bool) {
+    func pumpPolled(_ ring: Ring, _ i: Int32, up: Bool) {
         let c = table[i]
         withDir(c, up) { $0.ringOp = 0 }
         let step = pumpDirection(i, up: up)
@@ -174,18 +174,18 @@ extension Worker {
             return
         }
         if withDir(c, up, { $0.hasPending }) && !dstWritable(c, up) {
-            armPoll(i, up: up, source: false)
+            armPoll(ring, i, up: up, source: false)
         } else if withDir(c, up, { $0.splicing || $0.hasPending || $0.buffer >= 0 }) || srcReadable(c, up) {
             // Blocked on the source, or stopped by the fairness budget (the poll fires at once).
-            armPoll(i, up: up, source: true)
+            armPoll(ring, i, up: up, source: true)
         } else {
             withDir(c, up) { $0.polled = false }
-            armRecv(i, up: up)
+            armRecv(ring, i, up: up)
         }
     }
 
     /// Starts moving bytes both ways on a connection that just became established.
-    func ringStart(_ i: Int32) {
+    func ringStart(_ ring: Ring, _ i: Int32) {
         let c = table[i]
         if c.pointee.clientOnEpoll {
             // Its header was read through epoll; from now on the ring has it.
@@ -204,13 +204,12 @@ extension Worker {
             releaseBuffer(c, true)
             if !ok { return finish(i, .serverReset) }
         }
-        armRecv(i, up: true)
-        armRecv(i, up: false)
+        armRecv(ring, i, up: true)
+        armRecv(ring, i, up: false)
     }
 
     /// A receive finished: send what came, or pass the end on.
-    func received(_ i: Int32, up: Bool, _ res: Int32, _ buffer: Int32) {
-        guard let ring else { return }
+    func received(_ ring: Ring, _ i: Int32, up: Bool, _ res: Int32, _ buffer: Int32) {
         let c = table[i]
         if res > 0 && buffer >= 0 {
             let n = Int(res)
@@ -222,7 +221,7 @@ extension Worker {
             }
             count(c, up, n, spliced: false)
             touch(c, dstIsClient: up)
-            armSend(i, up: up, buffer, from: 0, to: res)
+            armSend(ring, i, up: up, buffer, from: 0, to: res)
             return
         }
         if buffer >= 0 { ring.recycle(buffer) }
@@ -234,26 +233,25 @@ extension Worker {
         case ENOBUFS:
             // Every buffer is in flight: add more, or wait for one to come back.
             if ring.replenish(64) {
-                armRecv(i, up: up)
+                armRecv(ring, i, up: up)
             } else {
                 starved.append((i, c.pointee.gen, up))
             }
         case EINTR, EAGAIN:
-            armRecv(i, up: up)
+            armRecv(ring, i, up: up)
         default:
             finish(i, up ? .clientReset : .serverReset)
         }
     }
 
     /// A send finished: send the rest, or receive again (or pass the end on).
-    func sent(_ i: Int32, up: Bool, _ res: Int32) {
-        guard let ring else { return }
+    func sent(_ ring: Ring, _ i: Int32, up: Bool, _ res: Int32) {
         let c = table[i]
         let b = withDir(c, up) { $0.buffer }
         if res < 0 {
             if -res == EINTR || -res == EAGAIN {
                 let (s, e) = withDir(c, up) { ($0.bufStart, $0.bufEnd) }
-                armSend(i, up: up, b, from: s, to: e)
+                armSend(ring, i, up: up, b, from: s, to: e)
                 return
             }
             withDir(c, up) {
@@ -268,7 +266,7 @@ extension Worker {
             $0.bufStart += res
             return ($0.bufStart, $0.bufEnd)
         }
-        if s < e { return armSend(i, up: up, b, from: s, to: e) }
+        if s < e { return armSend(ring, i, up: up, b, from: s, to: e) }
         let full = e == Int32(ring.bufferSize)
         withDir(c, up) {
             $0.buffer = -1
@@ -285,9 +283,9 @@ extension Worker {
             }
             setSrcReadable(c, up, true)
             setDstWritable(c, up, true)
-            return pumpPolled(i, up: up)
+            return pumpPolled(ring, i, up: up)
         }
-        armRecv(i, up: up)
+        armRecv(ring, i, up: up)
     }
 
     /// The source of a direction sent FIN and everything before it was delivered: shut the
@@ -310,7 +308,7 @@ extension Worker {
         for (i, gen, up) in waiting {
             let c = table[i]
             guard c.pointee.state == .established, c.pointee.gen == gen else { continue }
-            armRecv(i, up: up)
+            armRecv(ring, i, up: up)
         }
     }
 
@@ -319,30 +317,30 @@ extension Worker {
     // direction, plus the connect and queued-hangup polls): closing cancels exactly those.
 
     @inline(__always)
-    func armRecv(_ i: Int32, up: Bool) {
+    func armRecv(_ ring: Ring, _ i: Int32, up: Bool) {
         let c = table[i]
         let w = ringWord(i, up ? .recvUp : .recvDown)
         withDir(c, up) { $0.ringOp = w }
-        ring!.recv(up ? c.pointee.clientFd : c.pointee.serverFd, w)
+        ring.recv(up ? c.pointee.clientFd : c.pointee.serverFd, w)
     }
 
     @inline(__always)
-    func armSend(_ i: Int32, up: Bool, _ buffer: Int32, from start: Int32, to end: Int32) {
+    func armSend(_ ring: Ring, _ i: Int32, up: Bool, _ buffer: Int32, from start: Int32, to end: Int32) {
         let c = table[i]
         let w = ringWord(i, up ? .sendUp : .sendDown, buffer: buffer)
         withDir(c, up) { $0.ringOp = w }
-        ring!.send(up ? c.pointee.serverFd : c.pointee.clientFd, ring!.buffer(buffer) + Int(start), Int(end - start), w)
+        ring.send(up ? c.pointee.serverFd : c.pointee.clientFd, ring.buffer(buffer) + Int(start), Int(end - start), w)
     }
 
     /// A bulk direction waits for its source (`source`) or its destination.
     @inline(__always)
-    func armPoll(_ i: Int32, up: Bool, source: Bool) {
+    func armPoll(_ ring: Ring, _ i: Int32, up: Bool, source: Bool) {
         let c = table[i]
         let op: RingOp = source ? (up ? .srcReadyUp : .srcReadyDown) : (up ? .dstReadyUp : .dstReadyDown)
         let w = ringWord(i, op)
         withDir(c, up) { $0.ringOp = w }
         let fd = (up == source) ? c.pointee.clientFd : c.pointee.serverFd
-        ring!.poll(fd, source ? Epoll.in | Epoll.rdhup : Epoll.out, w)
+        ring.poll(fd, source ? Epoll.in | Epoll.rdhup : Epoll.out, w)
     }
 
     static let housekeepingWord = UInt64(RingOp.housekeeping.rawValue) << 44
