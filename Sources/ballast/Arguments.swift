@@ -197,7 +197,7 @@ final class Command {
             let v: String
             if let inline {
                 v = inline
-            } else if let next = words.first {
+            } else if let next = words.first, !next.hasPrefix("--") {
                 v = next
                 words = words.dropFirst()
             } else {

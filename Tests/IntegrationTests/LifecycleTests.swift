@@ -153,6 +153,10 @@ import Testing
             ),
             (["health", "--timeout=0"], "Error: --timeout must be between 1 and 60000 ms", "Usage: ballast health"),
             (["check", "-c"], "Error: Missing value for '--config <config>'", "Usage: ballast check"),
+            (
+                ["ctl", "--socket", "--config", "x"], "Error: Missing value for '--socket <socket>'",
+                "Usage: ballast ctl"
+            ),
             (["nft", "show"], "Error: give --socket (live) or -c FILE (from a config)", "Usage: ballast nft show"),
             (["debug", "maglev", "--size", "12", "a:1"], "Error: --size must be prime", "Usage: ballast debug maglev"),
         ]
