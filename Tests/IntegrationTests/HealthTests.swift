@@ -52,7 +52,7 @@ import Testing
         let p = try BallastProcess(
             config: Self.config(
                 [("alive", alive.port), ("dead", deadPort)],
-                check: "{ type: tcp, interval: 200ms, timeout: 100ms, rise: 2, fall: 2 }"))
+                check: "{ type: tcp, interval: 200ms, timeout: 200ms, rise: 2, fall: 2 }"))
         defer { p.stop() }
         let down = try #require(p.waitForLog("Server svc/dead is DOWN", timeout: 5))
         #expect(down.contains("reason: Layer4 connection problem, info: \"Connection refused\", check duration: "))
@@ -196,7 +196,7 @@ import Testing
                     serviceYAML(
                         name: "redis", servers: [("r", r.port)],
                         extra:
-                            "check: { type: redis, password_file: \(pwFile), interval: 200ms, timeout: 150ms, fall: 1 }"
+                            "check: { type: redis, password_file: \(pwFile), interval: 250ms, timeout: 250ms, fall: 2 }"
                     )
                 ]))
         defer { p.stop() }
@@ -283,7 +283,7 @@ import Testing
                     serviceYAML(
                         servers: [("a", a.port), ("b", b.port)],
                         extra:
-                            "check: { type: agent, port: \(agent.port), interval: 100ms, timeout: 90ms, rise: 1, fall: 1 }",
+                            "check: { type: agent, port: \(agent.port), interval: 150ms, timeout: 150ms, rise: 1, fall: 1 }",
                         serverExtra: ["a": "weight: 100", "b": "weight: 100, check: false"])
                 ]))
         defer { p.stop() }
@@ -401,7 +401,7 @@ import Testing
                     serviceYAML(
                         servers: [("main", activePort), ("spare", spare.port)],
                         extra:
-                            "check: { type: tcp, interval: 200ms, timeout: 150ms, rise: 1, fall: 1 }\non_marked_up: shutdown-backup-sessions",
+                            "check: { type: tcp, interval: 200ms, timeout: 200ms, rise: 1, fall: 1 }\non_marked_up: shutdown-backup-sessions",
                         serverExtra: ["spare": "backup: true, check: false"])
                 ]))
         defer { p.stop() }
