@@ -1,5 +1,5 @@
 # Release build and install. `make release` builds a binary that needs no Swift runtime on the
-# target host (the Swift standard library and FoundationEssentials are linked in statically).
+# target host (the Swift standard library is linked in statically; no Foundation is used).
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
 UNITDIR ?= /lib/systemd/system

@@ -11,8 +11,11 @@ import CRing
 /// the kernel picks from when a receive completes (so a connection waiting for data holds none).
 ///
 /// Created and used on one thread (the kernel is told so: `SINGLE_ISSUER | DEFER_TASKRUN`, which
-/// runs completion work only while this thread waits). Operations carry a 64-bit word the owner
-/// chooses; completions come back with it, in any order.
+/// runs completion work only while this thread waits; with `sqpoll`, a kernel thread takes the
+/// submissions instead). Operations carry a 64-bit word the owner chooses; completions come back
+/// with it, in any order. An operation that cannot be queued (the submission queue stays full
+/// after a submit: only a kernel refusing every submission does that) is dropped; its
+/// connection's timer ends it.
 ///
 /// Only operations whose descriptor the kernel resolves when they are submitted are offered:
 /// receive, send, poll, cancel and close. `IORING_OP_SHUTDOWN` and `IORING_OP_SPLICE` always run
@@ -150,17 +153,17 @@ public final class Ring: @unchecked Sendable {
 
     /// A receive on `fd` into a buffer the kernel picks when data arrives.
     @inline(__always)
-    public func recv(_ fd: Int32, _ data: UInt64) { check(ballast_ring_recv(ring, fd, data)) }
+    public func recv(_ fd: Int32, _ data: UInt64) { _ = ballast_ring_recv(ring, fd, data) }
 
     @inline(__always)
     public func send(_ fd: Int32, _ buf: UnsafeRawPointer, _ len: Int, _ data: UInt64) {
-        check(ballast_ring_send(ring, fd, buf, UInt32(len), data))
+        _ = ballast_ring_send(ring, fd, buf, UInt32(len), data)
     }
 
     /// Waits for `mask` (poll(2) bits) on `fd`: once, or every time it becomes ready (`multishot`).
     @inline(__always)
     public func poll(_ fd: Int32, _ mask: UInt32, multishot: Bool = false, _ data: UInt64) {
-        check(ballast_ring_poll(ring, fd, mask, multishot ? 1 : 0, data))
+        _ = ballast_ring_poll(ring, fd, mask, multishot ? 1 : 0, data)
     }
 
     /// Cancels the operations whose words are given (0: none), then closes `fd0` and `fd1`
@@ -186,11 +189,6 @@ public final class Ring: @unchecked Sendable {
             }
         }
     }
-
-    /// An operation that cannot be queued (the submission queue stayed full after a submit:
-    /// only a kernel refusing every submission does that) is dropped; its owner's timer ends it.
-    @inline(__always)
-    private func check(_ rc: Int32) {}
 
     /// Submits everything queued and waits up to `timeoutMs` (-1: no limit, 0: not at all) for a
     /// completion. Throws only for real failures (not a timeout or a signal).

@@ -46,11 +46,8 @@ extension Worker {
         if svc.anyUsable {
             if svc.queueCount >= svc.maxqueue { return finish(i, .queueFull) }
             c.pointee.state = .queued
-            if let ring, c.pointee.hangupOp == 0 {
-                // A client that goes away while waiting leaves the queue (as with epoll).
-                c.pointee.hangupOp = ringWord(i, .queuedHangup)
-                ring.poll(c.pointee.clientFd, Epoll.hup | Epoll.err, c.pointee.hangupOp)
-            }
+            // A client that goes away while waiting leaves the queue (as with epoll).
+            if let ring, c.pointee.hangupOp == 0 { armHangup(ring, i) }
             c.pointee.phaseDeadline = now + svc.queueMs
             enqueue(i, into: svc)
             wheel.arm(i, at: c.pointee.phaseDeadline, in: table)
@@ -167,9 +164,7 @@ extension Worker {
         c.pointee.serverFd = fd
         Socket.setNoDelay(fd)
         if let ring {
-            c.pointee.connectAttempt &+= 1
-            c.pointee.connectOp = ringWord(i, .connect, buffer: Int32(c.pointee.connectAttempt))
-            ring.poll(fd, Epoll.out | Epoll.err | Epoll.hup, c.pointee.connectOp)
+            armConnect(ring, i)
         } else {
             do {
                 try loop.add(

@@ -332,6 +332,24 @@ extension Worker {
         ring.send(up ? c.pointee.serverFd : c.pointee.clientFd, ring.buffer(buffer) + Int(start), Int(end - start), w)
     }
 
+    /// The server socket's connect: a poll whose word names this attempt (a completion of an
+    /// earlier attempt's poll, cancelled with its socket, then misses).
+    @inline(__always)
+    func armConnect(_ ring: Ring, _ i: Int32) {
+        let c = table[i]
+        c.pointee.connectAttempt &+= 1
+        c.pointee.connectOp = ringWord(i, .connect, buffer: Int32(c.pointee.connectAttempt))
+        ring.poll(c.pointee.serverFd, Epoll.out | Epoll.err | Epoll.hup, c.pointee.connectOp)
+    }
+
+    /// A queued client's hang-up.
+    @inline(__always)
+    func armHangup(_ ring: Ring, _ i: Int32) {
+        let c = table[i]
+        c.pointee.hangupOp = ringWord(i, .queuedHangup)
+        ring.poll(c.pointee.clientFd, Epoll.hup | Epoll.err, c.pointee.hangupOp)
+    }
+
     /// A bulk direction waits for its source (`source`) or its destination.
     @inline(__always)
     func armPoll(_ ring: Ring, _ i: Int32, up: Bool, source: Bool) {

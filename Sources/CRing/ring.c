@@ -26,14 +26,15 @@ ballast_ring *ballast_ring_create(unsigned entries, unsigned sqpoll_idle_ms, int
     }
     struct io_uring_params p;
     memset(&p, 0, sizeof(p));
-    // Task work (completing a recv) runs when this thread waits, not by interrupting it.
-    p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
     p.cq_entries = entries * 4;
     if (sqpoll_idle_ms > 0) {
         // The kernel's thread submits; DEFER_TASKRUN does not go with it.
         p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SQPOLL | IORING_SETUP_SINGLE_ISSUER;
         p.sq_thread_idle = sqpoll_idle_ms;
         r->sqpoll = 1;
+    } else {
+        // Task work (completing a recv) runs when this thread waits, not by interrupting it.
+        p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
     }
     int ret = io_uring_queue_init_params(entries, &r->ring, &p);
     if (ret == -EINVAL && !r->sqpoll) {
