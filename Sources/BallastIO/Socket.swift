@@ -28,6 +28,9 @@ public enum Socket {
             try setOption(fd, SOL_SOCKET, SO_REUSEADDR, 1)
             if reusePort { try setOption(fd, SOL_SOCKET, SO_REUSEPORT, 1) }
             if address.family == AF_INET6 { try setOption(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, 1) }
+            // Linux copies TCP_NODELAY from the listener to every socket it accepts: set once
+            // here, not once per connection.
+            try setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, 1)
             if freebind {
                 if address.family == AF_INET6 {
                     try setOption(fd, Int32(IPPROTO_IPV6), 78, 1)  // IPV6_FREEBIND

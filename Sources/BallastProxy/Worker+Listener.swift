@@ -74,7 +74,6 @@ extension Worker {
             c.pointee.lastClientIO = now
             c.pointee.retriesLeft = l.service.retries
             c.pointee.tried = 0
-            Socket.setNoDelay(fd)
             if ring != nil && !l.acceptProxy {
                 // The ring receives on it once a server is connected; nothing to watch before.
                 assign(i, exclude: -1)

@@ -119,7 +119,9 @@ extension Worker {
             if withDir(c, up, { $0.eof }) {
                 releasePipe(c, up)
                 if !withDir(c, up, { $0.shut }) {
-                    Sys.shutdownWrite(dst)
+                    // The other way already ended: both sockets are closed right after this
+                    // (pump), and the close sends this FIN; a shutdown first would be a call more.
+                    if !withDir(c, !up, { $0.shut }) { Sys.shutdownWrite(dst) }
                     withDir(c, up) { $0.shut = true }
                 }
                 return .blocked

@@ -295,7 +295,8 @@ extension Worker {
         if !withDir(c, up, { $0.shut }) {
             // A plain call, not IORING_OP_SHUTDOWN: the kernel runs that one on a worker thread
             // that looks the descriptor up later, when it may already name another connection.
-            Sys.shutdownWrite(up ? c.pointee.serverFd : c.pointee.clientFd)
+            // The other way already ended: the close just below sends this FIN.
+            if !withDir(c, !up, { $0.shut }) { Sys.shutdownWrite(up ? c.pointee.serverFd : c.pointee.clientFd) }
             withDir(c, up) { $0.shut = true }
         }
         if c.pointee.up.shut && c.pointee.down.shut { finish(i, .done) }

@@ -65,6 +65,30 @@ struct IOTests {
     }
 
     @Test(
+        "an accepted socket has Nagle off without a call of its own (TCP_NODELAY is set on the listener)",
+        arguments: ["127.0.0.1:0", "[::1]:0"])
+    func acceptedInheritsNoDelay(text: String) throws {
+        let l = try Socket.listen(try SocketAddress(parsing: text), reusePort: false, backlog: 4)
+        defer { Sys.close(l) }
+        let client: Int32
+        switch try Socket.connect(Socket.localAddress(l)!) {
+        case .connected(let fd), .inProgress(let fd): client = fd
+        }
+        defer { Sys.close(client) }
+        #expect(Socket.wait(l, timeoutMs: 2000))
+        var peer = sockaddr_storage()
+        guard case .done(let fd) = try Socket.accept(l, &peer) else {
+            Issue.record("no connection to accept")
+            return
+        }
+        defer { Sys.close(fd) }
+        var value: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        #expect(getsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &value, &len) == 0)
+        #expect(value == 1)
+    }
+
+    @Test(
         "bound without listening refuses connections (what ballast check does); freebind binds an address not on this host"
     )
     func bindWithoutListen() throws {
