@@ -175,6 +175,70 @@ extension Worker {
         }
         c.pointee.phaseDeadline = now + c.pointee.service!.connectMs
         wheel.arm(i, at: c.pointee.phaseDeadline, in: table)
+        if ring == nil && c.pointee.clientOnEpoll { forwardEarly(i) }
+    }
+
+    /// The client's first bytes, sent before the connect is reported (HAProxy's speculative
+    /// I/O): a client that speaks first has usually sent its request with the handshake, and on
+    /// a near server (loopback, one LAN hop) the connect is done by the time `connect` returns
+    /// EINPROGRESS. A send that succeeds is the proof the connect completed; EAGAIN means it is
+    /// still under way (the EPOLLOUT path goes on as before); an error is the connect's own
+    /// failure, handled as one (retries, redispatch: the bytes stay in the buffer for the next
+    /// server). Not with a PROXY header to send (it must go first), nor when the client has
+    /// nothing yet (a server that speaks first: one `recv` of EAGAIN is the cost).
+    func forwardEarly(_ i: Int32) {
+        let c = table[i]
+        guard c.pointee.state == .connecting else { return }
+        if let server = c.pointee.server, server.sendProxy.load(ordering: .relaxed) != 0 { return }
+        if c.pointee.up.bufEnd == c.pointee.up.bufStart && !c.pointee.up.eof {
+            guard let b = acquireBuffer(c, true) else { return }
+            let size = settings.copyBufferSize
+            let r: IOResult<Int>
+            do {
+                r = try Sys.recv(c.pointee.clientFd, buffers.memory[Int(b)], size)
+            } catch {
+                releaseBuffer(c, true)
+                return finish(i, .clientReset)
+            }
+            switch r {
+            case .done(0):
+                // A FIN before any byte: passed on once the connect is reported.
+                releaseBuffer(c, true)
+                c.pointee.up.eof = true
+                c.pointee.clientReadable = false
+                return
+            case .done(let n):
+                c.pointee.up.bufStart = 0
+                c.pointee.up.bufEnd = Int32(n)
+                c.pointee.up.bytes &+= UInt64(n)
+                if n == size { c.pointee.up.splicing = true }
+                // A short read drained the socket; edge-triggered epoll reports what comes next.
+                c.pointee.clientReadable = n == size
+                count(c, true, n, spliced: false)
+                touch(c, dstIsClient: true)
+            case .wouldBlock:
+                releaseBuffer(c, true)
+                c.pointee.clientReadable = false
+                return
+            }
+        }
+        guard c.pointee.up.bufEnd > c.pointee.up.bufStart else { return }
+        let (b, start, end) = (c.pointee.up.buffer, c.pointee.up.bufStart, c.pointee.up.bufEnd)
+        let r: IOResult<Int>
+        do {
+            r = try Sys.send(c.pointee.serverFd, buffers.memory[Int(b)] + Int(start), Int(end - start))
+        } catch {
+            return connectFailed(i, error.errno)
+        }
+        guard case .done(let n) = r else { return }
+        touch(c, dstIsClient: false)
+        c.pointee.up.bufStart += Int32(n)
+        if c.pointee.up.bufStart == c.pointee.up.bufEnd {
+            c.pointee.up.bufStart = 0
+            c.pointee.up.bufEnd = 0
+            releaseBuffer(c, true)
+        }
+        connectCompleted(i, failed: false)
     }
 
     /// The server socket became writable (`failed`: with EPOLLERR or EPOLLHUP). Linux reports a

@@ -55,6 +55,36 @@ import Testing
         #expect(echo.connections == 20)
     }
 
+    @Test("a request sent with the handshake reaches the server tried after a refused one, whole and once")
+    func earlyRequestSurvivesRetry() throws {
+        // The proxy reads a client's first bytes as soon as it accepts and sends them before the
+        // connect is reported; a refused connect must leave them for the next server.
+        let deadPort = try Net.freePort()
+        let echo = try TestServer.echo()
+        defer { echo.stop() }
+        let b = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1\nlog: { connections: true }", defaults: "retries: 2",
+                services: [serviceYAML(servers: [("dead", deadPort), ("echo", echo.port)])]))
+        defer { b.stop() }
+        let port = b.port("svc")
+        for k in 0..<20 {
+            let fd = try Net.connect(port)
+            let request = "request \(k) " + String(repeating: "x", count: k * 997)
+            try Net.sendAll(fd, request)
+            Net.shutdownWrite(fd)
+            let (data, end) = Net.readAll(fd)
+            close(fd)
+            #expect(String(decoding: data, as: UTF8.self) == request, "connection \(k)")
+            #expect(end == .eof)
+        }
+        #expect(echo.connections == 20)
+        // Round robin sent half of the first attempts to the refusing server.
+        #expect(
+            b.logLines.filter { $0.contains("connect to dead failed (Connection refused), retrying on echo") }.count
+                >= 5)
+    }
+
     @Test("with every server refusing, the client gets a clean close after the retries")
     func allRefused() throws {
         let p1 = try Net.freePort()
