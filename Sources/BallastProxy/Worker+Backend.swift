@@ -163,9 +163,7 @@ extension Worker {
         }
         c.pointee.serverFd = fd
         Socket.setNoDelay(fd)
-        if let ring {
-            armConnect(ring, i)
-        } else {
+        if ring == nil {
             do {
                 try loop.add(
                     fd, Epoll.in | Epoll.out | Epoll.rdhup | Epoll.edgeTriggered, token(i, .server, c.pointee.gen))
@@ -175,7 +173,9 @@ extension Worker {
         }
         c.pointee.phaseDeadline = now + c.pointee.service!.connectMs
         wheel.arm(i, at: c.pointee.phaseDeadline, in: table)
-        if ring == nil && c.pointee.clientOnEpoll { forwardEarly(i) }
+        guard forwardEarly(i) else { return }
+        // Still connecting: epoll reports EPOLLOUT on the registered socket; the ring polls it.
+        if let ring { armConnect(ring, i) }
     }
 
     /// The client's first bytes, sent before the connect is reported (HAProxy's speculative
@@ -185,20 +185,24 @@ extension Worker {
     /// still under way (the EPOLLOUT path goes on as before); an error is the connect's own
     /// failure, handled as one (retries, redispatch: the bytes stay in the buffer for the next
     /// server). Not with a PROXY header to send (it must go first), nor when the client has
-    /// nothing yet (a server that speaks first: one `recv` of EAGAIN is the cost).
-    func forwardEarly(_ i: Int32) {
+    /// nothing yet (a server that speaks first: one `recv` of EAGAIN is the cost). Both engines:
+    /// with io_uring these are two plain calls in place of a connect poll and a first receive
+    /// through the ring, and what the send left is flushed by `ringStart`.
+    /// Returns true while the connect is still to be waited for; false once this call has
+    /// completed it, failed it (a retry is under way) or closed the connection.
+    func forwardEarly(_ i: Int32) -> Bool {
         let c = table[i]
-        guard c.pointee.state == .connecting else { return }
-        if let server = c.pointee.server, server.sendProxy.load(ordering: .relaxed) != 0 { return }
+        if let server = c.pointee.server, server.sendProxy.load(ordering: .relaxed) != 0 { return true }
         if c.pointee.up.bufEnd == c.pointee.up.bufStart && !c.pointee.up.eof {
-            guard let b = acquireBuffer(c, true) else { return }
+            guard let b = acquireBuffer(c, true) else { return true }
             let size = settings.copyBufferSize
             let r: IOResult<Int>
             do {
                 r = try Sys.recv(c.pointee.clientFd, buffers.memory[Int(b)], size)
             } catch {
                 releaseBuffer(c, true)
-                return finish(i, .clientReset)
+                finish(i, .clientReset)
+                return false
             }
             switch r {
             case .done(0):
@@ -206,7 +210,7 @@ extension Worker {
                 releaseBuffer(c, true)
                 c.pointee.up.eof = true
                 c.pointee.clientReadable = false
-                return
+                return true
             case .done(let n):
                 c.pointee.up.bufStart = 0
                 c.pointee.up.bufEnd = Int32(n)
@@ -219,18 +223,19 @@ extension Worker {
             case .wouldBlock:
                 releaseBuffer(c, true)
                 c.pointee.clientReadable = false
-                return
+                return true
             }
         }
-        guard c.pointee.up.bufEnd > c.pointee.up.bufStart else { return }
+        guard c.pointee.up.bufEnd > c.pointee.up.bufStart else { return true }
         let (b, start, end) = (c.pointee.up.buffer, c.pointee.up.bufStart, c.pointee.up.bufEnd)
         let r: IOResult<Int>
         do {
             r = try Sys.send(c.pointee.serverFd, buffers.memory[Int(b)] + Int(start), Int(end - start))
         } catch {
-            return connectFailed(i, error.errno)
+            connectFailed(i, error.errno)
+            return false
         }
-        guard case .done(let n) = r else { return }
+        guard case .done(let n) = r else { return true }
         touch(c, dstIsClient: false)
         c.pointee.up.bufStart += Int32(n)
         if c.pointee.up.bufStart == c.pointee.up.bufEnd {
@@ -239,6 +244,7 @@ extension Worker {
             releaseBuffer(c, true)
         }
         connectCompleted(i, failed: false)
+        return false
     }
 
     /// The server socket became writable (`failed`: with EPOLLERR or EPOLLHUP). Linux reports a

@@ -191,20 +191,18 @@ extension Worker {
             // Its header was read through epoll; from now on the ring has it.
             loop.remove(c.pointee.clientFd)
         }
-        // A PROXY header for the server: a fresh socket has room for its few bytes.
+        // Bytes held before the connect (a PROXY header, what `forwardEarly` read and could not
+        // yet send) are in a plain buffer: flushed the polled way (`pumpDirection`, a poll for
+        // room if the socket takes only part), then the direction goes on with ring receives.
         if c.pointee.up.bufEnd > c.pointee.up.bufStart, c.pointee.up.buffer >= 0 {
-            let b = c.pointee.up.buffer
-            let len = Int(c.pointee.up.bufEnd - c.pointee.up.bufStart)
-            let ok: Bool
-            if case .done(let n)? = try? Sys.send(c.pointee.serverFd, buffers.memory[Int(b)], len), n == len {
-                ok = true
-            } else {
-                ok = false
-            }
-            releaseBuffer(c, true)
-            if !ok { return finish(i, .serverReset) }
+            c.pointee.up.polled = true
+            setDstWritable(c, true, true)
+            setSrcReadable(c, true, false)
+            pumpPolled(ring, i, up: true)
+            guard c.pointee.state == .established else { return }
+        } else {
+            armRecv(ring, i, up: true)
         }
-        armRecv(ring, i, up: true)
         armRecv(ring, i, up: false)
     }
 
