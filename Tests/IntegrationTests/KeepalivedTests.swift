@@ -42,7 +42,7 @@ extension BalancerPairSuites {
 
             // 2. Ballast back on a: with preemption the VIP returns to a (once).
             a = try lab.startBallast("a")
-            #expect(lab.waitHolder("a", timeout: 8), "\(lab.keepalivedLog("a"))")
+            #expect(lab.waitHolder("a", timeout: 8), "\(lab.addressReport())\n\(lab.keepalivedLog("a"))")
             usleep(1_500_000)
 
             // 3. The active node's link goes down: b's master-down timer (3 × 0.5 s + skew).

@@ -128,6 +128,21 @@ final class HALab: @unchecked Sendable {
         return nil
     }
 
+    /// What each node's link carries now, for a failure message: the time and `ip addr` of both.
+    func addressReport() -> String {
+        var out = "at \(Date()):"
+        for n in nodes {
+            let text: String
+            do {
+                text = try HALab.sh([HALab.ip, "-n", ns(n), "-4", "addr", "show", "dev", dev(n)])
+            } catch {
+                text = "\(error)"
+            }
+            out += "\n\(n): \(text)"
+        }
+        return out
+    }
+
     func waitHolder(_ n: String, timeout: Double = 15) -> Bool {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
