@@ -21,20 +21,24 @@ import Testing
         /// `extra`: more server options (replication: `--server-id=…`, `--log-bin=…`).
         init(extra: [String] = []) throws {
             port = try Net.freePort()
-            let (s, _, err) = try runCommand(
+            // Its own temporary directory: the bootstrap's temporary tables are files there, not
+            // in the /tmp every other test and daemon shares (a CI run saw one vanish from /tmp).
+            let tmp = dir.file("tmp")
+            try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+            let (s, out, err) = try runCommand(
                 "/usr/bin/mariadb-install-db",
                 [
                     "--no-defaults", "--datadir=\(dir.file("data"))", "--user=root",
-                    "--auth-root-authentication-method=normal", "--skip-test-db",
+                    "--auth-root-authentication-method=normal", "--skip-test-db", "--tmpdir=\(tmp)",
                 ],
                 timeout: 120)
-            guard s == 0 else { throw Net.Failure("mariadb-install-db failed: \(err)") }
+            guard s == 0 else { throw Net.Failure("mariadb-install-db failed (status \(s)): \(err)\n\(out)") }
             process.executableURL = URL(fileURLWithPath: "/usr/sbin/mariadbd")
             process.arguments =
                 [
                     "--no-defaults", "--datadir=\(dir.file("data"))", "--socket=\(socket)", "--port=\(port)",
                     "--bind-address=127.0.0.1", "--user=root", "--pid-file=\(dir.file("mysqld.pid"))",
-                    "--innodb-buffer-pool-size=16M", "--max-connect-errors=3",
+                    "--innodb-buffer-pool-size=16M", "--max-connect-errors=3", "--tmpdir=\(tmp)",
                 ] + (extra.contains { $0.hasPrefix("--log-bin") } ? extra : ["--skip-log-bin"] + extra)
             process.standardOutput = FileHandle.nullDevice
             process.standardError = FileHandle.nullDevice
