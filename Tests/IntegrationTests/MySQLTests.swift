@@ -14,13 +14,12 @@ import Testing
 
     final class MariaDB: @unchecked Sendable {
         let dir = TempDir()
-        let port: UInt16
-        let process = Process()
+        private(set) var port: UInt16 = 0
+        private(set) var process = Process()
         var socket: String { dir.file("mysql.sock") }
 
         /// `extra`: more server options (replication: `--server-id=…`, `--log-bin=…`).
         init(extra: [String] = []) throws {
-            port = try Net.freePort()
             // Its own temporary directory: the bootstrap's temporary tables are files there, not
             // in the /tmp every other test and daemon shares (a CI run saw one vanish from /tmp).
             let tmp = dir.file("tmp")
@@ -33,12 +32,29 @@ import Testing
                 ],
                 timeout: 120)
             guard s == 0 else { throw Net.Failure("mariadb-install-db failed (status \(s)): \(err)\n\(out)") }
+            // The port is free when chosen, not when mariadbd binds it: another test's process can
+            // take it in between. A server that exits on that is started again on another port.
+            for attempt in 1...3 {
+                if try start(extra: extra, tmp: tmp) { return }
+                let log = (try? String(contentsOfFile: dir.file("mariadbd.log"), encoding: .utf8)) ?? ""
+                guard attempt < 3, log.contains("Address already in use") else {
+                    throw Net.Failure("mariadbd did not start (port \(port)):\n\(log)")
+                }
+                print("mariadbd: port \(port) was taken before it could bind; trying another")
+            }
+        }
+
+        /// Starts mariadbd on a free port; true once it answers, false when it exited first.
+        private func start(extra: [String], tmp: String) throws -> Bool {
+            port = try Net.freePort()
+            process = Process()
             process.executableURL = URL(fileURLWithPath: "/usr/sbin/mariadbd")
             process.arguments =
                 [
                     "--no-defaults", "--datadir=\(dir.file("data"))", "--socket=\(socket)", "--port=\(port)",
                     "--bind-address=127.0.0.1", "--user=root", "--pid-file=\(dir.file("mysqld.pid"))",
                     "--innodb-buffer-pool-size=16M", "--max-connect-errors=3", "--tmpdir=\(tmp)",
+                    "--log-error=\(dir.file("mariadbd.log"))",
                 ] + (extra.contains { $0.hasPrefix("--log-bin") } ? extra : ["--skip-log-bin"] + extra)
             process.standardOutput = FileHandle.nullDevice
             process.standardError = FileHandle.nullDevice
@@ -47,11 +63,13 @@ import Testing
             while Date() < deadline {
                 if (try? sql("SELECT 1")) == "1\n" {
                     _ = try sql("CREATE USER 'check'@'%' IDENTIFIED BY 's3cret'; GRANT USAGE ON *.* TO 'check'@'%'")
-                    return
+                    return true
                 }
+                if !process.isRunning { return false }
                 usleep(100_000)
             }
-            throw Net.Failure("mariadbd did not start")
+            let log = (try? String(contentsOfFile: dir.file("mariadbd.log"), encoding: .utf8)) ?? ""
+            throw Net.Failure("mariadbd did not answer within 30 s (port \(port)):\n\(log)")
         }
 
         /// Runs SQL as root over the Unix socket; returns the output (batch mode, no headers).
