@@ -216,8 +216,11 @@ extension Worker {
                 c.pointee.up.bufEnd = Int32(n)
                 c.pointee.up.bytes &+= UInt64(n)
                 if n == size { c.pointee.up.splicing = true }
-                // A short read drained the socket; edge-triggered epoll reports what comes next.
-                c.pointee.clientReadable = n == size
+                // A short read drained the socket; edge-triggered epoll reports what comes next,
+                // unless the client already hung up: the event that said so may have been handled
+                // (the PROXY header's read, an earlier connect attempt), and the FIN must still be
+                // read (as in `pumpDirection`).
+                c.pointee.clientReadable = n == size || c.pointee.clientRdHup
                 count(c, true, n, spliced: false)
                 touch(c, dstIsClient: true)
             case .wouldBlock:

@@ -76,7 +76,7 @@ import Testing
             let (data, end) = Net.readAll(fd)
             close(fd)
             #expect(String(decoding: data, as: UTF8.self) == request, "connection \(k)")
-            #expect(end == .eof)
+            #expect(end == .eof, "connection \(k)\n\(b.log)")
         }
         #expect(echo.connections == 20)
         // Round robin sent half of the first attempts to the refusing server.

@@ -107,6 +107,34 @@ import Testing
     }
 
     @Test(
+        "accept_proxy: a header, a request and the FIN sent together: the request is answered and the FIN passes on both ways",
+        arguments: [1, 5000, 40000])
+    func acceptThenHalfClose(size: Int) throws {
+        // The header is read on the client's first event, which also says the client hung up;
+        // the request after it is read before the connect is reported, and the FIN must still be
+        // read then (no new event will say so).
+        let echo = try TestServer.echo()
+        defer { echo.stop() }
+        let p = try BallastProcess(
+            config: configYAML(
+                global: "workers: 1\nlog: { connections: true }",
+                services: [
+                    "  - name: svc\n    bind: [{ address: \"127.0.0.1:0\", accept_proxy: true }]\n    servers:\n      - { name: echo, address: \"127.0.0.1:\(echo.port)\" }\n"
+                ]))
+        defer { p.stop() }
+        for k in 0..<5 {
+            let fd = try Net.connect(p.port("svc"), timeout: 5)
+            let request = Array(String(repeating: "r", count: size).utf8)
+            try Net.sendAll(fd, Array("PROXY TCP4 198.51.100.7 127.0.0.1 40000 80\r\n".utf8) + request)
+            Net.shutdownWrite(fd)
+            let (data, end) = Net.readAll(fd)
+            close(fd)
+            #expect(data == request, "connection \(k): \(data.count) bytes")
+            #expect(end == .eof, "connection \(k)\n\(p.log)")
+        }
+    }
+
+    @Test(
         "malformed PROXY headers: closed with the reason logged, nothing reaches the server",
         arguments: [
             ("GET / HTTP/1.1\r\n\r\n", "rejected: bad signature"),
