@@ -133,12 +133,26 @@ enum Net {
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
     }
 
-    /// A free loopback port (bound then released).
+    /// A free loopback port, held for the rest of the test run by a bound socket that does not
+    /// listen: a connect to it is refused, a server that binds it with SO_REUSEADDR (every one the
+    /// tests start does) can, and the kernel gives it to no one else, neither to a `bind` to port
+    /// 0 (another test's server) nor as a connecting socket's local port. Released at once, it
+    /// was taken by another test between the choice and the bind (seen in CI).
     static func freePort() throws -> UInt16 {
-        let (fd, port) = try listen()
-        close(fd)
-        return port
+        let addr = try SocketAddress(parsing: "127.0.0.1:0")
+        let fd = socket(addr.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw Failure("socket: \(errno)") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, 4)
+        guard addr.withSockAddr({ bind(fd, $0, $1) }) == 0 else {
+            close(fd)
+            throw Failure("bind \(addr): \(String(cString: strerror(errno)))")
+        }
+        reserved.withLock { $0.append(fd) }
+        return localPort(fd)
     }
+
+    private static let reserved = Mutex<[Int32]>([])
 
     /// Raises this process's descriptor limit so tests can hold many connections.
     static func raiseFileLimit() {
