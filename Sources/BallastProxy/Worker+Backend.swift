@@ -194,39 +194,20 @@ extension Worker {
         let c = table[i]
         if let server = c.pointee.server, server.sendProxy.load(ordering: .relaxed) != 0 { return true }
         if c.pointee.up.bufEnd == c.pointee.up.bufStart && !c.pointee.up.eof {
-            guard let b = acquireBuffer(c, true) else { return true }
-            let size = settings.copyBufferSize
-            let r: IOResult<Int>
-            do {
-                r = try Sys.recv(c.pointee.clientFd, buffers.memory[Int(b)], size)
-            } catch {
-                releaseBuffer(c, true)
+            // Read whether or not an event said so yet; the read decides what comes next.
+            c.pointee.clientReadable = true
+            switch copyRead(c, true, from: c.pointee.clientFd) {
+            case .failed:
                 finish(i, .clientReset)
                 return false
-            }
-            switch r {
-            case .done(0):
+            case .eof:
                 // A FIN before any byte: passed on once the connect is reported.
-                releaseBuffer(c, true)
-                c.pointee.up.eof = true
                 c.pointee.clientReadable = false
                 return true
-            case .done(let n):
-                c.pointee.up.bufStart = 0
-                c.pointee.up.bufEnd = Int32(n)
-                c.pointee.up.bytes &+= UInt64(n)
-                if n == size { c.pointee.up.splicing = true }
-                // A short read drained the socket; edge-triggered epoll reports what comes next,
-                // unless the client already hung up: the event that said so may have been handled
-                // (the PROXY header's read, an earlier connect attempt), and the FIN must still be
-                // read (as in `pumpDirection`).
-                c.pointee.clientReadable = n == size || c.pointee.clientRdHup
-                count(c, true, n, spliced: false)
-                touch(c, dstIsClient: true)
-            case .wouldBlock:
-                releaseBuffer(c, true)
-                c.pointee.clientReadable = false
+            case .noBuffer, .empty:
                 return true
+            case .data:
+                break
             }
         }
         guard c.pointee.up.bufEnd > c.pointee.up.bufStart else { return true }

@@ -162,39 +162,54 @@ extension Worker {
                     }
                 }
             } else {
-                guard let b = acquireBuffer(c, up) else { return .blocked }
-                let size = settings.copyBufferSize
-                let r: IOResult<Int>
-                do {
-                    r = try Sys.recv(src, buffers.memory[Int(b)], size)
-                } catch {
-                    releaseBuffer(c, up)
-                    return .failed(up ? .clientReset : .serverReset)
-                }
-                switch r {
-                case .done(0):
-                    releaseBuffer(c, up)
-                    withDir(c, up) { $0.eof = true }
-                case .done(let n):
-                    moved += n
-                    withDir(c, up) {
-                        $0.bufStart = 0
-                        $0.bufEnd = Int32(n)
-                        $0.bytes &+= UInt64(n)
-                        // A full buffer means bulk: splice from now on. A short read means the
-                        // socket is empty (edge-triggered epoll reports new data), unless the peer
-                        // already hung up, when the FIN must still be read.
-                        if n == size { $0.splicing = true }
-                    }
-                    count(c, up, n, spliced: false)
-                    if n < size && !srcRdHup(c, up) { setSrcReadable(c, up, false) }
-                    touch(c, dstIsClient: up)
-                case .wouldBlock:
-                    releaseBuffer(c, up)
-                    setSrcReadable(c, up, false)
-                    return .blocked
+                switch copyRead(c, up, from: src) {
+                case .noBuffer, .empty: return .blocked
+                case .failed: return .failed(up ? .clientReset : .serverReset)
+                case .eof: break
+                case .data(let n): moved += n
                 }
             }
+        }
+    }
+
+    enum CopyRead { case data(Int), eof, empty, failed, noBuffer }
+
+    /// One `recv` from a direction's source into its buffer (taken from the pool), for the relay
+    /// and for the early first send. A full buffer means bulk: the direction splices from then
+    /// on. A short read means the socket is empty (edge-triggered epoll reports new data), unless
+    /// the peer already hung up: the event that said so has been handled, none will follow, and
+    /// the FIN must still be read, so the source stays readable.
+    @inline(__always)
+    func copyRead(_ c: UnsafeMutablePointer<Conn>, _ up: Bool, from src: Int32) -> CopyRead {
+        guard let b = acquireBuffer(c, up) else { return .noBuffer }
+        let size = settings.copyBufferSize
+        let r: IOResult<Int>
+        do {
+            r = try Sys.recv(src, buffers.memory[Int(b)], size)
+        } catch {
+            releaseBuffer(c, up)
+            return .failed
+        }
+        switch r {
+        case .done(0):
+            releaseBuffer(c, up)
+            withDir(c, up) { $0.eof = true }
+            return .eof
+        case .done(let n):
+            withDir(c, up) {
+                $0.bufStart = 0
+                $0.bufEnd = Int32(n)
+                $0.bytes &+= UInt64(n)
+                if n == size { $0.splicing = true }
+            }
+            count(c, up, n, spliced: false)
+            if n < size && !srcRdHup(c, up) { setSrcReadable(c, up, false) }
+            touch(c, dstIsClient: up)
+            return .data(n)
+        case .wouldBlock:
+            releaseBuffer(c, up)
+            setSrcReadable(c, up, false)
+            return .empty
         }
     }
 
