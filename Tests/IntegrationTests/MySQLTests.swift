@@ -14,8 +14,8 @@ import Testing
 
     final class MariaDB: @unchecked Sendable {
         let dir = TempDir()
-        private(set) var port: UInt16 = 0
-        private(set) var process = Process()
+        let port: UInt16
+        let process = Process()
         var socket: String { dir.file("mysql.sock") }
 
         /// `extra`: more server options (replication: `--server-id=…`, `--log-bin=…`).
@@ -32,22 +32,8 @@ import Testing
                 ],
                 timeout: 120)
             guard s == 0 else { throw Net.Failure("mariadb-install-db failed (status \(s)): \(err)\n\(out)") }
-            // The port is free when chosen, not when mariadbd binds it: another test's process can
-            // take it in between. A server that exits on that is started again on another port.
-            for attempt in 1...3 {
-                if try start(extra: extra, tmp: tmp) { return }
-                let log = (try? String(contentsOfFile: dir.file("mariadbd.log"), encoding: .utf8)) ?? ""
-                guard attempt < 3, log.contains("Address already in use") else {
-                    throw Net.Failure("mariadbd did not start (port \(port)):\n\(log)")
-                }
-                print("mariadbd: port \(port) was taken before it could bind; trying another")
-            }
-        }
-
-        /// Starts mariadbd on a free port; true once it answers, false when it exited first.
-        private func start(extra: [String], tmp: String) throws -> Bool {
+            // Held by this test run until mariadbd binds it (`Net.freePort`).
             port = try Net.freePort()
-            process = Process()
             process.executableURL = URL(fileURLWithPath: "/usr/sbin/mariadbd")
             process.arguments =
                 [
@@ -60,16 +46,16 @@ import Testing
             process.standardError = FileHandle.nullDevice
             try process.run()
             let deadline = Date().addingTimeInterval(30)
-            while Date() < deadline {
+            while Date() < deadline && process.isRunning {
                 if (try? sql("SELECT 1")) == "1\n" {
                     _ = try sql("CREATE USER 'check'@'%' IDENTIFIED BY 's3cret'; GRANT USAGE ON *.* TO 'check'@'%'")
-                    return true
+                    return
                 }
-                if !process.isRunning { return false }
                 usleep(100_000)
             }
             let log = (try? String(contentsOfFile: dir.file("mariadbd.log"), encoding: .utf8)) ?? ""
-            throw Net.Failure("mariadbd did not answer within 30 s (port \(port)):\n\(log)")
+            throw Net.Failure(
+                "mariadbd \(process.isRunning ? "did not answer within 30 s" : "exited") (port \(port)):\n\(log)")
         }
 
         /// Runs SQL as root over the Unix socket; returns the output (batch mode, no headers).

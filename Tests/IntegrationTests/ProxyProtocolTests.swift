@@ -72,9 +72,11 @@ import Testing
         }
     }
 
-    static func acceptConfig(_ server: UInt16) -> String {
+    /// `clientTimeout` nil: the default, so a lost FIN shows as a hang, not a timeout's close.
+    static func acceptConfig(_ server: UInt16, clientTimeout: String? = "500ms") -> String {
         configYAML(
-            global: "workers: 1\nlog: { connections: true }", defaults: "timeout: { client: 500ms }",
+            global: "workers: 1\nlog: { connections: true }",
+            defaults: clientTimeout.map { "timeout: { client: \($0) }" } ?? "",
             services: [
                 "  - name: svc\n    bind: [{ address: \"127.0.0.1:0\", accept_proxy: true }]\n    servers:\n      - { name: rec, address: \"127.0.0.1:\(server)\" }\n"
             ])
@@ -115,12 +117,7 @@ import Testing
         // read then (no new event will say so).
         let echo = try TestServer.echo()
         defer { echo.stop() }
-        let p = try BallastProcess(
-            config: configYAML(
-                global: "workers: 1\nlog: { connections: true }",
-                services: [
-                    "  - name: svc\n    bind: [{ address: \"127.0.0.1:0\", accept_proxy: true }]\n    servers:\n      - { name: echo, address: \"127.0.0.1:\(echo.port)\" }\n"
-                ]))
+        let p = try BallastProcess(config: Self.acceptConfig(echo.port, clientTimeout: nil))
         defer { p.stop() }
         for k in 0..<5 {
             let fd = try Net.connect(p.port("svc"), timeout: 5)

@@ -119,13 +119,14 @@ final class HALab: @unchecked Sendable {
     /// Which node holds the floating address now.
     func holder() -> String? {
         for n in nodes {
-            if let out = try? HALab.sh([HALab.ip, "-n", ns(n), "-4", "addr", "show", "dev", dev(n)]),
-                out.contains("\(vip)/")
-            {
-                return n
-            }
+            if let out = try? addresses(n), out.contains("\(vip)/") { return n }
         }
         return nil
+    }
+
+    /// `ip -4 addr` of node `n`'s link.
+    func addresses(_ n: String) throws -> String {
+        try HALab.sh([HALab.ip, "-n", ns(n), "-4", "addr", "show", "dev", dev(n)])
     }
 
     /// What each node's link carries now, for a failure message: the time and `ip addr` of both.
@@ -133,11 +134,7 @@ final class HALab: @unchecked Sendable {
         var out = "at \(Date()):"
         for n in nodes {
             let text: String
-            do {
-                text = try HALab.sh([HALab.ip, "-n", ns(n), "-4", "addr", "show", "dev", dev(n)])
-            } catch {
-                text = "\(error)"
-            }
+            do { text = try addresses(n) } catch { text = "\(error)" }
             out += "\n\(n): \(text)"
         }
         return out

@@ -15,6 +15,13 @@ enum Net {
 
     static func listen(_ host: String = "127.0.0.1", port: UInt16 = 0, backlog: Int32 = 1024) throws -> (Int32, UInt16)
     {
+        let fd = try bound(host, port: port)
+        Glibc.listen(fd, backlog)
+        return (fd, localPort(fd))
+    }
+
+    /// A TCP socket bound with SO_REUSEADDR, not listening.
+    static func bound(_ host: String, port: UInt16) throws -> Int32 {
         let addr = try SocketAddress(parsing: host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)")
         let fd = socket(addr.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw Failure("socket: \(errno)") }
@@ -25,8 +32,7 @@ enum Net {
             close(fd)
             throw Failure("bind \(addr): \(String(cString: strerror(errno)))")
         }
-        Glibc.listen(fd, backlog)
-        return (fd, localPort(fd))
+        return fd
     }
 
     static func localPort(_ fd: Int32) -> UInt16 {
@@ -139,15 +145,7 @@ enum Net {
     /// 0 (another test's server) nor as a connecting socket's local port. Released at once, it
     /// was taken by another test between the choice and the bind (seen in CI).
     static func freePort() throws -> UInt16 {
-        let addr = try SocketAddress(parsing: "127.0.0.1:0")
-        let fd = socket(addr.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw Failure("socket: \(errno)") }
-        var one: Int32 = 1
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, 4)
-        guard addr.withSockAddr({ bind(fd, $0, $1) }) == 0 else {
-            close(fd)
-            throw Failure("bind \(addr): \(String(cString: strerror(errno)))")
-        }
+        let fd = try bound("127.0.0.1", port: 0)
         reserved.withLock { $0.append(fd) }
         return localPort(fd)
     }
