@@ -21,7 +21,7 @@ extension BalancerPairSuites {
             try lab.startConntrackd("b")
             try lab.startKeepalived("a", priority: 150)
             try lab.startKeepalived("b", priority: 100)
-            #expect(lab.waitHolder("a"), "\(lab.log("keepalived", "a"))")
+            #expect(lab.waitHolder("a", timeout: 20), "\(lab.lastWait)\n\(lab.log("keepalived", "a"))")
             usleep(1_000_000)
             let (client, out) = try lab.startConversation(seconds: 14)
             usleep(2_000_000)
@@ -31,12 +31,12 @@ extension BalancerPairSuites {
             a!.signal(SIGKILL)
             _ = a!.waitExit(timeout: 5)
             a = nil
-            #expect(lab.waitHolder("b", timeout: 5), "\(lab.log("keepalived", "a"))")
+            #expect(lab.waitHolder("b", timeout: 20), "\(lab.lastWait)\n\(lab.log("keepalived", "a"))")
             usleep(3_000_000)
             // 2. Ballast back on a (the VIPs return, preempting); then a's client link goes down.
             a = try lab.startBallast("a")
             defer { a?.stop() }
-            #expect(lab.waitHolder("a", timeout: 8), "\(lab.log("keepalived", "a"))")
+            #expect(lab.waitHolder("a", timeout: 20), "\(lab.lastWait)\n\(lab.log("keepalived", "a"))")
             usleep(2_500_000)
             try NatHALab.sh([NatHALab.ip, "-n", lab.ns("a"), "link", "set", lab.front("a"), "down"])
             NatLab.waitGone(client, timeout: 30)

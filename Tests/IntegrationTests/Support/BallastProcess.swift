@@ -47,43 +47,106 @@ final class TempDir: @unchecked Sendable {
     deinit { try? FileManager.default.removeItem(atPath: path) }
 }
 
-/// Runs a command to completion and returns (exit status, stdout, stderr).
-/// Runs a short command and returns its exit status, standard output and standard error; past
-/// `timeout` the command is killed, and the wait for it is bounded too.
+/// Runs a short command and returns its exit status (128 + the signal when a signal ended it),
+/// standard output and standard error; past `timeout` the command is killed. Started with
+/// `posix_spawn` and reaped here with `waitpid`, not through Foundation's `Process`: its exit is
+/// seen as soon as it happens, even while the test process is busy with many children (the
+/// shared reaper of `Process` has been seen to report an exit late, or never). Standard input is
+/// /dev/null; no descriptor of the test process but the two pipes reaches the command.
 func runCommand(_ path: String, _ args: [String], timeout: Double = 60) throws -> (Int32, String, String) {
     ignoreSIGPIPE
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: path)
-    p.arguments = args
-    let out = Pipe()
-    let err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    try p.run()
+    var outPipe: [Int32] = [-1, -1]
+    var errPipe: [Int32] = [-1, -1]
+    guard pipe2(&outPipe, O_CLOEXEC) == 0 else { throw Net.Failure("pipe: errno \(errno)") }
+    guard pipe2(&errPipe, O_CLOEXEC) == 0 else {
+        close(outPipe[0])
+        close(outPipe[1])
+        throw Net.Failure("pipe: errno \(errno)")
+    }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
+    posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
+    posix_spawn_file_actions_addclosefrom_np(&actions, 3)
+    // The test process ignores SIGPIPE; the command gets the default back, and no blocked signal.
+    var attr = posix_spawnattr_t()
+    posix_spawnattr_init(&attr)
+    defer { posix_spawnattr_destroy(&attr) }
+    var defaults = sigset_t()
+    sigemptyset(&defaults)
+    sigaddset(&defaults, SIGPIPE)
+    posix_spawnattr_setsigdefault(&attr, &defaults)
+    var none = sigset_t()
+    sigemptyset(&none)
+    posix_spawnattr_setsigmask(&attr, &none)
+    posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+    let argv = ([path] + args).map { strdup($0) } + [nil]
+    defer { argv.forEach { free($0) } }
+    var pid: pid_t = 0
+    let rc = posix_spawn(&pid, path, &actions, &attr, argv, environ)
+    close(outPipe[1])
+    close(errPipe[1])
+    guard rc == 0 else {
+        close(outPipe[0])
+        close(errPipe[0])
+        throw Net.Failure("\(path): cannot start: \(String(cString: strerror(rc)))")
+    }
     let outData = Mutex(Data())
     let errData = Mutex(Data())
-    let t1 = TestThread {
-        let d = out.fileHandleForReading.readDataToEndOfFile()
-        outData.withLock { $0 = d }
-    }
-    let t2 = TestThread {
-        let d = err.fileHandleForReading.readDataToEndOfFile()
-        errData.withLock { $0 = d }
-    }
+    let (outFD, errFD) = (outPipe[0], errPipe[0])
+    let t1 = TestThread { outData.withLock { $0 = readToEnd(outFD) } }
+    let t2 = TestThread { errData.withLock { $0 = readToEnd(errFD) } }
+    var status: Int32 = 0
+    var reaped = false
     let deadline = Date().addingTimeInterval(timeout)
-    while p.isRunning && Date() < deadline { usleep(10_000) }
-    if p.isRunning {
-        p.signal(SIGKILL)
-        // Bounded: Foundation's reaper has been seen to leave an exited child unreported.
-        NatLab.waitGone(p, timeout: 5)
+    while !reaped {
+        let r = waitpid(pid, &status, WNOHANG)
+        if r == pid || (r < 0 && errno != EINTR) {
+            reaped = true
+        } else if Date() >= deadline {
+            kill(pid, SIGKILL)
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+            reaped = true
+        } else {
+            usleep(2_000)
+        }
     }
-    t1.join()
-    t2.join()
-    // A child Foundation never reported as ended has no status to read (reading it would trap).
+    // A command that left a child holding its output open must not hold the test forever.
+    t1.join(timeout: 10)
+    t2.join(timeout: 10)
+    let signal = status & 0x7f
+    let code = signal == 0 ? (status >> 8) & 0xff : 128 + signal
     return (
-        p.isRunning ? -1 : p.terminationStatus, String(decoding: outData.withLock { $0 }, as: UTF8.self),
+        code, String(decoding: outData.withLock { $0 }, as: UTF8.self),
         String(decoding: errData.withLock { $0 }, as: UTF8.self)
     )
+}
+
+// glibc functions Swift's Glibc module leaves out (they need _GNU_SOURCE); plain C calls.
+@_silgen_name("pipe2") private func pipe2(_ fds: UnsafeMutablePointer<Int32>, _ flags: Int32) -> Int32
+@_silgen_name("posix_spawn_file_actions_addclosefrom_np")
+private func posix_spawn_file_actions_addclosefrom_np(
+    _ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>, _ from: Int32
+) -> Int32
+
+/// Everything readable from `fd` until end of file; closes it.
+private func readToEnd(_ fd: Int32) -> Data {
+    var data = Data()
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n > 0 {
+            data.append(contentsOf: buf[0..<n])
+        } else if n < 0 && errno == EINTR {
+            continue
+        } else {
+            break
+        }
+    }
+    close(fd)
+    return data
 }
 
 /// A `ballast run` child process with its log captured line by line.

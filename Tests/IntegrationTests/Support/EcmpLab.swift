@@ -200,7 +200,7 @@ final class EcmpLab: @unchecked Sendable {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Self.ip)
         p.arguments = ["netns", "exec", ns("c"), "python3", "-c", script, vip, "\(count)", "\(seconds)", out]
-        FileManager.default.createFile(atPath: out + ".err", contents: nil)
+        _ = FileManager.default.createFile(atPath: out + ".err", contents: nil)
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle(forWritingAtPath: out + ".err")
         try p.run()

@@ -116,12 +116,10 @@ final class HALab: @unchecked Sendable {
         (try? String(contentsOfFile: dir.file("keepalived-\(n).log"), encoding: .utf8)) ?? ""
     }
 
-    /// Which node holds the floating address now.
-    func holder() -> String? {
-        for n in nodes {
-            if let out = try? addresses(n), out.contains("\(vip)/") { return n }
-        }
-        return nil
+    /// Whether node `n`'s link carries the floating address now (the other node may too, for a
+    /// moment, while a move is under way).
+    func holds(_ n: String) -> Bool {
+        (try? addresses(n))?.contains("\(vip)/") ?? false
     }
 
     /// `ip -4 addr` of node `n`'s link.
@@ -140,13 +138,34 @@ final class HALab: @unchecked Sendable {
         return out
     }
 
+    /// How the last `waitHolder` went (time, looks, the slowest), for failure messages.
+    private(set) var lastWait = ""
+
     func waitHolder(_ n: String, timeout: Double = 15) -> Bool {
-        let deadline = Date().addingTimeInterval(timeout)
-        while Date() < deadline {
-            if holder() == n { return true }
-            usleep(50_000)
+        HALab.waitHolder(n, timeout: timeout, holds: holds, report: &lastWait)
+    }
+
+    /// Polls `holds(n)` until it is true or `timeout` passes; `report` says how long it took, how
+    /// many looks were taken and the slowest (a loaded host slows each `ip` call).
+    static func waitHolder(
+        _ n: String, timeout: Double, holds: (String) -> Bool, report: inout String
+    ) -> Bool {
+        let start = Date()
+        var polls = 0
+        var slowest = 0.0
+        var held = false
+        while !held && Date().timeIntervalSince(start) < timeout {
+            if polls > 0 { usleep(50_000) }
+            let t = Date()
+            held = holds(n)
+            polls += 1
+            slowest = max(slowest, Date().timeIntervalSince(t))
         }
-        return false
+        let waited = String(format: "%.2f", Date().timeIntervalSince(start))
+        report =
+            "\(held ? "" : "not ")held by \(n) after \(waited) s (timeout \(timeout) s): \(polls) looks, "
+            + "slowest \(String(format: "%.2f", slowest)) s"
+        return held
     }
 
     /// Times a node entered MASTER state, from its keepalived log.
@@ -158,7 +177,7 @@ final class HALab: @unchecked Sendable {
     /// each line of the result: `epoch-seconds ok <server>` or `epoch-seconds err <why>`.
     func startClient(seconds: Double) throws -> (Process, String) {
         let out = dir.file("client-\(Int.random(in: 0...1_000_000)).log")
-        FileManager.default.createFile(atPath: out, contents: nil)
+        _ = FileManager.default.createFile(atPath: out, contents: nil)
         let script = """
             import socket, sys, time
             vip, seconds = sys.argv[1], float(sys.argv[2])
@@ -177,6 +196,24 @@ final class HALab: @unchecked Sendable {
                 time.sleep(0.05)
             """
         return (try net.spawn(in: "c", ["python3", "-c", script, vip, "\(seconds)", out]), out)
+    }
+
+    /// The lines of a client log stamped at or after `t`.
+    static func lines(_ log: String, after t: Double) -> [Substring] {
+        log.split(separator: "\n").filter { line in
+            line.split(separator: " ", maxSplits: 1).first.flatMap { Double($0) }.map { $0 >= t } ?? false
+        }
+    }
+
+    /// Waits until the client log at `path` has a successful connection stamped after `t`.
+    static func waitClientOK(_ path: String, after t: Double, timeout: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            let log = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
+            if lines(log, after: t).contains(where: { $0.contains(" ok ") }) { return true }
+            usleep(100_000)
+        }
+        return false
     }
 
     /// From a client log: for a fault at `t`, how long until connections succeeded again (0 when

@@ -213,24 +213,17 @@ final class NatHALab: @unchecked Sendable {
         (try? String(contentsOfFile: dir.file("\(name)-\(n).log"), encoding: .utf8)) ?? ""
     }
 
-    func holder() -> String? {
-        for n in ["a", "b"] {
-            if let out = try? Self.sh([Self.ip, "-n", ns(n), "-4", "addr", "show", "dev", front(n)]),
-                out.contains("\(vip)/")
-            {
-                return n
-            }
-        }
-        return nil
+    /// How the last `waitHolder` went (time, looks, the slowest), for failure messages.
+    private(set) var lastWait = ""
+
+    /// Whether node `n`'s client-side link carries the floating addresses now.
+    func holds(_ n: String) -> Bool {
+        let out = try? Self.sh([Self.ip, "-n", ns(n), "-4", "addr", "show", "dev", front(n)])
+        return out?.contains("\(vip)/") ?? false
     }
 
     func waitHolder(_ n: String, timeout: Double = 15) -> Bool {
-        let deadline = Date().addingTimeInterval(timeout)
-        while Date() < deadline {
-            if holder() == n { return true }
-            usleep(50_000)
-        }
-        return false
+        HALab.waitHolder(n, timeout: timeout, holds: holds, report: &lastWait)
     }
 
     /// One long-lived TCP conversation through the VIP: a numbered line every 50 ms, each echoed
