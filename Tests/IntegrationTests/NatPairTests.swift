@@ -23,7 +23,7 @@ extension BalancerPairSuites {
             try lab.startKeepalived("b", priority: 100)
             #expect(lab.waitHolder("a", timeout: 20), "\(lab.lastWait)\n\(lab.log("keepalived", "a"))")
             usleep(1_000_000)
-            let (client, out) = try lab.startConversation(seconds: 14)
+            let (client, out) = try lab.startConversation(seconds: 90)
             usleep(2_000_000)
 
             // 1. kill -9 Ballast on the active node: the kernel rules stay, but `ballast health`
@@ -38,7 +38,12 @@ extension BalancerPairSuites {
             defer { a?.stop() }
             #expect(lab.waitHolder("a", timeout: 20), "\(lab.lastWait)\n\(lab.log("keepalived", "a"))")
             usleep(2_500_000)
+            let downAt = Date().timeIntervalSince1970
             try NatHALab.sh([NatHALab.ip, "-n", lab.ns("a"), "link", "set", lab.front("a"), "down"])
+            #expect(lab.waitHolder("b", timeout: 20), "\(lab.lastWait)\n\(lab.log("keepalived", "b"))")
+            // The conversation goes on through b for a while, then is asked to end.
+            usleep(3_000_000)
+            lab.stopConversation(out)
             NatLab.waitGone(client, timeout: 30)
             let log = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
             let summary = log.split(separator: "\n").last.map(String.init) ?? ""
@@ -54,6 +59,8 @@ extension BalancerPairSuites {
                 })
             #expect(parts["sent"] == parts["ok"], "\(summary)")
             #expect((Double(parts["longest_gap"] ?? "") ?? 99) < 5, "\(summary)")
+            // It was still answered after the link went down (so the gap above covers that move).
+            #expect((Double(parts["last_ok"] ?? "") ?? 0) > downAt + 2, "\(summary), link down at \(downAt)")
         }
     }
 }

@@ -69,7 +69,7 @@ func runCommand(_ path: String, _ args: [String], timeout: Double = 60) throws -
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
     posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
     posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
-    posix_spawn_file_actions_addclosefrom_np(&actions, 3)
+    _ = posix_spawn_file_actions_addclosefrom_np(&actions, 3)
     // The test process ignores SIGPIPE; the command gets the default back, and no blocked signal.
     var attr = posix_spawnattr_t()
     posix_spawnattr_init(&attr)

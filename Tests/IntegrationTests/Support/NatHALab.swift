@@ -227,12 +227,12 @@ final class NatHALab: @unchecked Sendable {
     }
 
     /// One long-lived TCP conversation through the VIP: a numbered line every 50 ms, each echoed
-    /// back and checked. The result file ends with a summary line:
-    /// `done sent=N ok=N longest_gap=S error=…`.
+    /// back and checked, until `stopConversation` (or `seconds` at most). The result file ends
+    /// with a summary line: `done sent=N ok=N longest_gap=S last_ok=EPOCH error=…`.
     func startConversation(seconds: Double) throws -> (Process, String) {
         let out = dir.file("conversation.log")
         let script = """
-            import socket, sys, time
+            import os, socket, sys, time
             vip, seconds, path = sys.argv[1], float(sys.argv[2]), sys.argv[3]
             out = open(path, "w", buffering=1)
             s = socket.create_connection((vip, 80), timeout=10)
@@ -245,7 +245,7 @@ final class NatHALab: @unchecked Sendable {
             err = ""
             end = time.time() + seconds
             try:
-                while time.time() < end:
+                while time.time() < end and not os.path.exists(path + ".stop"):
                     sent += 1
                     msg = "message %d\\n" % sent
                     s.sendall(msg.encode())
@@ -260,9 +260,14 @@ final class NatHALab: @unchecked Sendable {
                     time.sleep(0.05)
             except Exception as e:
                 err = repr(e)
-            out.write("done sent=%d ok=%d longest_gap=%.3f error=%s\\n" % (sent, ok, gap, err))
+            out.write("done sent=%d ok=%d longest_gap=%.3f last_ok=%.3f error=%s\\n" % (sent, ok, gap, last, err))
             """
         return (try net.spawn(in: "c", ["python3", "-c", script, vip, "\(seconds)", out]), out)
+    }
+
+    /// Asks the conversation to end after its current message (it checks between messages).
+    func stopConversation(_ out: String) {
+        _ = FileManager.default.createFile(atPath: out + ".stop", contents: nil)
     }
 
     func stop(_ name: String, _ n: String) {
