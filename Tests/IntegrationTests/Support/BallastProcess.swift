@@ -40,7 +40,7 @@ final class TempDir: @unchecked Sendable {
 
     func write(_ name: String, _ contents: String) -> String {
         let p = file(name)
-        FileManager.default.createFile(atPath: p, contents: Data(contents.utf8))
+        _ = FileManager.default.createFile(atPath: p, contents: Data(contents.utf8))
         return p
     }
 
