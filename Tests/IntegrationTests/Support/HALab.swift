@@ -198,10 +198,13 @@ final class HALab: @unchecked Sendable {
         return (try net.spawn(in: "c", ["python3", "-c", script, vip, "\(seconds)", out]), out)
     }
 
-    /// The lines of a client log stamped at or after `t`.
-    static func lines(_ log: String, after t: Double) -> [Substring] {
-        log.split(separator: "\n").filter { line in
-            line.split(separator: " ", maxSplits: 1).first.flatMap { Double($0) }.map { $0 >= t } ?? false
+    /// The connections of a client log made at or after `t`: when each ended, and whether it
+    /// succeeded.
+    static func attempts(_ log: String, after t: Double) -> [(time: Double, ok: Bool)] {
+        log.split(separator: "\n").compactMap { line in
+            let parts = line.split(separator: " ", maxSplits: 2)
+            guard parts.count >= 2, let ts = Double(parts[0]), ts >= t else { return nil }
+            return (ts, parts[1] == "ok")
         }
     }
 
@@ -210,7 +213,7 @@ final class HALab: @unchecked Sendable {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             let log = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
-            if lines(log, after: t).contains(where: { $0.contains(" ok ") }) { return true }
+            if attempts(log, after: t).contains(where: \.ok) { return true }
             usleep(100_000)
         }
         return false
@@ -220,13 +223,11 @@ final class HALab: @unchecked Sendable {
     /// none failed), and how many failed before that.
     static func recovery(_ log: String, after t: Double) -> (seconds: Double, failures: Int) {
         var failures = 0
-        for line in log.split(separator: "\n") {
-            let parts = line.split(separator: " ", maxSplits: 2)
-            guard parts.count >= 2, let ts = Double(parts[0]), ts >= t else { continue }
-            if parts[1] == "err" {
+        for attempt in attempts(log, after: t) {
+            if !attempt.ok {
                 failures += 1
             } else if failures > 0 {
-                return (ts - t, failures)
+                return (attempt.time - t, failures)
             }
         }
         return failures == 0 ? (0, 0) : (Double.infinity, failures)
